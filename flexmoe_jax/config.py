@@ -1,0 +1,164 @@
+"""The one model configuration: dense OLMo-2 and FlexOlmo MoE share it.
+
+A frozen dataclass so it is hashable (it is a static argument of every jitted
+function) and gin-configurable (``ModelConfig.d_model = 512`` in a gin file).
+``num_experts == 0`` means a dense OLMo-2 model (one SwiGLU FFN per layer);
+``num_experts >= 1`` means the FlexOlmo MoE with a router over named experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import gin
+
+MOE_IMPLS = ("auto", "dense", "ragged", "blocks")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and semantics of a FlexOlmo / OLMo-2 model.
+
+    Defaults are the tiny model used by tests and the demo; the released
+    FlexOlmo-7x7B is ``d_model=4096, n_layers=32, n_heads=32, mlp_hidden=11008,
+    vocab_size=100352, num_experts=7, top_k=5``.
+    """
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    # None means full multi-head attention (n_kv_heads == n_heads).
+    n_kv_heads: int | None = None
+    # None means d_model // n_heads.
+    head_dim: int | None = None
+    mlp_hidden: int = 688
+    # 0: dense OLMo-2 FFN. >= 1: FlexOlmo MoE with this many experts.
+    num_experts: int = 0
+    top_k: int = 1
+    # One name per expert, in slot order. Empty means ("public", "expert_1", ...).
+    expert_names: tuple[str, ...] = ()
+    # FlexOlmo does not renormalize the top-k softmax weights (HF norm_topk_prob=False).
+    norm_topk_prob: bool = False
+    # A learned per-expert router logit bias, clamped to <= 0 in the forward pass.
+    expert_bias: bool = False
+    rope_theta: float = 500000.0
+    max_seq_len: int = 4096
+    rms_eps: float = 1e-6
+    # MoE dispatch: "auto" picks dense when every expert is active, else the
+    # fastest sparse path for the backend ("blocks" on CPU, "ragged" elsewhere).
+    moe_impl: str = "auto"
+    # Rows per block of the CPU block-sparse dispatch.
+    moe_block_size: int = 128
+    # Compute dtype for activations and matmuls; parameters keep param_dtype.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    init_std: float = 0.02
+    # jax.nn.dot_product_attention implementation: None (XLA) or "cudnn".
+    attention_impl: str | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        def fail(msg):
+            raise ConfigError(f"ModelConfig: {msg}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                fail(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.kv_heads:
+            fail(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            fail(f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); set head_dim")
+        if self.head_size % 2:
+            fail(f"head_dim must be even for RoPE, got {self.head_size}")
+        if self.num_experts < 0:
+            fail(f"num_experts must be >= 0 (0 = dense), got {self.num_experts}")
+        if self.num_experts:
+            if not 1 <= self.top_k <= self.num_experts:
+                fail(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+            if self.expert_names:
+                if len(self.expert_names) != self.num_experts:
+                    fail(f"{len(self.expert_names)} expert_names for {self.num_experts} experts")
+                if len(set(self.expert_names)) != len(self.expert_names):
+                    fail(f"expert_names must be unique, got {self.expert_names}")
+        if self.moe_impl not in MOE_IMPLS:
+            fail(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if self.remat not in REMAT_POLICIES:
+            fail(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.moe_block_size <= 0:
+            fail(f"moe_block_size must be positive, got {self.moe_block_size}")
+        if not isinstance(self.expert_names, tuple):
+            object.__setattr__(self, "expert_names", tuple(self.expert_names))
+
+    # Derived sizes -----------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Expert names in slot order (slot 0 is the public expert)."""
+        if self.expert_names:
+            return self.expert_names
+        return tuple("public" if i == 0 else f"expert_{i}" for i in range(self.num_experts))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        d, h, v, L = self.d_model, self.mlp_hidden, self.vocab_size, self.n_layers
+        q, kv = self.n_heads * self.head_size, self.kv_heads * self.head_size
+        attn = d * q * 2 + d * kv * 2 + q + kv
+        e = max(self.num_experts, 1)
+        ffn = 3 * d * h * e + (d * e + (e if self.expert_bias else 0) if self.is_moe else 0)
+        return 2 * v * d + d + L * (attn + ffn + 2 * d)
+
+    # Serialization ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["expert_names"] = list(self.names) if self.is_moe else []
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"ModelConfig: unknown fields {unknown}; known fields: {sorted(known)}")
+        d = dict(d)
+        if "expert_names" in d:
+            d["expert_names"] = tuple(d["expert_names"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def tiny(**overrides: Any) -> ModelConfig:
+    """A small FlexOlmo MoE for tests and quick demos."""
+    base = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, mlp_hidden=96,
+                num_experts=4, top_k=2, max_seq_len=128)
+    base.update(overrides)
+    return ModelConfig(**base)

@@ -1,0 +1,413 @@
+"""The FlexOlmo / OLMo-2 transformer as a pure function of (config, params, tokens).
+
+Flax linen modules define the computation; ``init`` returns a plain pytree of
+arrays and ``forward``/``apply`` run it. Layers are stacked on a leading
+``layers`` axis and run with ``nn.scan`` so compile time does not grow with
+depth; expert tensors are stacked on an ``expert`` axis right after it, so
+opting an expert out is a slice and merging experts is a concatenation.
+
+Parameter tree (shapes; logical axes in parentheses)::
+
+    embed                   [V, d]          (vocab, embed)
+    layers/attn/q_proj      [L, d, Hq*hd]   (layers, embed, q_width)
+    layers/attn/k_proj      [L, d, Hk*hd]   (layers, embed, kv_width)
+    layers/attn/v_proj      [L, d, Hk*hd]   (layers, embed, kv_width)
+    layers/attn/o_proj      [L, Hq*hd, d]   (layers, q_width, embed)
+    layers/attn/q_norm      [L, Hq*hd]      (layers, q_width)
+    layers/attn/k_norm      [L, Hk*hd]      (layers, kv_width)
+    layers/post_attn_norm   [L, d]          (layers, norm)
+    layers/mlp/{gate,up}    [L, d, h]       dense OLMo-2 only
+    layers/mlp/down         [L, h, d]
+    layers/moe/router       [L, E, d]       (layers, router_expert, embed)
+    layers/moe/bias         [L, E]          only with expert_bias
+    layers/moe/{gate,up}    [L, E, d, h]    (layers, expert, embed, mlp)
+    layers/moe/down         [L, E, h, d]    (layers, expert, mlp, embed)
+    layers/post_ffn_norm    [L, d]
+    final_norm              [d]
+    lm_head                 [d, V]          (embed, vocab)
+
+Block semantics are the reference's "reordered norm": ``h = x + norm(attn(x))``,
+``out = h + norm(ffn(h))``, QK-norm over the full q/k width before the head
+split, RoPE, untied output head, router on the raw residual stream.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from flexmoe_jax import moe as moe_lib
+from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.sharding import LOGICAL_RULES, constrain, tree_shardings
+
+Params = dict[str, Any]
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in fp32, as the reference does, then cast back."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (scale.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, HF "rotate_half" layout. x [B, S, N, hd], positions [B, S]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : hd // 2], x32[..., hd // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        c = self.config
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        init = nn.initializers.normal(c.init_std)
+        qw, kw = c.n_heads * c.head_size, c.kv_heads * c.head_size
+        q_proj = _param(self, "q_proj", init, (c.d_model, qw), ("embed", "q_width"), pdt)
+        k_proj = _param(self, "k_proj", init, (c.d_model, kw), ("embed", "kv_width"), pdt)
+        v_proj = _param(self, "v_proj", init, (c.d_model, kw), ("embed", "kv_width"), pdt)
+        o_proj = _param(self, "o_proj", init, (qw, c.d_model), ("q_width", "embed"), pdt)
+        q_norm = _param(self, "q_norm", nn.initializers.ones, (qw,), ("q_width",), pdt)
+        k_norm = _param(self, "k_norm", nn.initializers.ones, (kw,), ("kv_width",), pdt)
+
+        b, s, _ = x.shape
+        q = rms_norm(x @ q_proj.astype(dt), q_norm, c.rms_eps).reshape(b, s, c.n_heads, c.head_size)
+        k = rms_norm(x @ k_proj.astype(dt), k_norm, c.rms_eps).reshape(b, s, c.kv_heads, c.head_size)
+        v = (x @ v_proj.astype(dt)).reshape(b, s, c.kv_heads, c.head_size)
+        q = constrain(rope(q, positions, c.rope_theta), ("batch", "length", "act_heads", "act_head_dim"), self.mesh)
+        k = constrain(rope(k, positions, c.rope_theta), ("batch", "length", "act_kv_heads", "act_head_dim"), self.mesh)
+        v = constrain(v, ("batch", "length", "act_kv_heads", "act_head_dim"), self.mesh)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=c.attention_impl)
+        out = out.reshape(b, s, qw) @ o_proj.astype(dt)
+        return constrain(out, ("batch", "length", "act_embed"), self.mesh)
+
+
+class DenseFFN(nn.Module):
+    """The OLMo-2 SwiGLU FFN: down(silu(gate(x)) * up(x))."""
+    config: ModelConfig
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        init = nn.initializers.normal(c.init_std)
+        gate = _param(self, "gate", init, (c.d_model, c.mlp_hidden), ("embed", "mlp"), pdt)
+        up = _param(self, "up", init, (c.d_model, c.mlp_hidden), ("embed", "mlp"), pdt)
+        down = _param(self, "down", init, (c.mlp_hidden, c.d_model), ("mlp", "embed"), pdt)
+        h = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+        h = constrain(h, ("batch", "length", "act_mlp"), self.mesh)
+        return h @ down.astype(dt), {}
+
+
+class MoEFFN(nn.Module):
+    """FlexOlmo's mixture of SwiGLU experts with a linear router."""
+    config: ModelConfig
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        init = nn.initializers.normal(c.init_std)
+        e, d, h = c.num_experts, c.d_model, c.mlp_hidden
+        router = _param(self, "router", init, (e, d), ("router_expert", "embed"), pdt)
+        bias = (_param(self, "bias", nn.initializers.zeros, (e,), ("router_expert",), pdt)
+                if c.expert_bias else None)
+        experts = moe_lib.Experts(
+            gate=_param(self, "gate", init, (e, d, h), ("expert", "embed", "mlp"), pdt).astype(dt),
+            up=_param(self, "up", init, (e, d, h), ("expert", "embed", "mlp"), pdt).astype(dt),
+            down=_param(self, "down", init, (e, h, d), ("expert", "mlp", "embed"), pdt).astype(dt),
+        )
+        b, s, _ = x.shape
+        flat = x.reshape(b * s, d)
+        routing = moe_lib.route(flat, router, bias, c.top_k, c.norm_topk_prob)
+        y = moe_lib.dispatch(flat, routing, experts, c.moe_impl, c.moe_block_size)
+        aux = {
+            "router_z": moe_lib.router_z_loss(routing).reshape(b, s),
+            "gates": moe_lib.gate_matrix(routing, e).reshape(b, s, e),
+        }
+        return y.reshape(b, s, d), aux
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        c = self.config
+        pdt = jnp.dtype(c.param_dtype)
+        ones = nn.initializers.ones
+        attn_norm = _param(self, "post_attn_norm", ones, (c.d_model,), ("norm",), pdt)
+        ffn_norm = _param(self, "post_ffn_norm", ones, (c.d_model,), ("norm",), pdt)
+        x = x + rms_norm(Attention(c, self.mesh, name="attn")(x, positions, mask), attn_norm, c.rms_eps)
+        ffn = MoEFFN(c, self.mesh, name="moe") if c.is_moe else DenseFFN(c, self.mesh, name="mlp")
+        y, aux = ffn(x)
+        x = x + rms_norm(y, ffn_norm, c.rms_eps)
+        return constrain(x, ("batch", "length", "act_embed"), self.mesh), aux
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, tokens, positions, segment_ids):
+        c = self.config
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        init = nn.initializers.normal(c.init_std)
+        embed = _param(self, "embed", init, (c.vocab_size, c.d_model), ("vocab", "embed"), pdt)
+        x = constrain(jnp.take(embed, tokens, axis=0).astype(dt), ("batch", "length", "act_embed"), self.mesh)
+
+        s = tokens.shape[1]
+        causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+        mask = causal[None, None] & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, aux = stack(c, self.mesh, name="layers")(x, positions, mask)
+
+        final_norm = _param(self, "final_norm", nn.initializers.ones, (c.d_model,), ("norm",), pdt)
+        lm_head = _param(self, "lm_head", init, (c.d_model, c.vocab_size), ("embed", "vocab"), pdt)
+        x = rms_norm(x, final_norm, c.rms_eps)
+        logits = jnp.dot(x, lm_head.astype(dt), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"), self.mesh), aux
+
+
+# ----------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------
+
+def _dummy_inputs(config: ModelConfig):
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens)
+
+
+def _init_boxed(config: ModelConfig, rng: jax.Array):
+    return Transformer(config).init(rng, *_dummy_inputs(config))["params"]
+
+
+def init(config: ModelConfig, rng: jax.Array | int = 0) -> Params:
+    """Random parameters (normal(init_std) matrices, unit norms) as a plain pytree."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    return nn.meta.unbox(jax.jit(_init_boxed, static_argnums=0)(config, rng))
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract(config: ModelConfig):
+    boxed = jax.eval_shape(functools.partial(_init_boxed, config), jax.random.PRNGKey(0))
+    axes = jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda p: isinstance(p, nn.Partitioned))
+    return nn.meta.unbox(boxed), axes
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """A tree of jax.ShapeDtypeStruct: what ``init(config)`` returns, without computing it."""
+    return _abstract(config)[0]
+
+
+def logical_axes(config: ModelConfig) -> Params:
+    """A tree of logical-axis-name tuples, one per parameter."""
+    return _abstract(config)[1]
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules=LOGICAL_RULES) -> Params:
+    """NamedSharding of every parameter on ``mesh`` through the one rules table."""
+    return tree_shardings(logical_axes(config), param_shapes(config), mesh, rules)
+
+
+def init_sharded(config: ModelConfig, rng: jax.Array | int, mesh: Mesh) -> Params:
+    """Initialize directly into the mesh layout (no host-sized copy of the model)."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    fn = jax.jit(lambda r: nn.meta.unbox(_init_boxed(config, r)),
+                 out_shardings=param_shardings(config, mesh))
+    return fn(rng)
+
+
+def check_params(config: ModelConfig, params: Params, what: str = "params") -> None:
+    """Raise a clear error if the tree's paths or shapes disagree with ``config``."""
+    want = {jax.tree_util.keystr(k): v.shape
+            for k, v in jax.tree_util.tree_leaves_with_path(param_shapes(config))}
+    have = {jax.tree_util.keystr(k): tuple(np.shape(v))
+            for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    problems = [f"missing {k} {want[k]}" for k in want if k not in have]
+    problems += [f"unexpected {k}" for k in have if k not in want]
+    problems += [f"{k} has shape {have[k]}, config wants {want[k]}"
+                 for k in want if k in have and have[k] != want[k]]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"{what} do not match the model config ({config.num_experts} experts, "
+                         f"d_model {config.d_model}, {config.n_layers} layers): {shown}. "
+                         "Load the params with the config they were saved with.")
+
+
+# ----------------------------------------------------------------------------
+# Opt-in / opt-out of experts
+# ----------------------------------------------------------------------------
+
+def resolve_experts(config: ModelConfig, experts: Sequence[str | int]) -> tuple[int, ...]:
+    """Expert names or slot indices -> sorted, unique slot indices (clear errors otherwise)."""
+    if not config.is_moe:
+        raise ValueError("this is a dense model (num_experts=0): there are no experts to select")
+    names = config.names
+    out = []
+    for item in experts:
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            if not 0 <= item < len(names):
+                raise ValueError(f"expert index {item} is out of range: this model has experts 0..{len(names) - 1} {list(names)}")
+            out.append(int(item))
+        elif isinstance(item, str):
+            if item not in names:
+                raise ValueError(f"unknown expert {item!r}; this model's experts are {list(names)}")
+            out.append(names.index(item))
+        else:
+            raise TypeError(f"experts are named by str or int, got {item!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"expert listed twice in {list(experts)}")
+    if not out:
+        raise ValueError(f"at least one expert must stay active; this model's experts are {list(names)}")
+    return tuple(sorted(out))
+
+
+def _take_experts(params: Params, keep: tuple[int, ...]) -> Params:
+    idx = np.asarray(keep)
+    layers = dict(params["layers"])
+    layers["moe"] = {name: jnp.take(w, idx, axis=1) for name, w in layers["moe"].items()}
+    return {**params, "layers": layers}
+
+
+def select_experts(config: ModelConfig, params: Params, keep: Sequence[str | int],
+                   top_k: int | None = None) -> tuple[ModelConfig, Params]:
+    """Keep only the listed experts: slice the expert axis, renumber, cap top-k.
+
+    Routing then softmaxes over the kept experts only, exactly as if the others
+    had never been merged. An explicit ``top_k`` larger than what is kept is an
+    error; the config's own top-k is capped (the reference's opt-out rule).
+    """
+    keep = resolve_experts(config, keep)
+    new_config = _select_config(config, keep, top_k)
+    return new_config, _take_experts(params, keep)
+
+
+def _select_config(config: ModelConfig, keep: tuple[int, ...], top_k: int | None) -> ModelConfig:
+    if top_k is not None and top_k > len(keep):
+        raise ValueError(f"top_k={top_k} is larger than the {len(keep)} active experts "
+                         f"{[config.names[i] for i in keep]}; lower top_k or activate more experts")
+    k = top_k if top_k is not None else min(config.top_k, len(keep))
+    return config.replace(num_experts=len(keep), top_k=k,
+                          expert_names=tuple(config.names[i] for i in keep))
+
+
+# ----------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------
+
+def apply(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None,
+          segment_ids: jax.Array | None = None, mesh: Mesh | None = None):
+    """The traceable model: (logits [B, S, V] fp32, per-layer aux). Use inside your own jit.
+
+    aux is ``{"router_z": [L, B, S], "gates": [L, B, S, E]}`` for an MoE and ``{}`` for
+    a dense model.
+    """
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+    return Transformer(config, mesh).apply({"params": params}, tokens, positions, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "keep", "mesh"))
+def _forward_jit(config, params, tokens, positions, segment_ids, keep, mesh):
+    if keep is not None:
+        params = _take_experts(params, keep)
+    logits, aux = apply(config, params, tokens, positions, segment_ids, mesh)
+    return logits, summarize_aux(logits, aux)
+
+
+def summarize_aux(logits: jax.Array, aux: dict) -> dict:
+    """Per-token auxiliary losses: router z-loss (mean over layers) and logit z-loss."""
+    out = {"logit_z": jnp.square(jax.nn.logsumexp(logits, axis=-1))}
+    if "router_z" in aux:
+        out["router_z"] = jnp.mean(aux["router_z"], axis=0)
+        out["gates"] = aux["gates"]
+    return out
+
+
+def check_tokens(config: ModelConfig, tokens: Any) -> None:
+    shape = np.shape(tokens)
+    if len(shape) != 2:
+        raise ValueError(f"tokens must be int32 [batch, seq], got shape {shape}")
+    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {jnp.result_type(tokens)}")
+    if shape[1] > config.max_seq_len:
+        raise ValueError(f"sequence length {shape[1]} exceeds the model's position limit "
+                         f"max_seq_len={config.max_seq_len}; truncate or split the input")
+    if not isinstance(tokens, jax.core.Tracer) and shape[1] > 0:
+        arr = np.asarray(tokens)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {config.vocab_size}) for this model's vocab, "
+                             f"got ids in [{lo}, {hi}]; was the text encoded with another tokenizer?")
+
+
+def forward(config: ModelConfig, params: Params, tokens: Any, *,
+            active_experts: Sequence[str | int] | None = None, top_k: int | None = None,
+            positions: Any = None, segment_ids: Any = None, return_aux: bool = False,
+            mesh: Mesh | None = None):
+    """Logits float32 [batch, seq, vocab] of ``tokens`` int32 [batch, seq].
+
+    ``active_experts`` (names or slot indices) opts every other expert out: the
+    expert axis is sliced before routing, so excluded experts can never win
+    and their weights are never read. ``top_k`` overrides the config's.
+    With ``return_aux=True`` also returns per-token ``router_z``, ``logit_z`` and
+    the per-layer ``gates`` [L, B, S, E_active] (for attribution).
+    """
+    check_tokens(config, tokens)
+    check_params(config, params)
+    keep = None
+    run_config = config
+    if active_experts is not None:
+        keep = resolve_experts(config, active_experts)
+        run_config = _select_config(config, keep, top_k)
+    elif top_k is not None:
+        if not config.is_moe or not 1 <= top_k <= config.num_experts:
+            raise ValueError(f"top_k={top_k} must be between 1 and the {config.num_experts} experts")
+        run_config = config.replace(top_k=top_k)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    logits, aux = _forward_jit(run_config, params, tokens,
+                               None if positions is None else jnp.asarray(positions, jnp.int32),
+                               None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
+                               keep, mesh)
+    return (logits, aux) if return_aux else logits
