@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pathlib
 from typing import Any
+
+import importlib.util  # noqa: F401  (gin 0.5 uses importlib.util without importing it)
 
 import gin
 
@@ -162,3 +166,28 @@ def tiny(**overrides: Any) -> ModelConfig:
                 num_experts=4, top_k=2, max_seq_len=128)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
+
+
+def from_gin(files: tuple[str, ...] | list[str] = (), bindings: tuple[str, ...] | list[str] = ()) -> ModelConfig:
+    """Build a ModelConfig from gin files and ``K=V`` bindings (t5x style).
+
+    A file name that does not exist as given is looked up under ``gin_configs/``
+    (so ``model/olmo2_7b.gin`` works from anywhere), and includes resolve
+    relative to the including file's directory.
+    """
+    gin.clear_config()
+    resolved = []
+    for f in files:
+        path = f if os.path.exists(f) else os.path.join(GIN_DIR, f)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"gin file {f!r} not found (looked in the current directory and {GIN_DIR})")
+        gin.add_config_file_search_path(os.path.dirname(os.path.abspath(path)))
+        resolved.append(path)
+    try:
+        gin.parse_config_files_and_bindings(resolved, list(bindings))
+        return ModelConfig()
+    finally:
+        gin.clear_config()

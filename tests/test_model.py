@@ -234,3 +234,21 @@ def test_config_json_roundtrip_and_gin():
         assert (c.d_model, c.num_experts, c.top_k) == (96, 3, 2)
     finally:
         gin.clear_config()
+
+
+@pytest.mark.parametrize("name,params_b", [("model/olmo2_1b.gin", 1.48), ("model/olmo2_7b.gin", 7.30),
+                                           ("model/flexolmo_7x7b.gin", 33.3)])
+def test_gin_model_sizes(name, params_b):
+    from flexmoe_jax.config import from_gin
+
+    cfg = from_gin([name])
+    assert abs(cfg.num_params() / 1e9 - params_b) < 0.05 * params_b
+
+
+def test_gin_errors():
+    from flexmoe_jax.config import from_gin
+
+    with pytest.raises(FileNotFoundError, match="gin file 'model/nope.gin' not found"):
+        from_gin(["model/nope.gin"])
+    with pytest.raises(ValueError):
+        from_gin(["model/tiny.gin"], ["ModelConfig.d_modle = 3"])
