@@ -138,7 +138,7 @@ class ModelConfig:
     # Serialization ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["expert_names"] = list(self.names) if self.is_moe else []
+        d["expert_names"] = list(self.expert_names)  # empty = the default names, kept empty so from_dict(to_dict(c)) == c
         return d
 
     def to_json(self) -> str:

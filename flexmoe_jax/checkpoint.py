@@ -1,0 +1,451 @@
+"""Checkpoints of ``(config, params)``: Orbax arrays plus the config, written atomically.
+
+A checkpoint is one directory::
+
+    path/
+      flexmoe_checkpoint.json   marker: what makes a directory "ours" (format name, version)
+      config.json               ModelConfig.to_json(): the shapes the arrays must have
+      metadata.json             optional free-form JSON from the caller (provenance, step, ...)
+      params/                   an Orbax PyTree checkpoint (OCDBT + tensorstore)
+
+Why this shape:
+
+- The config travels with the arrays, so ``load(path)`` needs nothing else, and a
+  mismatch between them is caught (naming the tensor) before any array is read.
+- Orbax writes sharded ``jax.Array``s from every process in parallel and restores
+  them straight into any target sharding, so a checkpoint saved on one mesh loads
+  onto another (or onto one device) without a host-sized copy.
+- Orbax makes ``params/`` atomic on its own, but not the JSON beside it. So the
+  whole directory is built in a hidden sibling (same parent, same filesystem),
+  fsynced, and renamed into place. Replacing an existing checkpoint swaps the two
+  directories in one ``renameat2(RENAME_EXCHANGE)`` call on Linux; elsewhere the
+  old one is first renamed to a hidden ``.NAME.flexmoe-old`` sibling, which
+  :func:`load` falls back to and the next :func:`save` puts back if a crash
+  lands between the two renames. A crash at any point therefore leaves the old
+  or the new checkpoint complete and loadable, never a mix.
+
+Only local (POSIX) paths are supported: the atomic rename needs a real filesystem.
+Orbax and jax are imported inside the functions so ``import flexmoe_jax.checkpoint``
+stays cheap (``flexmoe info`` only reads JSON).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from flexmoe_jax.config import ModelConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from jax.sharding import Mesh
+
+log = logging.getLogger(__name__)
+
+FORMAT = "flexmoe_jax.checkpoint"
+VERSION = 1
+MARKER_NAME = "flexmoe_checkpoint.json"
+CONFIG_NAME = "config.json"
+METADATA_NAME = "metadata.json"
+PARAMS_DIR = "params"
+_TMP_SUFFIX = ".flexmoe-tmp"
+_OLD_SUFFIX = ".flexmoe-old"
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a complete flexmoe checkpoint, or one whose parts disagree."""
+
+
+# ----------------------------------------------------------------------------
+# Paths and small filesystem helpers
+# ----------------------------------------------------------------------------
+
+def _abs(path: str | os.PathLike) -> Path:
+    # abspath (not resolve) so a symlinked checkpoint is replaced at the link's location.
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def _tmp_path(path: Path) -> Path:
+    # Deterministic (not random) so every process of a multi-host job agrees on it
+    # and a leftover from a crash is found and removed by the next save.
+    return path.parent / f".{path.name}{_TMP_SUFFIX}"
+
+
+def _old_path(path: Path) -> Path:
+    return path.parent / f".{path.name}{_OLD_SUFFIX}"
+
+
+def _is_ours(path: Path) -> bool:
+    return (path / MARKER_NAME).is_file()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` so the rename publishes durable data."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=True))
+        f.write("\n")
+
+
+def _remove(path: Path) -> None:
+    # A checkpoint path may be a symlink; swapping moves the link itself, and
+    # rmtree refuses links.
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE).
+
+    Returns False where the call is unavailable (other OS, old kernel or libc,
+    a filesystem without support) so the caller falls back to two renames.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Publish the finished ``tmp`` directory at ``path``; old contents are deleted last."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        os.rename(tmp, path)  # rename onto a missing or empty directory is atomic
+        _fsync_dir(path.parent)
+        return
+    if _exchange(tmp, path):
+        leftover = tmp  # now holds the previous checkpoint
+    else:
+        leftover = _old_path(path)
+        os.rename(path, leftover)
+        os.rename(tmp, path)  # a crash just before this leaves the old one at leftover
+    _fsync_dir(path.parent)  # the new checkpoint is durably in place before the old one goes
+    _remove(leftover)
+
+
+def _recover_interrupted(path: Path) -> None:
+    """Undo what a crash during an earlier save left beside ``path``."""
+    old, tmp = _old_path(path), _tmp_path(path)
+    if old.exists():
+        if not path.exists() and _is_ours(old):
+            log.warning("restoring %s from %s (a previous save was interrupted)", path, old)
+            os.rename(old, path)
+        else:
+            _remove(old)
+    _remove(tmp)
+
+
+def _is_primary() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+        multihost.sync_global_processes(f"flexmoe_checkpoint:{name}")
+
+
+# ----------------------------------------------------------------------------
+# Save
+# ----------------------------------------------------------------------------
+
+def save(path: str | os.PathLike, config: ModelConfig, params: Any, *,
+         metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``params`` (sharded ``jax.Array``s or host numpy arrays) and ``config`` to ``path``.
+
+    Atomic: everything goes into a hidden sibling directory first and appears at
+    ``path`` in one rename, replacing an older checkpoint there only once the new
+    one is complete. Refuses to replace anything that is not a flexmoe checkpoint
+    (an empty directory is fine). In a multi-host job every process must call
+    this with the same arguments (Orbax writes each process's shards).
+    Returns the absolute path.
+    """
+    from flexmoe_jax import model as model_lib
+
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    model_lib.check_params(config, params, what="params to save")
+    meta_text = None
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+        try:
+            meta_text = json.dumps(metadata, indent=2, sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata must be JSON-serializable: {e}") from None
+
+    path = _abs(path)
+    if path.name in ("", ".", ".."):
+        raise ValueError(f"cannot save a checkpoint at {path}: give a directory name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save to {path}: parent directory {path.parent} does not exist")
+    primary = _is_primary()
+    if primary:
+        _recover_interrupted(path)
+    _barrier("prepared")  # every process now sees the same, settled directory
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"refusing to overwrite {path}: it is a file, not a checkpoint directory")
+    if path.is_dir() and any(path.iterdir()) and not _is_ours(path):
+        raise FileExistsError(f"refusing to overwrite {path}: it is not a flexmoe checkpoint "
+                              f"(no {MARKER_NAME}); choose another path or remove it yourself")
+
+    import orbax.checkpoint as ocp
+
+    tmp = _tmp_path(path)
+    try:
+        # Synchronous: returns only after every array is on disk and Orbax has committed.
+        ocp.PyTreeCheckpointer().save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        if primary:
+            _write_json(tmp / CONFIG_NAME, config.to_json())
+            if meta_text is not None:
+                _write_json(tmp / METADATA_NAME, meta_text)
+            _write_json(tmp / MARKER_NAME, {"format": FORMAT, "version": VERSION})
+            _fsync_tree(tmp)
+            _swap_into_place(tmp, path)
+    except BaseException:
+        if primary:  # leave the old checkpoint (or nothing) at path, and no temporaries
+            try:
+                _recover_interrupted(path)
+            except OSError as e:
+                log.warning("could not clean up after the failed save to %s: %s", path, e)
+        raise
+    _barrier("published")
+    return path
+
+
+# ----------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------
+
+def _checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The directory to read for ``path``, or a clear error saying what is wrong with it."""
+    p = _abs(path)
+    if p.is_dir() and _is_ours(p):
+        return p
+    if not p.exists():
+        old = _old_path(p)
+        if old.is_dir() and _is_ours(old):
+            # A crash between the two renames of a non-atomic replace: the previous
+            # checkpoint is complete, just parked beside the path.
+            log.warning("%s is missing; loading the previous checkpoint from %s "
+                        "(a save was interrupted; the next save to %s restores it)", p, old, p)
+            return old
+        if _tmp_path(p).exists():
+            raise FileNotFoundError(f"no checkpoint at {p}: a save to it was interrupted before it "
+                                    f"completed (only the temporary {_tmp_path(p)} exists)")
+        raise FileNotFoundError(f"no checkpoint at {p}: the directory does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is a file, not a flexmoe checkpoint directory")
+    entries = sorted(e.name for e in p.iterdir())
+    if not entries:
+        raise CheckpointError(f"{p} is an empty directory, not a flexmoe checkpoint")
+    if all("tmp" in e for e in entries):
+        raise CheckpointError(f"{p} holds only temporary files {entries} from an interrupted save; "
+                              "it is not a complete checkpoint")
+    if CONFIG_NAME in entries and any(e.endswith(".safetensors") or e.endswith(".safetensors.index.json")
+                                      for e in entries):
+        raise CheckpointError(f"{p} looks like a Hugging Face checkpoint, not a flexmoe one; "
+                              "convert it with `flexmoe import-hf SRC OUT`")
+    raise CheckpointError(f"{p} is not a flexmoe checkpoint (no {MARKER_NAME}); it contains {entries[:8]}")
+
+
+def _read_config(d: Path) -> ModelConfig:
+    try:
+        marker = json.loads((d / MARKER_NAME).read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{d / MARKER_NAME} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("version"), int):
+        raise CheckpointError(f"{d / MARKER_NAME} does not describe a flexmoe checkpoint: {marker}")
+    if marker["version"] > VERSION:
+        raise CheckpointError(f"{d} was written by a newer flexmoe_jax (format version {marker['version']}, "
+                              f"this one reads up to {VERSION}); upgrade flexmoe_jax")
+    cfg = d / CONFIG_NAME
+    if not cfg.is_file():
+        raise CheckpointError(f"{d} is an incomplete flexmoe checkpoint: {CONFIG_NAME} is missing")
+    try:
+        return ModelConfig.from_json(cfg.read_text())
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg} is not a valid model config: {e}") from None
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig stored with a checkpoint (reads only JSON; no arrays, no Orbax)."""
+    return _read_config(_checkpoint_dir(path))
+
+
+def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``metadata`` dict given to :func:`save` (``{}`` when none was given)."""
+    f = _checkpoint_dir(path) / METADATA_NAME
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _stored_arrays(d: Path) -> Any:
+    """Orbax's per-array metadata tree (shape, dtype), read without touching the data."""
+    import orbax.checkpoint as ocp
+
+    params_dir = d / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{d} is an incomplete flexmoe checkpoint: {PARAMS_DIR}/ is missing")
+    try:
+        return ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
+    except Exception as e:  # noqa: BLE001 - Orbax raises many kinds; the path is what helps
+        raise CheckpointError(f"cannot read the array metadata in {params_dir}: {e}") from e
+
+
+def _targets(config: ModelConfig, stored: Any, mesh: Mesh | None, shardings: Any,
+             dtype: Any) -> tuple[ModelConfig, Any]:
+    """Abstract restore target: stored shapes, the wanted dtype, the wanted sharding."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Sharding, SingleDeviceSharding
+
+    from flexmoe_jax import model as model_lib
+
+    if mesh is not None and shardings is not None:
+        raise ValueError("give either mesh or shardings, not both")
+    shapes = model_lib.param_shapes(config)
+    if mesh is not None:
+        shard_tree = model_lib.param_shardings(config, mesh)
+    elif isinstance(shardings, Sharding):
+        shard_tree = jax.tree.map(lambda _: shardings, shapes)
+    elif shardings is not None:
+        shard_tree = shardings
+    else:
+        shard_tree = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), shapes)
+    if dtype is not None:
+        dtype = jnp.dtype(dtype)
+        config = config.replace(param_dtype=dtype.name)
+    # The stored tree is the structure of record: check_params has verified it equals
+    # the config's, and it keeps each array's stored dtype when none is requested.
+    try:
+        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(
+            tuple(m.shape), m.dtype if dtype is None else dtype, sharding=s), stored, shard_tree)
+    except ValueError as e:
+        raise ValueError(f"shardings must be a tree with the same structure as the params: {e}") from None
+    return config, target
+
+
+def _restore(d: Path, target: Any, partial: bool = False) -> Any:
+    import orbax.checkpoint as ocp
+
+    args = ocp.args.PyTreeRestore(item=target,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=partial)
+    return ocp.PyTreeCheckpointer().restore(d / PARAMS_DIR, args=args)
+
+
+def _checked(path: str | os.PathLike) -> tuple[Path, ModelConfig, Any]:
+    """Checkpoint dir, its config, and its stored array metadata, verified to agree."""
+    from flexmoe_jax import model as model_lib
+
+    d = _checkpoint_dir(path)
+    config = _read_config(d)
+    stored = _stored_arrays(d)
+    try:
+        model_lib.check_params(config, stored, what="stored arrays")
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {d}: {CONFIG_NAME} and the arrays in {PARAMS_DIR}/ disagree "
+                              f"(was {CONFIG_NAME} edited or copied from another model?): {e}") from None
+    return d, config, stored
+
+
+def load(path: str | os.PathLike, *, mesh: Mesh | None = None, shardings: Any = None,
+         dtype: Any = None) -> tuple[ModelConfig, Any]:
+    """Read a checkpoint written by :func:`save`: ``(config, params)``.
+
+    Arrays are restored directly into their final layout: with ``mesh``, the
+    model's own parameter shardings on it (``model.param_shardings``); with
+    ``shardings``, that tree (or one Sharding for every array); otherwise the
+    first local device. ``dtype`` casts every array on restore (the returned
+    config's ``param_dtype`` follows); by default each keeps its stored dtype,
+    so a round trip is bit-identical.
+    """
+    from flexmoe_jax import model as model_lib
+
+    d, config, stored = _checked(path)
+    config, target = _targets(config, stored, mesh, shardings, dtype)
+    params = _restore(d, target)
+    model_lib.check_params(config, params, what=f"params restored from {d}")
+    return config, params
+
+
+def _key_path(key: str | Sequence[str]) -> tuple[str, ...]:
+    parts = tuple(p for p in key.split("/") if p) if isinstance(key, str) else tuple(key)
+    if not parts or not all(isinstance(p, str) for p in parts):
+        raise ValueError(f"a subtree key is 'a/b/c' or a tuple of names, got {key!r}")
+    return parts
+
+
+def _prune(tree: dict, keys: list[tuple[str, ...]]) -> dict:
+    """The part of a nested dict under any of ``keys`` (each a path of names), as a new dict."""
+    for parts in keys:
+        node = tree
+        for i, name in enumerate(parts):
+            if not isinstance(node, dict) or name not in node:
+                where = "/".join(parts[:i]) or "the top level"
+                have = sorted(node) if isinstance(node, dict) else "a single array"
+                raise KeyError(f"no parameter subtree {'/'.join(parts)!r}: {where} has {have}")
+            node = node[name]
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> Any:
+        if any(prefix[:len(k)] == k for k in keys):
+            return node  # inside a requested subtree: keep all of it
+        # On the way to a requested subtree: keep only the children that lead to one.
+        return {name: walk(child, prefix + (name,)) for name, child in node.items()
+                if any(k[:len(prefix) + 1] == prefix + (name,) for k in keys)}
+
+    return walk(tree, ())
+
+
+def load_subtree(path: str | os.PathLike, keys: Iterable[str | Sequence[str]], *,
+                 mesh: Mesh | None = None, shardings: Any = None, dtype: Any = None) -> dict:
+    """Restore only some parameter subtrees, e.g. ``["embed", "layers/moe"]``.
+
+    Uses Orbax partial restore, so arrays outside ``keys`` are never read: a
+    merge can pull one expert checkpoint's FFN weights without loading its
+    attention or embeddings. Returns a nested dict holding just those subtrees
+    (same paths as in the full tree). ``mesh``/``dtype`` are as in :func:`load`;
+    ``shardings`` here is a full-tree of shardings (or one Sharding) and is
+    pruned the same way.
+    """
+    if isinstance(keys, str):
+        keys = [keys]
+    key_paths = [_key_path(k) for k in keys]
+    if not key_paths:
+        raise ValueError("load_subtree needs at least one key")
+    d, config, stored = _checked(path)
+    _, target = _targets(config, stored, mesh, shardings, dtype)
+    return _restore(d, _prune(target, key_paths), partial=True)

@@ -1,0 +1,67 @@
+"""The flexmoe command line: import/export round trip, info, demo --quick, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from flexmoe_jax import checkpoint, cli, hf, model
+from flexmoe_jax.config import tiny
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "flexmoe_jax.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for cmd in ("demo", "import-hf", "export-hf", "info"):
+        assert cmd in out
+
+
+def test_export_then_import_roundtrip(tmp_path, capsys):
+    cfg = tiny(expert_names=("public", "code", "math", "bible"))
+    params = model.init(cfg, 1)
+    checkpoint.save(str(tmp_path / "ckpt"), cfg, params)
+    assert cli.main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["model_type"] == "flex_olmo"
+    assert cli.main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    cfg2, params2 = checkpoint.load(str(tmp_path / "back"))
+    assert cfg2.names == cfg.names and cfg2.top_k == cfg.top_k
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        np.testing.assert_array_equal(a, b)
+    assert cli.main(["info", str(tmp_path / "back")]) == 0
+    assert "experts (slot order): ['public', 'code', 'math', 'bible']" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
+    assert cli.main(["import-hf", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flexmoe import-hf: error:") and "\n" not in err
+    assert not os.path.exists(tmp_path / "out")
+    os.makedirs(tmp_path / "other")
+    with open(tmp_path / "other" / "config.json", "w") as f:
+        json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, f)
+    assert cli.main(["import-hf", str(tmp_path / "other"), str(tmp_path / "out")]) == 2
+    assert "llama" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+    assert cli.main(["export-hf", str(tmp_path / "nockpt"), str(tmp_path / "hf")]) == 2
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_demo_quick(tmp_path):
+    work = str(tmp_path / "demo")
+    assert cli.main(["demo", "--quick", "--workdir", work]) == 0
+    with open(os.path.join(work, "results", "demo.json")) as f:
+        r = json.load(f)
+    for impl in ("dense", "ragged", "blocks"):
+        assert r["dispatch"][impl]["max_abs_diff_vs_dense"] < 1e-4
+    assert r["opt_out"]["mask_vs_removal_max_abs_diff"] == 0.0
+    assert r["checkpoint"]["bit_identical"]
+    assert r["hf"]["roundtrip_max_abs_diff"] == 0.0
+    if "transformers_max_abs_diff" in r["hf"]:
+        assert r["hf"]["transformers_max_abs_diff"] < 1e-4
+    cfg, _ = hf.from_hf(os.path.join(work, "hf"))
+    assert cfg.names == ("public", "code", "math", "literature")
