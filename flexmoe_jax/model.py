@@ -251,9 +251,12 @@ def init_sharded(config: ModelConfig, rng: jax.Array | int, mesh: Mesh) -> Param
     """Initialize directly into the mesh layout (no host-sized copy of the model)."""
     if isinstance(rng, int):
         rng = jax.random.PRNGKey(rng)
-    fn = jax.jit(lambda r: nn.meta.unbox(_init_boxed(config, r)),
-                 out_shardings=param_shardings(config, mesh))
-    return fn(rng)
+    return _sharded_initializer(config, mesh)(rng)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_initializer(config: ModelConfig, mesh: Mesh):
+    return jax.jit(lambda r: nn.meta.unbox(_init_boxed(config, r)), out_shardings=param_shardings(config, mesh))
 
 
 def check_params(config: ModelConfig, params: Params, what: str = "params") -> None:
