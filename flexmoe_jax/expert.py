@@ -1,0 +1,64 @@
+"""Coordinated independent expert training: upcycling the public anchor.
+
+An owner starts from the public dense model (the anchor) and upcycles it into
+a 2-expert MoE: slot 0 is the public FFN, slot 1 the owner's new expert, both
+exact copies of the public FFN; router row 0 is the public domain embedding and
+row 1 the owner's. Only slot 1's FFN, its router row and its bias train (see
+:data:`TRAINABLE`); everything else stays bit-identical to the anchor, which is
+what lets the model builder merge experts trained apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import jax
+import numpy as np
+
+from flexmoe_jax import model, optim
+from flexmoe_jax.config import ModelConfig
+
+# Expert training updates slot 1 only: its FFN, its router row, its bias.
+TRAINABLE = optim.expert_slots(1)
+
+
+def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, name: str,
+            router_rows: np.ndarray | None = None, expert_bias: bool = True) -> tuple[ModelConfig, model.Params]:
+    """Dense anchor -> 2-expert FlexOlmo (public, ``name``), top-2 of 2.
+
+    ``router_rows`` is ``[L, 2, d]`` (row 0 public, row 1 this domain; see
+    ``flexmoe_jax.router_init``); default zeros, which gives equal weights.
+    """
+    if anchor_config.is_moe:
+        raise ValueError(f"the anchor must be a dense model (num_experts=0); this one has experts "
+                         f"{list(anchor_config.names)}")
+    if name == "public":
+        raise ValueError("the new expert cannot be called 'public': that name is the anchor's slot")
+    model.check_params(anchor_config, anchor_params, "anchor params")
+    config = anchor_config.replace(num_experts=2, top_k=2, expert_names=("public", name), expert_bias=expert_bias)
+    L, d = anchor_config.n_layers, anchor_config.d_model
+    if router_rows is None:
+        router_rows = np.zeros((L, 2, d), np.dtype(anchor_config.param_dtype))
+    if router_rows.shape != (L, 2, d):
+        raise ValueError(f"router_rows must be [layers, 2, d_model] = {(L, 2, d)}, got {router_rows.shape}")
+    mlp = anchor_params["layers"]["mlp"]
+    moe = {k: np.repeat(np.asarray(mlp[k])[:, None], 2, axis=1) for k in ("gate", "up", "down")}
+    moe["router"] = np.asarray(router_rows, dtype=np.asarray(mlp["gate"]).dtype)
+    if expert_bias:
+        moe["bias"] = np.zeros((L, 2), moe["router"].dtype)
+    layers = {k: v for k, v in anchor_params["layers"].items() if k != "mlp"}
+    layers["moe"] = moe
+    params = {**anchor_params, "layers": layers}
+    model.check_params(config, params, "upcycled params")
+    return config, params
+
+
+def fingerprint(config: ModelConfig, params: model.Params) -> str:
+    """sha256 of the config and every parameter's path, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for path, leaf in sorted(optim.flatten(params).items()):
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(f"{path}|{arr.dtype}|{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()

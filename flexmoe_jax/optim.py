@@ -1,0 +1,154 @@
+"""Optimizers and the trainable/frozen split that makes expert training cheap.
+
+FlexOlmo's expert training updates one slice of a stacked expert tensor (the
+new expert's slot) and freezes everything else, including the public slot of
+the same tensor. Optax masks work per leaf, so we split *parameters* instead:
+
+- :func:`split` cuts the parameter tree into a ``trainable`` and a ``frozen``
+  flat dict (paths like ``"layers/moe/gate"``); expert tensors can be cut along
+  their expert axis so the new slot is its own leaf.
+- The optimizer is built over ``trainable`` only: frozen parameters have no
+  optimizer state at all, and the train step differentiates with respect to
+  ``trainable`` only, so XLA never forms weight gradients of frozen matrices.
+- :func:`combine` puts the tree back together inside the jitted forward.
+
+``optax.masked`` is *not* used for freezing: it passes masked-out gradients
+through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+Flat = dict[str, jax.Array]
+
+EXPERT_AXIS = 1  # layers/moe/* are [L, E, ...]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to ``final_lr_ratio * peak_lr``."""
+
+    peak_lr: float = 1e-3
+    warmup_steps: int = 10
+    total_steps: int = 100
+    final_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    # The reference trains experts with weight decay 0: with decay the frozen slices would drift.
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.peak_lr <= 0 or self.total_steps <= 0:
+            raise ValueError(f"OptimConfig: peak_lr and total_steps must be positive, got {self}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"OptimConfig: warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]")
+
+
+def schedule(cfg: OptimConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.total_steps, end_value=cfg.peak_lr * cfg.final_lr_ratio)
+
+
+def _decays(path: str, leaf: jax.Array) -> bool:
+    """Weight decay on matrices only (not norms, biases or 1-d scales)."""
+    return leaf.ndim >= 2 and not path.endswith("norm")
+
+
+def make_optimizer(cfg: OptimConfig, trainable: Flat) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW, over the trainable flat dict only."""
+    decay_mask = {k: _decays(k, v) for k, v in trainable.items()}
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Trainable / frozen split
+# ----------------------------------------------------------------------------
+
+def flatten(params: Any) -> Flat:
+    return traverse_util.flatten_dict(params, sep="/")
+
+
+def unflatten(flat: Flat) -> Any:
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Which parameters train.
+
+    ``patterns``: regexes over flat paths; a matching leaf trains whole.
+    ``expert_slots``: expert slots (axis 1 of ``layers/moe/*``) that train; those
+    leaves are cut so the trainable slots are separate arrays.
+    """
+
+    patterns: tuple[str, ...] = ()
+    expert_slots: tuple[int, ...] = ()
+
+    def leaf_trains(self, path: str) -> bool:
+        return any(re.fullmatch(p, path) for p in self.patterns)
+
+
+ALL = Split(patterns=(".*",))
+ROUTER_ONLY = Split(patterns=(r"layers/moe/router", r"layers/moe/bias"))
+
+
+def expert_slots(*slots: int) -> Split:
+    """Train only these expert slots (their FFN, router rows and bias); freeze the rest."""
+    return Split(expert_slots=tuple(sorted(slots)))
+
+
+def _is_expert_leaf(path: str) -> bool:
+    return path.startswith("layers/moe/")
+
+
+def split(params: Any, spec: Split) -> tuple[Flat, Flat]:
+    """(trainable, frozen) flat dicts. Expert leaves cut by slot get a ``#slot`` suffix."""
+    trainable, frozen = {}, {}
+    for path, leaf in flatten(params).items():
+        if spec.expert_slots and _is_expert_leaf(path):
+            for slot in range(leaf.shape[EXPERT_AXIS]):
+                piece = jax.lax.slice_in_dim(leaf, slot, slot + 1, axis=EXPERT_AXIS)
+                (trainable if slot in spec.expert_slots else frozen)[f"{path}#{slot}"] = piece
+        elif spec.leaf_trains(path):
+            trainable[path] = leaf
+        else:
+            frozen[path] = leaf
+    return trainable, frozen
+
+
+def combine(trainable: Flat, frozen: Flat) -> Any:
+    """Inverse of :func:`split`: concatenate cut expert slots back in slot order."""
+    merged: dict[str, Any] = {}
+    pieces: dict[str, dict[int, jax.Array]] = {}
+    for flat in (frozen, trainable):
+        for path, leaf in flat.items():
+            if "#" in path:
+                base, slot = path.rsplit("#", 1)
+                pieces.setdefault(base, {})[int(slot)] = leaf
+            else:
+                merged[path] = leaf
+    for base, by_slot in pieces.items():
+        merged[base] = jnp.concatenate([by_slot[s] for s in sorted(by_slot)], axis=EXPERT_AXIS)
+    return unflatten(merged)
+
+
+def state_bytes(tree: Any) -> int:
+    """Bytes held by the arrays of a tree (optimizer state accounting)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))

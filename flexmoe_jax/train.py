@@ -1,0 +1,123 @@
+"""The train step: loss, gradients of the trainable subtree only, AdamW update.
+
+One step function serves every phase (public pretraining, an owner's expert
+training, router tuning): the phase only decides the :class:`optim.Split`
+(which parameters train) and the optimizer settings. The step is pure and
+jitted with shardings; the loop around it lives in :mod:`flexmoe_jax.trainer`.
+
+Loss = token cross-entropy (padding masked by ``decoder_loss_weights``)
++ ``logit_z_weight`` * logit z-loss + ``router_z_weight`` * router z-loss, the
+reference's recipe (load balancing is off in FlexOlmo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flexmoe_jax import model, optim
+from flexmoe_jax.config import ModelConfig
+
+Batch = dict[str, jax.Array]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    logit_z_weight: float = 1e-5
+    router_z_weight: float = 1e-3
+
+
+class TrainState(NamedTuple):
+    step: jax.Array          # int32 scalar
+    trainable: optim.Flat    # what the optimizer updates
+    opt_state: Any           # optimizer state of ``trainable`` only
+
+
+def loss_and_metrics(config: ModelConfig, params: Any, batch: Batch, loss_cfg: LossConfig,
+                     mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar training loss and per-batch metrics (sums are weighted by loss_weights)."""
+    logits, aux = model.apply(config, params, batch["decoder_input_tokens"], batch["decoder_positions"],
+                              batch["decoder_segment_ids"], mesh)
+    weights = batch["decoder_loss_weights"].astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(weights), 1.0)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
+    ce = jnp.sum((lse - target_logit) * weights) / denom
+    logit_z = jnp.sum(jnp.square(lse) * weights) / denom
+    loss = ce + loss_cfg.logit_z_weight * logit_z
+    metrics = {"ce": ce, "logit_z": logit_z, "tokens": jnp.sum(weights)}
+    if config.is_moe:
+        router_z = jnp.sum(jnp.mean(aux["router_z"], axis=0) * weights) / denom
+        loss = loss + loss_cfg.router_z_weight * router_z
+        gates = aux["gates"]  # [L, B, S, E]
+        chosen = (gates > 0).astype(jnp.float32)
+        w = weights[None, :, :, None]
+        # Share of (layer, token) routing slots each expert takes, and its mean mixing weight.
+        metrics["router_z"] = router_z
+        metrics["expert_share"] = jnp.sum(chosen * w, axis=(0, 1, 2)) / jnp.maximum(jnp.sum(chosen * w), 1.0)
+        metrics["expert_gate"] = jnp.sum(gates * w, axis=(0, 1, 2)) / jnp.maximum(jnp.sum(chosen * w, axis=(0, 1, 2)), 1.0)
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def init_state(trainable: optim.Flat, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable))
+
+
+def _microbatches(batch: Batch, grad_accum: int) -> Batch:
+    def cut(x):
+        if x.shape[0] % grad_accum:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={grad_accum}")
+        return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+    return jax.tree.map(cut, batch)
+
+
+def train_step(state: TrainState, frozen: optim.Flat, batch: Batch, *, config: ModelConfig,
+               tx: optax.GradientTransformation, loss_cfg: LossConfig, grad_accum: int = 1,
+               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step; gradients (accumulated over ``grad_accum`` micro-batches) of ``trainable`` only."""
+
+    def loss_fn(trainable, micro):
+        return loss_and_metrics(config, optim.combine(trainable, frozen), micro, loss_cfg, mesh)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        (_, metrics), grads = grad_fn(state.trainable, batch)
+    else:
+        def body(acc, micro):
+            (_, m), g = grad_fn(state.trainable, micro)
+            return jax.tree.map(jnp.add, acc, (g, m)), None
+
+        zeros_g = jax.tree.map(jnp.zeros_like, state.trainable)
+        first = jax.tree.map(lambda x: x[0], _microbatches(batch, grad_accum))
+        zeros_m = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.trainable, first)[0][1]))
+        (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), _microbatches(batch, grad_accum))
+        grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        metrics = {k: (v if k == "tokens" else v / grad_accum) for k, v in metrics.items()}
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    return TrainState(state.step + 1, trainable, opt_state), metrics
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, loss_cfg: LossConfig,
+                   grad_accum: int, mesh: Mesh | None, state_shardings=None, frozen_shardings=None):
+    """The jitted step; the state is donated (updated in place), the frozen tree is not."""
+    fn = functools.partial(train_step, config=config, tx=tx, loss_cfg=loss_cfg, grad_accum=grad_accum, mesh=mesh)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=(0,))
+    return jax.jit(fn, donate_argnums=(0,),
+                   in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, None))
