@@ -8,11 +8,13 @@ function) and gin-configurable (``ModelConfig.d_model = 512`` in a gin file).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 import importlib.util  # noqa: F401  (gin 0.5 uses importlib.util without importing it)
 
@@ -171,14 +173,16 @@ def tiny(**overrides: Any) -> ModelConfig:
 GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
 
 
-def from_gin(files: tuple[str, ...] | list[str] = (), bindings: tuple[str, ...] | list[str] = ()) -> ModelConfig:
-    """Build a ModelConfig from gin files and ``K=V`` bindings (t5x style).
+@contextlib.contextmanager
+def gin_scope(files: Sequence[str] = (), bindings: Sequence[str] = ()):
+    """Parse gin files and ``K=V`` bindings (t5x style) for the duration of a ``with`` block.
 
     A file name that does not exist as given is looked up under ``gin_configs/``
-    (so ``model/olmo2_7b.gin`` works from anywhere), and includes resolve
-    relative to the including file's directory.
+    (so ``model/olmo2_7b.gin`` works from anywhere); includes resolve against the
+    including file's directory and ``gin_configs/``. Yields the operative config text.
     """
     gin.clear_config()
+    gin.add_config_file_search_path(str(GIN_DIR))
     resolved = []
     for f in files:
         path = f if os.path.exists(f) else os.path.join(GIN_DIR, f)
@@ -187,7 +191,17 @@ def from_gin(files: tuple[str, ...] | list[str] = (), bindings: tuple[str, ...] 
         gin.add_config_file_search_path(os.path.dirname(os.path.abspath(path)))
         resolved.append(path)
     try:
-        gin.parse_config_files_and_bindings(resolved, list(bindings))
-        return ModelConfig()
+        logging.disable(logging.ERROR)  # gin logs an error for every search path an include is not in
+        try:
+            gin.parse_config_files_and_bindings(resolved, list(bindings))
+        finally:
+            logging.disable(logging.NOTSET)
+        yield gin.config_str()
     finally:
         gin.clear_config()
+
+
+def from_gin(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> ModelConfig:
+    """A ModelConfig from gin files and bindings (see :func:`gin_scope`)."""
+    with gin_scope(files, bindings):
+        return ModelConfig()

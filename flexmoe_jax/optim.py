@@ -40,7 +40,8 @@ class OptimConfig:
 
     peak_lr: float = 1e-3
     warmup_steps: int = 10
-    total_steps: int = 100
+    # None: the run's RunConfig.steps.
+    total_steps: int | None = None
     final_lr_ratio: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -50,13 +51,15 @@ class OptimConfig:
     clip_norm: float = 1.0
 
     def __post_init__(self):
-        if self.peak_lr <= 0 or self.total_steps <= 0:
+        if self.peak_lr <= 0 or (self.total_steps is not None and self.total_steps <= 0):
             raise ValueError(f"OptimConfig: peak_lr and total_steps must be positive, got {self}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
+        if self.total_steps is not None and not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"OptimConfig: warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]")
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
+    if cfg.total_steps is None:
+        raise ValueError("OptimConfig.total_steps is unset; use dataclasses.replace(cfg, total_steps=N)")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.total_steps, end_value=cfg.peak_lr * cfg.final_lr_ratio)

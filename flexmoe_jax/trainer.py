@@ -1,0 +1,282 @@
+"""The training loop behind ``flexmoe train`` and ``flexmoe train-expert``.
+
+Everything a run needs to resume is in one Orbax ``CheckpointManager`` under
+``WORKDIR/state``: the trainable parameters, their optimizer state, the step
+and the data iterator's position. The frozen parameters are never saved
+there: they are the anchor, reloaded (and fingerprint-checked) on resume.
+Killing the process at any point and rerunning the same command continues
+from the last complete checkpoint and ends bit-identical to an uninterrupted
+run, because the data iterator is a pure function of (seed, step) and the
+step is deterministic.
+
+A non-finite loss stops the run before anything is saved for that step, so
+the last checkpoint on disk stays the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from flexmoe_jax import checkpoint, expert, model, optim, train
+from flexmoe_jax.config import ModelConfig
+
+PHASES = ("pretrain", "expert", "router_tune")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, incompatible resume state)."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What to train on and for how long; model/optimizer settings live in their own configs."""
+
+    phase: str = "pretrain"
+    task: str = "flexmix_mini.public"
+    data_dir: str = "flexmoe_data"
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    # (data, fsdp, expert, tensor); -1 on one axis takes the remaining devices.
+    mesh: tuple[int, int, int, int] = (-1, 1, 1, 1)
+    # expert / router_tune phases
+    anchor: str = ""
+    expert_name: str = ""
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise ValueError(f"RunConfig.phase must be one of {PHASES}, got {self.phase!r}")
+        if self.phase == "expert" and (not self.anchor or not self.expert_name):
+            raise ValueError("expert training needs RunConfig.anchor (the public checkpoint) and "
+                             "RunConfig.expert_name (this owner's domain)")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RunConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+def resolve_mesh(shape: tuple[int, ...]):
+    from flexmoe_jax.sharding import make_mesh
+
+    n = jax.device_count()
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {tuple(shape)}")
+    if -1 in shape:
+        rest = int(np.prod([s for s in shape if s != -1]))
+        if n % rest:
+            raise ValueError(f"mesh {tuple(shape)} does not divide the {n} devices")
+        shape[shape.index(-1)] = n // rest
+    return make_mesh(*shape)
+
+
+def place(config: ModelConfig, flat: optim.Flat, mesh) -> optim.Flat:
+    """Put a flat parameter dict onto the mesh by each leaf's logical axes (cut slots keep theirs)."""
+    from flexmoe_jax.sharding import named_sharding
+
+    axes = optim.flatten(model.logical_axes(config))
+    return {k: jax.device_put(v, named_sharding(mesh, axes[k.split("#")[0]], np.shape(v)))
+            for k, v in flat.items()}
+
+
+def _to_global(batch: dict, sharding) -> dict:
+    """This process's rows of the global batch -> one global array per feature."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _manager(workdir: Path, rc: RunConfig):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=rc.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(workdir / "state", options=options)
+
+
+def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, Any, dict]:
+    """(config, full params, provenance) for the phase."""
+    if rc.phase == "pretrain":
+        if config is None:
+            raise ValueError("pretraining needs a ModelConfig")
+        return config, jax.device_get(model.init(config, rc.seed)), {}
+    anchor_config, anchor_params = checkpoint.load(rc.anchor)
+    if config is not None:
+        arch = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden",
+                "rope_theta", "rms_eps")
+        diff = {k: (getattr(config, k), getattr(anchor_config, k)) for k in arch
+                if getattr(config, k) != getattr(anchor_config, k)}
+        if diff:
+            raise ValueError(f"the configured model differs from the anchor {rc.anchor}: "
+                             + ", ".join(f"{k}={a} vs anchor {b}" for k, (a, b) in diff.items())
+                             + "; drop the ModelConfig settings (the anchor defines the model) or use the right anchor")
+    provenance = {"anchor": os.path.abspath(rc.anchor),
+                  "anchor_fingerprint": expert.fingerprint(anchor_config, anchor_params)}
+    if rc.phase == "expert":
+        cfg, params = expert.upcycle(anchor_config, jax.device_get(anchor_params), rc.expert_name)
+        return cfg, params, provenance
+    return anchor_config, jax.device_get(anchor_params), provenance
+
+
+def split_for(phase: str) -> optim.Split:
+    return {"pretrain": optim.ALL, "expert": expert.TRAINABLE, "router_tune": optim.ROUTER_ONLY}[phase]
+
+
+def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
+        ocfg: optim.OptimConfig | None = None, loss_cfg: train.LossConfig | None = None,
+        params: Any = None, progress: bool = True, gin_text: str = "") -> dict:
+    """Train (or resume) into ``workdir``; returns the final metrics and the output path.
+
+    ``config`` is the model to pretrain; for the expert and router phases the anchor
+    defines the model, and a ``config`` given anyway must agree with it.
+    """
+    from flexmoe_jax import data
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ocfg = ocfg or optim.OptimConfig()
+    if ocfg.total_steps is None:
+        ocfg = dataclasses.replace(ocfg, total_steps=rc.steps)
+    loss_cfg = loss_cfg or train.LossConfig()
+    provenance: dict = {}
+    if params is None:
+        config, params, provenance = _initial_params(config, rc)
+    trainable, frozen = optim.split(params, split_for(rc.phase))
+    tx = optim.make_optimizer(ocfg, trainable)
+    mesh = resolve_mesh(rc.mesh)
+    trainable, frozen = place(config, trainable, mesh), place(config, frozen, mesh)
+    state = jax.jit(lambda t: train.init_state(t, tx))(trainable)
+    step_fn = jax.jit(functools.partial(train.train_step, config=config, tx=tx, loss_cfg=loss_cfg,
+                                        grad_accum=rc.grad_accum, mesh=mesh), donate_argnums=(0,))
+
+    data.register_tasks(rc.data_dir)
+    mngr = _manager(workdir, rc)
+    start = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        restored = mngr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        state = restored["state"]
+        batches = data.batches_from_state(restored["data"], rc.data_dir)
+        start = latest
+    else:
+        batches = data.batches(rc.task, "train", rc.batch_size, rc.seq_len, rc.data_dir, seed=rc.seed,
+                               shard_index=jax.process_index(), num_shards=jax.process_count())
+    batch_sharding = train.batch_sharding(mesh)
+
+    tokens_per_step = rc.batch_size * rc.seq_len
+    flops_per_token = 6 * _active_params(config) + 12 * config.n_layers * config.d_model * rc.seq_len
+    bar = tqdm(total=rc.steps, initial=start, desc=f"{rc.phase}", unit="step", disable=not progress)
+    writer = _writer(workdir)
+    last: dict = {}
+    t0, n0 = time.perf_counter(), start
+    for step in range(start, rc.steps):
+        batch = _to_global(next(batches), batch_sharding)
+        state, metrics = step_fn(state, frozen, batch)
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            mngr.wait_until_finished()
+            raise TrainingError(f"non-finite loss {loss} at step {step + 1}; stopped without saving it. "
+                                f"The last good checkpoint is step {mngr.latest_step()} in {workdir / 'state'}; "
+                                "lower the learning rate or check the data")
+        done = step + 1
+        if done % rc.log_every == 0 or done == rc.steps:
+            elapsed = time.perf_counter() - t0
+            tps = (done - n0) * tokens_per_step / max(elapsed, 1e-9)
+            last = _scalars(metrics, ocfg, done, tps, flops_per_token, config)
+            writer(done, last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
+            t0, n0 = time.perf_counter(), done
+        if done % rc.checkpoint_every == 0 or done == rc.steps:
+            import orbax.checkpoint as ocp
+
+            mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    data=ocp.args.JsonSave(batches.state())))
+        bar.update()
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    final = jax.device_get(optim.combine(state.trainable, frozen))
+    out = workdir / "model"
+    checkpoint.save(out, config, final, metadata={
+        "phase": rc.phase, "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step,
+        "gin_config": gin_text, **provenance})
+    return {"metrics": last, "model": str(out), "config": config}
+
+
+def _active_params(config: ModelConfig) -> int:
+    """Parameters touched per token (top-k experts, not all), for the FLOPs estimate."""
+    c = config.replace(num_experts=config.top_k if config.is_moe else 0, expert_names=())
+    return c.num_params() - config.vocab_size * config.d_model  # the embedding lookup is not a matmul
+
+
+_PEAK: list[float] = []
+
+
+def measured_peak_flops() -> float:
+    """Matmul FLOP/s of this machine, measured once (for the MFU estimate)."""
+    if not _PEAK:
+        import jax.numpy as jnp
+
+        a = jnp.ones((1024, 1024), jnp.float32)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(5):
+            f(a).block_until_ready()
+        _PEAK.append(5 * 2 * 1024 ** 3 / (time.perf_counter() - t))
+    return _PEAK[0]
+
+
+def _scalars(metrics, ocfg, step, tps, flops_per_token, config) -> dict:
+    m = jax.device_get(metrics)
+    out = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
+    out["lr"] = float(optim.schedule(ocfg)(step))
+    out["tokens_per_s"] = tps
+    out["mfu"] = tps * flops_per_token / measured_peak_flops()
+    if "expert_share" in m:
+        for name, share, gate in zip(config.names, m["expert_share"], m["expert_gate"]):
+            out[f"expert_share/{name}"] = float(share)
+            out[f"expert_gate/{name}"] = float(gate)
+    return out
+
+
+def _writer(workdir: Path):
+    """TensorBoard event files (clu) plus a JSON-lines log that needs nothing to read."""
+    path = workdir / "metrics.jsonl"
+    tb = None
+    try:
+        from clu import metric_writers
+
+        tb = metric_writers.create_default_writer(str(workdir / "tb"), just_logging=jax.process_index() > 0)
+    except ImportError:
+        pass
+
+    def write(step: int, scalars: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if tb is not None:
+            tb.write_scalars(step, scalars)
+            tb.flush()
+
+    return write
