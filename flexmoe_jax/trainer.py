@@ -161,6 +161,10 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     trainable, frozen = optim.split(params, split_for(rc.phase))
     tx = optim.make_optimizer(ocfg, trainable)
     mesh = resolve_mesh(rc.mesh)
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rc.batch_size % (replicas * rc.grad_accum):
+        raise ValueError(f"RunConfig.batch_size={rc.batch_size} must be divisible by grad_accum={rc.grad_accum} "
+                         f"x the {replicas} batch shards of mesh {dict(mesh.shape)}; change batch_size or RunConfig.mesh")
     trainable, frozen = place(config, trainable, mesh), place(config, frozen, mesh)
     state = jax.jit(lambda t: train.init_state(t, tx))(trainable)
     step_fn = jax.jit(functools.partial(train.train_step, config=config, tx=tx, loss_cfg=loss_cfg,
@@ -269,8 +273,8 @@ def _writer(workdir: Path):
         from clu import metric_writers
 
         tb = metric_writers.create_default_writer(str(workdir / "tb"), just_logging=jax.process_index() > 0)
-    except ImportError:
-        pass
+    except ImportError as e:  # metrics still go to metrics.jsonl
+        tqdm.write(f"flexmoe: no TensorBoard event files ({e}); pip install clu tensorboard")
 
     def write(step: int, scalars: dict) -> None:
         with open(path, "a") as f:

@@ -1,0 +1,132 @@
+"""End to end on real (small) FlexMix-mini data: pretrain, expert training, SIGKILL resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from flexmoe_jax import checkpoint, cli, expert, optim, trainer
+from flexmoe_jax.config import ModelConfig
+
+TINY = ["ModelConfig.vocab_size=512", "ModelConfig.d_model=32", "ModelConfig.n_heads=2",
+        "ModelConfig.mlp_hidden=64", "ModelConfig.n_layers=2", "ModelConfig.max_seq_len=64",
+        "RunConfig.seq_len=64", "RunConfig.batch_size=8", "OptimConfig.warmup_steps=1", "RunConfig.log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from flexmoe_jax import data
+
+    d = tmp_path_factory.mktemp("flexmix_train")
+    try:
+        data.build(d, domains=["humor"], max_docs_per_domain=30, vocab_size=512, progress=False)
+    except data.SourceMissing as e:
+        pytest.skip(f"corpora not installed ({e}); run .ci/install_data_sources.sh")
+    return str(d)
+
+
+def _args(data_dir, workdir, *extra):
+    params = TINY + [f'RunConfig.data_dir="{data_dir}"', *extra]
+    out = ["train", "--gin_file", "phase/pretrain.gin", "--workdir", str(workdir)]
+    for p in params:
+        out += ["--gin_param", p]
+    return out
+
+
+def _leaves(path):
+    _, params = checkpoint.load(path)
+    return {k: np.asarray(v) for k, v in optim.flatten(params).items()}
+
+
+def test_pretrain_then_expert(data_dir, tmp_path):
+    assert cli.main(_args(data_dir, tmp_path / "anchor", "RunConfig.steps=6", "RunConfig.checkpoint_every=3")) == 0
+    log = [json.loads(line) for line in open(tmp_path / "anchor" / "metrics.jsonl")]
+    assert [r["step"] for r in log] == [2, 4, 6]
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in log)
+    assert os.path.isdir(tmp_path / "anchor" / "tb")
+    anchor = str(tmp_path / "anchor" / "model")
+    cfg = checkpoint.load_config(anchor)
+    assert cfg.vocab_size == 512 and not cfg.is_moe
+
+    assert cli.main(["train-expert", "--anchor", anchor, "--task", "flexmix_mini.humor", "--out",
+                     str(tmp_path / "humor"), "--data_dir", data_dir, "--gin_param", "RunConfig.steps=4",
+                     "--gin_param", "RunConfig.seq_len=64", "--gin_param", "RunConfig.batch_size=8",
+                     "--gin_param", "OptimConfig.warmup_steps=1", "--gin_param", "RunConfig.log_every=2"]) == 0
+    ecfg, eparams = checkpoint.load(str(tmp_path / "humor" / "model"))
+    assert ecfg.names == ("public", "humor") and ecfg.top_k == 2
+    meta = checkpoint.load_metadata(str(tmp_path / "humor" / "model"))
+    acfg, aparams = checkpoint.load(anchor)
+    assert meta["anchor_fingerprint"] == expert.fingerprint(acfg, aparams)
+    # Every frozen tensor is bit-identical to the anchor; the new slot moved.
+    a, e = optim.flatten(jax.device_get(aparams)), optim.flatten(jax.device_get(eparams))
+    for k, v in a.items():
+        if k.startswith("layers/mlp/"):
+            moe_k = k.replace("layers/mlp/", "layers/moe/")
+            np.testing.assert_array_equal(e[moe_k][:, 0], v)
+            assert not np.array_equal(e[moe_k][:, 1], v)
+        else:
+            np.testing.assert_array_equal(e[k], v, err_msg=k)
+    last = [json.loads(line) for line in open(tmp_path / "humor" / "metrics.jsonl")][-1]
+    assert "expert_share/humor" in last and "expert_gate/humor" in last
+
+
+def test_sigkill_resume_is_bit_identical(data_dir, tmp_path):
+    steps = ["RunConfig.steps=40", "RunConfig.checkpoint_every=4"]
+    assert cli.main(_args(data_dir, tmp_path / "straight", *steps)) == 0
+
+    cmd = [sys.executable, "-m", "flexmoe_jax.cli", *_args(data_dir, tmp_path / "killed", *steps)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = tmp_path / "killed" / "state"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in state.iterdir() if p.name.isdigit()] if state.is_dir() else []
+        if done:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "killed" / "model").exists()
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    first_logged = json.loads(open(tmp_path / "killed" / "metrics.jsonl").readlines()[0])["step"]
+    a, b = _leaves(tmp_path / "straight" / "model"), _leaves(tmp_path / "killed" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert first_logged >= 2
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(data_dir, tmp_path):
+    rc = trainer.RunConfig(data_dir=data_dir, task="flexmix_mini.public", steps=30, batch_size=8, seq_len=64,
+                           checkpoint_every=1, log_every=1)
+    cfg = ModelConfig(vocab_size=512, d_model=32, n_heads=2, mlp_hidden=64, n_layers=2, max_seq_len=64)
+    ocfg = optim.OptimConfig(peak_lr=1e12, warmup_steps=0, clip_norm=1e30)
+    with pytest.raises(trainer.TrainingError, match="non-finite loss .* last good checkpoint is step"):
+        trainer.run(tmp_path / "nan", cfg, rc, ocfg, progress=False)
+    assert not (tmp_path / "nan" / "model").exists()
+    saved = sorted(int(p.name) for p in (tmp_path / "nan" / "state").iterdir() if p.name.isdigit())
+    assert saved  # the last good state is still there for a rerun with a lower learning rate
+
+
+def test_bad_gin_and_mismatched_anchor(data_dir, tmp_path, capsys):
+    assert cli.main(["train", "--gin_file", "phase/pretrain.gin", "--gin_param", "RunConfg.steps=3",
+                     "--workdir", str(tmp_path / "x")]) == 2
+    assert "RunConfg" in capsys.readouterr().err
+    assert cli.main(["train", "--gin_file", "phase/nope.gin", "--workdir", str(tmp_path / "x")]) == 2
+    assert "gin file 'phase/nope.gin' not found" in capsys.readouterr().err
+    anchor = tmp_path / "a"
+    cfg = ModelConfig(vocab_size=512, d_model=32, n_heads=2, mlp_hidden=64, n_layers=2, max_seq_len=64)
+    from flexmoe_jax import model
+
+    checkpoint.save(str(anchor), cfg, model.init(cfg, 0))
+    assert cli.main(["train-expert", "--anchor", str(anchor), "--task", "flexmix_mini.humor", "--out",
+                     str(tmp_path / "e"), "--data_dir", data_dir, "--gin_param", "ModelConfig.d_model=48"]) == 2
+    assert "differs from the anchor" in capsys.readouterr().err
