@@ -20,6 +20,16 @@ setup(
         "numpy>=1.26",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        # data: FlexMix-mini through tensorflow-datasets and seqio (TensorFlow is imported lazily)
+        "tensorflow==2.21.0",
+        "tensorflow-datasets==4.9.10",
+        "tensorflow-text==2.21.1",
+        "seqio==0.0.20",
+        "sentencepiece==0.2.3",
+        "importlib_resources==7.1.0",
+        # metrics: TensorBoard event files through clu
+        "clu==0.0.12",
+        "tensorboard==2.21.0",
     ],
     extras_require={
         "test": ["pytest>=8"],

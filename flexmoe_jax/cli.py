@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("info", help="print a checkpoint's config and experts")
     n.add_argument("ckpt")
     n.set_defaults(fn=_cmd_info)
+
+    from flexmoe_jax.data_cli import add_data_commands
+
+    add_data_commands(sub)
     return p
 
 

@@ -1,0 +1,111 @@
+"""The anchor's tokenizer: SentencePiece trained on the public training split only, used through
+``seqio.SentencePieceVocabulary``; and the byte accounting that makes losses tokenizer-independent.
+
+The tokenizer belongs to the public model: data owners never share data, so it cannot have seen
+theirs. Settings: BPE with ``byte_fallback`` (any UTF-8 text is representable, no ``<unk>`` in
+practice), identity normalization (but ``\r`` -> ``\n``) and no whitespace collapsing (code
+indentation survives, so ``decode(encode(text)) == text`` for any text without ``\r`` or U+2581), digits split, ``"\\n"`` as its own
+piece, and the T5/seqio id convention: pad 0, eos 1, unk 2, no bos (the decoder's BOS is pad).
+
+Bits per byte: a model's summed negative log-likelihood (nats) over every token of a split,
+divided by ``ln 2`` times the split's UTF-8 byte count, :func:`bits_per_byte`. Bytes are counted on
+the stored document text, so the number compares models with different tokenizers.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+SPM_FILE = "spm.model"
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+
+def train(texts: Iterable[str], out_path: str | os.PathLike, vocab_size: int, seed: int = 0,
+          max_sentences: int = 2_000_000) -> Path:
+    """Train the SentencePiece model on ``texts`` (documents; trained line by line); written atomically."""
+    import sentencepiece as spm
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    spm.set_random_generator_seed(seed + 1)
+    lines = (line for t in texts for line in t.split("\n") if line.strip())
+    buf = io.BytesIO()
+    # Identity normalization except "\r" -> "\n" (documents never contain "\r" after normalization;
+    # a non-empty rule also keeps TF's SentencePiece op from logging on every load).
+    with tempfile.TemporaryDirectory() as tmpdir:
+        rule = Path(tmpdir) / "rule.tsv"
+        rule.write_text("D\tA\n")
+        try:
+            _train(spm, lines, buf, vocab_size, rule, max_sentences)
+        except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars"
+            raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): "
+                             f"{str(e).splitlines()[-1][-200:]}") from None
+    # The model records the rule file's (temporary) path: drop it so the same inputs give the same bytes.
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    proto.normalizer_spec.ClearField("normalization_rule_tsv")
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(proto.SerializeToString())
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def _train(spm, lines, buf, vocab_size, rule, max_sentences):
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=0.9995, byte_fallback=True, normalization_rule_tsv=str(rule),
+        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+        allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True, max_sentence_length=16384,
+        num_threads=max(1, min(4, os.cpu_count() or 1)), minloglevel=2)
+
+
+def processor(path: str | os.PathLike):
+    """A ``sentencepiece.SentencePieceProcessor`` (no TensorFlow) for the model at ``path``."""
+    import sentencepiece as spm
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer at {path}: run `flexmoe data build` first")
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def seqio_vocabulary(path: str | os.PathLike):
+    """The ``seqio.SentencePieceVocabulary`` the tasks use (imports TensorFlow)."""
+    from flexmoe_jax.data.tasks import _quiet_tf
+
+    _quiet_tf()
+    import seqio
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer at {path}: run `flexmoe data build` first")
+    return seqio.SentencePieceVocabulary(str(path), extra_ids=0)
+
+
+def count_tokens(sp, texts: Sequence[str], add_eos: bool = True) -> list[int]:
+    """Tokens per document as the tasks produce them (``+1`` for the EOS each document ends with)."""
+    if not texts:
+        return []
+    ids = sp.encode(list(texts), num_threads=max(1, min(4, os.cpu_count() or 1)))
+    return [len(x) + int(add_eos) for x in ids]
+
+
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    """Summed negative log-likelihood (nats) over all tokens of some text -> bits per UTF-8 byte."""
+    if n_bytes <= 0:
+        raise ValueError("bits_per_byte needs a positive byte count")
+    return float(nll_nats) / (math.log(2) * n_bytes)
+
+
+def bpb_from_mean_loss(mean_loss_nats: float, bytes_per_token: float) -> float:
+    """Mean per-token loss (nats) -> bits per byte, given the split's bytes per token."""
+    return float(mean_loss_nats) / (math.log(2) * bytes_per_token)
