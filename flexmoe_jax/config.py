@@ -63,7 +63,7 @@ class ModelConfig:
     # fastest sparse path for the backend ("blocks" on CPU, "ragged" elsewhere).
     moe_impl: str = "auto"
     # Rows per block of the CPU block-sparse dispatch.
-    moe_block_size: int = 128
+    moe_block_size: int = 512
     # Compute dtype for activations and matmuls; parameters keep param_dtype.
     dtype: str = "float32"
     param_dtype: str = "float32"

@@ -56,17 +56,38 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (scale.astype(jnp.float32) * y).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, HF "rotate_half" layout. x [B, S, N, hd], positions [B, S]."""
-    hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, S, 1, hd] for HF's "rotate_half" RoPE; computed once, shared by all layers."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary embedding of x [B, S, N, hd] with precomputed (cos, sin)."""
+    cos, sin = tables
+    hd = x.shape[-1]
     x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., : hd // 2], x32[..., hd // 2:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    rotated = jnp.concatenate([-x32[..., hd // 2:], x32[..., : hd // 2]], axis=-1)
     return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str | None) -> jax.Array:
+    """Softmax attention, q [B, S, Hq, hd], k/v [B, S, Hk, hd], GQA by grouping query heads.
+
+    XLA on CPU runs this plain einsum form faster than ``jax.nn.dot_product_attention``'s
+    XLA path; ``impl="cudnn"`` uses the fused GPU kernel through that function instead.
+    """
+    if impl is not None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    b, s, hq, hd = q.shape
+    hk = k.shape[2]
+    qg = q.reshape(b, s, hk, hq // hk, hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, hq, hd)
 
 
 def _param(module: nn.Module, name: str, init, shape, axes, dtype):
@@ -78,7 +99,7 @@ class Attention(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, rope_cs, mask):
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.init_std)
@@ -94,10 +115,10 @@ class Attention(nn.Module):
         q = rms_norm(x @ q_proj.astype(dt), q_norm, c.rms_eps).reshape(b, s, c.n_heads, c.head_size)
         k = rms_norm(x @ k_proj.astype(dt), k_norm, c.rms_eps).reshape(b, s, c.kv_heads, c.head_size)
         v = (x @ v_proj.astype(dt)).reshape(b, s, c.kv_heads, c.head_size)
-        q = constrain(rope(q, positions, c.rope_theta), ("batch", "length", "act_heads", "act_head_dim"), self.mesh)
-        k = constrain(rope(k, positions, c.rope_theta), ("batch", "length", "act_kv_heads", "act_head_dim"), self.mesh)
+        q = constrain(rope(q, rope_cs), ("batch", "length", "act_heads", "act_head_dim"), self.mesh)
+        k = constrain(rope(k, rope_cs), ("batch", "length", "act_kv_heads", "act_head_dim"), self.mesh)
         v = constrain(v, ("batch", "length", "act_kv_heads", "act_head_dim"), self.mesh)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=c.attention_impl)
+        out = attention(q, k, v, mask, c.attention_impl)
         out = out.reshape(b, s, qw) @ o_proj.astype(dt)
         return constrain(out, ("batch", "length", "act_embed"), self.mesh)
 
@@ -155,13 +176,13 @@ class Block(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, rope_cs, mask):
         c = self.config
         pdt = jnp.dtype(c.param_dtype)
         ones = nn.initializers.ones
         attn_norm = _param(self, "post_attn_norm", ones, (c.d_model,), ("norm",), pdt)
         ffn_norm = _param(self, "post_ffn_norm", ones, (c.d_model,), ("norm",), pdt)
-        x = x + rms_norm(Attention(c, self.mesh, name="attn")(x, positions, mask), attn_norm, c.rms_eps)
+        x = x + rms_norm(Attention(c, self.mesh, name="attn")(x, rope_cs, mask), attn_norm, c.rms_eps)
         ffn = MoEFFN(c, self.mesh, name="moe") if c.is_moe else DenseFFN(c, self.mesh, name="mlp")
         y, aux = ffn(x)
         x = x + rms_norm(y, ffn_norm, c.rms_eps)
@@ -196,7 +217,8 @@ class Transformer(nn.Module):
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, aux = stack(c, self.mesh, name="layers")(x, positions, mask)
+        rope_cs = rope_tables(positions, c.head_size, c.rope_theta)
+        x, aux = stack(c, self.mesh, name="layers")(x, rope_cs, mask)
 
         final_norm = _param(self, "final_norm", nn.initializers.ones, (c.d_model,), ("norm",), pdt)
         lm_head = _param(self, "lm_head", init, (c.d_model, c.vocab_size), ("embed", "vocab"), pdt)
