@@ -43,8 +43,10 @@ def _cmd_info(args) -> None:
 
 
 def _train_from_gin(files, bindings, workdir) -> None:
-    from flexmoe_jax import optim, train, trainer
+    from flexmoe_jax import distributed, optim, train, trainer
     from flexmoe_jax.config import ModelConfig, gin_scope
+
+    distributed.initialize_if_multiprocess()  # no-op for one process; before any other JAX work
 
     with gin_scope(files, bindings) as gin_text:
         rc = trainer.RunConfig()

@@ -36,6 +36,8 @@ ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "JAX_LOCAL_DEVICE_IDS"
+# FLEXMOE_DISTRIBUTED=auto: let jax.distributed detect the cluster (TPU pods; launch/tpu_train.sh sets it).
+ENV_AUTO = "FLEXMOE_DISTRIBUTED"
 
 
 def _env_int(name: str) -> int | None:
@@ -65,6 +67,10 @@ def initialize_if_multiprocess(coordinator_address: str | None = None,
     backends raises a ValueError / RuntimeError that says what is missing.
     """
     if jax.distributed.is_initialized():
+        return True
+    if os.environ.get(ENV_AUTO) == "auto":
+        # TPU VM slices (and SLURM/MPI jobs) describe themselves; jax detects the cluster.
+        jax.distributed.initialize(initialization_timeout=initialization_timeout)
         return True
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
     if num_processes is None:

@@ -220,7 +220,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
-    final = jax.device_get(optim.combine(state.trainable, frozen))
+    final = optim.combine(state.trainable, frozen)  # stays sharded: every process writes its shards
     out = workdir / "model"
     checkpoint.save(out, config, final, metadata={
         "phase": rc.phase, "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step,
