@@ -8,22 +8,28 @@ so a new expert can only be down-weighted relative to the public one.
 Three dispatch paths compute the same function (equal to fp32 tolerance):
 
 - ``dense``: every expert runs on every token and the outputs are mixed by the
-  (mostly zero) gate matrix. Right when top_k == num_experts, as in expert
-  training (2 of 2) or a router-tuned model (7 of 7); also the reference.
+  (mostly zero) gate matrix, as a scan over experts of plain SwiGLUs. Right
+  when top_k == num_experts, as in expert training (2 of 2) or a router-tuned
+  model (7 of 7); there it costs about what one FFN of hidden E*h does.
 - ``ragged``: tokens sorted by expert, one grouped matmul per projection
   (``jax.lax.ragged_dot``). The real ragged kernel on TPU/GPU; on CPU it lowers
-  to a masked dense product and is ~10x slower than a dense FFN.
-- ``blocks``: the CPU design. Tokens sorted by expert and laid out so each
-  expert's group starts on a block boundary; a scan over fixed-size blocks
-  runs one small dense SwiGLU per block with that block's expert weights, and
-  blocks past the last used one are skipped with ``lax.cond``. Only gathers
-  (no scatter-adds, which are slow on CPU) move tokens in and out.
+  to a masked dense product and is ~8-12x slower than a dense FFN.
+- ``blocks``: the CPU design. Assignments are laid out expert by expert in a
+  row space padded to a 16-row granule (no sort: ranks come from a cumsum);
+  per expert, a loop of dense SwiGLU matmuls over blocks of ``block_size`` rows
+  plus a shrinking tail (block_size/2, /4, ... 16) computes only rows that hold
+  tokens. A custom VJP runs the backward pass as the same block loop, and
+  activations move only by gathers in both directions (no scatter-adds, which
+  are slow on XLA:CPU; the layout itself scatters T*K int32 row indices
+  once). Forward ~1.0-1.3x a dense FFN of the same active FLOPs (routing
+  included) at T=2048, d=256, h=688; bench/bench_moe.py measures.
 
 All paths are dropless: no capacity factor, no token is ever dropped.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -70,11 +76,29 @@ def _swiglu(x, gate, up, down):
     return jnp.dot(jax.nn.silu(jnp.dot(x, gate)) * jnp.dot(x, up), down)
 
 
+_DENSE_UNROLL_MAX = 16
+
+
 def dispatch_dense(x: jax.Array, r: Routing, w: Experts) -> jax.Array:
-    """Every expert on every token; mix with the gate matrix."""
-    gates = gate_matrix(r, w.gate.shape[0]).astype(x.dtype)
-    h = jax.nn.silu(jnp.einsum("td,edh->teh", x, w.gate)) * jnp.einsum("td,edh->teh", x, w.up)
-    return jnp.einsum("teh,ehd->td", h * gates[:, :, None], w.down)
+    """Every expert on every token; mix with the gate matrix.
+
+    One plain [T, d] SwiGLU per expert scaled by its gate column, unrolled for
+    up to 16 experts (a scan beyond, to bound compile time). On XLA:CPU this is
+    as fast as one wide [T, d] x [d, E*h] FFN forward, and its backward is ~2x
+    faster than the batched-einsum form's and ~20% faster than a scan's.
+    """
+    e = w.gate.shape[0]
+    gates = gate_matrix(r, e).astype(jnp.float32)
+
+    def one_expert(wg, wu, wd, g):
+        return _swiglu(x, wg, wu, wd).astype(jnp.float32) * g[:, None]
+
+    if e <= _DENSE_UNROLL_MAX:
+        y = sum(one_expert(w.gate[i], w.up[i], w.down[i], gates[:, i]) for i in range(e))
+    else:
+        y, _ = jax.lax.scan(lambda y, a: (y + one_expert(*a), None), jnp.zeros(x.shape, jnp.float32),
+                            (w.gate, w.up, w.down, gates.T))
+    return y.astype(x.dtype)
 
 
 def _sort_by_expert(index: jax.Array, num_experts: int):
@@ -102,39 +126,194 @@ def dispatch_ragged(x: jax.Array, r: Routing, w: Experts) -> jax.Array:
     return _combine(ys, inverse, r)
 
 
-def dispatch_blocks(x: jax.Array, r: Routing, w: Experts, block_size: int = 128) -> jax.Array:
-    """Block-sparse dispatch: a scan of small dense SwiGLUs over expert-aligned blocks."""
-    t, d = x.shape
-    k = r.index.shape[1]
-    e = w.gate.shape[0]
+# ----------------------------------------------------------------------------
+# Block-sparse CPU dispatch
+# ----------------------------------------------------------------------------
+#
+# Layout. The T*K (token, choice) assignments are placed in a padded row space
+# where expert e owns rows [start[e], start[e] + rows[e]), rows[e] being its
+# assignment count rounded up to a multiple of the granule (16 rows). Inside an
+# expert's range the order is token order. ``slot[t, k]`` is the row of an
+# assignment and ``source[row]`` the assignment feeding a row (T*K, "none",
+# for padding rows, which read a zero input row and carry zero weight).
+#
+# Kernel. A loop over experts slices that expert's weights once, then walks its
+# rows with big blocks of ``block_size`` rows and finishes the remainder with a
+# binary chain of smaller blocks (block_size/2, /4, ..., granule), so an expert
+# wastes < 1 granule of padding while most rows go through large matmuls. Only
+# rows that hold assignments are ever computed; nothing depends on a capacity.
+#
+# Gradients. A custom VJP whose backward pass is the same loop of block
+# matmuls, accumulating each expert's weight gradient in a [d, h] carry, and
+# whose token moves are all gathers (XLA:CPU scatters are slow; the layout is a
+# permutation, so every scatter has an equivalent gather).
+
+_GRANULE = 16
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def _block_layout(index: jax.Array, num_experts: int, granule: int):
+    """(slot [T, K], source [P], start [E], rows [E]) with P a static bound.
+
+    Computed without a sort: an assignment's rank inside its expert is a
+    running count of that expert's one-hot column (cumsum over T*K x E ints),
+    and the row -> assignment map is the one scatter (of T*K int32s).
+    """
+    t, k = index.shape
     n = t * k
-    b = max(1, min(block_size, n))
-    num_blocks = -(-n // b) + e  # static upper bound: each expert wastes < 1 block
-    flat, order, sizes = _sort_by_expert(r.index, e)
-    padded = (sizes + b - 1) // b * b
-    padded_end = jnp.cumsum(padded)
-    padded_start = padded_end - padded
-    start = jnp.cumsum(sizes) - sizes
-    sorted_expert = flat[order]
-    slot_sorted = padded_start[sorted_expert] + jnp.arange(n, dtype=jnp.int32) - start[sorted_expert]
-    slot = jnp.zeros((n,), jnp.int32).at[order].set(slot_sorted.astype(jnp.int32))
-    # Token feeding each padded slot; slot rows past a group's end read a zero row.
-    source = jnp.full((num_blocks * b,), t, jnp.int32).at[slot].set(
-        jnp.arange(n, dtype=jnp.int32) // k)
-    x_padded = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[source].reshape(num_blocks, b, d)
-    block_expert = jnp.minimum(
-        jnp.searchsorted(padded_end, jnp.arange(num_blocks) * b, side="right"), e - 1)
-    blocks_used = padded_end[-1] // b
+    flat = index.reshape(-1).astype(jnp.int32)
+    onehot = (flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32)).astype(jnp.int32)
+    running = jnp.cumsum(onehot, axis=0)
+    counts = running[-1]
+    rank = jnp.sum(running * onehot, axis=1) - 1
+    rows = (counts + granule - 1) // granule * granule
+    start = jnp.cumsum(rows) - rows
+    slot = start[flat] + rank
+    total = _round_up(n + num_experts * (granule - 1), granule)
+    source = jnp.full((total,), n, jnp.int32).at[slot].set(
+        jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+    return slot.reshape(t, k), source, start, rows
 
-    def body(_, inputs):
-        xb, ex, i = inputs
-        yb = jax.lax.cond(i < blocks_used,
-                          lambda xb: _swiglu(xb, w.gate[ex], w.up[ex], w.down[ex]),
-                          jnp.zeros_like, xb)
-        return None, yb
 
-    _, y_blocks = jax.lax.scan(body, None, (x_padded, block_expert, jnp.arange(num_blocks)))
-    return _combine(y_blocks.reshape(num_blocks * b, d), slot, r)
+def _block_sizes(block_size: int, granule: int, total: int) -> tuple[int, ...]:
+    """block_size (rounded down to a granule multiple), /2, /4, ... down to the granule; all <= total."""
+    sizes = [max(granule, block_size // granule * granule)]
+    while sizes[-1] // 2 >= granule and (sizes[-1] // 2) % granule == 0:
+        sizes.append(sizes[-1] // 2)
+    if sizes[-1] != granule:
+        sizes.append(granule)
+    return tuple(b for b in sizes if b <= total) or (granule,)
+
+
+def _over_blocks(num_experts, start, rows, sizes, enter, block, leave, carry):
+    """for e: ctx = enter(e); for each block (row, size) of e: carry = block(ctx, row, size, carry); leave."""
+    big, granule = sizes[0], sizes[-1]
+    exact = all(a == 2 * b for a, b in zip(sizes, sizes[1:]))
+
+    def one_expert(e, carry):
+        carry, ctx = enter(e, carry)
+        row, count = start[e], rows[e]
+        n_big = count // big
+        carry = jax.lax.fori_loop(0, n_big, lambda i, c: block(ctx, row + i * big, big, c), carry)
+        row, left = row + n_big * big, count - n_big * big
+        for b in sizes[1:]:  # binary chain for the remainder (< big)
+            take = left >= b
+            carry = jax.lax.cond(take, lambda c, row=row, b=b: block(ctx, row, b, c), lambda c: c, carry)
+            row, left = row + jnp.where(take, b, 0), left - jnp.where(take, b, 0)
+        if not exact:  # what the chain cannot express (block_size / granule not a power of 2)
+            carry = jax.lax.fori_loop(0, left // granule, lambda i, c: block(ctx, row + i * granule, granule, c), carry)
+        return leave(e, ctx, carry)
+
+    return jax.lax.fori_loop(0, num_experts, one_expert, carry)
+
+
+def _blocks_forward(x, weights, wg, wu, wd, layout, sizes, save):
+    """y [T, d]; with ``save`` also the residuals for the backward pass."""
+    slot, source, start, rows = layout
+    t, d = x.shape
+    k = weights.shape[1]
+    e, _, h = wg.shape
+    total = source.shape[0]
+    # Padding rows (source == T*K) read token T, an appended zero row.
+    x_ext = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
+
+    def enter(i, carry):
+        return carry, (wg[i], wu[i], wd[i])
+
+    def block(ctx, row, b, carry):
+        eg, eu, ed = ctx
+        xb = x_ext[jax.lax.dynamic_slice_in_dim(source, row, b) // k]
+        g, u = jnp.dot(xb, eg), jnp.dot(xb, eu)
+        yb = jnp.dot(jax.nn.silu(g) * u, ed)
+        out = (jax.lax.dynamic_update_slice_in_dim(carry[0], yb.astype(x.dtype), row, 0),)
+        if save:
+            out += (jax.lax.dynamic_update_slice_in_dim(carry[1], g, row, 0),
+                    jax.lax.dynamic_update_slice_in_dim(carry[2], u, row, 0))
+        return out
+
+    carry = (jnp.zeros((total, d), x.dtype),)
+    if save:
+        act = jnp.result_type(x, wg)
+        carry += (jnp.zeros((total, h), act), jnp.zeros((total, h), act))
+    outs = _over_blocks(e, start, rows, sizes, enter, block, lambda i, ctx, c: c, carry)
+    yp = outs[0]
+    y = jnp.einsum("tkd,tk->td", yp[slot], weights.astype(yp.dtype))
+    return y, (x_ext, yp) + outs[1:]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _moe_blocks(x, weights, wg, wu, wd, layout, sizes):
+    return _blocks_forward(x, weights, wg, wu, wd, layout, sizes, save=False)[0]
+
+
+def _moe_blocks_fwd(x, weights, wg, wu, wd, layout, sizes):
+    y, saved = _blocks_forward(x, weights, wg, wu, wd, layout, sizes, save=True)
+    return y, (weights, wg, wu, wd, layout) + saved
+
+
+def _moe_blocks_bwd(sizes, res, dy):
+    weights, wg, wu, wd, layout, x_ext, yp, gs, us = res
+    slot, source, start, rows = layout
+    t, k = weights.shape
+    e, d, h = wg.shape
+    f32 = jnp.float32
+    dweights = jnp.einsum("td,tkd->tk", dy.astype(f32), yp[slot].astype(f32)).astype(weights.dtype)
+    # d(loss)/d(row output) = routing weight * dy of the row's token: a gather.
+    w_ext = jnp.concatenate([weights.reshape(-1), jnp.zeros((1,), weights.dtype)])
+    dy_ext = jnp.concatenate([dy, jnp.zeros((1, d), dy.dtype)])
+
+    def enter(i, carry):
+        acc = (jnp.zeros((d, h), f32), jnp.zeros((d, h), f32), jnp.zeros((h, d), f32))
+        return carry + acc, (wg[i], wu[i], wd[i])
+
+    def block(ctx, row, b, carry):
+        dxp, dwg, dwu, dwd, ag, au, ad = carry
+        eg, eu, ed = ctx
+        src = jax.lax.dynamic_slice_in_dim(source, row, b)
+        xb = x_ext[src // k]
+        g = jax.lax.dynamic_slice_in_dim(gs, row, b)
+        u = jax.lax.dynamic_slice_in_dim(us, row, b)
+        dyb = (dy_ext[src // k] * w_ext[src][:, None].astype(dy.dtype)).astype(g.dtype)
+        sg = jax.nn.sigmoid(g)
+        a = g * sg
+        ad = ad + jnp.dot((a * u).T, dyb, preferred_element_type=f32)
+        dh = jnp.dot(dyb, ed.T)
+        du = dh * a
+        dg = dh * u * (sg * (1 + g * (1 - sg)))
+        ag = ag + jnp.dot(xb.T, dg, preferred_element_type=f32)
+        au = au + jnp.dot(xb.T, du, preferred_element_type=f32)
+        dxb = jnp.dot(dg, eg.T) + jnp.dot(du, eu.T)
+        dxp = jax.lax.dynamic_update_slice_in_dim(dxp, dxb.astype(dxp.dtype), row, 0)
+        return dxp, dwg, dwu, dwd, ag, au, ad
+
+    def leave(i, ctx, carry):
+        dxp, dwg, dwu, dwd, ag, au, ad = carry
+        put = lambda full, part: jax.lax.dynamic_update_index_in_dim(full, part.astype(full.dtype), i, 0)  # noqa: E731
+        return dxp, put(dwg, ag), put(dwu, au), put(dwd, ad)
+
+    carry = (jnp.zeros((source.shape[0], d), x_ext.dtype), jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd))
+    dxp, dwg, dwu, dwd = _over_blocks(e, start, rows, sizes, enter, block, leave, carry)
+    dx = jnp.sum(dxp[slot].astype(f32), axis=1).astype(x_ext.dtype)  # each token's K rows: a gather
+    return dx, dweights, dwg, dwu, dwd, None
+
+
+_moe_blocks.defvjp(_moe_blocks_fwd, _moe_blocks_bwd)
+
+
+def dispatch_blocks(x: jax.Array, r: Routing, w: Experts, block_size: int = 512) -> jax.Array:
+    """Block-sparse dispatch: per expert, large dense SwiGLU blocks plus a shrinking tail.
+
+    ``block_size`` is the largest block (rows per matmul); remainders go down
+    to a 16-row granule, so padding is < 16 rows per expert whatever the size.
+    """
+    e = w.gate.shape[0]
+    granule = max(1, min(_GRANULE, block_size))
+    layout = _block_layout(r.index, e, granule)
+    sizes = _block_sizes(block_size, granule, layout[1].shape[0])
+    return _moe_blocks(x, r.weights, w.gate, w.up, w.down, layout, sizes)
 
 
 def choose_impl(impl: str, top_k: int, num_experts: int, backend: str | None = None) -> str:
@@ -148,7 +327,7 @@ def choose_impl(impl: str, top_k: int, num_experts: int, backend: str | None = N
 
 
 def dispatch(x: jax.Array, r: Routing, w: Experts, impl: str = "auto",
-             block_size: int = 128) -> jax.Array:
+             block_size: int = 512) -> jax.Array:
     """Dropless mixture of SwiGLU experts: x [T, d] -> [T, d]."""
     impl = choose_impl(impl, r.index.shape[1], w.gate.shape[0])
     if impl == "dense":

@@ -1,0 +1,203 @@
+"""Routing semantics and the three dropless dispatch paths (dense, ragged, blocks).
+
+Every path must compute the same function as a plain einsum reference, forward
+and backward (gradients w.r.t. the tokens, the router and every expert weight),
+to fp32 tolerance, including awkward shapes: T*K not a multiple of the block
+size, a single token, top_k == num_experts, a block size that is not a power
+of two times the granule (56 -> 48 = 3 x 16), and an expert that receives no token.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexmoe_jax import moe
+
+IMPLS = ("dense", "ragged", "blocks")
+D, H = 16, 24
+
+
+def _einsum_reference(x, r, w):
+    """The textbook mixture: every expert on every token, mixed by the gate matrix."""
+    gates = moe.gate_matrix(r, w.gate.shape[0])
+    h = jax.nn.silu(jnp.einsum("td,edh->teh", x, w.gate)) * jnp.einsum("td,edh->teh", x, w.up)
+    return jnp.einsum("teh,ehd,te->td", h, w.down, gates)
+
+
+def _problem(e, t, seed=0, bias=None, skew=0.0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    x = jax.random.normal(ks[0], (t, D), jnp.float32)
+    router = jax.random.normal(ks[1], (e, D), jnp.float32)
+    x = x + skew * router[0] / jnp.sum(router[0] ** 2)  # pushes tokens towards expert 0
+    w = moe.Experts(jax.random.normal(ks[2], (e, D, H)) * 0.3,
+                    jax.random.normal(ks[3], (e, D, H)) * 0.3,
+                    jax.random.normal(ks[4], (e, H, D)) * 0.3)
+    cot = jax.random.normal(ks[5], (t, D), jnp.float32)
+    return x, router, w, cot, None if bias is None else jnp.asarray(bias, jnp.float32)
+
+
+# LLVM -O0: these programs are tiny and compile time dominates; numerics are unchanged.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _outputs_and_grads(k, norm, bias, block_size):
+    """One jitted program: {path: (y, grads w.r.t. (x, router, experts))} for the reference and every path."""
+    def run(x, router, w, cot):
+        out = {}
+        paths = {"reference": _einsum_reference}
+        paths.update({impl: (lambda impl: lambda x, r, w: moe.dispatch(x, r, w, impl, block_size))(impl)
+                      for impl in IMPLS})
+        for name, dispatch in paths.items():
+            def loss(x, router, w):
+                y = dispatch(x, moe.route(x, router, bias, k, norm), w)
+                return jnp.vdot(y, cot), y
+            (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, router, w)
+            out[name] = (y, grads)
+        return out
+    return jax.jit(run, compiler_options=FAST_COMPILE)
+
+
+def _assert_close(got, want, what):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5,
+                                   err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+# (experts, top_k, tokens, block_size, norm_topk_prob, expert bias, skew towards expert 0)
+CASES = [
+    # expert 0 gets most tokens (several full blocks), expert 1 none, the rest short tails
+    pytest.param(8, 2, 64, 16, False, [0.0, -1e4] + [0.0] * 6, 8.0, id="E8k2-skewed-expert-without-tokens"),
+    pytest.param(8, 2, 96, 64, False, None, 0.0, id="E8k2-tail-chain"),
+    # 56 rounds down to 48 = 3 x 16 rows, which the halving chain cannot cover alone
+    pytest.param(7, 5, 37, 56, True, None, 0.0, id="E7k5-T*K-not-divisible-block-not-pow2"),
+    pytest.param(4, 4, 5, 128, False, None, 0.0, id="k==E-tiny-T"),
+    pytest.param(3, 1, 1, 16, True, None, 0.0, id="single-token"),
+]
+
+
+@pytest.mark.parametrize("e,k,t,block_size,norm,bias,skew", CASES)
+def test_paths_equal_forward_and_gradients(e, k, t, block_size, norm, bias, skew):
+    x, router, w, cot, b = _problem(e, t, seed=e * 100 + t, bias=bias, skew=skew)
+    out = _outputs_and_grads(k, norm, b, block_size)(x, router, w, cot)
+    y_ref, g_ref = out["reference"]
+    for impl in IMPLS:
+        y, g = out[impl]
+        _assert_close(y, y_ref, f"{impl} forward")
+        _assert_close(g, g_ref, f"{impl} grad")
+    if bias is not None:  # the starved expert (index 1) gets exactly zero weight gradient
+        for name in ("gate", "up", "down"):
+            assert not np.any(np.asarray(getattr(g[2], name)[1]))
+
+
+def test_blocks_layout_is_a_padded_permutation():
+    e, k, t, granule = 5, 3, 41, 16
+    idx = np.argsort(np.random.RandomState(3).randn(t, e), axis=-1)[:, :k].astype(np.int32)
+    idx[:, 0] = np.where(idx[:, 0] == 4, 0, idx[:, 0])  # skew the load
+    layout = jax.jit(moe._block_layout, static_argnums=(1, 2))(idx, e, granule)
+    slot, source, start, rows = map(np.asarray, layout)
+    counts = np.bincount(idx.ravel(), minlength=e)
+    np.testing.assert_array_equal(rows, -(-counts // granule) * granule)
+    np.testing.assert_array_equal(start, np.cumsum(rows) - rows)
+    assert len(set(slot.ravel())) == t * k  # distinct rows
+    for a, (tok, kk) in enumerate(np.ndindex(t, k)):
+        ex = idx[tok, kk]
+        assert start[ex] <= slot[tok, kk] < start[ex] + counts[ex]  # packed at the front of its range
+        assert source[slot[tok, kk]] == a
+    assert np.sum(source < t * k) == t * k  # every other row is padding
+    assert source.shape[0] % granule == 0 and source.shape[0] >= rows.sum()
+
+
+def test_blocks_sizes_chain():
+    assert moe._block_sizes(128, 16, 10_000) == (128, 64, 32, 16)
+    assert moe._block_sizes(48, 16, 10_000) == (48, 16)
+    assert moe._block_sizes(56, 16, 10_000) == (48, 16)  # rounded down to a granule multiple
+    assert moe._block_sizes(8, 16, 10_000) == (16,)
+    assert moe._block_sizes(512, 16, 64) == (64, 32, 16)  # nothing larger than the row space
+    assert moe._block_sizes(1, 1, 8) == (1,)
+
+
+def test_route_is_softmax_over_all_experts_then_top_k():
+    x, router, _, _, _ = _problem(6, 9)
+    r, z = jax.jit(lambda x, router: (lambda r: (r, moe.router_z_loss(r)))(moe.route(x, router, None, 2)))(x, router)
+    logits = np.asarray(x, np.float64) @ np.asarray(router, np.float64).T
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want_idx = np.argsort(-probs, axis=-1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(r.index, want_idx)
+    np.testing.assert_allclose(r.weights, np.take_along_axis(probs, want_idx, -1), rtol=1e-5)
+    assert r.index.dtype == jnp.int32 and r.weights.dtype == jnp.float32
+    lse = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(z, lse ** 2, rtol=1e-5)
+
+
+def test_norm_topk_prob_renormalizes():
+    x, router, _, _, _ = _problem(6, 9)
+    plain = moe.route(x, router, None, 3)
+    normed = moe.route(x, router, None, 3, norm_topk_prob=True)
+    np.testing.assert_array_equal(plain.index, normed.index)
+    np.testing.assert_allclose(np.sum(normed.weights, -1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(normed.weights, plain.weights / np.sum(plain.weights, -1, keepdims=True), rtol=1e-6)
+    assert np.all(np.sum(plain.weights, -1) < 1.0)
+
+
+def test_expert_bias_is_clamped_to_non_positive():
+    x, router, _, _, _ = _problem(4, 12)
+    base = moe.route(x, router, None, 2)
+    positive = moe.route(x, router, jnp.array([5.0, 0.0, 3.0, 0.0]), 2)
+    for a, b in zip(positive, base):  # a positive bias changes nothing
+        np.testing.assert_array_equal(a, b)
+    negative = moe.route(x, router, jnp.array([0.0, -2.0, 0.0, 0.0]), 2)
+    np.testing.assert_allclose(negative.logits, base.logits.at[:, 1].add(-2.0), rtol=1e-6)
+    starved = moe.route(x, router, jnp.array([0.0, -1e4, 0.0, 0.0]), 2)
+    assert not np.any(np.asarray(starved.index) == 1)
+
+
+def test_gate_matrix():
+    x, router, _, _, _ = _problem(5, 7)
+    r = moe.route(x, router, None, 2)
+    g = np.asarray(moe.gate_matrix(r, 5))
+    assert g.shape == (7, 5)
+    np.testing.assert_allclose(g.sum(-1), np.asarray(r.weights).sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(g, np.asarray(r.index), -1), r.weights)
+    assert np.sum(g > 0, axis=-1).tolist() == [2] * 7
+
+
+def test_blocks_bfloat16_tracks_dense():
+    x, router, w, _, _ = _problem(6, 33)
+    xb, wb = x.astype(jnp.bfloat16), jax.tree.map(lambda a: a.astype(jnp.bfloat16), w)
+    r = moe.route(xb, router, None, 2)
+    y = jax.jit(lambda x, r, w: moe.dispatch_blocks(x, r, w, 32))(xb, r, wb)
+    assert y.dtype == jnp.bfloat16
+    want = _einsum_reference(x, moe.route(x, router, None, 2), w)
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=0.1, rtol=0.05)
+
+
+def test_choose_impl_rules():
+    assert moe.choose_impl("auto", 2, 2, "cpu") == "dense"  # expert training: 2 of 2
+    assert moe.choose_impl("auto", 7, 7, "gpu") == "dense"
+    assert moe.choose_impl("auto", 2, 8, "cpu") == "blocks"
+    assert moe.choose_impl("auto", 5, 7, "cpu") == "blocks"
+    assert moe.choose_impl("auto", 2, 8, "gpu") == "ragged"
+    assert moe.choose_impl("auto", 2, 8, "tpu") == "ragged"
+    for impl in IMPLS:
+        assert moe.choose_impl(impl, 2, 8, "cpu") == impl
+        assert moe.choose_impl(impl, 8, 8, "gpu") == impl
+
+
+def test_unknown_impl_is_a_clear_error():
+    x, router, w, _, _ = _problem(4, 3)
+    with pytest.raises(ValueError, match="unknown MoE dispatch"):
+        moe.dispatch(x, moe.route(x, router, None, 2), w, "fast")
+
+
+def test_dense_scan_form_beyond_the_unroll_limit(monkeypatch):
+    monkeypatch.setattr(moe, "_DENSE_UNROLL_MAX", 2)  # 3 experts -> the lax.scan form
+    x, router, w, cot, _ = _problem(3, 11)
+
+    def grads(dispatch):
+        def loss(x, router, w):
+            return jnp.vdot(dispatch(x, moe.route(x, router, None, 2), w), cot)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), compiler_options=FAST_COMPILE)(x, router, w)
+
+    _assert_close(grads(moe.dispatch_dense), grads(_einsum_reference), "dense (scan)")
