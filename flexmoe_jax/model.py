@@ -183,6 +183,7 @@ class Block(nn.Module):
         attn_norm = _param(self, "post_attn_norm", ones, (c.d_model,), ("norm",), pdt)
         ffn_norm = _param(self, "post_ffn_norm", ones, (c.d_model,), ("norm",), pdt)
         x = x + rms_norm(Attention(c, self.mesh, name="attn")(x, rope_cs, mask), attn_norm, c.rms_eps)
+        self.sow("intermediates", "ffn_input", x)  # what the router reads; free unless asked for
         ffn = MoEFFN(c, self.mesh, name="moe") if c.is_moe else DenseFFN(c, self.mesh, name="mlp")
         y, aux = ffn(x)
         x = x + rms_norm(y, ffn_norm, c.rms_eps)
@@ -214,7 +215,7 @@ class Transformer(nn.Module):
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         rope_cs = rope_tables(positions, c.head_size, c.rope_theta)
@@ -371,6 +372,19 @@ def apply(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens)
     return Transformer(config, mesh).apply({"params": params}, tokens, positions, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def ffn_inputs(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """The residual stream entering each layer's FFN, [L, B, S, d]: exactly what a router row is dotted with."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+    _, state = Transformer(config).apply({"params": params}, tokens, positions, segment_ids,
+                                         mutable=["intermediates"])
+    return state["intermediates"]["layers"]["ffn_input"][0]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "keep", "mesh"))

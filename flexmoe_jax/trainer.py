@@ -60,6 +60,11 @@ class RunConfig:
     # expert / router_tune phases
     anchor: str = ""
     expert_name: str = ""
+    # Router rows of the new expert: "hidden" (the anchor's own mean FFN input on public vs domain
+    # data, per layer), "random" or "zeros"; see flexmoe_jax.router_init.
+    router_init: str = "hidden"
+    router_init_batches: int = 8
+    public_task: str = "flexmix_mini.public"
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -67,6 +72,10 @@ class RunConfig:
         if self.phase == "expert" and (not self.anchor or not self.expert_name):
             raise ValueError("expert training needs RunConfig.anchor (the public checkpoint) and "
                              "RunConfig.expert_name (this owner's domain)")
+        from flexmoe_jax.router_init import METHODS
+
+        if self.router_init not in METHODS:
+            raise ValueError(f"RunConfig.router_init must be one of {METHODS}, got {self.router_init!r}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RunConfig.{name} must be positive, got {getattr(self, name)}")
@@ -130,7 +139,21 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
     provenance = {"anchor": os.path.abspath(rc.anchor),
                   "anchor_fingerprint": expert.fingerprint(anchor_config, anchor_params)}
     if rc.phase == "expert":
-        cfg, params = expert.upcycle(anchor_config, jax.device_get(anchor_params), rc.expert_name)
+        from flexmoe_jax import data, router_init
+
+        data.register_tasks(rc.data_dir)
+        anchor_params = jax.device_get(anchor_params)
+        batch_size = max(rc.batch_size // max(jax.process_count(), 1), 1)
+
+        def sample(task):  # the domain's own training documents, in another order than training's
+            return data.batches(task, "train", batch_size, rc.seq_len, rc.data_dir, seed=rc.seed + 1)
+
+        rows = router_init.rows(rc.router_init, anchor_config, anchor_params,
+                                sample(rc.public_task) if rc.router_init == "hidden" else None,
+                                sample(rc.task) if rc.router_init == "hidden" else None,
+                                num_batches=rc.router_init_batches, seed=rc.seed)
+        cfg, params = expert.upcycle(anchor_config, anchor_params, rc.expert_name, router_rows=rows)
+        provenance["router_init"] = rc.router_init
         return cfg, params, provenance
     return anchor_config, jax.device_get(anchor_params), provenance
 

@@ -119,3 +119,29 @@ def test_fingerprint_detects_any_change(anchor):
     q["final_norm"][3] += 1e-7
     assert expert.fingerprint(cfg, q) != f
     assert expert.fingerprint(cfg.replace(rope_theta=10000.0), p) != f
+
+
+def test_router_init_rows(anchor):
+    from flexmoe_jax import router_init
+
+    cfg, p = anchor
+    a, b = _batch(cfg, seed=1), _batch(cfg, seed=2)
+    b["decoder_input_tokens"] = (b["decoder_input_tokens"] % 7) + 3  # a "domain" of a few token ids
+    rows = router_init.rows("hidden", cfg, p, [a], [b], num_batches=1)
+    assert rows.shape == (cfg.n_layers, 2, cfg.d_model)
+    norms = np.linalg.norm(rows, axis=-1)
+    assert (norms <= 1.0 + 1e-5).all() and (norms > 0.05).all()
+    assert not np.allclose(rows[:, 0], rows[:, 1], atol=1e-3)
+    # padding is excluded: zero-weight tokens do not move the mean
+    b2 = dict(b, decoder_loss_weights=np.concatenate([b["decoder_loss_weights"][:, :10],
+                                                       np.zeros_like(b["decoder_loss_weights"][:, 10:])], 1))
+    b3 = dict(b2, decoder_input_tokens=b2["decoder_input_tokens"].copy())
+    b3["decoder_input_tokens"][:, 20:] = 5
+    np.testing.assert_allclose(router_init.rows("hidden", cfg, p, [a], [b2], 1),
+                               router_init.rows("hidden", cfg, p, [a], [b3], 1), atol=1e-6)
+    assert not router_init.rows("zeros", cfg, p).any()
+    assert router_init.rows("random", cfg, p).std() > 0
+    with pytest.raises(ValueError, match="router_init must be one of"):
+        router_init.rows("gritlm", cfg, p)
+    with pytest.raises(ValueError, match="needs batches"):
+        router_init.rows("hidden", cfg, p)

@@ -72,6 +72,11 @@ def test_pretrain_then_expert(data_dir, tmp_path):
             assert not np.array_equal(e[moe_k][:, 1], v)
         else:
             np.testing.assert_array_equal(e[k], v, err_msg=k)
+    # Router rows from the anchor's own hidden states: public row != humor row, both inside the unit ball.
+    assert meta["router_init"] == "hidden"
+    router = np.asarray(e["layers/moe/router"])
+    assert not np.allclose(router[:, 0], router[:, 1])
+    assert (np.linalg.norm(router[:, 0], axis=-1) <= 1.0 + 1e-5).all()
     last = [json.loads(line) for line in open(tmp_path / "humor" / "metrics.jsonl")][-1]
     assert "expert_share/humor" in last and "expert_gate/humor" in last
 
