@@ -207,6 +207,18 @@ def save(path: str | os.PathLike, config: ModelConfig, params: Any, *,
         except (TypeError, ValueError) as e:
             raise ValueError(f"metadata must be JSON-serializable: {e}") from None
 
+    files = {CONFIG_NAME: config.to_json()}
+    if meta_text is not None:
+        files[METADATA_NAME] = meta_text
+    return save_tree(path, params, files)
+
+
+def save_tree(path: str | os.PathLike, tree: Any, files: dict[str, Any], kind: str = "model") -> Path:
+    """Atomically write any array tree plus JSON files (name -> str or JSON-able) at ``path``.
+
+    The machinery behind :func:`save`; ``kind`` is recorded in the marker so a
+    directory of another kind (say an expert deliverable) is never mistaken for a model.
+    """
     path = _abs(path)
     if path.name in ("", ".", ".."):
         raise ValueError(f"cannot save a checkpoint at {path}: give a directory name")
@@ -227,12 +239,11 @@ def save(path: str | os.PathLike, config: ModelConfig, params: Any, *,
     tmp = _tmp_path(path)
     try:
         # Synchronous: returns only after every array is on disk and Orbax has committed.
-        ocp.PyTreeCheckpointer().save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        ocp.PyTreeCheckpointer().save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(tree))
         if primary:
-            _write_json(tmp / CONFIG_NAME, config.to_json())
-            if meta_text is not None:
-                _write_json(tmp / METADATA_NAME, meta_text)
-            _write_json(tmp / MARKER_NAME, {"format": FORMAT, "version": VERSION})
+            for name, content in files.items():
+                _write_json(tmp / name, content)
+            _write_json(tmp / MARKER_NAME, {"format": FORMAT, "version": VERSION, "kind": kind})
             _fsync_tree(tmp)
             _swap_into_place(tmp, path)
     except BaseException:
@@ -299,6 +310,25 @@ def _read_config(d: Path) -> ModelConfig:
         return ModelConfig.from_json(cfg.read_text())
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg} is not a valid model config: {e}") from None
+
+
+def kind(path: str | os.PathLike) -> str:
+    """What a flexmoe directory holds: "model" (load it with :func:`load`) or "expert"."""
+    marker = json.loads((_checkpoint_dir(path) / MARKER_NAME).read_text())
+    return marker.get("kind", "model")
+
+
+def load_tree(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
+    """(JSON files by name, array tree) of anything :func:`save_tree` wrote, on the first local device."""
+    import jax
+
+    d = _checkpoint_dir(path)
+    stored = _stored_arrays(d)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                                         sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
+                          stored)
+    files = {f.name: json.loads(f.read_text()) for f in sorted(d.glob("*.json")) if f.name != MARKER_NAME}
+    return files, _restore(d, target)
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
@@ -372,6 +402,10 @@ def _checked(path: str | os.PathLike) -> tuple[Path, ModelConfig, Any]:
     from flexmoe_jax import model as model_lib
 
     d = _checkpoint_dir(path)
+    if kind(d) != "model":
+        raise CheckpointError(f"{d} holds a {kind(d)!r}, not a full model: an expert deliverable has only the "
+                              "tensors its owner trained; merge it with its anchor, or read it with "
+                              "checkpoint.load_tree")
     config = _read_config(d)
     stored = _stored_arrays(d)
     try:

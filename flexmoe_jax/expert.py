@@ -62,3 +62,35 @@ def fingerprint(config: ModelConfig, params: model.Params) -> str:
         h.update(f"{path}|{arr.dtype}|{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+DELIVERABLE_KIND = "expert"
+MANIFEST_NAME = "manifest.json"
+
+
+def save_deliverable(path, config: ModelConfig, trainable: optim.Flat, manifest: dict):
+    """What an owner sends back: only the trained tensors (slot 1) plus a manifest.
+
+    Arrays are stored under their model paths without the slot suffix
+    (``layers/moe/gate`` is ``[L, 1, d, h]``); the manifest says which anchor
+    (fingerprint) they were trained against, on what, and for how long.
+    """
+    from flexmoe_jax import checkpoint
+
+    slots = {k.rsplit("#", 1)[1] for k in trainable if "#" in k}
+    if slots != {"1"} or any("#" not in k for k in trainable):
+        raise ValueError(f"an expert deliverable holds slot 1 only; got {sorted(trainable)}")
+    tree = optim.unflatten({k.rsplit("#", 1)[0]: v for k, v in trainable.items()})
+    files = {MANIFEST_NAME: {**manifest, "name": config.names[1], "expert_config": config.to_dict(),
+                             "trained": sorted(k.rsplit("#", 1)[0] for k in trainable)}}
+    return checkpoint.save_tree(path, tree, files, kind=DELIVERABLE_KIND)
+
+
+def load_deliverable(path) -> tuple[dict, model.Params]:
+    """(manifest, trained tensors) of an expert deliverable."""
+    from flexmoe_jax import checkpoint
+
+    if checkpoint.kind(path) != DELIVERABLE_KIND:
+        raise ValueError(f"{path} is a {checkpoint.kind(path)!r} checkpoint, not an expert deliverable")
+    files, tree = checkpoint.load_tree(path)
+    return files[MANIFEST_NAME], tree

@@ -65,6 +65,8 @@ class RunConfig:
     router_init: str = "hidden"
     router_init_batches: int = 8
     public_task: str = "flexmix_mini.public"
+    # Optional license tag recorded in the expert's manifest (e.g. "CC-BY-4.0", "internal-only").
+    license: str = ""
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -248,7 +250,20 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     checkpoint.save(out, config, final, metadata={
         "phase": rc.phase, "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step,
         "gin_config": gin_text, **provenance})
-    return {"metrics": last, "model": str(out), "config": config}
+    result = {"metrics": last, "model": str(out), "config": config}
+    if rc.phase == "expert":
+        result["expert"] = str(expert.save_deliverable(workdir / "expert", config, state.trainable, {
+            "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step, "gin_config": gin_text,
+            "data_card_sha256": _card_hash(rc.data_dir), "license": rc.license, **provenance}))
+    return result
+
+
+def _card_hash(data_dir: str) -> str | None:
+    """sha256 of the data card the expert was trained with (None if the data dir has none)."""
+    import hashlib
+
+    card = Path(data_dir) / "card.json"
+    return hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None
 
 
 def _active_params(config: ModelConfig) -> int:

@@ -77,6 +77,16 @@ def test_pretrain_then_expert(data_dir, tmp_path):
     router = np.asarray(e["layers/moe/router"])
     assert not np.allclose(router[:, 0], router[:, 1])
     assert (np.linalg.norm(router[:, 0], axis=-1) <= 1.0 + 1e-5).all()
+    # The deliverable: only the trained tensors plus a manifest tying them to the anchor.
+    manifest, trained = expert.load_deliverable(str(tmp_path / "humor" / "expert"))
+    assert manifest["name"] == "humor" and manifest["anchor_fingerprint"] == meta["anchor_fingerprint"]
+    assert manifest["trained"] == ["layers/moe/bias", "layers/moe/down", "layers/moe/gate",
+                                   "layers/moe/router", "layers/moe/up"]
+    assert manifest["steps"] == 4 and manifest["data_card_sha256"] and "RunConfig.phase" in manifest["gin_config"]
+    for k, v in optim.flatten(trained).items():
+        np.testing.assert_array_equal(v[:, 0], e[k][:, 1])
+    with pytest.raises(ValueError, match="not a full model"):
+        checkpoint.load(str(tmp_path / "humor" / "expert"))
     last = [json.loads(line) for line in open(tmp_path / "humor" / "metrics.jsonl")][-1]
     assert "expert_share/humor" in last and "expert_gate/humor" in last
 
