@@ -68,6 +68,16 @@ def loss_and_metrics(config: ModelConfig, params: Any, batch: Batch, loss_cfg: L
     return loss, metrics
 
 
+def lm_batch(tokens: jax.Array) -> Batch:
+    """A training batch from plain token rows [B, S+1]: predict each next token, one segment per row."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    inputs = tokens[:, :-1]
+    return {"decoder_input_tokens": inputs, "decoder_target_tokens": tokens[:, 1:],
+            "decoder_loss_weights": jnp.ones(inputs.shape, jnp.float32),
+            "decoder_segment_ids": jnp.ones_like(inputs),
+            "decoder_positions": jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)}
+
+
 def init_state(trainable: optim.Flat, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable))
 

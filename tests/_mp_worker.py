@@ -41,18 +41,10 @@ def global_tokens(cfg) -> np.ndarray:
 
 
 def loss_fn(cfg, mesh, params, tokens):
-    """Next-token cross-entropy + 1e-3 * router z-loss."""
-    import jax
-    import jax.numpy as jnp
-    from flexmoe_jax import model
+    """The real training loss (CE + logit and router z-losses)."""
+    from flexmoe_jax import train
 
-    logits, aux = model.apply(cfg, params, tokens, mesh=mesh)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    loss = jnp.mean(nll)
-    if "router_z" in aux:
-        loss = loss + 1e-3 * jnp.mean(aux["router_z"])
-    return loss
+    return train.loss_and_metrics(cfg, params, train.lm_batch(tokens), train.LossConfig(), mesh)[0]
 
 
 def loss_and_grad_norm(cfg, mesh, params, tokens):

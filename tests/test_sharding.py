@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flexmoe_jax import config as config_lib
-from flexmoe_jax import model
+from flexmoe_jax import model, train
 from flexmoe_jax.sharding import MESH_AXES, make_mesh, named_sharding
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
@@ -50,12 +50,9 @@ def tokens_for(cfg) -> np.ndarray:
 
 
 def loss_and_logits(cfg, mesh, params, tokens):
-    logits, aux = model.apply(cfg, params, tokens, mesh=mesh)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    loss = jnp.mean(nll)
-    if "router_z" in aux:
-        loss = loss + 1e-3 * jnp.mean(aux["router_z"])
+    """The real training loss (CE + z-losses) of the whole rows, plus the logits."""
+    loss, _ = train.loss_and_metrics(cfg, params, train.lm_batch(tokens), train.LossConfig(), mesh)
+    logits, _ = model.apply(cfg, params, tokens, mesh=mesh)
     return loss, logits
 
 
