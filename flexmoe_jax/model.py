@@ -152,14 +152,13 @@ class MoEFFN(nn.Module):
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.init_std)
         e, d, h = c.num_experts, c.d_model, c.mlp_hidden
-        router = _param(self, "router", init, (e, d), ("router_expert", "embed"), pdt)
-        bias = (_param(self, "bias", nn.initializers.zeros, (e,), ("router_expert",), pdt)
+        router = jnp.concatenate(self._slots("router", init, (e, d), ("router_expert", "embed"), pdt))
+        bias = (jnp.concatenate(self._slots("bias", nn.initializers.zeros, (e,), ("router_expert",), pdt))
                 if c.expert_bias else None)
-        experts = moe_lib.Experts(
-            gate=_param(self, "gate", init, (e, d, h), ("expert", "embed", "mlp"), pdt).astype(dt),
-            up=_param(self, "up", init, (e, d, h), ("expert", "embed", "mlp"), pdt).astype(dt),
-            down=_param(self, "down", init, (e, h, d), ("expert", "mlp", "embed"), pdt).astype(dt),
-        )
+        experts = tuple(moe_lib.Experts(wg.astype(dt), wu.astype(dt), wd.astype(dt)) for wg, wu, wd in zip(
+            self._slots("gate", init, (e, d, h), ("expert", "embed", "mlp"), pdt),
+            self._slots("up", init, (e, d, h), ("expert", "embed", "mlp"), pdt),
+            self._slots("down", init, (e, h, d), ("expert", "mlp", "embed"), pdt)))
         b, s, _ = x.shape
         flat = x.reshape(b * s, d)
         routing = moe_lib.route(flat, router, bias, c.top_k, c.norm_topk_prob)
@@ -169,6 +168,21 @@ class MoEFFN(nn.Module):
             "gates": moe_lib.gate_matrix(routing, e).reshape(b, s, e),
         }
         return y.reshape(b, s, d), aux
+
+    def _slots(self, name, init, shape, axes, dtype) -> list[jax.Array]:
+        """An expert-stacked parameter: whole, or as ``name#slot`` pieces in slot order.
+
+        The training step passes expert training's frozen public slot and the
+        trained slot as separate pieces (``optim.combine(..., concat_slots=False)``)
+        and they are joined only here, inside the scanned layer: the frozen piece
+        is then never differentiated, so the backward pass skips its weight
+        gradients instead of computing and discarding them.
+        """
+        pieces = sorted((int(k.rsplit("#", 1)[1]), k) for k in self.variables.get("params", {})
+                        if k.startswith(name + "#"))
+        if not pieces:
+            return [_param(self, name, init, shape, axes, dtype)]
+        return [self.get_variable("params", k) for _, k in pieces]
 
 
 class Block(nn.Module):

@@ -136,14 +136,22 @@ def split(params: Any, spec: Split) -> tuple[Flat, Flat]:
     return trainable, frozen
 
 
-def combine(trainable: Flat, frozen: Flat) -> Any:
-    """Inverse of :func:`split`: concatenate cut expert slots back in slot order."""
+def combine(trainable: Flat, frozen: Flat, concat_slots: bool = True) -> Any:
+    """Inverse of :func:`split`: concatenate cut expert slots back in slot order.
+
+    With ``concat_slots=False`` the cut pieces stay separate leaves named
+    ``name#slot``; the model joins them inside each layer (see ``MoEFFN._slots``),
+    which is what the train step uses so frozen slots get no weight gradients.
+    """
     merged: dict[str, Any] = {}
     pieces: dict[str, dict[int, jax.Array]] = {}
     for flat in (frozen, trainable):
         for path, leaf in flat.items():
             if "#" in path:
                 base, slot = path.rsplit("#", 1)
+                if not concat_slots:
+                    merged[path] = leaf
+                    continue
                 pieces.setdefault(base, {})[int(slot)] = leaf
             else:
                 merged[path] = leaf

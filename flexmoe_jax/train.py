@@ -96,7 +96,7 @@ def train_step(state: TrainState, frozen: optim.Flat, batch: Batch, *, config: M
     """One optimizer step; gradients (accumulated over ``grad_accum`` micro-batches) of ``trainable`` only."""
 
     def loss_fn(trainable, micro):
-        return loss_and_metrics(config, optim.combine(trainable, frozen), micro, loss_cfg, mesh)
+        return loss_and_metrics(config, optim.combine(trainable, frozen, concat_slots=False), micro, loss_cfg, mesh)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:

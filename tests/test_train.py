@@ -145,3 +145,26 @@ def test_router_init_rows(anchor):
         router_init.rows("gritlm", cfg, p)
     with pytest.raises(ValueError, match="needs batches"):
         router_init.rows("hidden", cfg, p)
+
+
+def _grad_flops(cfg, params, spec, concat_slots):
+    trainable, frozen = optim.split(params, spec)
+    batch = _batch(cfg, b=4, s=32)
+
+    def loss(t):
+        return train.loss_and_metrics(cfg, optim.combine(t, frozen, concat_slots), batch, train.LossConfig())[0]
+
+    return jax.jit(jax.grad(loss)).lower(trainable).compile().cost_analysis()["flops"]
+
+
+def test_expert_step_skips_frozen_slot_weight_gradients(anchor):
+    """Keeping the frozen public slot a separate leaf removes its weight-gradient matmuls."""
+    cfg = anchor[0].replace(n_layers=1)  # one layer: XLA's cost analysis counts a loop body once
+    ecfg, ep = expert.upcycle(cfg, jax.device_get(model.init(cfg, 0)), "math")
+    cut = _grad_flops(ecfg, ep, expert.TRAINABLE, concat_slots=False)
+    joined = _grad_flops(ecfg, ep, expert.TRAINABLE, concat_slots=True)
+    full = _grad_flops(ecfg, ep, optim.ALL, concat_slots=True)
+    t, d, h = 4 * 32, ecfg.d_model, ecfg.mlp_hidden
+    slot_dw = 3 * 2 * t * d * h  # gate, up, down weight gradients of one expert slot
+    assert joined - cut >= 0.9 * slot_dw, (joined, cut, slot_dw)
+    assert cut < full
