@@ -1,0 +1,227 @@
+"""Evaluation on real (small) FlexMix-mini data: bpb/ppl, the MC suite, soup, BTM, opt-out, reporting.
+
+Models are untrained (``model.init`` / ``expert.upcycle`` plus noise standing in for training):
+what is tested is that each number is computed as documented, not that it is good.
+"""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from flexmoe_jax import checkpoint, eval as ev, expert, model
+from flexmoe_jax.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=64, init_std=0.1)
+SEQ, BS = 64, 8
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from flexmoe_jax import data
+
+    d = tmp_path_factory.mktemp("flexmix_eval")
+    try:
+        data.build(d, domains=["humor"], max_docs_per_domain=30, vocab_size=512, progress=False)
+    except data.SourceMissing as e:
+        pytest.skip(f"corpora not installed ({e}); run .ci/install_data_sources.sh")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def anchor():
+    return CFG, model.init(CFG, 0)
+
+
+def owner(anchor, name, seed, moved=True):
+    """An owner's 2-expert model: the upcycled anchor with slot 1 (and its router row) moved."""
+    cfg, params = expert.upcycle(*anchor, name)
+    if not moved:
+        return cfg, params
+    rng = np.random.default_rng(seed)
+    moe = dict(params["layers"]["moe"])
+    for k in ("gate", "up", "down", "router"):
+        w = np.array(moe[k])
+        w[:, 1] += (0.1 * rng.standard_normal(w[:, 1].shape)).astype(w.dtype)
+        moe[k] = w
+    return cfg, {**params, "layers": {**params["layers"], "moe": moe}}
+
+
+def rows(data_dir, n=1):
+    from flexmoe_jax import data
+
+    return [b for _, b in zip(range(n), data.eval_batches("flexmix_mini.public", "test", BS, SEQ, data_dir))]
+
+
+def direct_logprobs(cfg, params, batch):
+    logits = np.asarray(model.forward(cfg, params, batch["decoder_input_tokens"],
+                                      positions=batch["decoder_positions"], segment_ids=batch["decoder_segment_ids"]),
+                        np.float64)
+    lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+    tgt = np.take_along_axis(logits, batch["decoder_target_tokens"][..., None], -1)[..., 0]
+    return tgt - lse
+
+
+def test_bpb_and_ppl_equal_a_direct_computation(data_dir, anchor):
+    from flexmoe_jax import data
+
+    scorer = ev.ModelScorer(*anchor, name="anchor")
+    res = ev.evaluate(scorer, data_dir, split="test", seq_len=SEQ, batch_size=BS, mc_items_per_domain=0,
+                      progress=False)
+    assert set(res) == {"humor", "public", "average"}
+    assert res["average"]["domains"] == ["humor"]
+    json.dumps(res)  # JSON-ready
+    for dom, task in (("humor", "flexmix_mini.humor"), ("public", "flexmix_mini.public")):
+        nll, n = 0.0, 0
+        for b in data.eval_batches(task, "test", BS, SEQ, data_dir):
+            w = b["decoder_loss_weights"]
+            nll -= float(np.sum(direct_logprobs(*anchor, b) * w))
+            n += int(w.sum())
+        stats = data.split_stats(task, "test", data_dir)
+        assert n == stats["tokens"] == res[dom]["tokens"]  # every token exactly once
+        assert res[dom]["nll"] == pytest.approx(nll / n, rel=1e-5)
+        assert res[dom]["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+        assert res[dom]["bpb"] == pytest.approx(nll / math.log(2) / stats["bytes"], rel=1e-5)
+    assert res["average"]["bpb"] == res["humor"]["bpb"]
+    # An untrained model is near uniform over the vocabulary: a sanity bound on the scale.
+    assert abs(res["public"]["nll"] - math.log(CFG.vocab_size)) < 1.0
+
+
+def test_soup_of_identical_experts_is_the_anchor_and_soup_averages_ffns(anchor, data_dir):
+    a, b = owner(anchor, "a", 0, moved=False), owner(anchor, "b", 1, moved=False)
+    cfg, params = ev.soup([anchor, a, b])
+    assert cfg == anchor[0]
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(anchor[1])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    batch = rows(data_dir)[0]
+    np.testing.assert_allclose(ev.soup_scorer(anchor, [a, b]).token_logprobs(batch),
+                               ev.ModelScorer(*anchor).token_logprobs(batch), atol=1e-5)
+    # Moved experts: the soup FFN is the mean of the public FFN and each owner's slot-1 FFN.
+    a, b = owner(anchor, "a", 0), owner(anchor, "b", 1)
+    _, params = ev.soup([anchor, a, b])
+    want = (np.asarray(anchor[1]["layers"]["mlp"]["gate"]) + np.asarray(a[1]["layers"]["moe"]["gate"])[:, 1]
+            + np.asarray(b[1]["layers"]["moe"]["gate"])[:, 1]) / 3
+    np.testing.assert_allclose(np.asarray(params["layers"]["mlp"]["gate"]), want, rtol=1e-5, atol=1e-7)
+    _, owners_only = ev.soup([a, b])
+    assert not np.allclose(owners_only["layers"]["mlp"]["gate"], params["layers"]["mlp"]["gate"])
+    with pytest.raises(ValueError, match="2-expert"):
+        ev.soup([(CFG.replace(num_experts=3, top_k=2), model.init(CFG.replace(num_experts=3, top_k=2), 1))])
+
+
+def test_btm_single_member_causality_and_bayes_identity(anchor, data_dir):
+    members = [ev.ModelScorer(*anchor), ev.ModelScorer(*owner(anchor, "a", 0)), ev.ModelScorer(*owner(anchor, "b", 1))]
+    batch = rows(data_dir)[0]
+    one = ev.BTMScorer(members[1:2])
+    np.testing.assert_array_equal(one.token_logprobs(batch), members[1].token_logprobs(batch))
+
+    btm = ev.BTMScorer(members)
+    base = btm.token_logprobs(batch)
+    # Bayes: a segment's summed ensemble log-likelihood is log mean_m p_m(segment).
+    lps = np.stack([m.token_logprobs(batch) for m in members]).astype(np.float64)
+    segs = batch["decoder_segment_ids"]
+    for r in range(2):
+        for s in np.unique(segs[r][segs[r] > 0]):
+            sel = segs[r] == s
+            want = np.logaddexp.reduce(lps[:, r, sel].sum(-1)) - math.log(3)
+            assert base[r, sel].sum() == pytest.approx(want, abs=1e-3)
+    # Causal: changing token j (target j-1, input j) never changes a score before j-1.
+    row = 0
+    j = int(np.nonzero(segs[row] > 0)[0][-1]) - 3
+    changed = {k: v.copy() for k, v in batch.items()}
+    new = (int(batch["decoder_target_tokens"][row, j - 1]) + 7) % CFG.vocab_size
+    changed["decoder_target_tokens"][row, j - 1] = new
+    changed["decoder_input_tokens"][row, j] = new
+    after = btm.token_logprobs(changed)
+    np.testing.assert_allclose(after[row, : j - 1], base[row, : j - 1], atol=1e-6)
+    np.testing.assert_allclose(after[1:], base[1:], atol=1e-6)
+    assert not np.allclose(after[row, j - 1:], base[row, j - 1:])
+    # Top-1: each token after a segment's first (where the prior ties) is scored by one member alone,
+    # the one that best explains the segment so far.
+    top1 = ev.BTMScorer(members, top_k=1).token_logprobs(batch)
+    first = np.concatenate([np.ones_like(segs[:, :1], bool), segs[:, 1:] != segs[:, :-1]], axis=1)
+    later = (segs > 0) & ~first
+    r, t = np.nonzero(later)
+    ctx = np.stack([np.array([lps[m, rr, :tt][segs[rr, :tt] == segs[rr, tt]].sum() for rr, tt in zip(r, t)])
+                    for m in range(3)])
+    np.testing.assert_allclose(top1[r, t], lps[np.argmax(ctx, 0), r, t], atol=1e-4)
+
+
+def test_mc_items_are_well_formed_and_scorable(data_dir, anchor):
+    from flexmoe_jax import data
+    from flexmoe_jax.data.pipeline import read_split_texts
+
+    items = ev.mc_items(data_dir, "flexmix_mini.humor", split="train", n_items=8, n_choices=4)
+    assert items and items == ev.mc_items(data_dir, "flexmix_mini.humor", split="train", n_items=8)  # deterministic
+    texts = read_split_texts(data_dir, "flexmix_mini", "humor", "train")
+    for it in items:
+        assert len(it.choices) == 4 and 0 <= it.label < 4
+        norm = [" ".join(c.split()) for c in it.choices]
+        assert len(set(norm)) == 4  # distinct choices
+        doc = texts[it.doc]
+        assert doc.startswith(it.context) and len(it.context.strip()) >= ev.MC_MIN_CONTEXT
+        truth = it.choices[it.label]
+        rest = doc[len(it.context):]  # the true continuation is what follows the context in its document
+        if it.mode == "line":
+            assert rest.startswith(truth) and rest[len(truth):].strip(" \t")[:1] in ("", "\n")
+        else:
+            assert it.mode in ("sentence", "clause") and truth.startswith(" ") and rest.lstrip().startswith(truth.strip())
+        for k, c in enumerate(it.choices):
+            if k != it.label:
+                assert " ".join(c.split()) not in " ".join(doc.split())  # distractors come from elsewhere
+    assert [it.label for it in items] != [items[0].label] * len(items) or len(items) < 3
+    public = ev.mc_items(data_dir, "flexmix_mini.public", split="train", n_items=6)
+    assert {it.source for it in public} == {"public_gcide", "public_wordnet", "public_foldoc"}  # round robin
+
+    sp = data.sentencepiece(data_dir)
+    scorer = ev.ModelScorer(*anchor)
+    lls = ev.choice_loglikelihoods(scorer, items[:2], sp, SEQ, BS)
+    ctx, cont = ev._encode_pair(sp, items[0].context, items[0].choices[1])
+    toks = np.array([[0] + ctx + cont], np.int32)
+    lp = direct_logprobs(anchor[0], anchor[1], {
+        "decoder_input_tokens": toks[:, :-1], "decoder_target_tokens": toks[:, 1:],
+        "decoder_positions": np.arange(toks.shape[1] - 1)[None], "decoder_segment_ids": np.ones_like(toks[:, 1:])})
+    assert lls[0][1] == pytest.approx(lp[0, -len(cont):].sum(), rel=1e-4)
+    r = ev.score_mc(scorer, items, sp, SEQ, BS)
+    assert 0.0 <= r["mc_acc"] <= 1.0 and 0.0 <= r["mc_acc_norm"] <= 1.0 and r["mc_items"] == len(items)
+    assert ev.split_document("one line only") is None
+
+
+def test_opt_out_changes_results_and_main_eval_reports(data_dir, tmp_path):
+    cfg = CFG.replace(num_experts=3, top_k=2, expert_names=("public", "a", "b"))
+    params = model.init(cfg, 3)
+    checkpoint.save(tmp_path / "merged", cfg, params)
+    kw = dict(tasks=["public"], seq_len=SEQ, batch_size=BS, mc_items_per_domain=4, progress=False, log=None)
+    full = ev.main_eval(str(tmp_path / "merged"), data_dir, json_out=tmp_path / "r.json", **kw)
+    minus = ev.main_eval([str(tmp_path / "merged")], data_dir, exclude=["b"], json_out=tmp_path / "r.json",
+                         table_out=tmp_path / "r.md", plot_out=tmp_path / "r.png", **kw)
+    assert list(full) == ["merged"] and list(minus) == ["merged_minus_b"]
+    assert full["merged"]["public"]["bpb"] != minus["merged_minus_b"]["public"]["bpb"]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert set(saved) == {"merged", "merged_minus_b"}  # the second call kept the first's results
+    assert saved["merged"]["public"]["bpb"] == full["merged"]["public"]["bpb"]
+    in_memory = ev.evaluate(ev.ModelScorer(cfg, params, active_experts=["public", "a"]), data_dir, **{
+        k: v for k, v in kw.items() if k != "log"})
+    assert in_memory["public"]["bpb"] == pytest.approx(minus["merged_minus_b"]["public"]["bpb"], rel=1e-6)
+
+    table = (tmp_path / "r.md").read_text()
+    assert "| merged_minus_b |" in table and "bits per byte" in table and "public" in table
+    png = (tmp_path / "r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    with pytest.raises(ValueError, match="unknown task"):
+        ev.main_eval(str(tmp_path / "merged"), data_dir, tasks=["nope"], log=None, progress=False)
+
+
+def test_results_table_and_plot_from_results(tmp_path):
+    res = {"public": {"code": {"bpb": 1.5, "mc_acc": 0.25}, "public": {"bpb": 1.0, "mc_acc": None},
+                      "average": {"bpb": 1.5, "mc_acc": 0.25}},
+           "flexolmo": {"code": {"bpb": 1.2, "mc_acc": 0.5}, "public": {"bpb": 1.1, "mc_acc": None},
+                        "average": {"bpb": 1.2, "mc_acc": 0.5}}}
+    table = ev.results_table(res)
+    lines = table.splitlines()
+    assert "| model | code | public | average |" in lines
+    assert "| flexolmo | **1.2000** | 1.1000 | **1.2000** |" in lines
+    assert "| public | 0.250 | – | 0.250 |" in lines
+    out = ev.plot(res, tmp_path / "sub" / "bpb.png")
+    assert out.exists() and out.stat().st_size > 1000
