@@ -95,11 +95,21 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
 
 
 class Attention(nn.Module):
+    """GQA self-attention with QK-norm and RoPE.
+
+    With ``decode=True`` the layer keeps its keys and values in the ``cache``
+    collection (``key``/``value`` [B, M, Hk, hd], M fixed when the cache is made
+    by :func:`init_cache`): the S new keys/values are written at slots
+    ``[cache_index, cache_index + S)`` and the queries attend over all M slots
+    under ``mask`` [B, 1, S, M] (built by :class:`Transformer`). One code path
+    serves a whole-prompt prefill (S = prompt length) and a one-token step.
+    """
     config: ModelConfig
     mesh: Mesh | None = None
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask):
+    def __call__(self, x, rope_cs, mask, cache_index=None):
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.init_std)
@@ -118,6 +128,14 @@ class Attention(nn.Module):
         q = constrain(rope(q, rope_cs), ("batch", "length", "act_heads", "act_head_dim"), self.mesh)
         k = constrain(rope(k, rope_cs), ("batch", "length", "act_kv_heads", "act_head_dim"), self.mesh)
         v = constrain(v, ("batch", "length", "act_kv_heads", "act_head_dim"), self.mesh)
+        if self.decode:
+            if not self.has_variable("cache", "key"):
+                raise ValueError("decoding needs a cache: build one with model.init_cache(config, batch, max_len)")
+            ck, cv = self.variable("cache", "key", None), self.variable("cache", "value", None)
+            at = (0, cache_index, 0, 0)
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), at)
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), at)
+            k, v = ck.value.astype(dt), cv.value.astype(dt)
         out = attention(q, k, v, mask, c.attention_impl)
         out = out.reshape(b, s, qw) @ o_proj.astype(dt)
         return constrain(out, ("batch", "length", "act_embed"), self.mesh)
@@ -188,15 +206,17 @@ class MoEFFN(nn.Module):
 class Block(nn.Module):
     config: ModelConfig
     mesh: Mesh | None = None
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask):
+    def __call__(self, x, rope_cs, mask, cache_index=None):
         c = self.config
         pdt = jnp.dtype(c.param_dtype)
         ones = nn.initializers.ones
         attn_norm = _param(self, "post_attn_norm", ones, (c.d_model,), ("norm",), pdt)
         ffn_norm = _param(self, "post_ffn_norm", ones, (c.d_model,), ("norm",), pdt)
-        x = x + rms_norm(Attention(c, self.mesh, name="attn")(x, rope_cs, mask), attn_norm, c.rms_eps)
+        attn = Attention(c, self.mesh, self.decode, name="attn")
+        x = x + rms_norm(attn(x, rope_cs, mask, cache_index), attn_norm, c.rms_eps)
         self.sow("intermediates", "ffn_input", x)  # what the router reads; free unless asked for
         ffn = MoEFFN(c, self.mesh, name="moe") if c.is_moe else DenseFFN(c, self.mesh, name="mlp")
         y, aux = ffn(x)
@@ -211,8 +231,17 @@ _REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
+    """Embedding, the scanned stack of blocks, final norm and output head.
+
+    ``decode=True`` runs against a KV cache (see :func:`init_cache`,
+    :func:`decode_step`): ``tokens`` [B, S] are the next S tokens of every row,
+    written at the cache's ``index``; their ``segment_ids`` are stored in the
+    cache so later queries only see keys of their own segment (0 = left padding).
+    The parameters are the same in both modes.
+    """
     config: ModelConfig
     mesh: Mesh | None = None
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids):
@@ -223,17 +252,37 @@ class Transformer(nn.Module):
         x = constrain(jnp.take(embed, tokens, axis=0).astype(dt), ("batch", "length", "act_embed"), self.mesh)
 
         s = tokens.shape[1]
-        causal = jnp.tril(jnp.ones((s, s), dtype=bool))
-        mask = causal[None, None] & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        if self.decode:
+            if not self.has_variable("cache", "index"):
+                raise ValueError("decoding needs a cache: build one with model.init_cache(config, batch, max_len)")
+            index = self.variable("cache", "index", None)
+            seg_cache = self.variable("cache", "segment_ids", None)
+            start = index.value
+            seg_cache.value = jax.lax.dynamic_update_slice(
+                seg_cache.value, segment_ids.astype(seg_cache.value.dtype), (0, start))
+            index.value = start + s
+            slots = jnp.arange(seg_cache.value.shape[1], dtype=jnp.int32)
+            causal = slots[None, :] <= start + jnp.arange(s, dtype=jnp.int32)[:, None]  # [S, M]
+            mask = causal[None, None] & (segment_ids[:, None, :, None] == seg_cache.value[:, None, None, :])
+        else:
+            causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+            mask = causal[None, None] & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-        stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-        rope_cs = rope_tables(positions, c.head_size, c.rope_theta)
-        x, aux = stack(c, self.mesh, name="layers")(x, rope_cs, mask)
+        if self.decode:  # per-layer KV cache stacked on the layer axis like the params; no remat (no gradients)
+            stack = nn.scan(Block, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 3, length=c.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            rope_cs = rope_tables(positions, c.head_size, c.rope_theta)
+            x, aux = stack(c, self.mesh, True, name="layers")(x, rope_cs, mask, start)
+        else:
+            stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            rope_cs = rope_tables(positions, c.head_size, c.rope_theta)
+            x, aux = stack(c, self.mesh, name="layers")(x, rope_cs, mask)
 
         final_norm = _param(self, "final_norm", nn.initializers.ones, (c.d_model,), ("norm",), pdt)
         lm_head = _param(self, "lm_head", init, (c.d_model, c.vocab_size), ("embed", "vocab"), pdt)
@@ -464,3 +513,94 @@ def forward(config: ModelConfig, params: Params, tokens: Any, *,
                                None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
                                keep, mesh)
     return (logits, aux) if return_aux else logits
+
+
+# ----------------------------------------------------------------------------
+# KV-cache decoding
+# ----------------------------------------------------------------------------
+#
+# The cache is a plain pytree, separate from the params (which are unchanged):
+#   index        []                  int32  next slot to write (same for every row)
+#   segment_ids  [B, M]              int32  segment of each written slot (0 = padding)
+#   layers/attn/key, value  [L, B, M, Hk, hd]  config.dtype
+# M (the cache length) is fixed when the cache is made, so every call has static
+# shapes. Rows of different prompt lengths are left-padded with segment 0: every
+# row then writes the same slot each step while its RoPE positions stay its own.
+
+Cache = dict[str, Any]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
+    """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated)."""
+    if batch <= 0 or max_len <= 0:
+        raise ValueError(f"a cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
+    kv = jnp.zeros((config.n_layers, batch, max_len, config.kv_heads, config.head_size), jnp.dtype(config.dtype))
+    return {"index": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+            "layers": {"attn": {"key": kv, "value": kv}}}
+
+
+def decode_apply(config: ModelConfig, params: Params, cache: Cache, tokens: jax.Array,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 mesh: Mesh | None = None):
+    """The traceable cached model: (logits [B, S, V] fp32, aux, new cache). Use inside your own jit.
+
+    ``tokens`` [B, S] are written at slots ``[cache["index"], cache["index"] + S)``:
+    S = the (left-padded) prompt length for the prefill, 1 for each decode step.
+    ``positions`` default to the slot numbers (right for unpadded rows); pass
+    ``slot - left_pad`` for padded rows. Writing past the cache's length is not
+    checked here (it cannot be inside jit): callers size the cache.
+    """
+    if positions is None:
+        positions = jnp.broadcast_to(cache["index"] + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+    (logits, aux), state = Transformer(config, mesh, decode=True).apply(
+        {"params": params, "cache": cache}, tokens, positions, segment_ids, mutable=["cache"])
+    return logits, aux, state["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "keep"))
+def _decode_jit(config, params, cache, tokens, positions, segment_ids, keep):
+    if keep is not None:
+        params = _take_experts(params, keep)
+    return decode_apply(config, params, cache, tokens, positions, segment_ids)
+
+
+def decode_step(config: ModelConfig, params: Params, cache: Cache, tokens: Any, *,
+                positions: Any = None, segment_ids: Any = None,
+                active_experts: Sequence[str | int] | None = None, top_k: int | None = None,
+                return_aux: bool = False):
+    """Run ``tokens`` [B, S] against ``cache``: ``(logits [B, S, V], new_cache)`` (jit-compiled).
+
+    The prefill is one call with the whole prompt on a fresh :func:`init_cache`;
+    each later call feeds the S (usually 1) next tokens. The logits equal
+    :func:`forward`'s on the whole sequence so far. ``active_experts``/``top_k``
+    as in :func:`forward` (use the same ones on every call of a sequence); with
+    ``return_aux=True`` returns ``(logits, aux, cache)`` with aux ``gates`` [L, B, S, E_active].
+    """
+    check_tokens(config, tokens)
+    check_params(config, params)
+    b, s = np.shape(tokens)
+    m = cache["segment_ids"].shape
+    if m[0] != b:
+        raise ValueError(f"tokens have batch {b} but the cache was made for batch {m[0]}")
+    if not isinstance(cache["index"], jax.core.Tracer) and int(cache["index"]) + s > m[1]:
+        raise ValueError(f"the cache holds {m[1]} tokens and {int(cache['index'])} are used; "
+                         f"{s} more do not fit (make the cache with a larger max_len)")
+    run_config, keep = _run_config(config, active_experts, top_k)
+    logits, aux, cache = _decode_jit(run_config, params, cache, jnp.asarray(tokens, jnp.int32),
+                                     None if positions is None else jnp.asarray(positions, jnp.int32),
+                                     None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32), keep)
+    return (logits, aux, cache) if return_aux else (logits, cache)
+
+
+def _run_config(config: ModelConfig, active_experts, top_k) -> tuple[ModelConfig, tuple[int, ...] | None]:
+    """The config a call runs with and the kept expert slots (None: all), as :func:`forward` resolves them."""
+    if active_experts is not None:
+        keep = resolve_experts(config, active_experts)
+        return _select_config(config, keep, top_k), keep
+    if top_k is not None:
+        if not config.is_moe or not 1 <= top_k <= config.num_experts:
+            raise ValueError(f"top_k={top_k} must be between 1 and the {config.num_experts} experts")
+        return config.replace(top_k=top_k), None
+    return config, None

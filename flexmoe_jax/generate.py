@@ -1,0 +1,242 @@
+"""Text generation with a KV cache, and per-expert attribution of every answer.
+
+FlexOlmo's promise to data owners is that their expert can be switched off and
+that its use is visible: every answer here says which experts served it.
+
+Decoding. Prompts of different lengths are left-padded into one [B, P] batch
+(padding has segment id 0, so no real token ever attends to it, and each row
+keeps its own RoPE positions), prefilled in one call, then decoded one token a
+step inside a ``jax.lax.while_loop`` over a KV cache of fixed length
+P + max_new_tokens - 1: the whole generation is one jit-compiled program with
+static shapes, recompiled only for a new (batch, prompt length, max_new_tokens,
+config). The loop stops when every row has produced ``eos_id``; finished rows
+keep running (static shapes) but record nothing. ``use_cache=False`` re-runs the
+full forward over the whole [B, P + max_new_tokens - 1] buffer every step
+instead: same tokens, for checks and ``bench/bench_generate.py``.
+
+Sampling. ``temperature == 0`` is greedy (argmax). Otherwise logits are divided
+by the temperature and cut to the nucleus: the smallest set of most likely
+tokens whose probability reaches ``top_p`` (the most likely token is always
+kept, so a tiny ``top_p`` is greedy). Keys are ``fold_in(PRNGKey(seed), step)``,
+so a seed reproduces a generation exactly.
+
+Attribution (MoE models). Generated token t is produced by the forward pass
+at the position before it (the last prompt token for t = 0, generated token
+t - 1 after that); the experts that served token t are that position's routing
+gates in every layer. Per prompt, over its generated tokens (including the
+``eos_id`` token if it was produced, none after it) and all layers::
+
+    experts[name] = sum of name's gate weight / sum of all active experts' gate weight
+    counts[name]  = number of (token, layer) routing choices whose top-k included name
+
+``experts`` sums to 1 over the active experts (the ones the call ran with;
+opted-out experts appear in ``excluded`` and never in ``experts``). A dense
+model has no experts: its record is ``{"dense": true, "experts": {}, "counts": {}, ...}``.
+Every record is plain JSON (str keys, float / int values).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexmoe_jax import model
+from flexmoe_jax.config import ModelConfig
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """One token per row of ``logits`` [B, V]: temperature + nucleus (top-p) sampling."""
+    logits = logits.astype(jnp.float32) / temperature
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+    keep = before < top_p  # always true for the first (most likely) token
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _pick(logits, key, temperature, top_p, greedy: bool):
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sample_logits(logits, key, temperature, top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "keep", "max_new_tokens", "greedy", "use_cache"))
+def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature, top_p, eos_id, *,
+                  keep, max_new_tokens: int, greedy: bool, use_cache: bool):
+    """tokens [B, P] left-padded, lengths [B] -> (out [B, N], n_generated [B], gate_sum [B, E], counts [B, E])."""
+    if keep is not None:
+        params = model._take_experts(params, keep)
+    b, p = tokens.shape
+    n = max_new_tokens
+    m = p + n - 1  # slots ever fed to the model: the prompt and every generated token but the last
+    e = config.num_experts
+    slots = jnp.arange(m, dtype=jnp.int32)
+    pad = (p - lengths)[:, None]
+    seg_all = (slots[None] >= pad).astype(jnp.int32)
+    pos_all = jnp.maximum(slots[None] - pad, 0)
+
+    def gates_of(aux, at):  # routing of the position(s) that produced a token -> [B, E] summed over layers
+        if not e:
+            return jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0), jnp.int32)
+        g = jax.lax.dynamic_index_in_dim(aux["gates"], at, axis=2, keepdims=False).astype(jnp.float32)
+        return jnp.sum(g, axis=0), jnp.sum(g > 0, axis=0).astype(jnp.int32)
+
+    if use_cache:
+        cache = model.init_cache(config, b, m)
+        logits, aux, cache = model.decode_apply(config, params, cache, tokens, pos_all[:, :p], seg_all[:, :p])
+        state = cache
+    else:
+        buf = jnp.zeros((b, m), jnp.int32).at[:, :p].set(tokens)
+        logits, aux = model.apply(config, params, buf, pos_all, seg_all)
+        state = buf
+    last = logits[:, p - 1]
+    g0, c0 = gates_of(aux, p - 1)
+    tok0 = _pick(last, jax.random.fold_in(key, 0), temperature, top_p, greedy)
+    out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok0)
+    carry = (jnp.int32(1), state, tok0, out, tok0 == eos_id, g0, c0, jnp.ones((b,), jnp.int32))
+
+    def cond(c):
+        t, _, _, _, done, *_ = c
+        return (t < n) & ~jnp.all(done)
+
+    def body(c):
+        t, state, prev, out, done, gsum, cnt, ngen = c
+        slot = p + t - 1  # where the previous token goes
+        if use_cache:
+            pos = jax.lax.dynamic_slice_in_dim(pos_all, slot, 1, axis=1)
+            logits, aux, state = model.decode_apply(config, params, state, prev[:, None], pos,
+                                                    jnp.ones((b, 1), jnp.int32))
+            logits, at = logits[:, 0], 0
+        else:
+            state = jax.lax.dynamic_update_slice_in_dim(state, prev[:, None], slot, axis=1)
+            logits, aux = model.apply(config, params, state, pos_all, seg_all)
+            logits, at = jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False), slot
+        g, gc = gates_of(aux, at)
+        tok = _pick(logits, jax.random.fold_in(key, t), temperature, top_p, greedy)
+        live = ~done
+        tok = jnp.where(live, tok, 0)
+        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)
+        gsum = gsum + jnp.where(live[:, None], g, 0.0)
+        cnt = cnt + jnp.where(live[:, None], gc, 0)
+        return (t + 1, state, tok, out, done | (live & (tok == eos_id)), gsum, cnt, ngen + live)
+
+    _, _, _, out, _, gsum, cnt, ngen = jax.lax.while_loop(cond, body, carry)
+    return out, ngen, gsum, cnt
+
+
+def _check_prompts(config: ModelConfig, prompts: Any) -> list[np.ndarray]:
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        raise ValueError(f"prompts must be a list of token-id lists (use generate_text for strings), got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given: pass at least one list of token ids")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise ValueError(f"prompt {i} is a string; generate takes token ids (use generate_text for strings)")
+        arr = np.asarray(p)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"prompt {i} must be a 1-D list of integer token ids, got shape {arr.shape} dtype {arr.dtype}")
+        if arr.size == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        if arr.min() < 0 or arr.max() >= config.vocab_size:
+            raise ValueError(f"prompt {i} has token ids in [{arr.min()}, {arr.max()}], outside this model's "
+                             f"vocab [0, {config.vocab_size}); was it encoded with another tokenizer?")
+        out.append(arr.astype(np.int32))
+    return out
+
+
+def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             active_experts: Sequence[str | int] | None = None, top_k: int | None = None,
+             eos_id: int | None = 1, use_cache: bool = True) -> list[dict]:
+    """Continue each token prompt; one ``{"tokens": [...], "attribution": {...}}`` per prompt.
+
+    ``tokens`` are the generated ids, ending with ``eos_id`` if the row produced
+    it (nothing after it); at most ``max_new_tokens``. ``eos_id=None`` never
+    stops early. ``active_experts`` / ``top_k`` opt experts out exactly as
+    :func:`model.forward` does. See the module docstring for sampling and the
+    attribution record.
+    """
+    rows = _check_prompts(config, prompts)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens > config.max_seq_len:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                         f"{longest + max_new_tokens} exceeds the model's max_seq_len={config.max_seq_len}; "
+                         "shorten the prompt or ask for fewer tokens")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    model.check_params(config, params)
+    run_config, keep = model._run_config(config, active_experts, top_k)
+
+    tokens = np.zeros((len(rows), longest), np.int32)  # left padding (pad id 0, segment 0)
+    for i, r in enumerate(rows):
+        tokens[i, longest - len(r):] = r
+    lengths = np.array([len(r) for r in rows], np.int32)
+    out, ngen, gsum, cnt = _generate_jit(
+        run_config, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
+        jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p),
+        jnp.int32(-1 if eos_id is None else eos_id),
+        keep=keep, max_new_tokens=int(max_new_tokens), greedy=temperature == 0, use_cache=use_cache)
+    out, ngen, gsum, cnt = (np.asarray(a) for a in jax.device_get((out, ngen, gsum, cnt)))
+    excluded = [] if keep is None else [config.names[i] for i in range(config.num_experts) if i not in keep]
+    return [{"tokens": [int(x) for x in out[i, :ngen[i]]],
+             "attribution": _attribution(run_config, gsum[i], cnt[i], int(ngen[i]), excluded)}
+            for i in range(len(rows))]
+
+
+def _attribution(config: ModelConfig, gate_sum: np.ndarray, counts: np.ndarray, n_tokens: int,
+                 excluded: list[str]) -> dict:
+    if not config.is_moe:
+        return {"dense": True, "experts": {}, "counts": {}, "tokens": n_tokens, "layers": config.n_layers}
+    total = float(np.sum(gate_sum, dtype=np.float64))
+    shares = gate_sum.astype(np.float64) / total if total > 0 else np.full(len(gate_sum), 1.0 / len(gate_sum))
+    return {"dense": False,
+            "experts": {name: float(s) for name, s in zip(config.names, shares)},
+            "counts": {name: int(c) for name, c in zip(config.names, counts)},
+            "tokens": n_tokens, "layers": config.n_layers, "top_k": config.top_k, "excluded": excluded}
+
+
+def generate_text(config: ModelConfig, params: model.Params, prompts: Sequence[str], vocab, **kwargs) -> list[dict]:
+    """Strings in, strings out: ``[{"prompt", "completion", "tokens", "attribution"}]`` per prompt.
+
+    ``vocab`` is a seqio vocabulary (``flexmoe_jax.data.vocabulary(data_dir)``)
+    or the plain SentencePiece processor of the same model
+    (``flexmoe_jax.data.sentencepiece(data_dir)``, no TensorFlow import): both give
+    the same ids. Its eos id stops generation unless ``eos_id`` is passed.
+    ``completion`` is the decoded text of the generated tokens without the eos;
+    ``kwargs`` go to :func:`generate`.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    encoded = []
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise ValueError(f"prompt {i} must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"prompt {i} is empty: give some text to continue")
+        ids = [int(x) for x in vocab.encode(text)]
+        if not ids:
+            raise ValueError(f"prompt {i} ({text!r}) encodes to no tokens")
+        encoded.append(ids)
+    kwargs.setdefault("eos_id", vocab.eos_id() if callable(vocab.eos_id) else vocab.eos_id)
+    eos = kwargs["eos_id"]
+    results = generate(config, params, encoded, **kwargs)
+    out = []
+    for text, r in zip(prompts, results):
+        ids = r["tokens"][:-1] if eos is not None and r["tokens"] and r["tokens"][-1] == eos else r["tokens"]
+        out.append({"prompt": text, "completion": vocab.decode(ids), "tokens": r["tokens"],
+                    "attribution": r["attribution"]})
+    return out
