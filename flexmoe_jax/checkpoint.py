@@ -7,6 +7,7 @@ A checkpoint is one directory::
       config.json               ModelConfig.to_json(): the shapes the arrays must have
       metadata.json             optional free-form JSON from the caller (provenance, step, ...)
       params/                   an Orbax PyTree checkpoint (OCDBT + tensorstore)
+      checksums.json            optional: sha256 of every stored array (see below)
 
 Why this shape:
 
@@ -24,6 +25,15 @@ Why this shape:
   lands between the two renames. A crash at any point therefore leaves the old
   or the new checkpoint complete and loadable, never a mix.
 
+- Checkpoints that travel between organizations (an owner's expert deliverable,
+  kind ``"expert"``) record a sha256 of every array in ``checksums.json``, and
+  loading verifies it: tensorstore notices a missing or cut file but not a flipped
+  byte, and a merge must not fold a damaged expert into a model silently. Model
+  checkpoints skip it by default (hashing a 7B model on save costs tens of
+  seconds; ``save(..., checksums=True)`` opts in). A merged model (kind
+  ``"merged"``, see :mod:`flexmoe_jax.merge`) keeps its checksums in its manifest;
+  :func:`load` reads it through ``merge.load``.
+
 Only local (POSIX) paths are supported: the atomic rename needs a real filesystem.
 Orbax and jax are imported inside the functions so ``import flexmoe_jax.checkpoint``
 stays cheap (``flexmoe info`` only reads JSON).
@@ -31,14 +41,16 @@ stays cheap (``flexmoe info`` only reads JSON).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from flexmoe_jax.config import ModelConfig
 
@@ -53,12 +65,84 @@ MARKER_NAME = "flexmoe_checkpoint.json"
 CONFIG_NAME = "config.json"
 METADATA_NAME = "metadata.json"
 PARAMS_DIR = "params"
+CHECKSUMS_NAME = "checksums.json"
+MERGED_KIND = "merged"  # written by flexmoe_jax.merge: shared params/ plus one Orbax dir per expert
 _TMP_SUFFIX = ".flexmoe-tmp"
 _OLD_SUFFIX = ".flexmoe-old"
 
 
 class CheckpointError(ValueError):
     """A directory that is not a complete flexmoe checkpoint, or one whose parts disagree."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, quota, size limit, permissions...).
+
+    Raised only after the partial write was removed: whatever was at the path
+    before (an older checkpoint, or nothing) is still there, intact. ``errno``
+    is the operating system's error code when one is known.
+    """
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def io_error(e: BaseException) -> tuple[int | None, str] | None:
+    """``(errno, reason)`` when ``e`` (or what caused it) is a failed filesystem operation, else None.
+
+    Python raises ``OSError``; tensorstore (under Orbax) raises ``ValueError`` with
+    a status text ending in ``[os_error_code='28']``, so both are recognized.
+    """
+    import re
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            return e.errno, e.strerror or str(e)
+        m = re.search(r"os_error_code='?(\d+)", str(e))
+        if m:
+            code = int(m.group(1))
+            return code, os.strerror(code)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _write_failure(e: BaseException, tmp: Path) -> tuple[int | None, str] | None:
+    """``io_error(e)`` if ``e`` is a failure to write under ``tmp`` (not, say, an input that cannot be read)."""
+    if not isinstance(e, Exception) or isinstance(e, CheckpointError):
+        return None
+    io = io_error(e)
+    if io is None:
+        return None
+    if io[0] in _DISK_FULL + (errno.EFBIG, errno.EROFS) or str(tmp) in str(e):
+        return io
+    return None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def io_fix(code: int | None, where: str | os.PathLike) -> str:
+    """What the user should do about a failed write under ``where`` (a sentence fragment)."""
+    where = os.fspath(where)
+    if code in _DISK_FULL:
+        try:
+            free = f" ({_human_bytes(shutil.disk_usage(where).free)} free now)"
+        except OSError:
+            free = ""
+        return f"free space on the filesystem of {where}{free}"
+    if code == errno.EFBIG:
+        return (f"a file under {where} hit the file-size limit (`ulimit -f`) or the filesystem's largest "
+                "file; raise the limit or use another filesystem")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {where} writable or use another directory"
+    return f"fix the problem with {where}"
 
 
 # ----------------------------------------------------------------------------
@@ -183,7 +267,7 @@ def _barrier(name: str) -> None:
 # ----------------------------------------------------------------------------
 
 def save(path: str | os.PathLike, config: ModelConfig, params: Any, *,
-         metadata: dict[str, Any] | None = None) -> Path:
+         metadata: dict[str, Any] | None = None, checksums: bool = False) -> Path:
     """Write ``params`` (sharded ``jax.Array``s or host numpy arrays) and ``config`` to ``path``.
 
     Atomic: everything goes into a hidden sibling directory first and appears at
@@ -191,6 +275,7 @@ def save(path: str | os.PathLike, config: ModelConfig, params: Any, *,
     one is complete. Refuses to replace anything that is not a flexmoe checkpoint
     (an empty directory is fine). In a multi-host job every process must call
     this with the same arguments (Orbax writes each process's shards).
+    ``checksums=True`` also records a sha256 of every array, verified by :func:`load`.
     Returns the absolute path.
     """
     from flexmoe_jax import model as model_lib
@@ -210,14 +295,46 @@ def save(path: str | os.PathLike, config: ModelConfig, params: Any, *,
     files = {CONFIG_NAME: config.to_json()}
     if meta_text is not None:
         files[METADATA_NAME] = meta_text
-    return save_tree(path, params, files)
+    return save_tree(path, params, files, checksums=checksums)
 
 
-def save_tree(path: str | os.PathLike, tree: Any, files: dict[str, Any], kind: str = "model") -> Path:
+def save_tree(path: str | os.PathLike, tree: Any, files: dict[str, Any], kind: str = "model",
+              checksums: bool | None = None) -> Path:
     """Atomically write any array tree plus JSON files (name -> str or JSON-able) at ``path``.
 
     The machinery behind :func:`save`; ``kind`` is recorded in the marker so a
     directory of another kind (say an expert deliverable) is never mistaken for a model.
+    ``checksums`` records a sha256 of every array (verified on load); by default
+    only for kinds other than ``"model"``, i.e. the small checkpoints that are
+    handed between organizations.
+    """
+    if checksums is None:
+        checksums = kind != "model"
+    sums = array_checksums(tree) if checksums else None  # every process: gathering may be collective
+    with writing(path, kind) as tmp:
+        write_arrays(tmp / PARAMS_DIR, tree)
+        if _is_primary():
+            for name, content in files.items():
+                _write_json(tmp / name, content)
+            if sums is not None:
+                _write_json(tmp / CHECKSUMS_NAME, {"algorithm": "sha256", "arrays": sums})
+    return _abs(path)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, kind: str = "model") -> Iterator[Path]:
+    """Build a flexmoe directory atomically: yields a hidden temporary directory to fill.
+
+    When the ``with`` block ends normally the marker (format, version, ``kind``) is
+    written, everything is fsynced and the directory appears at ``path`` in one
+    rename (replacing an older flexmoe directory there only then). If the block
+    raises, the temporary directory is removed and whatever was at ``path`` before
+    is left as it was, so a failed write never leaves a partial directory behind;
+    a write the filesystem refused (disk full, quota, size limit, permissions) is
+    re-raised as :class:`CheckpointWriteError`, saying what was kept and what to do.
+    Refuses to replace anything that is not a flexmoe directory (an empty one is
+    fine). In a multi-host job every process enters it; only process 0 touches
+    the filesystem outside Orbax.
     """
     path = _abs(path)
     if path.name in ("", ".", ".."):
@@ -234,27 +351,160 @@ def save_tree(path: str | os.PathLike, tree: Any, files: dict[str, Any], kind: s
         raise FileExistsError(f"refusing to overwrite {path}: it is not a flexmoe checkpoint "
                               f"(no {MARKER_NAME}); choose another path or remove it yourself")
 
-    import orbax.checkpoint as ocp
-
     tmp = _tmp_path(path)
     try:
-        # Synchronous: returns only after every array is on disk and Orbax has committed.
-        ocp.PyTreeCheckpointer().save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(tree))
         if primary:
-            for name, content in files.items():
-                _write_json(tmp / name, content)
+            tmp.mkdir()
+        _barrier("created")
+        yield tmp
+        if primary:
             _write_json(tmp / MARKER_NAME, {"format": FORMAT, "version": VERSION, "kind": kind})
             _fsync_tree(tmp)
             _swap_into_place(tmp, path)
-    except BaseException:
+    except BaseException as failure:
         if primary:  # leave the old checkpoint (or nothing) at path, and no temporaries
             try:
                 _recover_interrupted(path)
             except OSError as e:
                 log.warning("could not clean up after the failed save to %s: %s", path, e)
-        raise
+        io = _write_failure(failure, tmp)
+        if io is None:
+            raise
+        # Disk full, quota, size limit, permissions: say where, what is left, and what to do.
+        code, reason = io
+        before = (f"the previous checkpoint at {path} is unchanged" if _is_ours(path)
+                  else f"nothing was written at {path}")
+        err = CheckpointWriteError(f"cannot write the checkpoint {path}: {reason}; the partial write was "
+                                   f"removed and {before}. To fix: {io_fix(code, path.parent)}, then rerun "
+                                   "the same command")
+        err.errno = code
+        raise err from failure
     _barrier("published")
-    return path
+
+
+def write_arrays(directory: str | os.PathLike, tree: Any) -> None:
+    """One Orbax PyTree checkpoint of ``tree`` (jax or numpy arrays) at ``directory``; returns when on disk."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    leaves = jax.tree.leaves(tree)
+    if leaves and all(type(x) is np.ndarray for x in leaves):
+        # Orbax deep-copies host numpy arrays before writing them, to protect an *async* save from
+        # the caller changing them meanwhile. This save is synchronous, so the copy would only double
+        # the host memory and add a full memcpy (for a merge: the whole output once more).
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused here; Orbax warns without one
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    else:
+        checkpointer = ocp.PyTreeCheckpointer()
+    # Synchronous: returns only after every array is on disk and Orbax has committed.
+    checkpointer.save(Path(directory), args=ocp.args.PyTreeSave(tree))
+
+
+def read_arrays(directory: str | os.PathLike, what: str | None = None) -> Any:
+    """Every array of the Orbax PyTree checkpoint at ``directory``, as host numpy arrays.
+
+    No device copy: for tools that only move and check bytes (merging, hashing).
+    A missing directory or unreadable data (a cut or deleted file) is a
+    :class:`CheckpointError` naming ``what`` (default: the directory).
+    """
+    import orbax.checkpoint as ocp
+    import numpy as np
+
+    directory = Path(directory)
+    what = what or str(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{what}: the array directory {directory} is missing; the checkpoint is "
+                              "incomplete (re-copy or rebuild it)")
+    try:
+        stored = ocp.PyTreeCheckpointer().metadata(directory).item_metadata.tree
+        import jax
+
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
+        return ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(restore_args=args))
+    except Exception as e:  # noqa: BLE001 - tensorstore/Orbax raise many kinds; what matters is which files
+        raise CheckpointError(f"{what}: cannot read the arrays in {directory} (files missing, cut short or "
+                              f"damaged; re-copy them from the source): {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}") from e
+
+
+# ----------------------------------------------------------------------------
+# Checksums
+# ----------------------------------------------------------------------------
+
+def _host(x: Any) -> Any:
+    """A C-contiguous host numpy copy (or view) of an array; gathers a multi-host jax.Array."""
+    import numpy as np
+
+    if hasattr(x, "is_fully_addressable") and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.ascontiguousarray(np.asarray(x))
+
+
+def array_sha256(x: Any) -> str:
+    """sha256 of an array's raw bytes (C order); dtype and shape are recorded beside it."""
+    arr = _host(x)
+    return hashlib.sha256(arr.reshape(-1).view("uint8")).hexdigest()
+
+
+def array_checksum(x: Any) -> dict[str, Any]:
+    arr = _host(x)
+    return {"sha256": array_sha256(arr), "dtype": str(arr.dtype), "shape": list(arr.shape)}
+
+
+def array_checksums(tree: Any) -> dict[str, dict[str, Any]]:
+    """``{"a/b/c": {"sha256", "dtype", "shape"}}`` for every array of a nested dict.
+
+    Hashed on a thread pool: hashlib releases the GIL on large buffers, so the
+    arrays hash in parallel on every core.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flax import traverse_util
+
+    flat = {k: _host(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+    with ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 1)) as pool:
+        futures = {k: pool.submit(array_checksum, v) for k, v in flat.items()}
+        return {k: f.result() for k, f in sorted(futures.items())}
+
+
+def check_checksums(sums: dict[str, dict[str, Any]], recorded: dict[str, dict[str, Any]], what: str) -> None:
+    """Compare :func:`array_checksums` of what was read with the recorded ones.
+
+    Raises a :class:`CheckpointError` naming the first array that is missing,
+    extra, or whose dtype, shape or bytes differ.
+    """
+    missing = sorted(set(recorded) - set(sums))
+    extra = sorted(set(sums) - set(recorded))
+    if missing or extra:
+        raise CheckpointError(f"{what}: the stored arrays do not match the recorded checksums "
+                              f"(missing {missing[:4]}, unexpected {extra[:4]}); the checkpoint was changed "
+                              "after it was written: re-copy it from its source")
+    for k in sorted(recorded):
+        want, have = recorded[k], sums[k]
+        if [want.get("dtype"), list(want.get("shape", []))] != [have["dtype"], have["shape"]]:
+            raise CheckpointError(f"{what}: array {k} is {have['dtype']}{have['shape']} but was written as "
+                                  f"{want.get('dtype')}{want.get('shape')}; re-copy the checkpoint from its source")
+        if want.get("sha256") != have["sha256"]:
+            raise CheckpointError(f"{what}: array {k} is damaged or was modified after it was written "
+                                  f"(sha256 {have['sha256'][:16]}... != recorded {str(want.get('sha256'))[:16]}...); "
+                                  "re-copy the checkpoint from its source")
+
+
+def recorded_checksums(path: str | os.PathLike) -> dict[str, dict[str, Any]] | None:
+    """The checksums recorded with a :func:`save_tree` directory, or None if it has none."""
+    f = _checkpoint_dir(path) / CHECKSUMS_NAME
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+        return dict(data["arrays"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f} is not a valid checksum file ({e}); the checkpoint is damaged") from None
 
 
 # ----------------------------------------------------------------------------
@@ -318,17 +568,29 @@ def kind(path: str | os.PathLike) -> str:
     return marker.get("kind", "model")
 
 
-def load_tree(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
-    """(JSON files by name, array tree) of anything :func:`save_tree` wrote, on the first local device."""
+def load_tree(path: str | os.PathLike, *, verify: bool = True, as_numpy: bool = False) -> tuple[dict[str, Any], Any]:
+    """(JSON files by name, array tree) of anything :func:`save_tree` wrote.
+
+    Arrays land on the first local device, or stay host numpy arrays with
+    ``as_numpy=True``. With ``verify`` (default) arrays are checked against the
+    recorded checksums when the directory has them (expert deliverables do).
+    """
     import jax
 
     d = _checkpoint_dir(path)
-    stored = _stored_arrays(d)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
-                                                         sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
-                          stored)
-    files = {f.name: json.loads(f.read_text()) for f in sorted(d.glob("*.json")) if f.name != MARKER_NAME}
-    return files, _restore(d, target)
+    recorded = recorded_checksums(d) if verify else None
+    if as_numpy:
+        tree = read_arrays(d / PARAMS_DIR, what=str(d))
+    else:
+        stored = _stored_arrays(d)
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), stored)
+        tree = _restore(d, target)
+    if recorded is not None:
+        check_checksums(array_checksums(tree), recorded, str(d))
+    files = {f.name: json.loads(f.read_text()) for f in sorted(d.glob("*.json"))
+             if f.name not in (MARKER_NAME, CHECKSUMS_NAME)}
+    return files, tree
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
@@ -402,6 +664,9 @@ def _checked(path: str | os.PathLike) -> tuple[Path, ModelConfig, Any]:
     from flexmoe_jax import model as model_lib
 
     d = _checkpoint_dir(path)
+    if kind(d) == MERGED_KIND:
+        raise CheckpointError(f"{d} is a merged model (one array directory per expert); read it with "
+                              "checkpoint.load or flexmoe_jax.merge.load (which can also leave experts out)")
     if kind(d) != "model":
         raise CheckpointError(f"{d} holds a {kind(d)!r}, not a full model: an expert deliverable has only the "
                               "tensors its owner trained; merge it with its anchor, or read it with "
@@ -417,19 +682,30 @@ def _checked(path: str | os.PathLike) -> tuple[Path, ModelConfig, Any]:
 
 
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, shardings: Any = None,
-         dtype: Any = None) -> tuple[ModelConfig, Any]:
-    """Read a checkpoint written by :func:`save`: ``(config, params)``.
+         dtype: Any = None, verify: bool = True) -> tuple[ModelConfig, Any]:
+    """Read a checkpoint written by :func:`save` (or a merged model): ``(config, params)``.
 
     Arrays are restored directly into their final layout: with ``mesh``, the
     model's own parameter shardings on it (``model.param_shardings``); with
     ``shardings``, that tree (or one Sharding for every array); otherwise the
     first local device. ``dtype`` casts every array on restore (the returned
     config's ``param_dtype`` follows); by default each keeps its stored dtype,
-    so a round trip is bit-identical.
+    so a round trip is bit-identical. With ``verify``, arrays are checked against
+    recorded checksums where the checkpoint has them (``save(checksums=True)``,
+    merged models). A merged model loads with every expert; to leave some out
+    without reading them use ``flexmoe_jax.merge.load``.
     """
     from flexmoe_jax import model as model_lib
 
+    if kind(path) == MERGED_KIND:
+        from flexmoe_jax import merge
+
+        return merge.load(path, mesh=mesh, shardings=shardings, dtype=dtype, verify=verify)
     d, config, stored = _checked(path)
+    recorded = recorded_checksums(d) if verify else None
+    if recorded is not None:
+        # Verify the stored bytes (before any dtype cast), then restore into the wanted layout.
+        check_checksums(array_checksums(read_arrays(d / PARAMS_DIR, what=str(d))), recorded, str(d))
     config, target = _targets(config, stored, mesh, shardings, dtype)
     params = _restore(d, target)
     model_lib.check_params(config, params, what=f"params restored from {d}")

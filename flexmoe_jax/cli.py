@@ -40,6 +40,127 @@ def _cmd_info(args) -> None:
     if config.is_moe:
         print(f"experts (slot order): {list(config.names)}; top_k={config.top_k}")
     print(f"parameters: {config.num_params():,}")
+    if checkpoint.kind(args.ckpt) == checkpoint.MERGED_KIND:
+        from flexmoe_jax import merge
+
+        m = merge.read_manifest(args.ckpt)
+        print(f"merged model: anchor {m['anchor'].get('path')} (fingerprint {m['anchor']['fingerprint'][:12]}), "
+              f"bias {m['bias']}, public router {m['public_router']}")
+        for e in m["experts"][1:]:
+            man = e.get("manifest", {})
+            extras = ", ".join(f"{k} {man[k]}" for k in ("task", "steps", "tokens", "license") if man.get(k))
+            print(f"  slot {e['slot']} {e['name']}: {e['kind']} {e['source']}" + (f" ({extras})" if extras else ""))
+
+
+def _cmd_merge(args) -> None:
+    from flexmoe_jax import checkpoint, merge
+
+    out = merge.merge(args.anchor, args.expert, args.out, top_k=args.top_k, names=args.names,
+                      keep_bias=not args.drop_bias, public_router=args.public_router, progress=True)
+    cfg = checkpoint.load_config(out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"merged experts [{', '.join(cfg.names)}], top-{cfg.top_k}, bias {merge.read_manifest(out)['bias']} "
+          f"({cfg.num_params():,} params, {size / 1e6:.1f} MB) -> {out}")
+
+
+def _format_attribution(a: dict) -> str:
+    if a["dense"]:
+        return f"dense model (no experts); {a['tokens']} tokens"
+    shares = ", ".join(f"{name} {share:.1%} ({a['counts'][name]} picks)"
+                       for name, share in sorted(a["experts"].items(), key=lambda kv: -kv[1]))
+    out = f"{shares}; {a['tokens']} tokens x {a['layers']} layers, top-{a['top_k']}"
+    return out + (f"; opted out: {', '.join(a['excluded'])}" if a["excluded"] else "")
+
+
+def _cmd_generate(args) -> None:
+    import json
+
+    from flexmoe_jax import checkpoint, data, generate, merge
+
+    if any(not p.strip() for p in args.prompt):
+        raise CommandError("--prompt is empty: give some text to continue")
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.include is not None and args.exclude is not None:
+        raise CommandError("give --include or --exclude, not both")
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent):
+            raise CommandError(f"cannot write --json {args.json}: directory {parent} does not exist")
+    full = checkpoint.load_config(args.ckpt)
+    if full.max_seq_len < args.max_new_tokens + 1:
+        raise CommandError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt: the model's "
+                           f"max_seq_len is {full.max_seq_len}")
+    # The plain SentencePiece processor, not the seqio wrapper: same ids, and no TensorFlow import.
+    vocab = data.sentencepiece(args.data_dir)
+    if vocab.get_piece_size() > full.vocab_size:
+        raise CommandError(f"the tokenizer in {args.data_dir} has {vocab.get_piece_size()} pieces but the model's "
+                           f"vocab is {full.vocab_size}: use the data directory the model was trained with")
+
+    def slots(names):  # "2" names slot 2 unless an expert is literally called "2"
+        return None if names is None else [int(n) if n.isdigit() and n not in full.names else n for n in names]
+
+    # merge.load reads only the kept experts of a merged checkpoint (excluded ones are never opened).
+    config, params = merge.load(args.ckpt, include=slots(args.include), exclude=slots(args.exclude),
+                                top_k=args.top_k)
+    excluded = [n for n in full.names if n not in config.names] if full.is_moe else []
+    print(f"generating up to {args.max_new_tokens} tokens for {len(args.prompt)} prompt(s) "
+          f"(compiling first; {'greedy' if args.temperature == 0 else f'temperature {args.temperature}, top_p {args.top_p}'})",
+          file=sys.stderr)
+    results = generate.generate_text(config, params, args.prompt, vocab, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    for i, r in enumerate(results):
+        if config.is_moe:
+            r["attribution"]["excluded"] = excluded
+        print(f"=== [{i}] {r['prompt']}")
+        print(r["completion"])
+        print(f"--- experts: {_format_attribution(r['attribution'])}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+def _cmd_tune_router(args) -> None:
+    from flexmoe_jax import router_tune
+
+    result = router_tune.tune(args.ckpt, args.out, args.data_dir, gin_files=args.gin_file, gin_params=args.gin_param,
+                              top_k=args.top_k, per_expert=args.per_expert, public=args.public, pool=args.pool,
+                              include=args.include, exclude=args.exclude, progress=True)
+    m, proxy = result["metrics"], result["proxy"]
+    print(f"router tuned on {proxy['total_docs']} proxy documents ({proxy['task']}); final loss "
+          f"{m.get('loss', float('nan')):.4f}; model -> {result['model']}")
+
+
+def _cmd_calibrate(args) -> None:
+    import json
+
+    from flexmoe_jax import checkpoint, data, merge, router_tune
+
+    config, params = merge.load(args.ckpt, include=args.include, exclude=args.exclude)
+    data.register_tasks(args.data_dir)
+    batches = data.batches(data.PUBLIC_MIXTURE, "train", args.batch_size, args.seq_len, args.data_dir, seed=args.seed)
+    config, params, report = router_tune.calibrate_bias(config, params, batches, num_batches=args.batches)
+    checkpoint.save(args.out, config, params, metadata={"calibrated_from": os.path.abspath(args.ckpt),
+                                                         "calibration": report})
+    worst = max(max(row[1:]) for row in report["margin_before"])
+    print(f"calibrated {list(config.names)} on {args.batches} public batches (largest margin over public "
+          f"{worst:+.3f} -> {max(max(r[1:]) for r in report['margin_after']):+.3f}); model -> {args.out}")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def _cmd_eval(args) -> None:
+    from flexmoe_jax import eval as eval_lib
+
+    eval_lib.main_eval(args.ckpt, args.data_dir, names=args.name, include=args.include, exclude=args.exclude,
+                       top_k=args.top_k, tasks=args.tasks, split=args.split, seq_len=args.seq_len,
+                       batch_size=args.batch_size, mc_items_per_domain=args.mc_items, json_out=args.json,
+                       table_out=args.table, plot_out=args.plot)
 
 
 def _train_from_gin(files, bindings, workdir) -> None:
@@ -108,6 +229,74 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
     x.set_defaults(fn=_cmd_train_expert)
 
+    m = sub.add_parser("merge", help="merge independently trained experts and their public anchor into one MoE",
+                       description="Every shared tensor and expert slot 0 (public) come from the anchor; each "
+                                   "expert's slot, router row and bias are stacked after it in the order given. "
+                                   "Every input is checked (anchor fingerprint, architecture, frozen tensors, "
+                                   "names, shapes, checksums); OUT appears, complete, only if every check "
+                                   "passed.")
+    m.add_argument("--anchor", required=True, help="the dense public model checkpoint the experts were trained against")
+    m.add_argument("--expert", action="extend", nargs="+", required=True, metavar="DIR",
+                   help="an expert, in slot order (repeatable, or several after one flag): its deliverable "
+                        "WORKDIR/expert, its run directory WORKDIR, or its full model WORKDIR/model")
+    m.add_argument("--out", required=True, help="output directory of the merged model (written atomically)")
+    m.add_argument("--top_k", type=int, default=None,
+                   help="experts per token (default: 2, public plus one, as every expert was trained)")
+    m.add_argument("--drop_bias", action="store_true",
+                   help="drop the experts' learned router biases, as the reference merge does (default: keep "
+                        "them, so public + one expert computes exactly that owner's model)")
+    m.add_argument("--names", nargs="+", default=None, metavar="NAME",
+                   help="rename the experts, one name per --expert in the same order (default: their own names)")
+    m.add_argument("--public_router", default=None, metavar="CKPT|zeros",
+                   help="where the public router row comes from when no input carries it (bare deliverables): "
+                        "any owner's run directory or 2-expert model, a merged model, or 'zeros' "
+                        "(default: from the inputs' run directories / full models)")
+    m.set_defaults(fn=_cmd_merge)
+
+    r = sub.add_parser("tune-router", help="optional router tuning of a merged model on public proxy data")
+    r.add_argument("--ckpt", required=True, help="the merged model (flexmoe merge output) or any MoE checkpoint")
+    r.add_argument("--out", required=True, help="run directory; the tuned model lands in OUT/model (resumable)")
+    r.add_argument("--data_dir", default="flexmoe_data", help="FlexMix-mini data directory (public data only is read)")
+    r.add_argument("--top_k", type=int, default=None, help="top-k while tuning and after (default: the checkpoint's)")
+    r.add_argument("--per_expert", type=int, default=256, help="public documents chosen per expert (default %(default)s)")
+    r.add_argument("--public", type=int, default=512, help="extra random public documents (default %(default)s)")
+    r.add_argument("--pool", type=int, default=4096, help="public documents scored to choose from (default %(default)s)")
+    r.add_argument("--include", nargs="+", default=None, metavar="NAME", help="keep only these experts")
+    r.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="drop these experts")
+    r.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
+    r.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
+    r.set_defaults(fn=_cmd_tune_router)
+
+    c = sub.add_parser("calibrate", help="public-data bias calibration of a merged model's router (no training)")
+    c.add_argument("--ckpt", required=True, help="the merged model")
+    c.add_argument("--out", required=True, help="output checkpoint (written atomically)")
+    c.add_argument("--data_dir", default="flexmoe_data", help="FlexMix-mini data directory (public data only is read)")
+    c.add_argument("--batches", type=int, default=8, help="public batches measured (default %(default)s)")
+    c.add_argument("--batch_size", type=int, default=8)
+    c.add_argument("--seq_len", type=int, default=128)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--include", nargs="+", default=None, metavar="NAME", help="keep only these experts")
+    c.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="drop these experts")
+    c.add_argument("--report", default=None, help="write the margins before/after and the biases as JSON")
+    c.set_defaults(fn=_cmd_calibrate)
+
+    v = sub.add_parser("eval", help="per-domain perplexity / bits per byte and multiple choice; JSON + table")
+    v.add_argument("--ckpt", required=True, nargs="+", help="checkpoint(s): model, merged model or run directory")
+    v.add_argument("--name", nargs="+", default=None, help="a result name per checkpoint (default: from the path)")
+    v.add_argument("--data_dir", default="flexmoe_data", help="FlexMix-mini data directory")
+    v.add_argument("--tasks", nargs="+", default=None, help="domains or task names (default: every closed domain + public)")
+    v.add_argument("--split", default="test", help="held-out split (default %(default)s)")
+    v.add_argument("--include", nargs="+", default=None, metavar="NAME", help="keep only these experts")
+    v.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="drop these experts (opt-out)")
+    v.add_argument("--top_k", type=int, default=None, help="override top-k")
+    v.add_argument("--seq_len", type=int, default=None, help="scoring window (default: 128, capped at max_seq_len)")
+    v.add_argument("--batch_size", type=int, default=16)
+    v.add_argument("--mc_items", type=int, default=100, help="multiple-choice items per domain (default %(default)s)")
+    v.add_argument("--json", default=None, help="write/update results JSON here")
+    v.add_argument("--table", default=None, help="write the markdown table here")
+    v.add_argument("--plot", default=None, help="write a PNG of per-domain bits per byte here")
+    v.set_defaults(fn=_cmd_eval)
+
     i = sub.add_parser("import-hf", help="HF FlexOlmoForCausalLM / Olmo2ForCausalLM directory -> Orbax checkpoint")
     i.add_argument("src", help="directory with config.json and model.safetensors (or a sharded index)")
     i.add_argument("out", help="output checkpoint directory (written atomically)")
@@ -120,6 +309,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max_shard_size", default=None,
                    help='split weights into shards of at most this size, e.g. "5GB" (default: one file)')
     e.set_defaults(fn=_cmd_export_hf)
+
+    g = sub.add_parser("generate", help="text generation with per-expert attribution",
+                       description="Continue each --prompt with the model (KV-cache decoding, one compiled "
+                                   "loop) and print, per prompt, the completion and each active expert's share "
+                                   "of the routing weight over the generated tokens. Excluded experts are never "
+                                   "read from disk for a merged model.")
+    g.add_argument("--ckpt", required=True, help="model checkpoint: merged FlexOlmo, expert model, or dense anchor")
+    g.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="text to continue (repeatable: prompts run as one batch)")
+    g.add_argument("--data_dir", default="flexmoe_data",
+                   help="data directory holding the anchor's tokenizer (tokenizer/spm.model; default: %(default)s)")
+    g.add_argument("--max_new_tokens", type=int, default=64, help="most tokens to generate per prompt (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 is greedy decoding (default: %(default)s)")
+    g.add_argument("--top_p", type=float, default=1.0,
+                   help="nucleus sampling: sample only from the most likely tokens holding this much probability "
+                        "(default: %(default)s = all)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    g.add_argument("--exclude", action="extend", nargs="+", default=None, metavar="NAME",
+                   help="opt these experts out (names or slot indices; repeatable)")
+    g.add_argument("--include", action="extend", nargs="+", default=None, metavar="NAME",
+                   help="opt in only these experts (names or slot indices; repeatable); not with --exclude")
+    g.add_argument("--top_k", type=int, default=None,
+                   help="experts per token (default: the checkpoint's, capped at the number active)")
+    g.add_argument("--json", default=None, metavar="OUT",
+                   help="also write a JSON list of {prompt, completion, tokens, attribution} to OUT")
+    g.set_defaults(fn=_cmd_generate)
 
     n = sub.add_parser("info", help="print a checkpoint's config and experts")
     n.add_argument("ckpt")
@@ -137,10 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except (CommandError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            PermissionError, KeyError) as e:
+            PermissionError, KeyError, OSError) as e:  # OSError: e.g. checkpoint.CheckpointWriteError (disk full)
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         msg = " ".join(str(msg).split("\n"))  # gin appends the call site on a second line
         print(f"flexmoe {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # trainer.TrainingError (non-finite loss, disk full): one line, status 2
+        trainer = sys.modules.get("flexmoe_jax.trainer")
+        if trainer is None or not isinstance(e, trainer.TrainingError):
+            raise
+        print(f"flexmoe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,18 +1,96 @@
-"""Taking experts out of (and, later, into) a merged FlexOlmo model.
+"""Merging independently trained experts into one FlexOlmo, and taking experts out again.
 
 Expert tensors are stacked on the expert axis (axis 1 of every ``layers/moe``
 leaf, after the layer axis), so removing an expert is a slice of that axis and
 of the router rows; nothing else in the model changes. Routing then softmaxes
 over the remaining experts, exactly the reference's opt-out, with no retraining.
+
+Merge (:func:`merge`, ``flexmoe merge``)
+---------------------------------------
+Every shared tensor (embeddings, attention, norms, head) and expert slot 0
+("public") come from the dense anchor; each owner contributes its slot-1 FFN,
+its router row and its bias, stacked after the public slot in the order given.
+Every input is checked before the output is published (names, paths and
+configs before any array is read; arrays as they are read), each failure
+naming the expert and the fix: trained against another anchor (fingerprint), another
+architecture, shared tensors or public slot not bit-identical to the anchor
+(full-model inputs), duplicate names, missing directories, wrong shapes or
+dtypes, and arrays that are cut short or changed since the owner wrote them
+(checksums recorded in the deliverable).
+
+The learned bias. The reference merge drops it (an open question from its
+users, allenai/FlexOlmo#32). We keep it by default: each owner trained its
+FFN *together with* its bias, so keeping it means that the merged model with
+only ``public`` and expert ``a`` active computes exactly owner a's 2-expert
+model, bit for bit (tested). ``keep_bias=False`` (``--drop_bias``) reproduces
+the reference. The public slot's bias is 0 (it never trains), as is the bias of
+an expert trained without one; the merged config has ``expert_bias`` iff a
+bias is kept.
+
+The public router row. An expert deliverable holds only its owner's router
+row; row 0 (the public row) was set by the owner's router initialization and
+frozen. It is taken from inputs that carry it (a run directory's ``model/`` or
+a full 2-expert model; they must agree bit-exactly), is zeros when every
+expert was initialized with ``zeros``, or is given as ``public_router`` (an
+``[L, d]`` array, ``"zeros"``, or any 2-expert/merged checkpoint or run dir).
+
+On-disk layout of a merged model::
+
+    out/
+      flexmoe_checkpoint.json   marker, kind "merged"
+      config.json               the merged ModelConfig (all experts)
+      manifest.json             anchor fingerprint, each expert's own manifest,
+                                where its arrays are, a sha256 of every array
+      params/                   Orbax: every shared tensor (the anchor minus its FFN)
+      experts/000_public/       Orbax: {"layers": {"moe": {gate [L,1,d,h], up, down [L,1,h,d],
+      experts/001_<name>/               router [L,1,d], bias [L,1] (if kept)}}}, one per slot
+      ...
+
+One array directory per expert is what makes opt-out at load cheap and
+verifiable: :func:`load` with ``exclude`` never opens an excluded expert's
+directory (a deleted or damaged one does not matter), and an owner's arrays
+can be removed for good by re-merging without it. The whole directory is
+written atomically (built in a hidden sibling and renamed into place; nothing
+is left behind on any error). Host memory while merging stays near the anchor
+plus two experts: each expert is read and checked (in a background thread,
+while the previous one is written), written and freed in turn.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
 
-from flexmoe_jax import model
+import numpy as np
+
+from flexmoe_jax import checkpoint, model
 from flexmoe_jax.config import ModelConfig
 
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+EXPERTS_DIR = "experts"
+MERGED_FORMAT = "flexmoe_jax.merged"
+FFN_LEAVES = ("gate", "up", "down")
+# Fields that must agree between the anchor and every expert for their tensors to fit together.
+ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_size", "mlp_hidden",
+               "rope_theta", "rms_eps", "param_dtype")
+
+
+class MergeError(ValueError):
+    """Experts that cannot be merged as given; the message names the expert and the fix."""
+
+
+# ----------------------------------------------------------------------------
+# Opt-in / opt-out on params in memory
+# ----------------------------------------------------------------------------
 
 def exclude(config: ModelConfig, params: model.Params, names: Sequence[str | int],
             top_k: int | None = None) -> tuple[ModelConfig, model.Params]:
@@ -33,3 +111,608 @@ def include(config: ModelConfig, params: model.Params, names: Sequence[str | int
             top_k: int | None = None) -> tuple[ModelConfig, model.Params]:
     """Keep only the named experts (the opt-in form of :func:`exclude`)."""
     return model.select_experts(config, params, names, top_k=top_k)
+
+
+# ----------------------------------------------------------------------------
+# Merge inputs
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Input:
+    """One ``--expert`` argument, resolved (JSON only; no arrays read yet)."""
+
+    arg: str                  # as given, for messages
+    path: Path                # the deliverable dir, or the full model dir
+    is_deliverable: bool
+    config: ModelConfig       # the owner's 2-expert config
+    manifest: dict            # deliverable manifest, or the model's metadata
+    model_path: Path | None   # a full 2-expert model that carries router row 0, if any
+    name: str = ""
+
+
+def _is_flexmoe(p: Path) -> bool:
+    return (p / checkpoint.MARKER_NAME).is_file()
+
+
+def _resolve(arg: str | os.PathLike) -> _Input:
+    """A deliverable dir, a run dir (``WORKDIR/expert`` preferred, else ``WORKDIR/model``) or a full model."""
+    from flexmoe_jax import expert
+
+    p = Path(os.path.abspath(os.fspath(arg)))
+    hint = ("give the expert's deliverable (WORKDIR/expert, written by flexmoe train-expert), its run "
+            "directory WORKDIR, or its full model WORKDIR/model")
+    if not p.exists():
+        raise FileNotFoundError(f"expert {arg}: no such directory; {hint}")
+    model_path = None
+    if _is_flexmoe(p):
+        target = p
+    elif _is_flexmoe(p / "expert") or _is_flexmoe(p / "model"):  # a run directory
+        target = p / "expert" if _is_flexmoe(p / "expert") else p / "model"
+        if _is_flexmoe(p / "model") and checkpoint.kind(p / "model") == "model":
+            model_path = p / "model"
+    else:
+        raise MergeError(f"expert {arg} is not an expert: it has no {checkpoint.MARKER_NAME} and no expert/ or "
+                         f"model/ inside; {hint}")
+    k = checkpoint.kind(target)
+    if k == expert.DELIVERABLE_KIND:
+        f = target / expert.MANIFEST_NAME
+        try:
+            manifest = json.loads(f.read_text())
+            config = ModelConfig.from_dict(manifest["expert_config"])
+        except FileNotFoundError:
+            raise checkpoint.CheckpointError(f"expert {arg}: {f} is missing; the deliverable is incomplete "
+                                             "(re-copy it from its owner)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise checkpoint.CheckpointError(f"expert {arg}: {f} is not a valid expert manifest ({e}); "
+                                             "re-copy the deliverable from its owner") from None
+        inp = _Input(str(arg), target, True, config, manifest, model_path)
+        inp.name = str(manifest.get("name") or config.names[-1])
+        return inp
+    if k == checkpoint.MERGED_KIND:
+        raise MergeError(f"expert {arg} is already a merged model; merge the original experts "
+                         "(their deliverables or run directories) instead")
+    if k != "model":
+        raise MergeError(f"expert {arg} holds a {k!r} directory, not an expert; {hint}")
+    config = checkpoint.load_config(target)
+    if config.num_experts != 2:
+        what = "a dense model" if not config.is_moe else f"a model with {config.num_experts} experts"
+        raise MergeError(f"expert {arg} is {what}; an expert is the 2-expert (public + own) model that "
+                         f"flexmoe train-expert writes; {hint}")
+    inp = _Input(str(arg), target, False, config, checkpoint.load_metadata(target), target)
+    inp.name = config.names[1]
+    return inp
+
+
+def _check_out(out: Path, anchor: Any, inputs: list[_Input], public_router: Any = None) -> None:
+    """The output must not overlap an input: publishing it would replace or delete that input."""
+    inside = [Path(os.path.abspath(os.fspath(anchor)))] if not isinstance(anchor, tuple) else []
+    if isinstance(public_router, (str, os.PathLike)) and public_router != "zeros":
+        inside.append(Path(os.path.abspath(os.fspath(public_router))))
+    for inp in inputs:
+        inside += [inp.path] + ([inp.model_path] if inp.model_path else [])
+    for p in inside:
+        if out == p or out in p.parents or p in out.parents:
+            raise MergeError(f"--out {out} overlaps the input {p}: writing it would replace that input; "
+                             "choose a new output directory")
+
+
+def _check_config(anchor_config: ModelConfig, inp: _Input) -> None:
+    diff = {k: (getattr(inp.config, k), getattr(anchor_config, k)) for k in ARCH_FIELDS
+            if getattr(inp.config, k) != getattr(anchor_config, k)}
+    if diff:
+        raise MergeError(f"expert {inp.name!r} ({inp.arg}) has another architecture than the anchor: "
+                         + ", ".join(f"{k}={a} vs anchor {b}" for k, (a, b) in diff.items())
+                         + "; merge it with the anchor it was trained from, or retrain it against this one")
+    if inp.config.num_experts != 2 or inp.config.names[0] != "public":
+        raise MergeError(f"expert {inp.name!r} ({inp.arg}) was saved with experts {list(inp.config.names)}; "
+                         "an expert is a 2-expert model (public, own) from flexmoe train-expert")
+
+
+def _router_row0(source: Any, L: int, d: int, dtype) -> tuple[np.ndarray, str]:
+    """``public_router`` given by the caller -> ([L, d] array, description for the manifest)."""
+    if isinstance(source, str) and source == "zeros":
+        return np.zeros((L, d), dtype), "zeros"
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(os.path.abspath(os.fspath(source)))
+        if not _is_flexmoe(p) and _is_flexmoe(p / "model"):
+            p = p / "model"
+        if not p.exists():
+            raise FileNotFoundError(f"public_router {source}: no such checkpoint; give a 2-expert model, a run "
+                                    "directory, a merged model, or 'zeros'")
+        cfg = checkpoint.load_config(p)
+        if not cfg.is_moe or cfg.names[0] != "public":
+            raise MergeError(f"public_router {source} has no public router row (experts {list(cfg.names)}); "
+                             "give a 2-expert model, a run directory, a merged model, or 'zeros'")
+        if checkpoint.kind(p) == checkpoint.MERGED_KIND:
+            m = read_manifest(p)
+            tree = checkpoint.read_arrays(p / m["experts"][0]["dir"], what=f"public_router {source}")
+            row = np.asarray(tree["layers"]["moe"]["router"])[:, 0]
+        else:
+            row = np.asarray(checkpoint.load_subtree(p, "layers/moe/router")["layers"]["moe"]["router"])[:, 0]
+        arr, desc = row, f"row 0 of {p}"
+    else:
+        arr, desc = np.asarray(source), "given as an array"
+    if arr.shape != (L, d):
+        raise MergeError(f"public_router ({desc}) has shape {arr.shape}; the public router row is [layers, "
+                         f"d_model] = {(L, d)}")
+    return np.ascontiguousarray(arr.astype(dtype)), desc
+
+
+def _auto_router_row0(inputs: list[_Input], L: int, d: int, dtype) -> tuple[np.ndarray, str]:
+    """The public row from the inputs that carry one (all must agree), else zeros if every owner used zeros."""
+    found: list[tuple[np.ndarray, _Input]] = []
+    for inp in inputs:
+        if inp.model_path is not None:
+            router = checkpoint.load_subtree(inp.model_path, "layers/moe/router")["layers"]["moe"]["router"]
+            found.append((np.asarray(router)[:, 0], inp))
+    for row, inp in found[1:]:
+        if row.shape != found[0][0].shape or not _same_bits(row, found[0][0]):
+            raise MergeError(f"experts {found[0][1].name!r} and {inp.name!r} were trained with different public "
+                             "router rows (router row 0); choose one with public_router= (CLI --public_router): "
+                             "a run directory or model whose row to use, or 'zeros'")
+    if found:
+        row, inp = found[0]
+        _router_shape(row, L, d, inp)
+        return np.ascontiguousarray(row.astype(dtype)), f"row 0 of {inp.model_path}"
+    if inputs and all(inp.manifest.get("router_init") == "zeros" for inp in inputs):
+        return np.zeros((L, d), dtype), "zeros (every expert was initialized with router_init=zeros)"
+    raise MergeError("the public expert's router row is in none of the inputs: an expert deliverable carries "
+                     "only its owner's row. Pass public_router= (CLI --public_router): any owner's run "
+                     "directory or 2-expert model (WORKDIR/model) to take row 0 from, or 'zeros'; or give "
+                     "run directories instead of bare deliverables")
+
+
+def _router_shape(row: np.ndarray, L: int, d: int, inp: _Input) -> None:
+    if row.shape != (L, d):
+        raise MergeError(f"expert {inp.name!r} ({inp.arg}): router row 0 has shape {row.shape}, expected {(L, d)}")
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-exact equality (NaN-safe, -0.0 != 0.0): what "frozen" means."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.reshape(-1).view(np.uint8),
+                                                                        b.reshape(-1).view(np.uint8))
+
+
+def _expert_dirname(slot: int, name: str) -> str:
+    return f"{EXPERTS_DIR}/{slot:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:64]}"
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of one expert slot's leaves: the 2-expert model's shapes with E = 1."""
+    L, d, h = config.n_layers, config.d_model, config.mlp_hidden
+    return {"gate": (L, 1, d, h), "up": (L, 1, d, h), "down": (L, 1, h, d), "router": (L, 1, d), "bias": (L, 1)}
+
+
+def _load_slot(inp: _Input, anchor_config: ModelConfig,
+               anchor: model.Params) -> tuple[dict[str, np.ndarray], dict | None]:
+    """The owner's slot as host arrays ``{gate, up, down, router[, bias]}`` (each ``[L, 1, ...]``).
+
+    Also returns checksums already computed while verifying (keyed by leaf), so
+    the merge does not hash the same bytes twice.
+    """
+    where = f"expert {inp.name!r} ({inp.path})"
+    if inp.is_deliverable:
+        recorded = checkpoint.recorded_checksums(inp.path)
+        tree = checkpoint.read_arrays(inp.path / checkpoint.PARAMS_DIR, what=where)
+        flat = _flat(tree)
+        if recorded is None:
+            log.warning("%s has no recorded checksums (written by an older flexmoe_jax): a damaged array "
+                        "cannot be detected", where)
+            sums = None
+        else:
+            sums = checkpoint.array_checksums(tree)
+            checkpoint.check_checksums(sums, recorded, where)
+        expected = {f"layers/moe/{k}" for k in _expected_shapes(anchor_config)}
+        unexpected = sorted(set(flat) - expected)
+        if unexpected:
+            raise MergeError(f"{where} holds tensors an expert does not train: {unexpected}; only "
+                             f"{sorted(expected)} belong in a deliverable")
+        slot = {k.rsplit("/", 1)[1]: v for k, v in flat.items()}
+        sums = {k.rsplit("/", 1)[1]: v for k, v in sums.items()} if sums else None
+    else:
+        tree = checkpoint.read_arrays(inp.path / checkpoint.PARAMS_DIR, what=where)
+        recorded = checkpoint.recorded_checksums(inp.path)  # a model saved with checksums=True
+        if recorded is not None:
+            checkpoint.check_checksums(checkpoint.array_checksums(tree), recorded, where)
+        try:
+            model.check_params(inp.config, tree, what=f"arrays of {where}")
+        except ValueError as e:
+            raise MergeError(str(e)) from None
+        _check_frozen(inp, tree, anchor, where)
+        slot = {k: np.ascontiguousarray(v[:, 1:2]) for k, v in tree["layers"]["moe"].items()}
+        sums = None
+        del tree
+    missing = [k for k in ("gate", "up", "down", "router") if k not in slot]
+    if missing:
+        raise MergeError(f"{where} is missing layers/moe/{missing}; the deliverable is incomplete "
+                         "(re-copy it from its owner)")
+    want_dtype = np.asarray(anchor["layers"]["mlp"]["gate"]).dtype
+    for k, v in slot.items():
+        want = _expected_shapes(anchor_config)[k]
+        if v.shape != want:
+            raise MergeError(f"{where}: layers/moe/{k} has shape {list(v.shape)}, the anchor needs {list(want)} "
+                             "(layers, 1 expert, ...); it was trained for another model; retrain it against this anchor")
+        if v.dtype != want_dtype:
+            raise MergeError(f"{where}: layers/moe/{k} is {v.dtype}, the anchor is {want_dtype}; experts must be "
+                             "stored in the anchor's dtype")
+    return slot, sums
+
+
+def _check_frozen(inp: _Input, tree: dict, anchor: model.Params, where: str) -> None:
+    """A full 2-expert model: every shared tensor and the public slot must be the anchor's, bit for bit."""
+    a, e = _flat(anchor), _flat(tree)
+    for k, v in a.items():
+        if k.startswith("layers/mlp/"):
+            leaf = k.split("/")[-1]
+            got = e[f"layers/moe/{leaf}"][:, 0]
+            if not _same_bits(got, v):
+                raise MergeError(f"{where}: its public expert slot 0 (layers/moe/{leaf}[:, 0]) differs from the "
+                                 "anchor's FFN; slot 0 must stay frozen. It was trained with slot 0 unfrozen or "
+                                 "against another anchor: retrain it with flexmoe train-expert on this anchor")
+        elif not _same_bits(e[k], v):
+            raise MergeError(f"{where}: the shared tensor {k} differs from the anchor's; shared tensors must stay "
+                             "frozen (bit-identical). Retrain it with flexmoe train-expert against this anchor")
+    bias = e.get("layers/moe/bias")
+    if bias is not None and np.any(bias[:, 0] != 0):
+        raise MergeError(f"{where}: the public slot's bias (layers/moe/bias[:, 0]) is not zero; slot 0 must stay "
+                         "frozen. Retrain it with flexmoe train-expert against this anchor")
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def _prefixed(sums: dict, prefix: str) -> dict:
+    return {f"{prefix}/{k}": v for k, v in sums.items()}
+
+
+def _slot_sums(slot: dict[str, np.ndarray], known: dict | None) -> dict:
+    """Checksums of a slot's stored leaves (``layers/moe/<leaf>``), reusing ones already computed.
+
+    A checksum covers bytes, dtype and shape: the bytes of ``x`` and of
+    ``x[:, None]`` agree, so only the recorded shape is adjusted.
+    """
+    known = known or {}
+    todo = {k: v for k, v in slot.items() if k not in known}
+    out = {k: dict(v) for k, v in checkpoint.array_checksums(todo).items()} if todo else {}
+    for k, v in known.items():
+        if k in slot:
+            out[k] = {**v, "shape": list(slot[k].shape), "dtype": str(slot[k].dtype)}
+    return _prefixed(out, "layers/moe")
+
+
+# ----------------------------------------------------------------------------
+# Merge
+# ----------------------------------------------------------------------------
+
+def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts: Sequence[str | os.PathLike],
+          out: str | os.PathLike, *, top_k: int | None = None, names: Sequence[str] | None = None,
+          keep_bias: bool = True, public_router: Any = None, progress: bool = False) -> Path:
+    """Merge experts trained against ``anchor`` into one MoE at ``out``; returns its absolute path.
+
+    ``anchor``: the dense public checkpoint (or an in-memory ``(config, params)``).
+    ``experts``: in slot order, each an expert deliverable dir, a run dir
+    (``WORKDIR/expert`` is used, ``WORKDIR/model`` supplies the public router row)
+    or a full 2-expert model (its shared tensors and slot 0 are checked against
+    the anchor bit for bit). ``names`` renames the experts (default: each one's
+    own name). ``top_k`` defaults to 2 (public plus one, what every expert was
+    trained with), capped at the number of experts. ``keep_bias=False`` drops
+    the learned biases as the reference does. ``public_router``: see the module
+    docstring. Names, paths and configs are checked before any array is read,
+    arrays as they are read (the fingerprint before any expert is written);
+    ``out`` appears, complete, only if every check passed, and nothing is left
+    behind otherwise.
+    """
+    from tqdm import tqdm
+
+    if isinstance(experts, (str, os.PathLike)):
+        experts = [experts]
+    if not experts:
+        raise MergeError("give at least one expert to merge")
+    out_path = Path(os.path.abspath(os.fspath(out)))
+
+    # 1. Resolve and check everything that needs only JSON.
+    inputs = [_resolve(e) for e in experts]
+    if names is not None:
+        names = list(names)
+        if len(names) != len(inputs):
+            raise MergeError(f"{len(names)} names for {len(inputs)} experts; give one name per expert")
+        for inp, n in zip(inputs, names):
+            inp.name = str(n)
+    seen: dict[Path, _Input] = {}
+    for inp in inputs:
+        if inp.path in seen:
+            raise MergeError(f"expert {inp.path} is listed twice ({seen[inp.path].arg} and {inp.arg}); "
+                             "give each expert once")
+        seen[inp.path] = inp
+    by_name: dict[str, _Input] = {}
+    for inp in inputs:
+        if inp.name == "public":
+            raise MergeError(f"expert {inp.arg} is named 'public', the anchor's slot; rename it with "
+                             "names=[...] (CLI --names)")
+        if inp.name in by_name:
+            raise MergeError(f"two experts are named {inp.name!r}: {by_name[inp.name].arg} and {inp.arg}; "
+                             "names must be unique: rename one with names=[...] (CLI --names)")
+        by_name[inp.name] = inp
+    _check_out(out_path, anchor, inputs, public_router)
+    if isinstance(anchor, tuple):
+        anchor_config, anchor_params = anchor
+        anchor_desc: dict[str, Any] = {"path": None}
+    else:
+        anchor_config = checkpoint.load_config(anchor)
+        anchor_params = None
+        anchor_desc = {"path": os.path.abspath(os.fspath(anchor))}
+    if anchor_config.is_moe:
+        raise MergeError(f"the anchor must be the dense public model (num_experts=0); "
+                         f"{anchor_desc['path'] or 'the given anchor'} has experts {list(anchor_config.names)}")
+    for inp in inputs:
+        _check_config(anchor_config, inp)
+        if inp.is_deliverable and not inp.manifest.get("anchor_fingerprint"):
+            raise MergeError(f"expert {inp.name!r} ({inp.arg}) has no anchor_fingerprint in its manifest, so "
+                             "nothing proves which anchor it was trained against; export it again with "
+                             "flexmoe train-expert")
+    norm = {inp.config.norm_topk_prob for inp in inputs}
+    if len(norm) > 1:
+        raise MergeError("the experts disagree on norm_topk_prob (" + ", ".join(
+            f"{i.name}={i.config.norm_topk_prob}" for i in inputs) + "); they were trained with different routing")
+    n_experts = 1 + len(inputs)
+    if top_k is None:
+        top_k = min(2, n_experts)
+    if not 1 <= top_k <= n_experts:
+        raise MergeError(f"top_k={top_k} must be between 1 and the {n_experts} merged experts")
+    with_bias = keep_bias and any(inp.config.expert_bias for inp in inputs)
+    config = anchor_config.replace(num_experts=n_experts, top_k=top_k, norm_topk_prob=norm.pop(),
+                                   expert_names=("public", *(inp.name for inp in inputs)), expert_bias=with_bias)
+    L, d = anchor_config.n_layers, anchor_config.d_model
+
+    # 2. The anchor (read once) and the public router row.
+    bar = tqdm(total=2 + len(inputs), desc="merge", unit="step", disable=not progress)
+    bar.set_postfix_str("anchor")
+    if anchor_params is None:
+        anchor_params = checkpoint.read_arrays(Path(anchor_desc["path"]) / checkpoint.PARAMS_DIR,
+                                               what=f"anchor {anchor_desc['path']}")
+        try:
+            model.check_params(anchor_config, anchor_params, what=f"arrays of anchor {anchor_desc['path']}")
+        except ValueError as e:
+            raise checkpoint.CheckpointError(str(e)) from None
+    else:
+        import jax
+
+        model.check_params(anchor_config, anchor_params, what="anchor params")
+        anchor_params = jax.tree.map(lambda x: np.ascontiguousarray(np.asarray(x)), anchor_params)
+    pdtype = np.asarray(anchor_params["layers"]["mlp"]["gate"]).dtype
+    if public_router is not None:
+        row0, row0_desc = _router_row0(public_router, L, d, pdtype)
+    else:
+        row0, row0_desc = _auto_router_row0(inputs, L, d, pdtype)
+    bar.update()
+
+    # 3. Write. Hashing the anchor (fingerprint and per-array checksums) and reading +
+    # verifying the next expert run in background threads while Orbax writes, so the
+    # checks cost little wall time; the fingerprint is compared before any expert is
+    # written, and nothing is published unless everything passed. Host memory: the
+    # anchor plus at most two experts (the one being written, the one being read).
+    from flexmoe_jax import expert
+
+    timings: dict[str, float] = {}
+    shared = {k: v for k, v in anchor_params.items() if k != "layers"}
+    shared["layers"] = {k: v for k, v in anchor_params["layers"].items() if k != "mlp"}
+    mlp = anchor_params["layers"]["mlp"]
+    public = {k: mlp[k][:, None] for k in FFN_LEAVES}
+    public["router"] = row0[:, None]
+    if with_bias:
+        public["bias"] = np.zeros((L, 1), pdtype)
+    entries: list[dict] = []
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexmoe-merge") as bg, \
+            checkpoint.writing(out_path, kind=checkpoint.MERGED_KIND) as tmp:
+        fp_future = bg.submit(expert.fingerprint, anchor_config, anchor_params)
+        sums_future = bg.submit(checkpoint.array_checksums, anchor_params)
+        pending = bg.submit(_load_slot, inputs[0], anchor_config, anchor_params)
+        t = time.perf_counter()
+        checkpoint.write_arrays(tmp / checkpoint.PARAMS_DIR, shared)
+        (tmp / EXPERTS_DIR).mkdir()
+        public_dir = _expert_dirname(0, "public")
+        checkpoint.write_arrays(tmp / public_dir, {"layers": {"moe": public}})
+        timings["write anchor"] = time.perf_counter() - t
+        fingerprint = fp_future.result()
+        anchor_desc["fingerprint"] = fingerprint
+        for inp in inputs:
+            theirs = inp.manifest.get("anchor_fingerprint")
+            if theirs is not None and theirs != fingerprint:
+                raise MergeError(f"expert {inp.name!r} ({inp.arg}) was trained against another anchor: it records "
+                                 f"anchor_fingerprint {str(theirs)[:16]}..., this anchor's is {fingerprint[:16]}...; "
+                                 "merge it with the anchor it was trained on, or retrain it against this one")
+        anchor_sums = sums_future.result()
+        entries.append({"name": "public", "slot": 0, "dir": public_dir, "source": anchor_desc["path"],
+                        "manifest": {"role": "the public anchor's FFN", "anchor_fingerprint": fingerprint,
+                                     "router_row": row0_desc},
+                        "checksums": _slot_sums(public, {k: anchor_sums[f"layers/mlp/{k}"] for k in FFN_LEAVES})})
+        del public
+        bar.update()
+        for slot, inp in enumerate(inputs, start=1):
+            bar.set_postfix_str(inp.name)
+            t = time.perf_counter()
+            arrays, known = pending.result()
+            timings[f"wait for {inp.name}"] = time.perf_counter() - t
+            if slot < len(inputs):
+                pending = bg.submit(_load_slot, inputs[slot], anchor_config, anchor_params)
+            bias_kept = "bias" in arrays and with_bias
+            if not with_bias:
+                arrays.pop("bias", None)
+            elif "bias" not in arrays:
+                arrays["bias"] = np.zeros((L, 1), pdtype)
+            entry = {"name": inp.name, "slot": slot, "dir": _expert_dirname(slot, inp.name),
+                     "source": str(inp.path), "kind": "deliverable" if inp.is_deliverable else "model",
+                     "bias": "kept" if bias_kept else ("dropped" if inp.config.expert_bias else "none"),
+                     "manifest": inp.manifest, "checksums": _slot_sums(arrays, known)}
+            t = time.perf_counter()
+            checkpoint.write_arrays(tmp / entry["dir"], {"layers": {"moe": arrays}})
+            timings[f"write {inp.name}"] = time.perf_counter() - t
+            entries.append(entry)
+            del arrays
+            bar.update()
+        manifest = {
+            "format": MERGED_FORMAT, "version": 1, "anchor": anchor_desc, "top_k": top_k,
+            "bias": "kept" if with_bias else ("dropped" if any(i.config.expert_bias for i in inputs) else "none"),
+            "public_router": row0_desc,
+            "shared": {"dir": checkpoint.PARAMS_DIR,
+                       "checksums": {k: v for k, v in anchor_sums.items() if not k.startswith("layers/mlp/")}},
+            "experts": entries,
+        }
+        (tmp / checkpoint.CONFIG_NAME).write_text(config.to_json() + "\n")
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        t = time.perf_counter()
+    timings["publish (fsync, rename)"] = time.perf_counter() - t
+    log.info("merged %s in phases (s): %s", out_path, {k: round(v, 2) for k, v in timings.items()})
+    bar.close()
+    return out_path
+
+
+# ----------------------------------------------------------------------------
+# Load with opt-in / opt-out
+# ----------------------------------------------------------------------------
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a merged model (anchor, each expert's own manifest, checksums)."""
+    d = checkpoint._checkpoint_dir(path)
+    f = d / MANIFEST_NAME
+    if checkpoint.kind(d) != checkpoint.MERGED_KIND:
+        raise checkpoint.CheckpointError(f"{d} is not a merged model (kind {checkpoint.kind(d)!r})")
+    try:
+        m = json.loads(f.read_text())
+        if m.get("format") != MERGED_FORMAT or not isinstance(m.get("experts"), list):
+            raise ValueError(f"format {m.get('format')!r}")
+        return m
+    except FileNotFoundError:
+        raise checkpoint.CheckpointError(f"{d} is an incomplete merged model: {MANIFEST_NAME} is missing") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise checkpoint.CheckpointError(f"{f} is not a valid merged-model manifest ({e}); the checkpoint is "
+                                         "damaged") from None
+
+
+def _kept(config: ModelConfig, include, exclude) -> tuple[int, ...]:
+    if include is not None and exclude is not None:
+        raise ValueError("give include or exclude, not both")
+    if isinstance(include, (str, int)):
+        include = [include]
+    if isinstance(exclude, (str, int)):
+        exclude = [exclude]
+    if include is not None:
+        return model.resolve_experts(config, include)
+    drop = model.resolve_experts(config, exclude) if exclude else ()
+    keep = tuple(i for i in range(config.num_experts) if i not in drop)
+    if not keep:
+        raise ValueError(f"cannot exclude every expert {list(config.names)}; keep at least one")
+    return keep
+
+
+def _subset_config(config: ModelConfig, keep: tuple[int, ...], top_k: int | None) -> ModelConfig:
+    # The same rule as model.select_experts: an explicit top_k must fit; the stored one is capped.
+    if top_k is not None and not 1 <= top_k <= len(keep):
+        raise ValueError(f"top_k={top_k} must be between 1 and the {len(keep)} active experts "
+                         f"{[config.names[i] for i in keep]}")
+    k = top_k if top_k is not None else min(config.top_k, len(keep))
+    return config.replace(num_experts=len(keep), top_k=k, expert_names=tuple(config.names[i] for i in keep))
+
+
+def _place(config: ModelConfig, params: model.Params, mesh, shardings) -> model.Params:
+    """Host arrays -> jax.Arrays in the final layout (works for multi-host shardings too)."""
+    import jax
+    from jax.sharding import Sharding, SingleDeviceSharding
+
+    if mesh is not None and shardings is not None:
+        raise ValueError("give either mesh or shardings, not both")
+    if mesh is not None:
+        shard_tree = model.param_shardings(config, mesh)
+    elif isinstance(shardings, Sharding):
+        shard_tree = jax.tree.map(lambda _: shardings, params)
+    elif shardings is not None:
+        shard_tree = shardings
+    else:
+        shard_tree = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), params)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
+                        params, shard_tree)
+
+
+def load(path: str | os.PathLike, *, include: Sequence[str | int] | None = None,
+         exclude: Sequence[str | int] | None = None, top_k: int | None = None, mesh=None, shardings=None,
+         dtype: Any = None, verify: bool = True) -> tuple[ModelConfig, model.Params]:
+    """``(config, params)`` of any model checkpoint with only the wanted experts.
+
+    ``include`` keeps only the named experts (names or slot indices), ``exclude``
+    drops them; top-k is capped at the number kept unless ``top_k`` is given.
+    For a merged model an excluded expert's directory is never opened: its
+    arrays are neither read nor verified, so a deleted or damaged expert does
+    not stop the others from loading. The kept experts are concatenated on the
+    expert axis on the host and placed with ``model.param_shardings(config,
+    mesh)`` (or ``shardings``, or the first local device). ``verify`` checks
+    every array read against the manifest's sha256. Dense and plain
+    (trainer-written) checkpoints load whole through ``checkpoint.load`` and
+    are then sliced.
+    """
+    import jax
+
+    if checkpoint.kind(path) != checkpoint.MERGED_KIND:
+        config, params = checkpoint.load(path, dtype=dtype, verify=verify)
+        if include is None and exclude is None and top_k is None:
+            if mesh is None and shardings is None:
+                return config, params
+            return config, _place(config, jax.tree.map(np.asarray, params), mesh, shardings)
+        if not config.is_moe:
+            raise ValueError(f"{path} is a dense model (num_experts=0): there are no experts to include or exclude")
+        keep = _kept(config, include, exclude) if (include is not None or exclude is not None) \
+            else tuple(range(config.num_experts))
+        config, params = model.select_experts(config, params, keep, top_k=top_k)
+        return config, _place(config, jax.tree.map(np.asarray, params), mesh, shardings)
+
+    d = checkpoint._checkpoint_dir(path)
+    full = checkpoint.load_config(d)
+    manifest = read_manifest(d)
+    entries = manifest["experts"]
+    if [e.get("name") for e in entries] != list(full.names):
+        raise checkpoint.CheckpointError(f"{d}: {MANIFEST_NAME} lists experts {[e.get('name') for e in entries]} "
+                                         f"but {checkpoint.CONFIG_NAME} has {list(full.names)}; the checkpoint "
+                                         "is damaged")
+    keep = _kept(full, include, exclude) if (include is not None or exclude is not None) \
+        else tuple(range(full.num_experts))
+    config = _subset_config(full, keep, top_k)
+
+    def read(sub: str, recorded: dict, what: str) -> Any:
+        tree = checkpoint.read_arrays(d / sub, what=what)
+        if verify:
+            checkpoint.check_checksums(checkpoint.array_checksums(tree), recorded, what)
+        return tree
+
+    params = read(manifest["shared"]["dir"], manifest["shared"]["checksums"], f"{d} (shared tensors)")
+    shapes = model.param_shapes(config)["layers"]["moe"]
+    moe = {k: np.empty(s.shape, s.dtype) for k, s in shapes.items()}  # filled one expert at a time
+    for j, slot in enumerate(keep):
+        e = entries[slot]
+        what = f"{d}: expert {e['name']!r} ({e['dir']})"
+        piece = read(e["dir"], e["checksums"], what)["layers"]["moe"]
+        if set(piece) != set(moe):
+            raise checkpoint.CheckpointError(f"{what} holds {sorted(piece)}, the config wants {sorted(moe)}; "
+                                             "the checkpoint is damaged")
+        for k, v in piece.items():
+            if v.shape[:1] + v.shape[2:] != moe[k].shape[:1] + moe[k].shape[2:] or v.shape[1] != 1 \
+                    or v.dtype != moe[k].dtype:
+                raise checkpoint.CheckpointError(f"{what}: layers/moe/{k} is {v.dtype}{list(v.shape)}, the config "
+                                                 f"wants one slot of {moe[k].dtype}{list(moe[k].shape)}; the "
+                                                 "checkpoint is damaged")
+            moe[k][:, j] = v[:, 0]
+        del piece
+    params["layers"]["moe"] = moe
+    try:
+        model.check_params(config, params, what=f"arrays of {d}")
+    except ValueError as e:
+        raise checkpoint.CheckpointError(str(e)) from None
+    if dtype is not None:
+        import jax.numpy as jnp
+
+        dt = jnp.dtype(dtype)
+        params = jax.tree.map(lambda x: x.astype(dt), params)
+        config = config.replace(param_dtype=dt.name)
+    return config, _place(config, params, mesh, shardings)

@@ -120,7 +120,7 @@ def test_tune_router_trains_only_router_rows(merged, data_dir, tmp_path):
     out = tmp_path / "tuned"
     args = ["tune-router", "--ckpt", str(src), "--out", str(out), "--data_dir", data_dir, "--top_k", "3",
             "--per_expert", "8", "--public", "8", "--pool", "64"]
-    for p in ("RunConfig.steps=3", "RunConfig.batch_size=4", "RunConfig.seq_len=64", "RunConfig.log_every=1",
+    for p in ("RunConfig.steps=3", "RunConfig.batch_size=8", "RunConfig.seq_len=64", "RunConfig.log_every=1",
               "OptimConfig.warmup_steps=1"):
         args += ["--gin_param", p]
     assert cli.main(args) == 0
@@ -133,3 +133,20 @@ def test_tune_router_trains_only_router_rows(merged, data_dir, tmp_path):
     assert set(report["experts"]) == {"code", "math"} and report["total_docs"] >= 8
     log = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_cli_calibrate(merged, data_dir, tmp_path):
+    from flexmoe_jax import cli
+
+    cfg, params = merged
+    src = tmp_path / "merged"
+    checkpoint.save(src, cfg.replace(max_seq_len=64), params)
+    out, rep = tmp_path / "calibrated", tmp_path / "cal.json"
+    assert cli.main(["calibrate", "--ckpt", str(src), "--out", str(out), "--data_dir", data_dir, "--batches", "2",
+                     "--batch_size", "4", "--seq_len", "64", "--report", str(rep)]) == 0
+    ccfg, cparams = checkpoint.load(out)
+    assert ccfg.expert_bias and np.all(np.asarray(cparams["layers"]["moe"]["bias"]) <= 0)
+    report = json.loads(rep.read_text())
+    assert np.max(np.asarray(report["margin_after"])[:, 1:]) <= np.max(np.asarray(report["margin_before"])[:, 1:])
+    assert checkpoint.load_metadata(out)["calibration"]["experts"] == list(NAMES)
+    assert cli.main(["calibrate", "--ckpt", str(tmp_path / "nope"), "--out", str(out), "--data_dir", data_dir]) == 2
