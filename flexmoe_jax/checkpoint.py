@@ -50,7 +50,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from flexmoe_jax.config import ModelConfig
 
@@ -118,6 +118,42 @@ def _write_failure(e: BaseException, tmp: Path) -> tuple[int | None, str] | None
     if io[0] in _DISK_FULL + (errno.EFBIG, errno.EROFS) or str(tmp) in str(e):
         return io
     return None
+
+
+def remove_leftovers(remove: Callable[[], bool], *, quiet: float = 0.3, timeout: float = 30.0) -> None:
+    """Clean up after a failed Orbax write: call ``remove`` until it has found nothing for ``quiet`` s.
+
+    ``remove`` deletes the partial write and says whether there was any. A failed
+    Orbax save raises at its first failed write while its other writers (Orbax's
+    threads, which are waited for here, and tensorstore's own I/O threads, which
+    cannot be) may still be creating files for a moment; what they leave must not
+    outlive the cleanup. ``OSError`` from ``remove`` (a directory that filled up
+    again while being deleted) counts as "found" and is retried until ``timeout``.
+    """
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and type(t).__module__.startswith("orbax."):
+            try:
+                t.join(max(deadline - time.monotonic(), 0))
+            except Exception:  # noqa: BLE001 - Orbax's threads re-raise their own write error on join
+                pass
+    calm_since = time.monotonic()
+    while True:
+        try:
+            found = remove()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            found = True
+        now = time.monotonic()
+        if found:
+            calm_since = now
+        elif now - calm_since >= quiet or now > deadline:
+            return
+        time.sleep(0.05)
 
 
 def _human_bytes(n: float) -> str:
@@ -362,12 +398,20 @@ def writing(path: str | os.PathLike, kind: str = "model") -> Iterator[Path]:
             _fsync_tree(tmp)
             _swap_into_place(tmp, path)
     except BaseException as failure:
+        io = _write_failure(failure, tmp)
         if primary:  # leave the old checkpoint (or nothing) at path, and no temporaries
-            try:
+            def remove() -> bool:
+                found = _tmp_path(path).exists() or _old_path(path).exists()
                 _recover_interrupted(path)
+                return found
+
+            try:
+                if io is None:
+                    _recover_interrupted(path)
+                else:  # Orbax's other writers may still be finishing theirs
+                    remove_leftovers(remove)
             except OSError as e:
                 log.warning("could not clean up after the failed save to %s: %s", path, e)
-        io = _write_failure(failure, tmp)
         if io is None:
             raise
         # Disk full, quota, size limit, permissions: say where, what is left, and what to do.

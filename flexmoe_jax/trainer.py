@@ -10,7 +10,14 @@ run, because the data iterator is a pure function of (seed, step) and the
 step is deterministic.
 
 A non-finite loss stops the run before anything is saved for that step, so
-the last checkpoint on disk stays the last good one.
+the last checkpoint on disk stays the last good one. A save the filesystem
+refuses (disk full, quota, ...) stops it too: the partial write is removed, the
+last complete checkpoint is kept, and the error names the directory to free
+space on; rerunning the same command then resumes. Both are ``TrainingError``s,
+which ``flexmoe train`` prints as one line (exit status 2).
+
+In a multi-process run every process reads only its own rows of each global
+batch (also after a resume), and process 0 alone writes the logs.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +44,10 @@ PHASES = ("pretrain", "expert", "router_tune")
 
 
 class TrainingError(RuntimeError):
-    """Training cannot continue (non-finite loss, incompatible resume state)."""
+    """Training cannot continue (non-finite loss, disk full, incompatible resume state).
+
+    ``flexmoe train`` prints it as one line and exits with status 2.
+    """
 
 
 @gin.configurable
@@ -61,9 +72,12 @@ class RunConfig:
     anchor: str = ""
     expert_name: str = ""
     # Router rows of the new expert: "hidden" (the anchor's own mean FFN input on public vs domain
-    # data, per layer), "random" or "zeros"; see flexmoe_jax.router_init.
+    # data, per layer), "minilm" (a sentence embedder's mean over router_init_docs documents of each,
+    # projected by a map fitted on public data; pip install 'flexmoe_jax[embed]'), "random" or
+    # "zeros"; see flexmoe_jax.router_init.
     router_init: str = "hidden"
     router_init_batches: int = 8
+    router_init_docs: int = 256
     public_task: str = "flexmix_mini.public"
     # Optional license tag recorded in the expert's manifest (e.g. "CC-BY-4.0", "internal-only").
     license: str = ""
@@ -117,9 +131,54 @@ def _to_global(batch: dict, sharding) -> dict:
 def _manager(workdir: Path, rc: RunConfig):
     import orbax.checkpoint as ocp
 
+    # cleanup_tmp_directories: a save cut short (killed, disk full) leaves an unfinished
+    # "N.orbax-checkpoint-tmp" directory; never restored from, and removed here on the next run.
     options = ocp.CheckpointManagerOptions(max_to_keep=rc.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(workdir / "state", options=options)
+
+
+def _last_complete_step(state_dir: Path) -> int | None:
+    # Orbax finalizes a step by renaming its temporary directory to the bare step number.
+    steps = [int(p.name) for p in state_dir.iterdir() if p.name.isdigit()] if state_dir.is_dir() else []
+    return max(steps, default=None)
+
+
+def _remove_partial_steps(state_dir: Path) -> None:
+    """Delete the unfinished "N.orbax-checkpoint-tmp" directories of a failed save (and keep them gone)."""
+    def remove() -> bool:
+        partial = list(state_dir.glob("*.orbax-checkpoint-tmp*"))
+        for tmp in partial:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return bool(partial)
+
+    checkpoint.remove_leftovers(remove)
+
+
+def _state_save_failed(e: Exception, mngr, state_dir: Path) -> TrainingError | None:
+    """One clear error for a failed write of the training state (None: ``e`` is no I/O failure).
+
+    Waits for the background save, removes its partial step directory (the space it
+    holds is often what the disk lacks) and names the last complete step, which a
+    rerun of the same command resumes from.
+    """
+    io = checkpoint.io_error(e)
+    if io is None:
+        return None
+    try:
+        mngr.wait_until_finished()
+    except Exception:  # noqa: BLE001 - the same failure, reported again
+        pass
+    if jax.process_index() == 0:
+        _remove_partial_steps(state_dir)
+    last = _last_complete_step(state_dir)
+    code, reason = io
+    kept = (f"the last complete checkpoint, step {last}, is intact" if last is not None
+            else "no checkpoint was completed yet")
+    resume = f"resume from step {last}" if last is not None else "start again"
+    return TrainingError(f"cannot save the training state in {state_dir}: {reason}; the partial write was removed "
+                         f"and {kept}. To fix: {checkpoint.io_fix(code, state_dir)}, then rerun the same "
+                         f"command to {resume}")
 
 
 def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, Any, dict]:
@@ -150,12 +209,17 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
         def sample(task):  # the domain's own training documents, in another order than training's
             return data.batches(task, "train", batch_size, rc.seq_len, rc.data_dir, seed=rc.seed + 1)
 
+        init_info: dict = {}  # how the rows were made, beyond the method's name (for the manifest)
         rows = router_init.rows(rc.router_init, anchor_config, anchor_params,
                                 sample(rc.public_task) if rc.router_init == "hidden" else None,
                                 sample(rc.task) if rc.router_init == "hidden" else None,
-                                num_batches=rc.router_init_batches, seed=rc.seed)
+                                num_batches=rc.router_init_batches, seed=rc.seed, data_dir=rc.data_dir,
+                                public_task=rc.public_task, task=rc.task, num_docs=rc.router_init_docs,
+                                seq_len=rc.seq_len, info=init_info)
         cfg, params = expert.upcycle(anchor_config, anchor_params, rc.expert_name, router_rows=rows)
         provenance["router_init"] = rc.router_init
+        if init_info:
+            provenance["router_init_info"] = init_info
         return cfg, params, provenance
     return anchor_config, jax.device_get(anchor_params), provenance
 
@@ -197,6 +261,18 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
 
     data.register_tasks(rc.data_dir)
     mngr = _manager(workdir, rc)
+    state_dir = workdir / "state"
+
+    def saving(fn, *args, **kwargs):  # a failed write of the training state -> one clear TrainingError
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            err = _state_save_failed(e, mngr, state_dir)
+            if err is None:
+                raise
+            bar.close()  # (only called once the bar exists) so the error gets a line of its own
+            raise err from e
+
     start = 0
     latest = mngr.latest_step()
     if latest is not None:
@@ -206,7 +282,9 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
         restored = mngr.restore(latest, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         state = restored["state"]
-        batches = data.batches_from_state(restored["data"], rc.data_dir)
+        # The data position is process 0's; every process reads its own rows of the same global batch.
+        batches = data.batches_from_state({**restored["data"], "shard_index": jax.process_index(),
+                                           "num_shards": jax.process_count()}, rc.data_dir)
         start = latest
     else:
         batches = data.batches(rc.task, "train", rc.batch_size, rc.seq_len, rc.data_dir, seed=rc.seed,
@@ -215,7 +293,8 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
 
     tokens_per_step = rc.batch_size * rc.seq_len
     flops_per_token = 6 * _active_params(config) + 12 * config.n_layers * config.d_model * rc.seq_len
-    bar = tqdm(total=rc.steps, initial=start, desc=f"{rc.phase}", unit="step", disable=not progress)
+    bar = tqdm(total=rc.steps, initial=start, desc=f"{rc.phase}", unit="step",
+               disable=not progress or jax.process_index() > 0)
     writer = _writer(workdir)
     last: dict = {}
     t0, n0 = time.perf_counter(), start
@@ -224,7 +303,8 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
         state, metrics = step_fn(state, frozen, batch)
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
-            mngr.wait_until_finished()
+            saving(mngr.wait_until_finished)
+            bar.close()
             raise TrainingError(f"non-finite loss {loss} at step {step + 1}; stopped without saving it. "
                                 f"The last good checkpoint is step {mngr.latest_step()} in {workdir / 'state'}; "
                                 "lower the learning rate or check the data")
@@ -239,22 +319,27 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
         if done % rc.checkpoint_every == 0 or done == rc.steps:
             import orbax.checkpoint as ocp
 
-            mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(batches.state())))
+            saving(mngr.save, done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            data=ocp.args.JsonSave(batches.state())))
         bar.update()
     bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
+    saving(mngr.wait_until_finished)
+    saving(mngr.close)
     final = optim.combine(state.trainable, frozen)  # stays sharded: every process writes its shards
     out = workdir / "model"
-    checkpoint.save(out, config, final, metadata={
-        "phase": rc.phase, "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step,
-        "gin_config": gin_text, **provenance})
-    result = {"metrics": last, "model": str(out), "config": config}
-    if rc.phase == "expert":
-        result["expert"] = str(expert.save_deliverable(workdir / "expert", config, state.trainable, {
-            "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step, "gin_config": gin_text,
-            "data_card_sha256": _card_hash(rc.data_dir), "license": rc.license, **provenance}))
+    resume = (f" to resume: the training state of step {rc.steps} is saved in {state_dir}, so the rerun "
+              "only writes the outputs")
+    try:
+        checkpoint.save(out, config, final, metadata={
+            "phase": rc.phase, "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step,
+            "gin_config": gin_text, **provenance})
+        result = {"metrics": last, "model": str(out), "config": config}
+        if rc.phase == "expert":
+            result["expert"] = str(expert.save_deliverable(workdir / "expert", config, state.trainable, {
+                "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step, "gin_config": gin_text,
+                "data_card_sha256": _card_hash(rc.data_dir), "license": rc.license, **provenance}))
+    except checkpoint.CheckpointWriteError as e:  # its message ends "then rerun the same command"
+        raise TrainingError(f"{e}{resume}") from e
     return result
 
 
@@ -306,6 +391,8 @@ def _scalars(metrics, ocfg, step, tps, flops_per_token, config) -> dict:
 def _writer(workdir: Path):
     """TensorBoard event files (clu) plus a JSON-lines log that needs nothing to read."""
     path = workdir / "metrics.jsonl"
+    if jax.process_index() > 0:  # process 0 writes the logs of a multi-process run
+        return lambda step, scalars: None
     tb = None
     try:
         from clu import metric_writers
@@ -315,8 +402,13 @@ def _writer(workdir: Path):
         tqdm.write(f"flexmoe: no TensorBoard event files ({e}); pip install clu tensorboard")
 
     def write(step: int, scalars: dict) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+        except OSError as e:
+            raise TrainingError(f"cannot write {path}: {e.strerror or e}. To fix: "
+                                f"{checkpoint.io_fix(e.errno, workdir)}, then rerun the same command to resume "
+                                "from the last checkpoint") from e
         if tb is not None:
             tb.write_scalars(step, scalars)
             tb.flush()
