@@ -11,3 +11,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory):
+    """Real FlexMix-mini data, small (humor + public, 30 docs each, vocab 512), built once per session."""
+    from flexmoe_jax import data
+
+    d = tmp_path_factory.mktemp("flexmix_small")
+    try:
+        data.build(d, domains=["humor"], max_docs_per_domain=30, vocab_size=512, progress=False)
+    except data.SourceMissing as e:
+        pytest.skip(f"corpora not installed ({e}); run .ci/install_data_sources.sh")
+    return str(d)

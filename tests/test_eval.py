@@ -19,15 +19,8 @@ SEQ, BS = 64, 8
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from flexmoe_jax import data
-
-    d = tmp_path_factory.mktemp("flexmix_eval")
-    try:
-        data.build(d, domains=["humor"], max_docs_per_domain=30, vocab_size=512, progress=False)
-    except data.SourceMissing as e:
-        pytest.skip(f"corpora not installed ({e}); run .ci/install_data_sources.sh")
-    return str(d)
+def data_dir(small_data_dir):
+    return small_data_dir
 
 
 @pytest.fixture(scope="module")

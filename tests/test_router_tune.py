@@ -99,15 +99,8 @@ def test_select_proxy_takes_each_experts_best_documents(merged):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from flexmoe_jax import data
-
-    d = tmp_path_factory.mktemp("flexmix_rt")
-    try:
-        data.build(d, domains=["humor"], max_docs_per_domain=30, vocab_size=512, progress=False)
-    except data.SourceMissing as e:
-        pytest.skip(f"corpora not installed ({e}); run .ci/install_data_sources.sh")
-    return str(d)
+def data_dir(small_data_dir):
+    return small_data_dir
 
 
 def test_tune_router_trains_only_router_rows(merged, data_dir, tmp_path):

@@ -20,15 +20,8 @@ TINY = ["ModelConfig.vocab_size=512", "ModelConfig.d_model=32", "ModelConfig.n_h
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from flexmoe_jax import data
-
-    d = tmp_path_factory.mktemp("flexmix_train")
-    try:
-        data.build(d, domains=["humor"], max_docs_per_domain=30, vocab_size=512, progress=False)
-    except data.SourceMissing as e:
-        pytest.skip(f"corpora not installed ({e}); run .ci/install_data_sources.sh")
-    return str(d)
+def data_dir(small_data_dir):
+    return small_data_dir
 
 
 def _args(data_dir, workdir, *extra):
