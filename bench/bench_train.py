@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from flexmoe_jax import expert, model, optim, train, trainer
+from flexmoe_jax import baselines, expert, model, optim, train, trainer
 from flexmoe_jax.config import ModelConfig
 
 
@@ -96,7 +96,7 @@ def main():
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k, (cfg, r) in rows.items():
         ms = statistics.median(times[k])
-        flops = 6 * trainer._active_params(cfg) + 12 * cfg.n_layers * cfg.d_model * args.seq
+        flops = baselines.flops_per_token(cfg, args.seq)
         tps = tokens / ms
         print(f"| {k} | {ms * 1e3:.1f} | {tps:,.0f} | {tps * flops / peak:.1%} | {ms / full:.2f}x | "
               f"{gflop[k]:.2f} | {gflop[k] / gflop['full FT (2-expert)']:.2f}x | {r['trainable_bytes'] / 1e6:.2f} | {r['opt_bytes'] / 1e6:.2f} | {r['opt_bytes'] / r['trainable_bytes']:.2f}x |")

@@ -163,6 +163,28 @@ def _cmd_eval(args) -> None:
                        table_out=args.table, plot_out=args.plot)
 
 
+def _cmd_privacy(args) -> None:
+    from flexmoe_jax import privacy
+
+    if args.include is not None and args.exclude is not None:
+        raise CommandError("give --include or --exclude, not both")
+    if args.name is not None and len(args.name) != len(args.ckpt):
+        raise CommandError(f"{len(args.name)} --name for {len(args.ckpt)} --ckpt: give one name per checkpoint")
+    if args.name is not None and len(set(args.name)) != len(args.name):
+        raise CommandError(f"--name values must differ, got {args.name}")
+    if args.docs < 1:
+        raise CommandError(f"--docs must be at least 1, got {args.docs}")
+    models = dict(zip(args.name, args.ckpt)) if args.name else args.ckpt
+    results = privacy.run(models, args.data_dir, args.tasks, num_docs=args.docs, splits=args.splits,
+                          prefix_len=args.prefix_len, suffix_len=args.suffix_len, samples=args.samples,
+                          threshold=args.threshold, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, batch_size=args.batch_size, include=args.include, exclude=args.exclude)
+    print(privacy.markdown(results))
+    if args.json:
+        privacy.write_json(args.json, results)
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
 def _train_from_gin(files, bindings, workdir) -> None:
     from flexmoe_jax import distributed, optim, train, trainer
     from flexmoe_jax.config import ModelConfig, gin_scope
@@ -186,7 +208,7 @@ def _cmd_train(args) -> None:
 
 def _cmd_train_expert(args) -> None:
     name = args.name or args.task.split(".")[-1]
-    bindings = [f'RunConfig.phase="expert"', f'RunConfig.anchor="{args.anchor}"',
+    bindings = ['RunConfig.phase="expert"', f'RunConfig.anchor="{args.anchor}"',
                 f'RunConfig.task="{args.task}"', f'RunConfig.expert_name="{name}"']
     if args.data_dir:
         bindings.append(f'RunConfig.data_dir="{args.data_dir}"')
@@ -196,7 +218,9 @@ def _cmd_train_expert(args) -> None:
 def _cmd_demo(args) -> None:
     from flexmoe_jax import demo
 
-    demo.run(args.workdir, quick=args.quick)
+    if args.parallel < 1:
+        raise CommandError(f"--parallel must be at least 1, got {args.parallel}")
+    demo.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,9 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    d = sub.add_parser("demo", help="run the end-to-end demo on this machine")
-    d.add_argument("--quick", action="store_true", help="smallest sizes; finishes in about a minute")
-    d.add_argument("--workdir", default="flexmoe_demo", help="where checkpoints and results go (default: %(default)s)")
+    d = sub.add_parser("demo", help="the FlexOlmo mini-replication end to end: data, public model, experts in "
+                                    "their own processes, merge, baselines, evaluation, report",
+                       description="Builds FlexMix-mini, pretrains the public model, trains each owner's expert in "
+                                   "its own process on only its own data, merges them, trains and evaluates every "
+                                   "baseline, and writes WORKDIR/results/ (results.md, results.json, plots). "
+                                   "Resumable: rerun the same command to continue.")
+    d.add_argument("--quick", action="store_true", help="tiny sizes; a few minutes (what the tests run)")
+    d.add_argument("--workdir", default="flexmoe_demo", help="where data, checkpoints and results go (default: %(default)s)")
+    d.add_argument("--parallel", type=int, default=2, help="owners' expert trainings run at once (default: %(default)s)")
+    d.add_argument("--checks", action="store_true",
+                   help="instead: a one-minute check of the core (dispatch paths, opt-out, checkpoint and HF round "
+                        "trips) on a random model, no data needed")
     d.set_defaults(fn=_cmd_demo)
 
     t = sub.add_parser("train", help="train any phase described by gin files (t5x style)")
@@ -296,6 +329,32 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--table", default=None, help="write the markdown table here")
     v.add_argument("--plot", default=None, help="write a PNG of per-domain bits per byte here")
     v.set_defaults(fn=_cmd_eval)
+
+    pv = sub.add_parser("privacy", help="training-data extraction check (FlexOlmo's privacy test); table + JSON",
+                        description="For documents of each domain, sample --samples continuations of the first "
+                                    "--prefix_len tokens; a document is extracted if any sample's next "
+                                    "--suffix_len tokens have normalized Levenshtein similarity (on token ids) "
+                                    ">= --threshold with the true ones. Training documents are compared with "
+                                    "held-out ones: memorization shows as a train rate far above the test rate.")
+    pv.add_argument("--ckpt", required=True, nargs="+", help="checkpoint(s): model, merged model or run directory")
+    pv.add_argument("--name", nargs="+", default=None, help="a result name per checkpoint (default: from the path)")
+    pv.add_argument("--data_dir", default="flexmoe_data", help="FlexMix-mini data directory")
+    pv.add_argument("--tasks", nargs="+", default=None, help="domains or task names (default: every closed domain)")
+    pv.add_argument("--splits", nargs="+", default=["train", "test"],
+                    help="splits to check; the first is the trained-on one (default: %(default)s)")
+    pv.add_argument("--docs", type=int, default=100, help="documents per domain and split (default %(default)s)")
+    pv.add_argument("--samples", type=int, default=10, help="sampled continuations per document (default %(default)s)")
+    pv.add_argument("--prefix_len", type=int, default=32, help="prompt tokens per document (default %(default)s)")
+    pv.add_argument("--suffix_len", type=int, default=32, help="continuation tokens compared (default %(default)s)")
+    pv.add_argument("--threshold", type=float, default=0.9, help="similarity that counts as extracted (default %(default)s)")
+    pv.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
+    pv.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
+    pv.add_argument("--seed", type=int, default=0)
+    pv.add_argument("--batch_size", type=int, default=64, help="rows (document x sample) per generation call")
+    pv.add_argument("--include", nargs="+", default=None, metavar="NAME", help="keep only these experts")
+    pv.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="drop these experts (opt-out)")
+    pv.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
+    pv.set_defaults(fn=_cmd_privacy)
 
     i = sub.add_parser("import-hf", help="HF FlexOlmoForCausalLM / Olmo2ForCausalLM directory -> Orbax checkpoint")
     i.add_argument("src", help="directory with config.json and model.safetensors (or a sharded index)")

@@ -1,137 +1,640 @@
-"""``flexmoe demo``: what the project can do end to end today.
+"""``flexmoe demo``: the FlexOlmo mini-replication on FlexMix-mini, end to end, on this machine.
 
-Until the data, training and evaluation pieces land, the demo exercises the
-core on a randomly initialized FlexOlmo: every MoE dispatch path on the same
-batch, opt-out by routing mask vs physical removal, an atomic Orbax
-checkpoint round trip, and an HF transformers round trip (checked against
-``FlexOlmoForCausalLM`` itself when transformers is installed). Every number it
-prints is measured in this run.
+Phases (each resumable: a rerun skips what is finished, and a training run interrupted midway
+resumes from its last checkpoint):
+
+1. **data**: FlexMix-mini built from the local corpora (``flexmoe data build``).
+2. **owners' data**: one data directory per owner holding only the public sources and that
+   owner's domain (hard links), so no owner process can read another owner's data.
+3. **anchor**: the public dense model, pretrained on the public mix.
+4. **experts**: each owner's expert trained in its own OS process (``flexmoe train-expert``) given
+   only its own data directory; ``--parallel`` of them at a time.
+5. **merge** (top-2, biases kept), **calibration** (public-data bias, no training) and
+   **router tuning** (router rows only, public proxy data).
+6. **baselines**: BTX (the merged model, every parameter trained on all data) and an unrestricted
+   MoE (the anchor upcycled to 6 experts, top-2, trained jointly on all data for the training
+   FLOPs all owners spent together; see :mod:`flexmoe_jax.baselines`).
+7. **evaluation** of every model (bits per byte, multiple choice) incl. soup, BTM, each owner's
+   model, top-3, and each expert opted out; privacy (training-data extraction) of the experts
+   and the merged model.
+8. **report**: ``results/`` with results.json, findings.json, results.md, plots and timing.json.
+
+Every number in the report is measured in this run; findings are computed from those numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import jax
-import numpy as np
-from tqdm import tqdm
-
-from flexmoe_jax import checkpoint, hf, merge, model, moe
 from flexmoe_jax.config import ModelConfig
 
-
-def _timed(fn, *args, repeats=3, **kwargs):
-    out = jax.block_until_ready(fn(*args, **kwargs))  # compile + warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args, **kwargs))
-        best = min(best, time.perf_counter() - t)
-    return out, best
+RESULTS = "results"
+PLAN_FILE = "demo_plan.json"
 
 
-def _hf_oracle_logits(hf_dir: str, tokens: np.ndarray) -> np.ndarray | None:
+class DemoError(RuntimeError):
+    """The demo cannot go on; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes of one demo mode (everything else is shared between modes)."""
+
+    mode: str
+    # data
+    max_docs_per_domain: int | None
+    vocab_size: int
+    # the dense anchor (experts inherit it)
+    d_model: int
+    n_layers: int
+    n_heads: int
+    mlp_hidden: int
+    max_seq_len: int
+    # training (every phase uses the same batch shape)
+    batch_size: int
+    seq_len: int
+    anchor_steps: int
+    expert_steps: int
+    btx_steps: int
+    router_tune_steps: int
+    unrestricted_experts: int = 6
+    top_k: int = 2
+    peak_lr: float = 3e-3
+    # router tuning proxy data
+    rt_per_expert: int = 64
+    rt_public: int = 128
+    rt_pool: int = 1024
+    calibration_batches: int = 8
+    # evaluation
+    eval_batch_size: int = 16
+    mc_items: int = 20
+    privacy_docs: int = 16
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                           n_heads=self.n_heads, mlp_hidden=self.mlp_hidden, max_seq_len=self.max_seq_len)
+
+
+QUICK = Plan(mode="quick", max_docs_per_domain=80, vocab_size=512, d_model=64, n_layers=2, n_heads=4,
+             mlp_hidden=128, max_seq_len=128, batch_size=8, seq_len=64, anchor_steps=60, expert_steps=20,
+             btx_steps=10, router_tune_steps=10, rt_per_expert=8, rt_public=16, rt_pool=64,
+             calibration_batches=2, eval_batch_size=16, mc_items=5, privacy_docs=4)
+FULL = Plan(mode="full", max_docs_per_domain=None, vocab_size=4096, d_model=256, n_layers=4, n_heads=4,
+            mlp_hidden=688, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=250, expert_steps=50,
+            btx_steps=50, router_tune_steps=30)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Work directory bookkeeping
+# ----------------------------------------------------------------------------
+
+class Workdir:
+    """Paths of one demo run and its per-phase timing (kept across resumed runs)."""
+
+    def __init__(self, root: str | os.PathLike, plan: Plan):
+        self.root = Path(root).resolve()
+        self.plan = plan
+        self.data = self.root / "data"
+        self.results = self.root / RESULTS
+        self.timing_file = self.results / "timing.json"
+
+    def owner_data(self, domain: str) -> Path:
+        return self.root / "owners" / domain / "data"
+
+    def expert(self, domain: str) -> Path:
+        return self.root / "experts" / domain
+
+    def claim(self) -> None:
+        """Record the plan; refuse a directory made by another mode (its models have other sizes)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = self.root / PLAN_FILE
+        mine = dataclasses.asdict(self.plan)
+        if f.exists():
+            theirs = json.loads(f.read_text())
+            if theirs != mine:
+                other = theirs.get("mode", "?")
+                raise DemoError(f"{self.root} holds a demo run of mode {other!r} with other sizes than this "
+                                f"{self.plan.mode!r} run; pass another --workdir or delete {self.root}")
+        else:
+            f.write_text(json.dumps(mine, indent=2) + "\n")
+        self.results.mkdir(parents=True, exist_ok=True)
+
+    def timing(self) -> dict:
+        return json.loads(self.timing_file.read_text()) if self.timing_file.exists() else {}
+
+    def record(self, phase: str, seconds: float) -> None:
+        t = self.timing()
+        t[phase] = round(seconds, 1)
+        _write_json(self.timing_file, t)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _complete(model_dir: Path) -> bool:
+    from flexmoe_jax import checkpoint
+
+    return (model_dir / checkpoint.MARKER_NAME).is_file()
+
+
+class _Phase:
+    """``with _Phase(w, "anchor"):`` prints a header and records the wall time of the phase."""
+
+    def __init__(self, w: Workdir, name: str):
+        self.w, self.name = w, name
+
+    def __enter__(self):
+        _log(f"\n== {self.name} ==")
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            secs = time.perf_counter() - self.t
+            self.w.record(self.name, secs)
+            _log(f"   {self.name}: {secs:.0f} s")
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+
+def build_data(w: Workdir) -> None:
+    from flexmoe_jax import data
+
     try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError:
+        data.build(w.data, max_docs_per_domain=w.plan.max_docs_per_domain, vocab_size=w.plan.vocab_size,
+                   progress=True, log=lambda m: _log(f"   {m}"))
+    except data.SourceMissing as e:
+        raise DemoError(f"{e}; install the corpora with `bash .ci/install_data_sources.sh` (needs root)") from None
+
+
+def owner_data_dir(data_dir: str | os.PathLike, domain: str, out: str | os.PathLike) -> Path:
+    """A data directory with only the public sources and ``domain``: what one owner may read.
+
+    Datasets are hard links into ``data_dir`` (copies where links are impossible); the manifest
+    and data card list only what is there, so the owner's expert records a card of its own data.
+    """
+    from flexmoe_jax import data
+    from flexmoe_jax.data import card as card_lib
+    from flexmoe_jax.data import layout as L
+    from flexmoe_jax.data import pipeline
+
+    src, out = Path(data_dir), Path(out)
+    if out.exists():
+        return out
+    keep = [*data.PUBLIC_SOURCES, domain]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copytree(L.tokenizer_path(src).parent, L.tokenizer_path(tmp).parent)
+    manifest = pipeline.read_manifest(src)
+    manifest["configs"] = {c: v for c, v in manifest["configs"].items() if c in keep}
+    pipeline.write_json_atomic(tmp / pipeline.MANIFEST, manifest)
+    card = card_lib.load(src)
+    card["configs"] = {c: v for c, v in card["configs"].items() if c in keep}
+    card["data_dir"] = str(out.resolve())
+    card_lib.write(tmp, card)
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    for c in keep:
+        shutil.copytree(L.dataset_dir(src, L.FLEXMIX_NAME, c), L.dataset_dir(tmp, L.FLEXMIX_NAME, c),
+                        copy_function=link)
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Training phases
+# ----------------------------------------------------------------------------
+
+def _run_config(w: Workdir, **kw):
+    from flexmoe_jax import trainer
+
+    p = w.plan
+    base = dict(data_dir=str(w.data), batch_size=p.batch_size, seq_len=p.seq_len, log_every=10)
+    base.update(kw)
+    base.setdefault("checkpoint_every", max(base["steps"] // 2, 1))
+    return trainer.RunConfig(**base)
+
+
+def _optim(steps: int, weight_decay: float, peak_lr: float):
+    from flexmoe_jax import optim
+
+    return optim.OptimConfig(peak_lr=peak_lr, warmup_steps=max(1, steps // 10), weight_decay=weight_decay,
+                             total_steps=steps)
+
+
+def train_anchor(w: Workdir) -> Path:
+    from flexmoe_jax import data, trainer
+
+    out = w.root / "anchor"
+    if not _complete(out / "model"):
+        p = w.plan
+        rc = _run_config(w, phase="pretrain", task=data.PUBLIC_MIXTURE, steps=p.anchor_steps)
+        trainer.run(out, p.model_config(), rc, _optim(p.anchor_steps, 0.1, p.peak_lr))
+    return out / "model"
+
+
+def _expert_command(w: Workdir, anchor: Path, domain: str) -> list[str]:
+    p = w.plan
+    binds = [f"RunConfig.steps={p.expert_steps}", f"RunConfig.batch_size={p.batch_size}",
+             f"RunConfig.seq_len={p.seq_len}", f"RunConfig.checkpoint_every={max(p.expert_steps // 2, 1)}",
+             "RunConfig.log_every=10", f"OptimConfig.warmup_steps={max(1, p.expert_steps // 10)}",
+             f"OptimConfig.peak_lr={p.peak_lr}"]
+    cmd = [sys.executable, "-m", "flexmoe_jax.cli", "train-expert", "--anchor", str(anchor),
+           "--task", f"flexmix_mini.{domain}", "--name", domain, "--out", str(w.expert(domain)),
+           "--data_dir", str(w.owner_data(domain))]
+    for b in binds:
+        cmd += ["--gin_param", b]
+    return cmd
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _final_loss(run_dir: Path) -> float | None:
+    f = run_dir / "metrics.jsonl"
+    if not f.exists():
         return None
-    torch.set_num_threads(2)
-    m = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        return m(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return rows[-1].get("ce") if rows else None
 
 
-def run(workdir: str, quick: bool = False) -> dict:
-    names = ("public", "code", "math", "literature")
-    if quick:
-        config = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, mlp_hidden=128,
-                             num_experts=4, top_k=2, expert_names=names, max_seq_len=128, init_std=0.1)
-        batch, seq = 4, 64
-    else:
-        config = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, mlp_hidden=688,
-                             num_experts=4, top_k=2, expert_names=names, max_seq_len=512, init_std=0.05)
-        batch, seq = 8, 256
-    os.makedirs(workdir, exist_ok=True)
-    results: dict = {"config": config.to_dict(), "backend": jax.default_backend()}
-    steps = tqdm(total=5, desc="demo", unit="step")
+def train_experts(w: Workdir, anchor: Path, domains: list[str], parallel: int) -> dict[str, Path]:
+    """One OS process per owner, given only its own data directory; ``parallel`` at a time."""
+    todo = [d for d in domains if not (_complete(w.expert(d) / "model") and (w.expert(d) / "expert").is_dir())]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+    from tqdm.auto import tqdm
 
-    params = model.init(config, 0)
-    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (batch, seq)).astype(np.int32)
-    steps.set_postfix_str("dispatch paths")
-    paths = {}
-    ref = None
-    for impl in ("dense", "ragged", "blocks"):
-        logits, secs = _timed(model.forward, config.replace(moe_impl=impl), params, tokens)
-        ref = logits if ref is None else ref
-        paths[impl] = {"ms": secs * 1e3, "tokens_per_s": batch * seq / secs,
-                       "max_abs_diff_vs_dense": float(np.abs(np.asarray(logits - ref)).max())}
-    results["dispatch"] = paths
-    results["auto_path"] = moe.choose_impl("auto", config.top_k, config.num_experts)
-    steps.update()
-
-    steps.set_postfix_str("opt-out")
-    full = model.forward(config, params, tokens)
-    masked = model.forward(config, params, tokens, active_experts=[n for n in names if n != "math"])
-    c3, p3 = merge.exclude(config, params, ["math"])
-    removed = model.forward(c3, p3, tokens)
-    results["opt_out"] = {
-        "excluded": "math",
-        "mask_vs_removal_max_abs_diff": float(np.abs(np.asarray(masked - removed)).max()),
-        "next_token_changed_fraction": float(np.mean(np.argmax(full, -1) != np.argmax(masked, -1))),
-    }
-    steps.update()
-
-    steps.set_postfix_str("orbax checkpoint")
-    ckpt = os.path.join(workdir, "anchor")
-    checkpoint.save(ckpt, config, params)
-    c_back, p_back = checkpoint.load(ckpt)
-    same = c_back == config and all(
-        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p_back)))
-    results["checkpoint"] = {"path": ckpt, "bit_identical": bool(same)}
-    steps.update()
-
-    steps.set_postfix_str("HF export/import")
-    hf_dir = os.path.join(workdir, "hf")
-    hf.to_hf(config, params, hf_dir)
-    c_hf, p_hf = hf.from_hf(hf_dir)
-    results["hf"] = {"path": hf_dir, "roundtrip_max_abs_diff": float(np.abs(np.asarray(
-        model.forward(c_hf, p_hf, tokens) - full)).max())}
-    steps.update()
-
-    steps.set_postfix_str("transformers oracle")
-    oracle = _hf_oracle_logits(hf_dir, tokens[:2, :32])
-    if oracle is not None:
-        ours = np.asarray(model.forward(config, params, tokens[:2, :32]))
-        results["hf"]["transformers_max_abs_diff"] = float(np.abs(ours - oracle).max())
-    steps.update()
-    steps.close()
-
-    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
-    with open(os.path.join(workdir, "results", "demo.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    _print_summary(results, batch, seq)
-    return results
+    bar = tqdm(total=len(domains), initial=len(domains) - len(todo), desc="experts", unit="owner")
+    try:
+        while todo or running:
+            while todo and len(running) < max(1, parallel):
+                d = todo.pop(0)
+                w.expert(d).mkdir(parents=True, exist_ok=True)
+                log = w.expert(d) / "train.log"
+                with open(log, "a") as f:
+                    proc = subprocess.Popen(_expert_command(w, anchor, d), stdout=f, stderr=subprocess.STDOUT,
+                                            env=env)
+                running[d] = (proc, log, time.perf_counter())
+            time.sleep(0.5)
+            for d, (proc, log, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[d]
+                if proc.returncode != 0:
+                    raise DemoError(f"the {d} owner's expert training failed (exit {proc.returncode}); its log "
+                                    f"{log} ends with:\n{_tail(log)}\nfix the cause and rerun: finished work is kept")
+                w.record(f"expert_{d}", time.perf_counter() - t0)
+                ce = _final_loss(w.expert(d))
+                bar.write(f"   expert {d}: {time.perf_counter() - t0:.0f} s in its own process, final ce "
+                          f"{ce if ce is None else round(ce, 3)}")
+                bar.update()
+    finally:
+        for proc, _, _ in running.values():
+            proc.kill()
+        bar.close()
+    return {d: w.expert(d) for d in domains}
 
 
-def _print_summary(r: dict, batch: int, seq: int) -> None:
-    c = r["config"]
-    print(f"\nFlexOlmo d_model={c['d_model']} layers={c['n_layers']} experts={c['expert_names']} "
-          f"top-{c['top_k']}, batch {batch}x{seq}, backend {r['backend']}")
-    print("| dispatch | ms/forward | tokens/s | max abs diff vs dense |")
-    print("|---|---:|---:|---:|")
-    for k, v in r["dispatch"].items():
-        mark = " (auto)" if k == r["auto_path"] else ""
-        print(f"| {k}{mark} | {v['ms']:.1f} | {v['tokens_per_s']:,.0f} | {v['max_abs_diff_vs_dense']:.2e} |")
-    o = r["opt_out"]
-    print(f"opt-out of '{o['excluded']}': routing mask vs physical removal max diff "
-          f"{o['mask_vs_removal_max_abs_diff']:.1e}; next-token argmax changed on "
-          f"{o['next_token_changed_fraction']:.1%} of positions")
-    print(f"orbax checkpoint round trip bit-identical: {r['checkpoint']['bit_identical']}")
-    h = r["hf"]
-    line = f"HF export/import max diff {h['roundtrip_max_abs_diff']:.1e}"
-    if "transformers_max_abs_diff" in h:
-        line += f"; vs transformers FlexOlmoForCausalLM max diff {h['transformers_max_abs_diff']:.1e}"
-    print(line)
+def merge_experts(w: Workdir, anchor: Path, experts: dict[str, Path]) -> Path:
+    from flexmoe_jax import merge
+
+    out = w.root / "merged"
+    if not _complete(out):
+        merge.merge(anchor, [experts[d] for d in experts], out, top_k=w.plan.top_k, progress=True)
+    return out
+
+
+def calibrate(w: Workdir, merged: Path) -> Path:
+    from flexmoe_jax import checkpoint, data, merge, router_tune
+
+    out = w.root / "flexolmo_cal"
+    if not _complete(out):
+        config, params = merge.load(merged)
+        data.register_tasks(w.data)
+        p = w.plan
+        batches = data.batches(data.PUBLIC_MIXTURE, "train", p.batch_size, p.seq_len, w.data, seed=7)
+        config, params, report = router_tune.calibrate_bias(config, params, batches, p.calibration_batches)
+        checkpoint.save(out, config, params, metadata={"calibrated_from": str(merged), "calibration": report})
+    return out
+
+
+def tune_router(w: Workdir, merged: Path) -> Path:
+    from flexmoe_jax import router_tune
+
+    out = w.root / "flexolmo_rt"
+    if not _complete(out / "model"):
+        p = w.plan
+        router_tune.tune(merged, out, w.data, top_k=p.top_k, per_expert=p.rt_per_expert, public=p.rt_public,
+                         pool=p.rt_pool, gin_params=[f"RunConfig.steps={p.router_tune_steps}",
+                                                     f"RunConfig.batch_size={p.batch_size}",
+                                                     f"RunConfig.seq_len={p.seq_len}",
+                                                     f"RunConfig.checkpoint_every={p.router_tune_steps}",
+                                                     f"OptimConfig.warmup_steps={max(1, p.router_tune_steps // 10)}"])
+    return out / "model"
+
+
+def train_btx(w: Workdir, merged: Path) -> Path:
+    """BTX: the merged model, then every parameter trained jointly on all data."""
+    from flexmoe_jax import data, merge, trainer
+
+    out = w.root / "btx"
+    if not _complete(out / "model"):
+        p = w.plan
+        config, params = merge.load(merged)
+        rc = _run_config(w, phase="pretrain", task=data.ALL_MIXTURE, steps=p.btx_steps)
+        trainer.run(out, config, rc, _optim(p.btx_steps, 0.0, p.peak_lr), params=params)
+    return out / "model"
+
+
+def train_unrestricted(w: Workdir, anchor: Path, n_owners: int) -> tuple[Path, int]:
+    """The anchor upcycled to ``unrestricted_experts`` experts, trained jointly on all data for the
+    training FLOPs all owners spent together."""
+    from flexmoe_jax import baselines, checkpoint, data, trainer
+
+    p = w.plan
+    a_config, a_params = checkpoint.load(anchor)
+    config, params = baselines.upcycle(a_config, a_params, p.unrestricted_experts, p.top_k)
+    owner_config = a_config.replace(num_experts=2, top_k=2)
+    steps = baselines.matched_steps(owner_config, p.expert_steps, n_owners, config, p.seq_len)
+    out = w.root / "unrestricted"
+    if not _complete(out / "model"):
+        rc = _run_config(w, phase="pretrain", task=data.ALL_MIXTURE, steps=steps)
+        trainer.run(out, config, rc, _optim(steps, 0.0, p.peak_lr), params=params)
+    return out / "model", steps
+
+
+def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int) -> dict[str, dict]:
+    """Training FLOPs of each model beyond the shared anchor, and in total."""
+    from flexmoe_jax import baselines
+
+    p = w.plan
+    dense = p.model_config()
+    owner = dense.replace(num_experts=2, top_k=2)
+    merged = dense.replace(num_experts=n_owners + 1, top_k=p.top_k)
+    joint = dense.replace(num_experts=p.unrestricted_experts, top_k=p.top_k)
+
+    def f(cfg, steps):
+        return baselines.training_flops(cfg, steps, p.batch_size, p.seq_len)
+
+    anchor = f(dense, p.anchor_steps)
+    experts = n_owners * f(owner, p.expert_steps)
+    rows = {"public": 0.0, "expert (one owner)": f(owner, p.expert_steps), "soup": experts, "btm": experts,
+            "flexolmo": experts, "flexolmo_cal": experts,
+            "flexolmo_rt": experts + f(merged, p.router_tune_steps),
+            "btx": experts + f(merged, p.btx_steps), "unrestricted": f(joint, unrestricted_steps)}
+    return {k: {"beyond_anchor": v, "total": anchor + v, "vs_flexolmo": v / experts} for k, v in rows.items()}
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+
+def _results(w: Workdir) -> dict:
+    f = w.results / "results.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def evaluate_all(w: Workdir, models: dict[str, dict]) -> dict:
+    """Evaluate each ``{name: {"model": path|scorer-factory, "exclude"/"top_k": ...}}`` not yet in results.json."""
+    from flexmoe_jax import eval as eval_lib
+
+    p = w.plan
+    done = _results(w)
+    for name, spec in models.items():
+        if name in done:
+            continue
+        t0 = time.perf_counter()
+        m = spec["model"]
+        m = m() if callable(m) else m
+        eval_lib.main_eval({name: m}, w.data, exclude=spec.get("exclude"), top_k=spec.get("top_k"),
+                           batch_size=p.eval_batch_size, mc_items_per_domain=p.mc_items,
+                           json_out=w.results / "results.json", log=None, progress=True)
+        w.record(f"eval_{name}", time.perf_counter() - t0)
+        avg = _results(w)[name].get("average", {})
+        _log(f"   {name}: average bpb {avg.get('bpb', float('nan')):.4f}, "
+             f"public bpb {_results(w)[name]['public']['bpb']:.4f} ({time.perf_counter() - t0:.0f} s)")
+    return _results(w)
+
+
+def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
+    from flexmoe_jax import privacy
+
+    f = w.results / "privacy.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    models = {f"expert_{d}": {"model": path, "domains": [d]} for d, path in experts.items()}
+    models["flexolmo"] = {"model": merged, "domains": list(experts)}
+    models["public"] = {"model": w.root / "anchor" / "model", "domains": list(experts)}
+    out = {}
+    for name, spec in models.items():
+        out.update(privacy.run({name: spec["model"]}, w.data, spec["domains"], num_docs=w.plan.privacy_docs,
+                               progress=True))
+    _write_json(f, out)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Findings and report
+# ----------------------------------------------------------------------------
+
+def findings(results: dict, domains: list[str]) -> dict:
+    """Numbers that answer the paper's claims, computed from ``results`` (bits per byte)."""
+    def bpb(m, d):
+        return results[m][d]["bpb"]
+
+    avg = {m: r["average"]["bpb"] for m, r in results.items() if "average" in r}
+    f: dict = {"average_bpb": avg}
+    f["flexolmo_vs_public"] = {d: bpb("flexolmo", d) - bpb("public", d) for d in [*domains, "public"]}
+    f["flexolmo_beats_public_on"] = [d for d in domains if bpb("flexolmo", d) < bpb("public", d)]
+    f["relative_to_flexolmo_average"] = {m: (a - avg["flexolmo"]) / avg["flexolmo"] for m, a in avg.items()}
+    kept = {}
+    for d in domains:
+        own = f"expert_{d}"
+        if own in results:
+            gain = bpb("public", d) - bpb(own, d)
+            kept[d] = (bpb("public", d) - bpb("flexolmo", d)) / gain if gain > 0 else None
+    f["share_of_owner_gain_kept"] = kept
+    opt = {}
+    for d in domains:
+        name = f"flexolmo_minus_{d}"
+        if name not in results:
+            continue
+        gain = bpb("public", d) - bpb("flexolmo", d)
+        others = [o for o in [*domains, "public"] if o != d]
+        opt[d] = {"gain_removed": (bpb(name, d) - bpb("flexolmo", d)) / gain if gain > 0 else None,
+                  "bpb_change_own": bpb(name, d) - bpb("flexolmo", d),
+                  "largest_relative_change_elsewhere": max(abs(bpb(name, o) - bpb("flexolmo", o)) / bpb("flexolmo", o)
+                                                           for o in others)}
+    f["opt_out"] = opt
+    return f
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.1%}"
+
+
+def findings_text(f: dict, domains: list[str]) -> list[str]:
+    """Plain sentences from :func:`findings` (no claim that the numbers do not carry)."""
+    avg, rel = f["average_bpb"], f["relative_to_flexolmo_average"]
+    lines = []
+    beat = f["flexolmo_beats_public_on"]
+    lines.append(f"FlexOlmo beats the public model on {len(beat)}/{len(domains)} closed domains"
+                 + (f" ({', '.join(beat)})" if beat else "") + f"; average bpb {avg['flexolmo']:.4f} vs "
+                 f"{avg['public']:.4f}. On public data it changes bpb by {f['flexolmo_vs_public']['public']:+.4f}.")
+    for m in ("soup", "btm", "btx", "unrestricted", "flexolmo_top3", "flexolmo_cal", "flexolmo_rt"):
+        if m in rel:
+            better = "better" if rel[m] < 0 else "worse"
+            lines.append(f"{m}: average bpb {avg[m]:.4f}, {_pct(rel[m])} vs FlexOlmo ({better} than FlexOlmo).")
+    kept = {d: v for d, v in f["share_of_owner_gain_kept"].items() if v is not None}
+    if kept:
+        lines.append("Share of each owner's own gain over the public model that the merged model keeps on that "
+                     "owner's domain: " + ", ".join(f"{d} {v:.0%}" for d, v in kept.items()) + ".")
+    for d, o in f["opt_out"].items():
+        g = "n/a (no gain to remove)" if o["gain_removed"] is None else f"{o['gain_removed']:.0%} of FlexOlmo's gain"
+        lines.append(f"Opting out {d}: removes {g} on {d} (bpb {o['bpb_change_own']:+.4f}); largest relative "
+                     f"change on any other domain {o['largest_relative_change_elsewhere']:.2%}.")
+    return lines
+
+
+def write_report(w: Workdir, results: dict, domains: list[str], flops: dict, privacy: dict | None,
+                 extra_notes: list[str] = ()) -> Path:
+    from flexmoe_jax import eval as eval_lib
+
+    f = findings(results, domains)
+    _write_json(w.results / "findings.json", f)
+    main = [m for m in ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_top3",
+                        "flexolmo_cal", "flexolmo_rt") if m in results]
+    eval_lib.plot({m: results[m] for m in main}, w.results / "baselines.png")
+    eval_lib.plot({m: results[m] for m in ["public", *[f"expert_{d}" for d in domains], "flexolmo"]
+                   if m in results}, w.results / "experts.png")
+    eval_lib.plot({m: results[m] for m in ["flexolmo", *[f"flexolmo_minus_{d}" for d in domains]]
+                   if m in results}, w.results / "opt_out.png")
+    p = w.plan
+    timing = w.timing()
+    lines = [f"# FlexOlmo on FlexMix-mini ({p.mode} mode)", "",
+             f"Made by `flexmoe demo{' --quick' if p.mode == 'quick' else ''} --workdir {w.root}`; every number "
+             "below was measured in that run.", "",
+             f"- anchor: dense OLMo-2 d_model={p.d_model}, {p.n_layers} layers, vocab {p.vocab_size}, "
+             f"{p.anchor_steps} steps on the public mix; batch {p.batch_size} x {p.seq_len} tokens everywhere",
+             f"- experts: {', '.join(domains)}; {p.expert_steps} steps each, each in its own process with only "
+             "its own data; merged top-2, router biases kept",
+             f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX {p.btx_steps} steps on all data; "
+             f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k}, same training FLOPs as all owners",
+             f"- wall time: {sum(v for k, v in timing.items() if not k.startswith(('expert_', 'eval_'))):.0f} s",
+             "", "## Findings", ""]
+    lines += [f"- {x}" for x in [*findings_text(f, domains), *extra_notes]]
+    lines += ["", "## Results", "", eval_lib.results_table(results), "## Training FLOPs", "",
+              "| model | beyond the anchor | total | vs FlexOlmo's experts |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {v['beyond_anchor']:.3g} | {v['total']:.3g} | {v['vs_flexolmo']:.2f}x |"
+              for k, v in flops.items()]
+    if privacy:
+        from flexmoe_jax import privacy as privacy_lib
+
+        lines += ["", "## Training-data extraction", "", privacy_lib.markdown(privacy)]
+    lines += ["", "Plots: baselines.png, experts.png, opt_out.png. Raw numbers: results.json, findings.json, "
+              "flops.json, timing.json" + (", privacy.json" if privacy else "") + ".", ""]
+    out = w.results / "results.md"
+    out.write_text("\n".join(lines))
+    _write_json(w.results / "flops.json", flops)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The whole demo
+# ----------------------------------------------------------------------------
+
+def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, domains=None) -> dict:
+    """Run (or resume) the demo in ``workdir``; returns ``{"results", "findings", "report"}``."""
+    from flexmoe_jax import data, eval as eval_lib
+
+    t_start = time.perf_counter()
+    w = Workdir(workdir, QUICK if quick else FULL)
+    w.claim()
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(w.root / "cache" / "xla"))
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    domains = list(domains or data.CLOSED_DOMAINS)
+
+    with _Phase(w, "data"):
+        build_data(w)
+        for d in domains:
+            owner_data_dir(w.data, d, w.owner_data(d))
+    with _Phase(w, "anchor"):
+        anchor = train_anchor(w)
+    with _Phase(w, "experts"):
+        experts = train_experts(w, anchor, domains, parallel)
+    with _Phase(w, "merge"):
+        merged = merge_experts(w, anchor, experts)
+    with _Phase(w, "calibrate"):
+        cal = calibrate(w, merged)
+    with _Phase(w, "router_tune"):
+        rt = tune_router(w, merged)
+    with _Phase(w, "btx"):
+        btx = train_btx(w, merged)
+    with _Phase(w, "unrestricted"):
+        unrestricted, u_steps = train_unrestricted(w, anchor, len(domains))
+
+    models: dict[str, dict] = {"public": {"model": anchor}}
+    models.update({f"expert_{d}": {"model": experts[d]} for d in domains})
+    models["soup"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(experts.values()))}
+    models["btm"] = {"model": lambda: eval_lib.btm_scorer(anchor, list(experts.values()))}
+    models["btx"] = {"model": btx}
+    models["unrestricted"] = {"model": unrestricted}
+    models["flexolmo"] = {"model": merged}
+    models["flexolmo_top3"] = {"model": merged, "top_k": 3}
+    models["flexolmo_cal"] = {"model": cal}
+    models["flexolmo_rt"] = {"model": rt}
+    models.update({f"flexolmo_minus_{d}": {"model": merged, "exclude": [d]} for d in domains})
+    with _Phase(w, "evaluate"):
+        results = evaluate_all(w, models)
+    with _Phase(w, "privacy"):
+        priv = privacy_check(w, experts, merged)
+    flops = flops_table(w, len(domains), u_steps)
+    report = write_report(w, results, domains, flops, priv)
+    _write_json(w.results / "timing.json", {**w.timing(), "total_this_invocation": round(time.perf_counter() - t_start, 1)})
+    _log("\n" + report.read_text())
+    _log(f"results in {w.results}")
+    return {"results": results, "findings": json.loads((w.results / "findings.json").read_text()),
+            "report": str(report)}
+
+
+def main(args) -> None:
+    """``flexmoe demo`` (see cli.py): the replication, or ``--checks`` for the one-minute core checks."""
+    if args.checks:
+        from flexmoe_jax import demo_checks
+
+        demo_checks.run(args.workdir, quick=args.quick)
+        return
+    try:
+        run(args.workdir, quick=args.quick, parallel=args.parallel)
+    except DemoError as e:
+        raise ValueError(str(e)) from None

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from flexmoe_jax import checkpoint, expert, model, optim, train
+from flexmoe_jax import baselines, checkpoint, expert, model, optim, train
 from flexmoe_jax.config import ModelConfig
 
 PHASES = ("pretrain", "expert", "router_tune")
@@ -292,7 +292,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     batch_sharding = train.batch_sharding(mesh)
 
     tokens_per_step = rc.batch_size * rc.seq_len
-    flops_per_token = 6 * _active_params(config) + 12 * config.n_layers * config.d_model * rc.seq_len
+    flops_per_token = baselines.flops_per_token(config, rc.seq_len)
     bar = tqdm(total=rc.steps, initial=start, desc=f"{rc.phase}", unit="step",
                disable=not progress or jax.process_index() > 0)
     writer = _writer(workdir)
@@ -349,12 +349,6 @@ def _card_hash(data_dir: str) -> str | None:
 
     card = Path(data_dir) / "card.json"
     return hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None
-
-
-def _active_params(config: ModelConfig) -> int:
-    """Parameters touched per token (top-k experts, not all), for the FLOPs estimate."""
-    c = config.replace(num_experts=config.top_k if config.is_moe else 0, expert_names=())
-    return c.num_params() - config.vocab_size * config.d_model  # the embedding lookup is not a matmul
 
 
 _PEAK: list[float] = []

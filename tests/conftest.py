@@ -27,3 +27,29 @@ def small_data_dir(tmp_path_factory):
     except data.SourceMissing as e:
         pytest.skip(f"corpora not installed ({e}); run .ci/install_data_sources.sh")
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def demo_env():
+    """The environment a user's shell gives ``flexmoe demo``: one CPU device, default XLA flags."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return env
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory, demo_env):
+    """``flexmoe demo --quick`` run once per session as a subprocess; its work directory and output."""
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path_factory.mktemp("demo") / "work"
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "flexmoe_jax.cli", "demo", "--quick", "--workdir", str(work)],
+                       capture_output=True, text=True, env=demo_env, timeout=1800)
+    if r.returncode != 0 and "install_data_sources" in r.stderr:
+        pytest.skip(f"corpora not installed: {r.stderr.strip()[-300:]}")
+    assert r.returncode == 0, f"demo --quick failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return {"dir": work, "stdout": r.stdout, "seconds": time.perf_counter() - t}

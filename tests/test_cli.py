@@ -7,7 +7,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from flexmoe_jax import checkpoint, cli, hf, model
 from flexmoe_jax.config import tiny
@@ -51,9 +50,9 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "hf")
 
 
-def test_demo_quick(tmp_path):
+def test_demo_checks_quick(tmp_path):
     work = str(tmp_path / "demo")
-    assert cli.main(["demo", "--quick", "--workdir", work]) == 0
+    assert cli.main(["demo", "--checks", "--quick", "--workdir", work]) == 0
     with open(os.path.join(work, "results", "demo.json")) as f:
         r = json.load(f)
     for impl in ("dense", "ragged", "blocks"):

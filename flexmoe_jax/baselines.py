@@ -1,0 +1,70 @@
+"""Baselines that need their own parameters, and the training-FLOPs accounting that keeps them fair.
+
+FlexOlmo's comparison (paper section 4) holds training compute fixed: every method starts from
+the same public anchor, and a method that trains jointly may spend exactly the compute the owners
+spent on their experts together. Two baselines need parameters of their own:
+
+- **Unrestricted MoE** (:func:`upcycle`): the anchor sparsely upcycled to ``num_experts`` copies of
+  its FFN with small random router rows (to break the copies' symmetry), trained jointly on all
+  data with top-k routing and every parameter trainable. With ``top_k=2`` it touches as many
+  parameters per token as an owner's 2-expert model, so equal FLOPs means equal tokens: the sum of
+  the owners' training tokens.
+- **BTX**: the merged FlexOlmo, then every parameter trained jointly on all data; it needs no new
+  parameters, only the extra steps, which :func:`training_flops` charges to it.
+
+FLOPs are estimated the way :mod:`flexmoe_jax.trainer` logs MFU: 6 x active parameters (top-k
+experts, embedding lookup excluded) plus the attention score/value matmuls, per token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flexmoe_jax import model
+from flexmoe_jax.config import ModelConfig
+
+
+def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, num_experts: int, top_k: int,
+            seed: int = 0, router_std: float | None = None) -> tuple[ModelConfig, model.Params]:
+    """Dense anchor -> ``num_experts`` copies of its FFN behind a random router (sparse upcycling).
+
+    Unlike :func:`flexmoe_jax.expert.upcycle` (public slot + one owner's slot, trained apart),
+    every slot and every router row here trains jointly; the router starts random (normal,
+    ``router_std`` default the model's ``init_std``) so identical experts receive different tokens.
+    """
+    if anchor_config.is_moe:
+        raise ValueError(f"upcycling needs a dense anchor (num_experts=0); this one has experts "
+                         f"{list(anchor_config.names)}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+    model.check_params(anchor_config, anchor_params, "anchor params")
+    config = anchor_config.replace(num_experts=num_experts, top_k=top_k, expert_names=(), expert_bias=False)
+    L, d = anchor_config.n_layers, anchor_config.d_model
+    mlp = {k: np.asarray(v) for k, v in anchor_params["layers"]["mlp"].items()}
+    moe = {k: np.repeat(mlp[k][:, None], num_experts, axis=1) for k in ("gate", "up", "down")}
+    std = anchor_config.init_std if router_std is None else router_std
+    rng = np.random.default_rng(seed)
+    moe["router"] = (rng.standard_normal((L, num_experts, d)) * std).astype(mlp["gate"].dtype)
+    layers = {k: v for k, v in anchor_params["layers"].items() if k != "mlp"}
+    params = {**anchor_params, "layers": {**layers, "moe": moe}}
+    model.check_params(config, params, "upcycled params")
+    return config, params
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active parameters + attention (12 x layers x d_model x seq_len)."""
+    c = config.replace(num_experts=config.top_k if config.is_moe else 0, expert_names=())
+    active = c.num_params() - config.vocab_size * config.d_model  # the embedding lookup is not a matmul
+    return 6.0 * active + 12.0 * config.n_layers * config.d_model * seq_len
+
+
+def training_flops(config: ModelConfig, steps: int, batch_size: int, seq_len: int) -> float:
+    """Total training FLOPs of ``steps`` steps of ``batch_size`` x ``seq_len`` tokens."""
+    return flops_per_token(config, seq_len) * steps * batch_size * seq_len
+
+
+def matched_steps(owner_config: ModelConfig, owner_steps: int, owners: int, joint_config: ModelConfig,
+                  seq_len: int) -> int:
+    """Steps (same batch) a jointly trained model may take for the FLOPs all owners spent together."""
+    ratio = flops_per_token(owner_config, seq_len) / flops_per_token(joint_config, seq_len)
+    return max(1, int(round(owner_steps * owners * ratio)))

@@ -1,0 +1,93 @@
+"""``flexmoe demo --quick`` end to end, as a user runs it (a subprocess), and what it leaves behind."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flexmoe_jax import checkpoint, data, demo, merge
+
+DOMAINS = list(data.CLOSED_DOMAINS)
+
+
+def test_quick_demo_outputs(quick_demo):
+    res = quick_demo["dir"] / "results"
+    for name in ("results.md", "results.json", "findings.json", "flops.json", "timing.json", "privacy.json"):
+        assert (res / name).is_file(), name
+    for png in ("baselines.png", "experts.png", "opt_out.png"):
+        assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((res / "results.json").read_text())
+    expected = {"public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_top3", "flexolmo_cal",
+                "flexolmo_rt", *[f"expert_{d}" for d in DOMAINS], *[f"flexolmo_minus_{d}" for d in DOMAINS]}
+    assert expected <= set(results)
+    for name, per in results.items():
+        for d in [*DOMAINS, "public"]:
+            assert 0 < per[d]["bpb"] < 20, (name, d)
+    report = (res / "results.md").read_text()
+    assert "## Findings" in report and "flexolmo_minus_code" in report and "Training-data extraction" in report
+    assert "--quick" in quick_demo["stdout"] or "FlexOlmo on FlexMix-mini" in quick_demo["stdout"]
+
+
+def test_findings_are_computed_from_results(quick_demo):
+    res = quick_demo["dir"] / "results"
+    results = json.loads((res / "results.json").read_text())
+    f = json.loads((res / "findings.json").read_text())
+    assert f == json.loads(json.dumps(demo.findings(results, DOMAINS)))
+    beats = [d for d in DOMAINS if results["flexolmo"][d]["bpb"] < results["public"][d]["bpb"]]
+    assert f["flexolmo_beats_public_on"] == beats
+    d = DOMAINS[0]
+    own = results[f"flexolmo_minus_{d}"][d]["bpb"] - results["flexolmo"][d]["bpb"]
+    assert f["opt_out"][d]["bpb_change_own"] == pytest.approx(own)
+
+
+def test_each_owner_saw_only_its_own_data(quick_demo):
+    from flexmoe_jax.data import layout
+
+    w = quick_demo["dir"]
+    for d in DOMAINS:
+        owner = w / "owners" / d / "data"
+        built = sorted(p.name for p in (layout.tfds_dir(owner) / layout.FLEXMIX_NAME).iterdir())
+        assert built == sorted([*data.PUBLIC_SOURCES, d])
+        assert set(json.loads((owner / "card.json").read_text())["configs"]) == {*data.PUBLIC_SOURCES, d}
+        meta = checkpoint.load_metadata(w / "experts" / d / "model")
+        assert f'RunConfig.data_dir = "{owner}"' in meta["gin_config"]
+        assert (w / "experts" / d / "train.log").is_file()  # trained by its own process
+    m = merge.read_manifest(w / "merged")
+    assert [e["name"] for e in m["experts"]] == ["public", *DOMAINS]
+
+
+def test_unrestricted_moe_gets_the_owners_flops(quick_demo):
+    res = quick_demo["dir"] / "results"
+    flops = json.loads((res / "flops.json").read_text())
+    assert flops["unrestricted"]["vs_flexolmo"] == pytest.approx(1.0, rel=0.02)
+    assert flops["btx"]["vs_flexolmo"] > 1.0
+    cfg = checkpoint.load_config(quick_demo["dir"] / "unrestricted" / "model")
+    assert (cfg.num_experts, cfg.top_k) == (demo.QUICK.unrestricted_experts, demo.QUICK.top_k)
+
+
+def test_rerun_resumes_without_training_again(quick_demo, demo_env):
+    w = quick_demo["dir"]
+    stamp = (w / "merged" / checkpoint.MARKER_NAME).stat().st_mtime_ns
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "flexmoe_jax.cli", "demo", "--quick", "--workdir", str(w)],
+                       capture_output=True, text=True, env=demo_env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (w / "merged" / checkpoint.MARKER_NAME).stat().st_mtime_ns == stamp
+    assert time.perf_counter() - t < quick_demo["seconds"] / 2
+
+
+def test_other_mode_in_same_workdir_is_refused(quick_demo, demo_env):
+    r = subprocess.run([sys.executable, "-m", "flexmoe_jax.cli", "demo", "--workdir", str(quick_demo["dir"])],
+                       capture_output=True, text=True, env=demo_env, timeout=120)
+    assert r.returncode == 2
+    assert "quick" in r.stderr and "--workdir" in r.stderr
+
+
+def test_owner_data_dir_keeps_only_public_and_own(quick_demo, tmp_path):
+    w = quick_demo["dir"]
+    out = demo.owner_data_dir(w / "data", "math", tmp_path / "owner")
+    names = data.register_tasks(out)
+    assert "flexmix_mini.math" in names and "flexmix_mini.code" not in names
+    assert data.PUBLIC_MIXTURE in names
