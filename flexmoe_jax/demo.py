@@ -322,12 +322,14 @@ def train_experts(w: Workdir, anchor: Path, domains: list[str], parallel: int) -
     return {d: w.expert(d) for d in domains}
 
 
-def merge_experts(w: Workdir, anchor: Path, experts: dict[str, Path]) -> Path:
+def merge_experts(w: Workdir, anchor: Path, experts: dict[str, Path], keep_bias: bool = True) -> Path:
+    """FlexOlmo's merge; ``keep_bias=False`` is the reference's (experts' learned biases dropped)."""
     from flexmoe_jax import merge
 
-    out = w.root / "merged"
+    out = w.root / ("merged" if keep_bias else "merged_nobias")
     if not _complete(out):
-        merge.merge(anchor, [experts[d] for d in experts], out, top_k=w.plan.top_k, progress=True)
+        merge.merge(anchor, [experts[d] for d in experts], out, top_k=w.plan.top_k, keep_bias=keep_bias,
+                    progress=True)
     return out
 
 
@@ -443,6 +445,22 @@ def evaluate_all(w: Workdir, models: dict[str, dict]) -> dict:
     return _results(w)
 
 
+def routing_all(w: Workdir, models: dict[str, dict]) -> dict:
+    """Where each MoE sends each domain's tokens (:func:`flexmoe_jax.eval.routing`), as routing.json."""
+    from flexmoe_jax import eval as eval_lib
+
+    f = w.results / "routing.json"
+    done = json.loads(f.read_text()) if f.exists() else {}
+    for name, spec in models.items():
+        if name in done:
+            continue
+        config, params = eval_lib.load_model(spec["model"], exclude=spec.get("exclude"), top_k=spec.get("top_k"))
+        done[name] = eval_lib.routing(config, params, w.data, seq_len=w.plan.seq_len,
+                                      batch_size=w.plan.eval_batch_size)
+        _write_json(f, done)
+    return done
+
+
 def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
     from flexmoe_jax import privacy
 
@@ -464,8 +482,9 @@ def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
 # Findings and report
 # ----------------------------------------------------------------------------
 
-def findings(results: dict, domains: list[str]) -> dict:
-    """Numbers that answer the paper's claims, computed from ``results`` (bits per byte)."""
+def findings(results: dict, domains: list[str], routing: dict | None = None) -> dict:
+    """Numbers that answer the paper's claims, computed from ``results`` (bits per byte) and
+    ``routing`` (:func:`routing_all`)."""
     def bpb(m, d):
         return results[m][d]["bpb"]
 
@@ -493,6 +512,8 @@ def findings(results: dict, domains: list[str]) -> dict:
                   "largest_relative_change_elsewhere": max(abs(bpb(name, o) - bpb("flexolmo", o)) / bpb("flexolmo", o)
                                                            for o in others)}
     f["opt_out"] = opt
+    if routing:
+        f["own_expert_share"] = {m: {d: r[d]["own"] for d in domains if d in r} for m, r in routing.items()}
     return f
 
 
@@ -508,10 +529,14 @@ def findings_text(f: dict, domains: list[str]) -> list[str]:
     lines.append(f"FlexOlmo beats the public model on {len(beat)}/{len(domains)} closed domains"
                  + (f" ({', '.join(beat)})" if beat else "") + f"; average bpb {avg['flexolmo']:.4f} vs "
                  f"{avg['public']:.4f}. On public data it changes bpb by {f['flexolmo_vs_public']['public']:+.4f}.")
-    for m in ("soup", "btm", "btx", "unrestricted", "flexolmo_top3", "flexolmo_cal", "flexolmo_rt"):
+    for m in ("soup", "btm", "btx", "unrestricted", "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3",
+              "flexolmo_cal", "flexolmo_rt"):
         if m in rel:
             better = "better" if rel[m] < 0 else "worse"
             lines.append(f"{m}: average bpb {avg[m]:.4f}, {_pct(rel[m])} vs FlexOlmo ({better} than FlexOlmo).")
+    for m, shares in f.get("own_expert_share", {}).items():
+        lines.append(f"{m} routes each domain's tokens to that domain's own expert (among its top-k, over all "
+                     "layers) for: " + ", ".join(f"{d} {v:.0%}" for d, v in shares.items()) + ".")
     kept = {d: v for d, v in f["share_of_owner_gain_kept"].items() if v is not None}
     if kept:
         lines.append("Share of each owner's own gain over the public model that the merged model keeps on that "
@@ -524,13 +549,13 @@ def findings_text(f: dict, domains: list[str]) -> list[str]:
 
 
 def write_report(w: Workdir, results: dict, domains: list[str], flops: dict, privacy: dict | None,
-                 extra_notes: list[str] = ()) -> Path:
+                 routing: dict | None = None) -> Path:
     from flexmoe_jax import eval as eval_lib
 
-    f = findings(results, domains)
+    f = findings(results, domains, routing)
     _write_json(w.results / "findings.json", f)
-    main = [m for m in ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_top3",
-                        "flexolmo_cal", "flexolmo_rt") if m in results]
+    main = [m for m in ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_nobias",
+                        "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_rt") if m in results]
     eval_lib.plot({m: results[m] for m in main}, w.results / "baselines.png")
     eval_lib.plot({m: results[m] for m in ["public", *[f"expert_{d}" for d in domains], "flexolmo"]
                    if m in results}, w.results / "experts.png")
@@ -549,7 +574,7 @@ def write_report(w: Workdir, results: dict, domains: list[str], flops: dict, pri
              f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k}, same training FLOPs as all owners",
              f"- wall time: {sum(v for k, v in timing.items() if not k.startswith(('expert_', 'eval_'))):.0f} s",
              "", "## Findings", ""]
-    lines += [f"- {x}" for x in [*findings_text(f, domains), *extra_notes]]
+    lines += [f"- {x}" for x in findings_text(f, domains)]
     lines += ["", "## Results", "", eval_lib.results_table(results), "## Training FLOPs", "",
               "| model | beyond the anchor | total | vs FlexOlmo's experts |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {v['beyond_anchor']:.3g} | {v['total']:.3g} | {v['vs_flexolmo']:.2f}x |"
@@ -559,7 +584,8 @@ def write_report(w: Workdir, results: dict, domains: list[str], flops: dict, pri
 
         lines += ["", "## Training-data extraction", "", privacy_lib.markdown(privacy)]
     lines += ["", "Plots: baselines.png, experts.png, opt_out.png. Raw numbers: results.json, findings.json, "
-              "flops.json, timing.json" + (", privacy.json" if privacy else "") + ".", ""]
+              "flops.json, timing.json" + (", routing.json" if routing else "") + (", privacy.json" if privacy else "")
+              + ".", ""]
     out = w.results / "results.md"
     out.write_text("\n".join(lines))
     _write_json(w.results / "flops.json", flops)
@@ -594,6 +620,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
         experts = train_experts(w, anchor, domains, parallel)
     with _Phase(w, "merge"):
         merged = merge_experts(w, anchor, experts)
+        merged_nobias = merge_experts(w, anchor, experts, keep_bias=False)
     with _Phase(w, "calibrate"):
         cal = calibrate(w, merged)
     with _Phase(w, "router_tune"):
@@ -610,16 +637,21 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     models["btx"] = {"model": btx}
     models["unrestricted"] = {"model": unrestricted}
     models["flexolmo"] = {"model": merged}
+    models["flexolmo_nobias"] = {"model": merged_nobias}
+    models["flexolmo_top1"] = {"model": merged, "top_k": 1}
     models["flexolmo_top3"] = {"model": merged, "top_k": 3}
     models["flexolmo_cal"] = {"model": cal}
     models["flexolmo_rt"] = {"model": rt}
     models.update({f"flexolmo_minus_{d}": {"model": merged, "exclude": [d]} for d in domains})
     with _Phase(w, "evaluate"):
         results = evaluate_all(w, models)
+    with _Phase(w, "routing"):
+        routes = routing_all(w, {m: models[m] for m in ("flexolmo", "flexolmo_nobias", "flexolmo_top1",
+                                                          "flexolmo_cal", "flexolmo_rt", "btx")})
     with _Phase(w, "privacy"):
         priv = privacy_check(w, experts, merged)
     flops = flops_table(w, len(domains), u_steps)
-    report = write_report(w, results, domains, flops, priv)
+    report = write_report(w, results, domains, flops, priv, routes)
     _write_json(w.results / "timing.json", {**w.timing(), "total_this_invocation": round(time.perf_counter() - t_start, 1)})
     _log("\n" + report.read_text())
     _log(f"results in {w.results}")

@@ -731,6 +731,44 @@ def average(results: Mapping[str, dict]) -> dict | None:
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def _selected(config: ModelConfig, params, inputs, positions, segment_ids):
+    """[L, B, S, E] 1 where the router picked the expert (any of the top-k), else 0."""
+    _, aux = model.apply(config, params, inputs, positions, segment_ids)
+    return (aux["gates"] > 0).astype(jnp.float32)
+
+
+def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence[str] | None = None,
+            split: str = "test", seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE,
+            max_batches: int = 4) -> dict:
+    """Where a merged model sends each domain's tokens: for every domain, the share of its real
+    tokens (over the first ``max_batches`` batches, all layers) for which each expert is among the
+    top-k. ``own`` is the share routed to the expert named like the domain (None if there is
+    none): with experts trained apart, this is what decides how much of each owner's gain the
+    merged model keeps. Returns ``{domain: {"picked": {expert: share}, "own": share | None}}``.
+    """
+    from flexmoe_jax import data
+
+    if not config.is_moe:
+        raise ValueError("routing statistics need an MoE model; this one is dense (num_experts=0)")
+    out = {}
+    for task in resolve_tasks(data_dir, tasks):
+        dom = short_name(task)
+        picked, count = np.zeros(config.num_experts), 0.0
+        for i, batch in enumerate(data.eval_batches(task, split, batch_size, min(seq_len, config.max_seq_len),
+                                                    data_dir)):
+            if i >= max_batches:
+                break
+            inputs, _, positions, segs = _device_batch(batch)
+            sel = np.asarray(_selected(config, params, inputs, positions, segs))  # [L, B, S, E]
+            real = np.asarray(batch["decoder_loss_weights"]) > 0
+            picked += sel[:, real].sum(axis=(0, 1))
+            count += sel.shape[0] * real.sum()
+        shares = {n: float(v / max(count, 1.0)) for n, v in zip(config.names, picked)}
+        out[dom] = {"picked": shares, "own": shares.get(dom)}
+    return out
+
+
 # ----------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------

@@ -14,12 +14,14 @@ DOMAINS = list(data.CLOSED_DOMAINS)
 
 def test_quick_demo_outputs(quick_demo):
     res = quick_demo["dir"] / "results"
-    for name in ("results.md", "results.json", "findings.json", "flops.json", "timing.json", "privacy.json"):
+    for name in ("results.md", "results.json", "findings.json", "flops.json", "timing.json", "privacy.json",
+                 "routing.json"):
         assert (res / name).is_file(), name
     for png in ("baselines.png", "experts.png", "opt_out.png"):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((res / "results.json").read_text())
-    expected = {"public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_top3", "flexolmo_cal",
+    expected = {"public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_nobias", "flexolmo_top1",
+                "flexolmo_top3", "flexolmo_cal",
                 "flexolmo_rt", *[f"expert_{d}" for d in DOMAINS], *[f"flexolmo_minus_{d}" for d in DOMAINS]}
     assert expected <= set(results)
     for name, per in results.items():
@@ -34,7 +36,11 @@ def test_findings_are_computed_from_results(quick_demo):
     res = quick_demo["dir"] / "results"
     results = json.loads((res / "results.json").read_text())
     f = json.loads((res / "findings.json").read_text())
-    assert f == json.loads(json.dumps(demo.findings(results, DOMAINS)))
+    routing = json.loads((res / "routing.json").read_text())
+    assert f == json.loads(json.dumps(demo.findings(results, DOMAINS, routing)))
+    for d in DOMAINS:  # top-2 of 6: each token's two picks, shares summed over experts
+        assert sum(routing["flexolmo"][d]["picked"].values()) == pytest.approx(2.0, abs=1e-5)
+        assert sum(routing["flexolmo_top1"][d]["picked"].values()) == pytest.approx(1.0, abs=1e-5)
     beats = [d for d in DOMAINS if results["flexolmo"][d]["bpb"] < results["public"][d]["bpb"]]
     assert f["flexolmo_beats_public_on"] == beats
     d = DOMAINS[0]
