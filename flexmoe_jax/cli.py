@@ -143,7 +143,10 @@ def _cmd_calibrate(args) -> None:
     config, params = merge.load(args.ckpt, include=args.include, exclude=args.exclude)
     data.register_tasks(args.data_dir)
     batches = data.batches(data.PUBLIC_MIXTURE, "train", args.batch_size, args.seq_len, args.data_dir, seed=args.seed)
-    config, params, report = router_tune.calibrate_bias(config, params, batches, num_batches=args.batches)
+    if args.quantile is not None and not 0 < args.quantile < 1:
+        raise CommandError(f"--quantile must be between 0 and 1, got {args.quantile}")
+    config, params, report = router_tune.calibrate_bias(config, params, batches, num_batches=args.batches,
+                                                        quantile=args.quantile)
     checkpoint.save(args.out, config, params, metadata={"calibrated_from": os.path.abspath(args.ckpt),
                                                          "calibration": report})
     worst = max(max(row[1:]) for row in report["margin_before"])
@@ -308,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch_size", type=int, default=8)
     c.add_argument("--seq_len", type=int, default=128)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quantile", type=float, default=None,
+                   help="calibrate a quantile of each expert's margin over public instead of its mean, e.g. 0.9: "
+                        "an expert then outranks the public expert on at most ~10%% of public tokens")
     c.add_argument("--include", nargs="+", default=None, metavar="NAME", help="keep only these experts")
     c.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="drop these experts")
     c.add_argument("--report", default=None, help="write the margins before/after and the biases as JSON")

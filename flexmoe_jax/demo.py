@@ -333,16 +333,19 @@ def merge_experts(w: Workdir, anchor: Path, experts: dict[str, Path], keep_bias:
     return out
 
 
-def calibrate(w: Workdir, merged: Path) -> Path:
+def calibrate(w: Workdir, merged: Path, quantile: float | None = None) -> Path:
+    """Public-data bias calibration of the merged router: each expert's mean margin over the
+    public expert (or its ``quantile``) on public text brought to <= 0."""
     from flexmoe_jax import checkpoint, data, merge, router_tune
 
-    out = w.root / "flexolmo_cal"
+    out = w.root / ("flexolmo_cal" if quantile is None else f"flexolmo_cal_q{round(quantile * 100)}")
     if not _complete(out):
         config, params = merge.load(merged)
         data.register_tasks(w.data)
         p = w.plan
         batches = data.batches(data.PUBLIC_MIXTURE, "train", p.batch_size, p.seq_len, w.data, seed=7)
-        config, params, report = router_tune.calibrate_bias(config, params, batches, p.calibration_batches)
+        config, params, report = router_tune.calibrate_bias(config, params, batches, p.calibration_batches,
+                                                            quantile=quantile)
         checkpoint.save(out, config, params, metadata={"calibrated_from": str(merged), "calibration": report})
     return out
 
@@ -530,7 +533,7 @@ def findings_text(f: dict, domains: list[str]) -> list[str]:
                  + (f" ({', '.join(beat)})" if beat else "") + f"; average bpb {avg['flexolmo']:.4f} vs "
                  f"{avg['public']:.4f}. On public data it changes bpb by {f['flexolmo_vs_public']['public']:+.4f}.")
     for m in ("soup", "btm", "btx", "unrestricted", "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3",
-              "flexolmo_cal", "flexolmo_rt"):
+              "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt"):
         if m in rel:
             better = "better" if rel[m] < 0 else "worse"
             lines.append(f"{m}: average bpb {avg[m]:.4f}, {_pct(rel[m])} vs FlexOlmo ({better} than FlexOlmo).")
@@ -555,7 +558,8 @@ def write_report(w: Workdir, results: dict, domains: list[str], flops: dict, pri
     f = findings(results, domains, routing)
     _write_json(w.results / "findings.json", f)
     main = [m for m in ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_nobias",
-                        "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_rt") if m in results]
+                        "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt")
+            if m in results]
     eval_lib.plot({m: results[m] for m in main}, w.results / "baselines.png")
     eval_lib.plot({m: results[m] for m in ["public", *[f"expert_{d}" for d in domains], "flexolmo"]
                    if m in results}, w.results / "experts.png")
@@ -623,6 +627,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
         merged_nobias = merge_experts(w, anchor, experts, keep_bias=False)
     with _Phase(w, "calibrate"):
         cal = calibrate(w, merged)
+        cal90 = calibrate(w, merged, quantile=0.9)
     with _Phase(w, "router_tune"):
         rt = tune_router(w, merged)
     with _Phase(w, "btx"):
@@ -641,13 +646,14 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     models["flexolmo_top1"] = {"model": merged, "top_k": 1}
     models["flexolmo_top3"] = {"model": merged, "top_k": 3}
     models["flexolmo_cal"] = {"model": cal}
+    models["flexolmo_cal_q90"] = {"model": cal90}
     models["flexolmo_rt"] = {"model": rt}
     models.update({f"flexolmo_minus_{d}": {"model": merged, "exclude": [d]} for d in domains})
     with _Phase(w, "evaluate"):
         results = evaluate_all(w, models)
     with _Phase(w, "routing"):
         routes = routing_all(w, {m: models[m] for m in ("flexolmo", "flexolmo_nobias", "flexolmo_top1",
-                                                          "flexolmo_cal", "flexolmo_rt", "btx")})
+                                                          "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "btx")})
     with _Phase(w, "privacy"):
         priv = privacy_check(w, experts, merged)
     flops = flops_table(w, len(domains), u_steps)

@@ -25,7 +25,10 @@ it never saw. Two remedies that need no owner data:
   it was trained to win) keeps its shape. Biases only go down, so they stay
   compatible with the forward pass's clamp to <= 0. One forward pass over a few
   public batches per round; a second round corrects for earlier layers having
-  changed what later layers see.
+  changed what later layers see. With ``quantile=q`` the q-quantile of the
+  margin replaces its mean: each expert then outranks the public expert on at
+  most about 1 - q of public tokens, a bound on how often an expert trained
+  apart fires on text that is not its own.
 """
 
 from __future__ import annotations
@@ -174,10 +177,13 @@ def tune(ckpt, out, data_dir, *, gin_files: Sequence[str] = (), gin_params: Sequ
 # Bias calibration on public data
 # ----------------------------------------------------------------------------
 
-def router_margins(config: ModelConfig, params: model.Params, batches: Iterable[dict], num_batches: int) -> np.ndarray:
-    """[L, E]: mean over real tokens of ``logit_e - logit_public`` at each layer's router."""
+def router_margins(config: ModelConfig, params: model.Params, batches: Iterable[dict], num_batches: int,
+                   quantile: float | None = None) -> np.ndarray:
+    """[L, E]: ``logit_e - logit_public`` at each layer's router over the real tokens of the first
+    ``num_batches`` batches: its mean, or with ``quantile`` that quantile of it (0.9: the margin
+    that only 10% of the tokens exceed)."""
     moe = params["layers"]["moe"]
-    total, count = None, 0.0
+    total, count, parts = None, 0.0, []
     for i, batch in enumerate(batches):
         if i >= num_batches:
             break
@@ -187,17 +193,24 @@ def router_margins(config: ModelConfig, params: model.Params, batches: Iterable[
                             precision=jax.lax.Precision.HIGHEST)
         if "bias" in moe:
             logits = logits + jnp.minimum(jnp.asarray(moe["bias"], jnp.float32), 0.0)[:, None, None, :]
-        w = jnp.asarray(batch["decoder_loss_weights"], jnp.float32)[None, :, :, None]
-        part = np.asarray(jnp.sum((logits - logits[..., :1]) * w, axis=(1, 2)), np.float64)
-        total = part if total is None else total + part
-        count += float(np.sum(batch["decoder_loss_weights"]))
-    if total is None or count == 0:
+        margins = logits - logits[..., :1]
+        real = np.asarray(batch["decoder_loss_weights"]) > 0
+        if quantile is not None:
+            parts.append(np.asarray(margins)[:, real])  # [L, tokens, E]
+        else:
+            w = jnp.asarray(real, jnp.float32)[None, :, :, None]
+            part = np.asarray(jnp.sum(margins * w, axis=(1, 2)), np.float64)
+            total = part if total is None else total + part
+        count += float(real.sum())
+    if count == 0:
         raise ValueError("no public tokens to calibrate on: the batches are empty")
+    if quantile is not None:
+        return np.quantile(np.concatenate(parts, axis=1).astype(np.float64), quantile, axis=1)
     return total / count
 
 
 def calibrate_bias(config: ModelConfig, params: model.Params, batches: Iterable[dict], num_batches: int = 8,
-                   rounds: int = 2) -> tuple[ModelConfig, model.Params, dict]:
+                   rounds: int = 2, quantile: float | None = None) -> tuple[ModelConfig, model.Params, dict]:
     """Lower each non-public expert's per-layer bias until its mean margin over the
     public expert on public data is <= 0. Returns (config with expert_bias, params, report).
 
@@ -218,14 +231,15 @@ def calibrate_bias(config: ModelConfig, params: model.Params, batches: Iterable[
     for _ in range(rounds):
         moe["bias"] = bias.astype(np.asarray(moe["router"]).dtype)
         cur = {**params, "layers": {**params["layers"], "moe": moe}}
-        margins = router_margins(config, cur, batches, num_batches)
+        margins = router_margins(config, cur, batches, num_batches, quantile)
         before = margins if before is None else before
         shift = np.maximum(margins, 0.0)
         shift[:, 0] = 0.0
         bias = bias - shift
     moe["bias"] = bias.astype(np.asarray(moe["router"]).dtype)
     params = {**params, "layers": {**params["layers"], "moe": moe}}
-    after = router_margins(config, params, batches, num_batches)
+    after = router_margins(config, params, batches, num_batches, quantile)
     report = {"margin_before": before.round(4).tolist(), "margin_after": after.round(4).tolist(),
-              "bias": np.asarray(moe["bias"], np.float64).round(4).tolist(), "experts": list(config.names)}
+              "bias": np.asarray(moe["bias"], np.float64).round(4).tolist(), "experts": list(config.names),
+              "statistic": "mean" if quantile is None else f"quantile {quantile}"}
     return config, params, report

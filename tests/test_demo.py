@@ -21,7 +21,7 @@ def test_quick_demo_outputs(quick_demo):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((res / "results.json").read_text())
     expected = {"public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_nobias", "flexolmo_top1",
-                "flexolmo_top3", "flexolmo_cal",
+                "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90",
                 "flexolmo_rt", *[f"expert_{d}" for d in DOMAINS], *[f"flexolmo_minus_{d}" for d in DOMAINS]}
     assert expected <= set(results)
     for name, per in results.items():

@@ -58,6 +58,20 @@ def test_calibration_removes_positive_public_margins(merged):
     assert np.isfinite(np.asarray(model.forward(ccfg, cparams, next(_batches(cfg, 1))["decoder_input_tokens"]))).all()
 
 
+def test_quantile_calibration_bounds_how_often_experts_outrank_public(merged):
+    cfg, params = merged
+    q90 = router_tune.router_margins(cfg, params, _batches(cfg, 3), 3, quantile=0.9)
+    mean = router_tune.router_margins(cfg, params, _batches(cfg, 3), 3)
+    assert np.all(q90[:, 1:] >= mean[:, 1:])
+    ccfg, cparams, report = router_tune.calibrate_bias(cfg, params, _batches(cfg, 100), num_batches=3, quantile=0.9)
+    assert report["statistic"] == "quantile 0.9"
+    after = router_tune.router_margins(ccfg, cparams, _batches(cfg, 3), 3, quantile=0.9)
+    assert after[:, 1:].max() <= 0.05 * q90[:, 1:].max() + 1e-3, (q90, after)
+    # The mean calibration leaves experts above public on many more public tokens than the 0.9 one.
+    _, mparams, _ = router_tune.calibrate_bias(cfg, params, _batches(cfg, 100), num_batches=3)
+    assert np.all(np.asarray(cparams["layers"]["moe"]["bias"])[:, 1:] <= np.asarray(mparams["layers"]["moe"]["bias"])[:, 1:] + 1e-6)
+
+
 def test_calibration_needs_public_slot(merged):
     cfg, params = merged
     with pytest.raises(ValueError, match="slot 0"):
