@@ -87,8 +87,8 @@ QUICK = Plan(mode="quick", max_docs_per_domain=80, vocab_size=512, d_model=64, n
              btx_steps=10, router_tune_steps=10, rt_per_expert=8, rt_public=16, rt_pool=64,
              calibration_batches=2, eval_batch_size=16, mc_items=5, privacy_docs=4)
 FULL = Plan(mode="full", max_docs_per_domain=None, vocab_size=4096, d_model=256, n_layers=4, n_heads=4,
-            mlp_hidden=688, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=250, expert_steps=50,
-            btx_steps=50, router_tune_steps=30)
+            mlp_hidden=688, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=250, expert_steps=40,
+            btx_steps=40, router_tune_steps=30)
 
 
 def _log(msg: str) -> None:
