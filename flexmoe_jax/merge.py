@@ -51,9 +51,16 @@ verifiable: :func:`load` with ``exclude`` never opens an excluded expert's
 directory (a deleted or damaged one does not matter), and an owner's arrays
 can be removed for good by re-merging without it. The whole directory is
 written atomically (built in a hidden sibling and renamed into place; nothing
-is left behind on any error). Host memory while merging stays near the anchor
-plus two experts: each expert is read and checked (in a background thread,
-while the previous one is written), written and freed in turn.
+is left behind on any error).
+
+Reads, checks and writes run side by side on worker threads, bounded by a byte
+budget. Trees are many and small in a small merge, so all of them are in flight
+at once and their fixed costs overlap. In a large one the anchor is written,
+hashed and freed before any expert is read, and the experts then stream through,
+as many at a time as the anchor's bytes allow: host memory peaks near the anchor
+plus Orbax's buffers, well under the output's size. The anchor's full shape check
+(a trace of the whole model, the largest fixed cost of a small merge) runs only
+when some input records no anchor fingerprint: a matching one proves the same.
 """
 
 from __future__ import annotations
@@ -63,10 +70,11 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -284,12 +292,20 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {"gate": (L, 1, d, h), "up": (L, 1, d, h), "down": (L, 1, h, d), "router": (L, 1, d), "bias": (L, 1)}
 
 
-def _load_slot(inp: _Input, anchor_config: ModelConfig,
-               anchor: model.Params) -> tuple[dict[str, np.ndarray], dict | None]:
+def _slot_nbytes(config: ModelConfig, dtype: np.dtype) -> int:
+    """Host bytes of one expert slot (with its bias): what the merge holds per expert in flight."""
+    return sum(int(np.prod(s)) for s in _expected_shapes(config).values()) * np.dtype(dtype).itemsize
+
+
+def _load_slot(inp: _Input, anchor_config: ModelConfig, dtype: np.dtype,
+               anchor_sums: Callable[[], dict]) -> tuple[dict[str, np.ndarray], dict | None]:
     """The owner's slot as host arrays ``{gate, up, down, router[, bias]}`` (each ``[L, 1, ...]``).
 
     Also returns checksums already computed while verifying (keyed by leaf), so
-    the merge does not hash the same bytes twice.
+    the merge does not hash the same bytes twice. ``anchor_sums()`` returns the
+    anchor's per-array checksums (waiting for them): a full-model input's frozen
+    tensors are compared with those rather than with the anchor's arrays, so the
+    anchor need not stay in memory while experts are read.
     """
     where = f"expert {inp.name!r} ({inp.path})"
     if inp.is_deliverable:
@@ -312,51 +328,72 @@ def _load_slot(inp: _Input, anchor_config: ModelConfig,
         sums = {k.rsplit("/", 1)[1]: v for k, v in sums.items()} if sums else None
     else:
         tree = checkpoint.read_arrays(inp.path / checkpoint.PARAMS_DIR, what=where)
-        recorded = checkpoint.recorded_checksums(inp.path)  # a model saved with checksums=True
-        if recorded is not None:
-            checkpoint.check_checksums(checkpoint.array_checksums(tree), recorded, where)
-        try:
-            model.check_params(inp.config, tree, what=f"arrays of {where}")
-        except ValueError as e:
-            raise MergeError(str(e)) from None
-        _check_frozen(inp, tree, anchor, where)
-        slot = {k: np.ascontiguousarray(v[:, 1:2]) for k, v in tree["layers"]["moe"].items()}
-        sums = None
+        slot, sums = _model_slot(inp, tree, anchor_sums, where)
         del tree
     missing = [k for k in ("gate", "up", "down", "router") if k not in slot]
     if missing:
         raise MergeError(f"{where} is missing layers/moe/{missing}; the deliverable is incomplete "
                          "(re-copy it from its owner)")
-    want_dtype = np.asarray(anchor["layers"]["mlp"]["gate"]).dtype
     for k, v in slot.items():
         want = _expected_shapes(anchor_config)[k]
         if v.shape != want:
             raise MergeError(f"{where}: layers/moe/{k} has shape {list(v.shape)}, the anchor needs {list(want)} "
                              "(layers, 1 expert, ...); it was trained for another model; retrain it against this anchor")
-        if v.dtype != want_dtype:
-            raise MergeError(f"{where}: layers/moe/{k} is {v.dtype}, the anchor is {want_dtype}; experts must be "
+        if v.dtype != dtype:
+            raise MergeError(f"{where}: layers/moe/{k} is {v.dtype}, the anchor is {dtype}; experts must be "
                              "stored in the anchor's dtype")
     return slot, sums
 
 
-def _check_frozen(inp: _Input, tree: dict, anchor: model.Params, where: str) -> None:
-    """A full 2-expert model: every shared tensor and the public slot must be the anchor's, bit for bit."""
-    a, e = _flat(anchor), _flat(tree)
-    for k, v in a.items():
+def _model_slot(inp: _Input, tree: dict, anchor_sums: Callable[[], dict],
+                where: str) -> tuple[dict[str, np.ndarray], dict]:
+    """A full 2-expert model input: checked, and its slot 1 (with the slot's checksums) cut out.
+
+    Every shared tensor and the public slot must be the anchor's, bit for bit.
+    They are compared by sha256 with the anchor's checksums (which the merged
+    manifest records anyway), and everything is hashed in one parallel pass:
+    the shared tensors, slot 0 and slot 1 (whose sums the manifest reuses), plus
+    the whole stored leaves if the model recorded checksums to verify.
+    """
+    recorded = checkpoint.recorded_checksums(inp.path)  # a model saved with checksums=True
+    try:
+        model.check_params(inp.config, tree, what=f"arrays of {where}")
+    except ValueError as e:
+        if recorded is None:
+            raise MergeError(str(e)) from None
+        # Damage is the likelier cause: let the checksums say which array.
+        checkpoint.check_checksums(checkpoint.array_checksums(tree), recorded, where)
+        raise MergeError(str(e)) from None
+    flat = _flat(tree)
+    moe = {k.rsplit("/", 1)[1]: v for k, v in flat.items() if k.startswith("layers/moe/")}
+    slot = {k: np.ascontiguousarray(v[:, 1:2]) for k, v in moe.items()}
+    todo = {k: v for k, v in flat.items() if recorded is not None or not k.startswith("layers/moe/")}
+    todo.update({f"slot0/{k}": np.ascontiguousarray(v[:, 0]) for k, v in moe.items() if k in FFN_LEAVES})
+    todo.update({f"slot1/{k}": v for k, v in slot.items()})
+    sums = checkpoint.array_checksums(todo)
+    del todo
+    if recorded is not None:
+        checkpoint.check_checksums({k: v for k, v in sums.items() if k in flat}, recorded, where)
+    for k, want in anchor_sums().items():
         if k.startswith("layers/mlp/"):
-            leaf = k.split("/")[-1]
-            got = e[f"layers/moe/{leaf}"][:, 0]
-            if not _same_bits(got, v):
+            leaf = k.rsplit("/", 1)[1]
+            if f"slot0/{leaf}" not in sums or not _same_sum(sums[f"slot0/{leaf}"], want):
                 raise MergeError(f"{where}: its public expert slot 0 (layers/moe/{leaf}[:, 0]) differs from the "
                                  "anchor's FFN; slot 0 must stay frozen. It was trained with slot 0 unfrozen or "
                                  "against another anchor: retrain it with flexmoe train-expert on this anchor")
-        elif not _same_bits(e[k], v):
+        elif k not in sums or not _same_sum(sums[k], want):
             raise MergeError(f"{where}: the shared tensor {k} differs from the anchor's; shared tensors must stay "
                              "frozen (bit-identical). Retrain it with flexmoe train-expert against this anchor")
-    bias = e.get("layers/moe/bias")
+    bias = moe.get("bias")
     if bias is not None and np.any(bias[:, 0] != 0):
         raise MergeError(f"{where}: the public slot's bias (layers/moe/bias[:, 0]) is not zero; slot 0 must stay "
                          "frozen. Retrain it with flexmoe train-expert against this anchor")
+    return slot, {k: sums[f"slot1/{k}"] for k in slot}
+
+
+def _same_sum(a: dict, b: dict) -> bool:
+    """Two :func:`checkpoint.array_checksum` records of the same bytes, dtype and shape."""
+    return (a["sha256"], a["dtype"], list(a["shape"])) == (b["sha256"], b["dtype"], list(b["shape"]))
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -382,6 +419,54 @@ def _slot_sums(slot: dict[str, np.ndarray], known: dict | None) -> dict:
         if k in slot:
             out[k] = {**v, "shape": list(slot[k].shape), "dtype": str(slot[k].dtype)}
     return _prefixed(out, "layers/moe")
+
+
+# At small sizes every tree of a merge is in flight at once (see merge); the budget never goes below this.
+MIN_MEMORY_BUDGET = 1 << 30
+
+
+class _Stopped(Exception):
+    """A worker gave up because the merge already failed elsewhere (never reaches the caller)."""
+
+
+class _Budget:
+    """At most ``limit`` bytes of merge inputs in host memory at once (read, not yet written).
+
+    Why: a small merge's time is mostly fixed costs per Orbax tree (setup,
+    metadata, fsyncs: ~30-80 ms each, one tree per expert), which only running
+    the trees' reads and writes side by side hides, while a large merge must not
+    hold every expert at once. One byte budget gives both. An item larger than
+    the whole budget still runs, alone. Waiting ends with :class:`_Stopped`
+    once ``stop`` is set.
+    """
+
+    def __init__(self, limit: int, stop: threading.Event):
+        self._limit, self._used, self._stop = limit, 0, stop
+        self._cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self._cond:
+            while self._used and self._used + n > self._limit and not self._stop.is_set():
+                self._cond.wait(0.05)
+            if self._stop.is_set():
+                raise _Stopped()
+            self._used += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+
+def _ffn_as_configured(config: ModelConfig, params: model.Params) -> bool:
+    """Whether the anchor's FFN (what the merge slices into the public slot) has the config's shapes and one dtype."""
+    L, d, h = config.n_layers, config.d_model, config.mlp_hidden
+    want = {"gate": (L, d, h), "up": (L, d, h), "down": (L, h, d)}
+    try:
+        mlp = params["layers"]["mlp"]
+        return all(np.shape(mlp[k]) == s for k, s in want.items()) and len({mlp[k].dtype for k in want}) == 1
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------
@@ -471,89 +556,136 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
     # 2. The anchor (read once) and the public router row.
     bar = tqdm(total=2 + len(inputs), desc="merge", unit="step", disable=not progress)
     bar.set_postfix_str("anchor")
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
     if anchor_params is None:
+        what, error = f"arrays of anchor {anchor_desc['path']}", checkpoint.CheckpointError
         anchor_params = checkpoint.read_arrays(Path(anchor_desc["path"]) / checkpoint.PARAMS_DIR,
                                                what=f"anchor {anchor_desc['path']}")
-        try:
-            model.check_params(anchor_config, anchor_params, what=f"arrays of anchor {anchor_desc['path']}")
-        except ValueError as e:
-            raise checkpoint.CheckpointError(str(e)) from None
     else:
         import jax
 
-        model.check_params(anchor_config, anchor_params, what="anchor params")
+        what, error = "anchor params", ValueError
         anchor_params = jax.tree.map(lambda x: np.ascontiguousarray(np.asarray(x)), anchor_params)
-    pdtype = np.asarray(anchor_params["layers"]["mlp"]["gate"]).dtype
+    timings["read anchor"] = time.perf_counter() - t
+
+    def check_anchor(params: model.Params) -> None:
+        try:
+            model.check_params(anchor_config, params, what=what)
+        except ValueError as e:
+            raise error(str(e)) from None
+
+    # Checking the anchor's arrays against its config traces the whole model: the largest
+    # fixed cost of a small merge. A matching fingerprint proves the same (each owner took
+    # it, over the config and every path, shape, dtype and byte, from an anchor that
+    # passed this check when it was loaded), so the check runs here only when some input
+    # records no fingerprint or the FFN the merge slices is not as configured, and later
+    # only to explain a fingerprint that does not match.
+    checked = not all(inp.manifest.get("anchor_fingerprint") for inp in inputs) \
+        or not _ffn_as_configured(anchor_config, anchor_params)
+    if checked:
+        check_anchor(anchor_params)
+    pdtype = anchor_params["layers"]["mlp"]["gate"].dtype
     if public_router is not None:
         row0, row0_desc = _router_row0(public_router, L, d, pdtype)
     else:
         row0, row0_desc = _auto_router_row0(inputs, L, d, pdtype)
     bar.update()
 
-    # 3. Write. Hashing the anchor (fingerprint and per-array checksums) and reading +
-    # verifying the next expert run in background threads while Orbax writes, so the
-    # checks cost little wall time; the fingerprint is compared before any expert is
-    # written, and nothing is published unless everything passed. Host memory: the
-    # anchor plus at most two experts (the one being written, the one being read).
+    # 3. Write: the shared tensors and the public slot (the anchor's), then one tree per
+    # expert. Everything runs on worker threads: hashing the anchor (fingerprint and
+    # per-array checksums), writing its two trees, and reading, verifying and writing each
+    # expert. No expert is written before the fingerprint matched, and nothing is published
+    # unless everything passed. A byte budget bounds what is held in memory: at small sizes
+    # every tree is in flight at once (so their fixed costs overlap); at large ones the
+    # anchor is freed once written and hashed before any expert is read, and the experts
+    # then stream through, as many at a time as the anchor's bytes allow.
     from flexmoe_jax import expert
 
-    timings: dict[str, float] = {}
     shared = {k: v for k, v in anchor_params.items() if k != "layers"}
     shared["layers"] = {k: v for k, v in anchor_params["layers"].items() if k != "mlp"}
-    mlp = anchor_params["layers"]["mlp"]
-    public = {k: mlp[k][:, None] for k in FFN_LEAVES}
+    public = {k: anchor_params["layers"]["mlp"][k][:, None] for k in FFN_LEAVES}
     public["router"] = row0[:, None]
     if with_bias:
         public["bias"] = np.zeros((L, 1), pdtype)
-    entries: list[dict] = []
-    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexmoe-merge") as bg, \
-            checkpoint.writing(out_path, kind=checkpoint.MERGED_KIND) as tmp:
-        fp_future = bg.submit(expert.fingerprint, anchor_config, anchor_params)
-        sums_future = bg.submit(checkpoint.array_checksums, anchor_params)
-        pending = bg.submit(_load_slot, inputs[0], anchor_config, anchor_params)
-        t = time.perf_counter()
-        checkpoint.write_arrays(tmp / checkpoint.PARAMS_DIR, shared)
+    anchor_bytes = sum(np.asarray(v).nbytes for v in _flat(anchor_params).values())
+    slot_bytes = _slot_nbytes(anchor_config, pdtype)
+    stop, fingerprint_ok = threading.Event(), threading.Event()
+    budget = _Budget(max(anchor_bytes, 2 * slot_bytes, MIN_MEMORY_BUDGET), stop)
+    budget.take(anchor_bytes)  # already read
+
+    def write_slot(slot: int, inp: _Input, tmp: Path) -> dict:
+        """Read, verify and write one owner's slot (on a worker thread); returns its manifest entry."""
+        arrays, known = _load_slot(inp, anchor_config, pdtype, sums_future.result)
+        bias_kept = "bias" in arrays and with_bias
+        if not with_bias:
+            arrays.pop("bias", None)
+        elif "bias" not in arrays:
+            arrays["bias"] = np.zeros((L, 1), pdtype)
+        entry = {"name": inp.name, "slot": slot, "dir": _expert_dirname(slot, inp.name),
+                 "source": str(inp.path), "kind": "deliverable" if inp.is_deliverable else "model",
+                 "bias": "kept" if bias_kept else ("dropped" if inp.config.expert_bias else "none"),
+                 "manifest": inp.manifest, "checksums": _slot_sums(arrays, known)}
+        while not fingerprint_ok.wait(0.05):
+            if stop.is_set():
+                raise _Stopped()
+        checkpoint.write_arrays(tmp / entry["dir"], {"layers": {"moe": arrays}})
+        return entry
+
+    def expert_slot(slot: int, inp: _Input, tmp: Path) -> dict:
+        # A full-model input is read whole: budget all of it.
+        n = slot_bytes if inp.is_deliverable else inp.config.num_params() * pdtype.itemsize
+        budget.take(n)
+        try:
+            return write_slot(slot, inp, tmp)  # its arrays are freed on return, before the bytes are given back
+        finally:
+            budget.give(n)
+
+    with checkpoint.writing(out_path, kind=checkpoint.MERGED_KIND) as tmp:
         (tmp / EXPERTS_DIR).mkdir()
         public_dir = _expert_dirname(0, "public")
-        checkpoint.write_arrays(tmp / public_dir, {"layers": {"moe": public}})
-        timings["write anchor"] = time.perf_counter() - t
-        fingerprint = fp_future.result()
-        anchor_desc["fingerprint"] = fingerprint
-        for inp in inputs:
-            theirs = inp.manifest.get("anchor_fingerprint")
-            if theirs is not None and theirs != fingerprint:
-                raise MergeError(f"expert {inp.name!r} ({inp.arg}) was trained against another anchor: it records "
-                                 f"anchor_fingerprint {str(theirs)[:16]}..., this anchor's is {fingerprint[:16]}...; "
-                                 "merge it with the anchor it was trained on, or retrain it against this one")
-        anchor_sums = sums_future.result()
-        entries.append({"name": "public", "slot": 0, "dir": public_dir, "source": anchor_desc["path"],
+        pool = ThreadPoolExecutor(max_workers=4 + min(len(inputs), 4), thread_name_prefix="flexmoe-merge")
+        try:
+            t = time.perf_counter()
+            fp_future = pool.submit(expert.fingerprint, anchor_config, anchor_params)
+            sums_future = pool.submit(checkpoint.array_checksums, anchor_params)
+            anchor_writes = [pool.submit(checkpoint.write_arrays, tmp / checkpoint.PARAMS_DIR, shared),
+                             pool.submit(checkpoint.write_arrays, tmp / public_dir, {"layers": {"moe": public}})]
+            slots = [pool.submit(expert_slot, slot, inp, tmp) for slot, inp in enumerate(inputs, start=1)]
+            fingerprint = fp_future.result()
+            anchor_desc["fingerprint"] = fingerprint
+            for inp in inputs:
+                theirs = inp.manifest.get("anchor_fingerprint")
+                if theirs is not None and theirs != fingerprint:
+                    if not checked:
+                        check_anchor(anchor_params)  # a damaged anchor: say so rather than blame the expert
+                    raise MergeError(f"expert {inp.name!r} ({inp.arg}) was trained against another anchor: it "
+                                     f"records anchor_fingerprint {str(theirs)[:16]}..., this anchor's is "
+                                     f"{fingerprint[:16]}...; merge it with the anchor it was trained on, or "
+                                     "retrain it against this one")
+            fingerprint_ok.set()
+            anchor_sums = sums_future.result()
+            for w in anchor_writes:
+                w.result()
+            entries = [{"name": "public", "slot": 0, "dir": public_dir, "source": anchor_desc["path"],
                         "manifest": {"role": "the public anchor's FFN", "anchor_fingerprint": fingerprint,
                                      "router_row": row0_desc},
-                        "checksums": _slot_sums(public, {k: anchor_sums[f"layers/mlp/{k}"] for k in FFN_LEAVES})})
-        del public
-        bar.update()
-        for slot, inp in enumerate(inputs, start=1):
-            bar.set_postfix_str(inp.name)
-            t = time.perf_counter()
-            arrays, known = pending.result()
-            timings[f"wait for {inp.name}"] = time.perf_counter() - t
-            if slot < len(inputs):
-                pending = bg.submit(_load_slot, inputs[slot], anchor_config, anchor_params)
-            bias_kept = "bias" in arrays and with_bias
-            if not with_bias:
-                arrays.pop("bias", None)
-            elif "bias" not in arrays:
-                arrays["bias"] = np.zeros((L, 1), pdtype)
-            entry = {"name": inp.name, "slot": slot, "dir": _expert_dirname(slot, inp.name),
-                     "source": str(inp.path), "kind": "deliverable" if inp.is_deliverable else "model",
-                     "bias": "kept" if bias_kept else ("dropped" if inp.config.expert_bias else "none"),
-                     "manifest": inp.manifest, "checksums": _slot_sums(arrays, known)}
-            t = time.perf_counter()
-            checkpoint.write_arrays(tmp / entry["dir"], {"layers": {"moe": arrays}})
-            timings[f"write {inp.name}"] = time.perf_counter() - t
-            entries.append(entry)
-            del arrays
+                        "checksums": _slot_sums(public, {k: anchor_sums[f"layers/mlp/{k}"] for k in FFN_LEAVES})}]
+            # Written and hashed: free the anchor (when it was read here) to make room for the experts.
+            del anchor_params, shared, public, fp_future, anchor_writes
+            budget.give(anchor_bytes)
+            timings["anchor: hash, write"] = time.perf_counter() - t
             bar.update()
+            for future, inp in zip(slots, inputs):
+                bar.set_postfix_str(inp.name)
+                entries.append(future.result())
+                bar.update()
+            timings["experts: read, verify, write"] = time.perf_counter() - t - timings["anchor: hash, write"]
+        except BaseException:
+            stop.set()  # workers waiting for memory or for the fingerprint give up
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # nothing writes into tmp once it is published or removed
         manifest = {
             "format": MERGED_FORMAT, "version": 1, "anchor": anchor_desc, "top_k": top_k,
             "bias": "kept" if with_bias else ("dropped" if any(i.config.expert_bias for i in inputs) else "none"),

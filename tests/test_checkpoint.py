@@ -123,6 +123,36 @@ def test_load_subtree_reads_only_the_asked_parts(tmp_path, moe_params):
         checkpoint.load_subtree(tmp_path / "c", ["embed/x"])
 
 
+def test_large_arrays_are_written_in_bounded_data_files(tmp_path, monkeypatch):
+    # write_arrays caps Orbax's data files (and so its chunks) at DATA_FILE_BYTES, which bounds the
+    # memory a write or read of a large array needs beyond the array itself. Shrunk here so that a
+    # 1 MiB array counts as large: it is split over many data files and still reads back bit for bit.
+    x = {"w": np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)}
+
+    def data_files(d: Path) -> int:
+        return sum(1 for p in d.rglob("*") if p.is_file() and p.parent.name == "d")
+
+    checkpoint.write_arrays(tmp_path / "default", x)
+    monkeypatch.setattr(checkpoint, "DATA_FILE_BYTES", 64 << 10)
+    checkpoint.write_arrays(tmp_path / "small", x)
+    assert data_files(tmp_path / "small") >= data_files(tmp_path / "default") + 8
+    for d in ("default", "small"):
+        np.testing.assert_array_equal(checkpoint.read_arrays(tmp_path / d)["w"], x["w"])
+
+
+def test_fsync_tree_flushes_every_file_then_every_directory(tmp_path, monkeypatch):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    files = [tmp_path / "x", tmp_path / "a" / "y", tmp_path / "a" / "b" / "z"]
+    for f in files:
+        f.write_text("1")
+    flushed = []  # appended from the flushing threads
+    monkeypatch.setattr(checkpoint, "_fsync_file", lambda p: flushed.append(("file", Path(p))))
+    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda p: flushed.append(("dir", Path(p))))
+    checkpoint._fsync_tree(tmp_path)
+    assert sorted(flushed[:3]) == sorted(("file", f) for f in files)
+    assert sorted(flushed[3:]) == sorted(("dir", d) for d in (tmp_path, tmp_path / "a", tmp_path / "a" / "b"))
+
+
 # ----------------------------------------------------------------------------
 # Atomic replace and crashes
 # ----------------------------------------------------------------------------

@@ -336,11 +336,9 @@ def test_integrity_errors_name_the_expert_and_the_fix(world, tmp_path):
 def test_failed_merge_leaves_nothing_or_the_old_output(world, tmp_path, monkeypatch):
     out = tmp_path / "m"
     real = checkpoint.write_arrays
-    calls = []
 
     def flaky(directory, tree):
-        calls.append(directory)
-        if len(calls) == 4:  # shared, public, a, then fail on b: mid-merge
+        if Path(directory).name == "002_b":  # mid-merge: the other trees are written (or being written) meanwhile
             raise RuntimeError("disk full (simulated)")
         real(directory, tree)
 
@@ -352,11 +350,58 @@ def test_failed_merge_leaves_nothing_or_the_old_output(world, tmp_path, monkeypa
     monkeypatch.setattr(checkpoint, "write_arrays", real)
     merge.merge(world.anchor_path, deliverables(world, ("a",)), out, public_router=world.public_row)
     monkeypatch.setattr(checkpoint, "write_arrays", flaky)
-    calls.clear()
     with pytest.raises(RuntimeError, match="simulated"):
         merge.merge(world.anchor_path, deliverables(world), out, public_router=world.public_row)
     assert os.listdir(tmp_path) == ["m"]
     assert merge.load(out)[0].names == ("public", "a")  # the previous merge, intact
+
+
+def test_large_merges_stream_within_the_memory_budget(world, tmp_path, monkeypatch):
+    # Make the budget bite at test size: no floor, so it is the anchor's bytes (more than two
+    # slots here). Then the anchor must be written and freed before any expert is read, and the
+    # bytes held never exceed the budget; the result is the same model.
+    monkeypatch.setattr(merge, "MIN_MEMORY_BUDGET", 0)
+    seen = []
+
+    class Recording(merge._Budget):
+        def __init__(self, limit, stop):
+            super().__init__(limit, stop)
+            seen.append(self)
+            self.limit, self.events = limit, []
+
+        def take(self, n):
+            super().take(n)
+            self.events.append(("take", n, self._used))
+
+        def give(self, n):
+            self.events.append(("give", n, self._used))
+            super().give(n)
+
+    monkeypatch.setattr(merge, "_Budget", Recording)
+    out = merge.merge(world.anchor_path, deliverables(world), tmp_path / "m", public_router=world.public_row)
+    assert_same(merge.load(out)[1], reference(world, NAMES)[1])
+
+    (budget,) = seen
+    anchor_bytes = sum(np.asarray(v).nbytes for v in optim.flatten(world.anchor).values())
+    assert budget.limit == anchor_bytes
+    assert budget.events[0] == ("take", anchor_bytes, anchor_bytes)
+    assert budget.events[1][:2] == ("give", anchor_bytes)  # the anchor is released before any expert is read
+    assert max(used for _, _, used in budget.events) <= budget.limit
+    assert len(budget.events) == 2 + 2 * len(NAMES) and budget._used == 0
+
+
+def test_anchor_arrays_that_do_not_match_its_config(world, tmp_path):
+    # The anchor's full check is skipped when the experts' fingerprints vouch for it; when they do
+    # not match, the anchor is checked after all, so a damaged anchor is named as such.
+    bad = tmp_path / "anchor"
+    shutil.copytree(world.anchor_path, bad)
+    tree = checkpoint.read_arrays(bad / "params")
+    tree["layers"]["attn"]["q_proj"] = tree["layers"]["attn"]["q_proj"][:, :, :-1]
+    shutil.rmtree(bad / "params")
+    checkpoint.write_arrays(bad / "params", tree)
+    with pytest.raises(checkpoint.CheckpointError, match=r"arrays of anchor .* do not match the model config"):
+        merge.merge(bad, deliverables(world, ("a",)), tmp_path / "m", public_router=world.public_row)
+    assert sorted(os.listdir(tmp_path)) == ["anchor"]
 
 
 # ----------------------------------------------------------------------------
