@@ -75,6 +75,8 @@ class Plan:
     # evaluation
     eval_batch_size: int = 16
     mc_items: int = 20
+    # Score only each test split's first batches (None: every token); the same tokens for every model.
+    eval_max_batches: int | None = None
     privacy_docs: int = 16
 
     def model_config(self) -> ModelConfig:
@@ -88,7 +90,7 @@ QUICK = Plan(mode="quick", max_docs_per_domain=80, vocab_size=512, d_model=64, n
              calibration_batches=2, eval_batch_size=16, mc_items=5, privacy_docs=4)
 FULL = Plan(mode="full", max_docs_per_domain=None, vocab_size=4096, d_model=256, n_layers=4, n_heads=4,
             mlp_hidden=688, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=250, expert_steps=40,
-            btx_steps=40, router_tune_steps=30)
+            btx_steps=40, router_tune_steps=30, mc_items=10, eval_max_batches=6)
 
 
 def _log(msg: str) -> None:
@@ -440,6 +442,7 @@ def evaluate_all(w: Workdir, models: dict[str, dict]) -> dict:
         m = m() if callable(m) else m
         eval_lib.main_eval({name: m}, w.data, exclude=spec.get("exclude"), top_k=spec.get("top_k"),
                            batch_size=p.eval_batch_size, mc_items_per_domain=p.mc_items,
+                           max_batches=p.eval_max_batches,
                            json_out=w.results / "results.json", log=None, progress=True)
         w.record(f"eval_{name}", time.perf_counter() - t0)
         avg = _results(w)[name].get("average", {})
@@ -576,6 +579,11 @@ def write_report(w: Workdir, results: dict, domains: list[str], flops: dict, pri
              "its own data; merged top-2, router biases kept",
              f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX {p.btx_steps} steps on all data; "
              f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k}, same training FLOPs as all owners",
+             "- evaluation: " + ("every token of each held-out test split" if p.eval_max_batches is None else
+                                 f"the first {p.eval_max_batches} batches ({p.eval_max_batches * p.eval_batch_size} x "
+                                 f"{p.seq_len} tokens) of each held-out test split, the same tokens for every model; "
+                                 "bits per byte use the split's bytes per token") + f"; {p.mc_items} multiple-choice "
+             "items per domain",
              f"- wall time: {sum(v for k, v in timing.items() if not k.startswith(('expert_', 'eval_'))):.0f} s",
              "", "## Findings", ""]
     lines += [f"- {x}" for x in findings_text(f, domains)]

@@ -641,12 +641,21 @@ def resolve_tasks(data_dir, tasks: Sequence[str] | None) -> list[str]:
 
 
 def perplexity(scorer: Scorer, task: str, data_dir, split: str = "test", seq_len: int = DEFAULT_SEQ_LEN,
-               batch_size: int = DEFAULT_BATCH_SIZE, progress: Callable[[], None] | None = None) -> dict:
-    """``{"nll", "ppl", "bpb", "tokens", "bytes", "docs"}`` over every token of a task's split."""
+               batch_size: int = DEFAULT_BATCH_SIZE, progress: Callable[[], None] | None = None,
+               max_batches: int | None = None) -> dict:
+    """``{"nll", "ppl", "bpb", "tokens", "bytes", "docs"}`` over every token of a task's split.
+
+    ``max_batches`` scores only the split's first batches (the same tokens for every model, so
+    comparisons stay exact); ``bpb`` then converts with the whole split's bytes per token and the
+    result says ``"subset": true``.
+    """
     from flexmoe_jax import data
 
-    total, tokens = 0.0, 0.0
-    for batch in data.eval_batches(task, split, batch_size, seq_len, data_dir):
+    total, tokens, subset = 0.0, 0.0, False
+    for i, batch in enumerate(data.eval_batches(task, split, batch_size, seq_len, data_dir)):
+        if max_batches is not None and i >= max_batches:
+            subset = True
+            break
         high = int(batch["decoder_target_tokens"].max())
         if high >= scorer.vocab_size:
             raise ValueError(f"{task} has token id {high} but {scorer.name}'s vocabulary has {scorer.vocab_size} "
@@ -660,6 +669,10 @@ def perplexity(scorer: Scorer, task: str, data_dir, split: str = "test", seq_len
     if tokens == 0:
         raise ValueError(f"{task} split {split!r} has no tokens")
     nll = total / tokens
+    if subset:
+        n_bytes = tokens * stats["bytes"] / stats["tokens"]
+        return {"nll": nll, "ppl": math.exp(nll), "bpb": data.bits_per_byte(total, n_bytes), "tokens": int(tokens),
+                "bytes": int(round(n_bytes)), "docs": int(stats["docs"]), "subset": True}
     return {"nll": nll, "ppl": math.exp(nll), "bpb": data.bits_per_byte(total, stats["bytes"]),
             "tokens": int(tokens), "bytes": int(stats["bytes"]), "docs": int(stats["docs"])}
 
@@ -667,7 +680,7 @@ def perplexity(scorer: Scorer, task: str, data_dir, split: str = "test", seq_len
 def evaluate(scorer: Scorer, data_dir, tasks: Sequence[str] | None = None, split: str = "test",
              seq_len: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
              mc_items_per_domain: int = DEFAULT_MC_ITEMS, mc_choices: int = DEFAULT_MC_CHOICES,
-             seed: int = 0, progress: bool = True) -> dict:
+             seed: int = 0, progress: bool = True, max_batches: int | None = None) -> dict:
     """Per-domain perplexity / bits per byte and multiple-choice accuracy of one scorer.
 
     ``tasks``: domain names (``humor``, ``public``) or task names; default every closed domain
@@ -697,7 +710,8 @@ def evaluate(scorer: Scorer, data_dir, tasks: Sequence[str] | None = None, split
         for task in task_names:
             dom = short_name(task)
             bar.set_postfix_str(dom)
-            r = perplexity(scorer, task, data_dir, split, seq_len, batch_size, progress=bar.update)
+            r = perplexity(scorer, task, data_dir, split, seq_len, batch_size, progress=bar.update,
+                           max_batches=max_batches)
             if mc_items_per_domain > 0:
                 items = mc_items(data_dir, task, split, mc_items_per_domain, mc_choices, seed)
                 r.update(score_mc(scorer, items, sp, seq_len, batch_size))
@@ -864,7 +878,7 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
               mc_items_per_domain: int = DEFAULT_MC_ITEMS, mc_choices: int = DEFAULT_MC_CHOICES,
               json_out: str | os.PathLike | None = None, table_out: str | os.PathLike | None = None,
               plot_out: str | os.PathLike | None = None, update: bool = True, progress: bool = True,
-              log: Callable[[str], None] | None = print) -> dict[str, dict]:
+              log: Callable[[str], None] | None = print, max_batches: int | None = None) -> dict[str, dict]:
     """What ``flexmoe eval`` runs: evaluate models, write JSON / markdown / PNG, print the table.
 
     ``models``: one checkpoint path (plain or merged checkpoint, or a run directory), a list of
@@ -908,7 +922,7 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
         else:
             scorer = ModelScorer.from_checkpoint(m, include=include, exclude=exclude, top_k=top_k, name=name)
         new[name] = evaluate(scorer, data_dir, task_names, split, seq_len, batch_size, mc_items_per_domain,
-                             mc_choices, progress=progress)
+                             mc_choices, progress=progress, max_batches=max_batches)
     everything = {**prior, **new}
     if json_out is not None:
         _write_json_atomic(Path(json_out), everything)
