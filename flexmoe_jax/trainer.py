@@ -79,6 +79,9 @@ class RunConfig:
     router_init_batches: int = 8
     router_init_docs: int = 256
     public_task: str = "flexmix_mini.public"
+    # Expert phase: share of training rows drawn from public_task (public replay); 0 trains on the
+    # owner's task alone, as the reference does. The router init still reads the owner's task only.
+    public_replay: float = 0.0
     # Optional license tag recorded in the expert's manifest (e.g. "CC-BY-4.0", "internal-only").
     license: str = ""
 
@@ -92,6 +95,8 @@ class RunConfig:
 
         if self.router_init not in METHODS:
             raise ValueError(f"RunConfig.router_init must be one of {METHODS}, got {self.router_init!r}")
+        if not 0 <= self.public_replay < 1:
+            raise ValueError(f"RunConfig.public_replay must be in [0, 1), got {self.public_replay}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RunConfig.{name} must be positive, got {getattr(self, name)}")
@@ -260,6 +265,11 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
                                         grad_accum=rc.grad_accum, mesh=mesh), donate_argnums=(0,))
 
     data.register_tasks(rc.data_dir)
+    train_task = rc.task
+    if rc.public_replay > 0:
+        from flexmoe_jax.data import tasks as data_tasks
+
+        train_task = data_tasks.register_replay_mixture(rc.task, rc.public_task, rc.public_replay, rc.data_dir)
     mngr = _manager(workdir, rc)
     state_dir = workdir / "state"
 
@@ -287,7 +297,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
                                            "num_shards": jax.process_count()}, rc.data_dir)
         start = latest
     else:
-        batches = data.batches(rc.task, "train", rc.batch_size, rc.seq_len, rc.data_dir, seed=rc.seed,
+        batches = data.batches(train_task, "train", rc.batch_size, rc.seq_len, rc.data_dir, seed=rc.seed,
                                shard_index=jax.process_index(), num_shards=jax.process_count())
     batch_sharding = train.batch_sharding(mesh)
 

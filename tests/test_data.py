@@ -371,3 +371,17 @@ def test_cli_data_build_cached_and_register_errors(small, tmp_path):
     assert rc == 2 and "no files match" in err and len(err.strip().splitlines()) == 1
     rc, out, err = _cli(["data", "build", "--data_dir", str(tmp_path / "y"), "--domains", "nope"])
     assert rc == 2 and "unknown FlexMix-mini domain" in err
+
+
+def test_public_replay_mixture_rates(small_data_dir):
+    from flexmoe_jax.data import tasks
+
+    name = tasks.register_replay_mixture("flexmix_mini.humor", D.PUBLIC_MIXTURE, 0.3, small_data_dir)
+    names, rates = tasks._tasks_and_rates(name, small_data_dir)
+    share = dict(zip(names, rates))
+    assert share["flexmix_mini.humor"] == pytest.approx(0.7)
+    assert sum(v for k, v in share.items() if k.startswith("flexmix_mini.public_")) == pytest.approx(0.3)
+    b = next(iter(D.batches(name, "train", 4, 32, small_data_dir)))
+    assert b["decoder_target_tokens"].shape == (4, 32)
+    with pytest.raises(ValueError, match="public_share"):
+        tasks.register_replay_mixture("flexmix_mini.humor", D.PUBLIC_MIXTURE, 1.0, small_data_dir)

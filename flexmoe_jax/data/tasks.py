@@ -184,6 +184,24 @@ def register_tasks(data_dir) -> list[str]:
     return names
 
 
+def register_replay_mixture(task: str, public: str, public_share: float, data_dir) -> str:
+    """A mixture of ``task`` and the public data (``public``, a task or mixture) in which a
+    ``public_share`` of the rows are public; returns its name (registered idempotently).
+
+    Used for expert training with public replay: the owner's router then also sees public text,
+    where the public expert should win (public data is public; no other owner's data enters).
+    """
+    if not 0 < public_share < 1:
+        raise ValueError(f"public_share must be between 0 and 1, got {public_share}")
+    register_tasks(data_dir)
+    pub_tasks, pub_rates = _tasks_and_rates(public, data_dir)
+    _tasks_and_rates(task, data_dir)  # fails clearly on an unknown task
+    parts = [(task, 1.0 - public_share)] + [(t, float(r) * public_share) for t, r in zip(pub_tasks, pub_rates)]
+    name = f"{task}+{public}@{round(public_share * 100)}"
+    _add("mixture", name, data_dir, json.dumps(parts), {"tasks": parts})
+    return name
+
+
 def _provider(name: str, data_dir):
     _quiet_tf()
     import seqio
