@@ -58,7 +58,8 @@ def test_each_owner_saw_only_its_own_data(quick_demo):
         assert built == sorted([*data.PUBLIC_SOURCES, d])
         assert set(json.loads((owner / "card.json").read_text())["configs"]) == {*data.PUBLIC_SOURCES, d}
         meta = checkpoint.load_metadata(w / "experts" / d / "model")
-        assert f'RunConfig.data_dir = "{owner}"' in meta["gin_config"]
+        line = [x for x in meta["gin_config"].splitlines() if x.startswith("RunConfig.data_dir")]
+        assert line == [f"RunConfig.data_dir = '{owner}'"], line
         assert (w / "experts" / d / "train.log").is_file()  # trained by its own process
     m = merge.read_manifest(w / "merged")
     assert [e["name"] for e in m["experts"]] == ["public", *DOMAINS]
