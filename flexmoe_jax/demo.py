@@ -67,6 +67,8 @@ class Plan:
     unrestricted_experts: int = 6
     top_k: int = 2
     peak_lr: float = 3e-3
+    # Share of public rows in the "_replay" experts' training (RunConfig.public_replay).
+    public_replay: float = 0.3
     # router tuning proxy data
     rt_per_expert: int = 64
     rt_public: int = 128
@@ -114,8 +116,8 @@ class Workdir:
     def owner_data(self, domain: str) -> Path:
         return self.root / "owners" / domain / "data"
 
-    def expert(self, domain: str) -> Path:
-        return self.root / "experts" / domain
+    def expert(self, domain: str, replay: bool = False) -> Path:
+        return self.root / ("experts_replay" if replay else "experts") / domain
 
     def claim(self) -> None:
         """Record the plan; refuse a directory made by another mode (its models have other sizes)."""
@@ -126,8 +128,10 @@ class Workdir:
             theirs = json.loads(f.read_text())
             if theirs != mine:
                 other = theirs.get("mode", "?")
-                raise DemoError(f"{self.root} holds a demo run of mode {other!r} with other sizes than this "
-                                f"{self.plan.mode!r} run; pass another --workdir or delete {self.root}")
+                diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+                raise DemoError(f"{self.root} holds a demo run of mode {other!r} whose settings differ from this "
+                                f"{self.plan.mode!r} run's ({', '.join(diff)}); pass another --workdir or delete "
+                                f"{self.root}")
         else:
             f.write_text(json.dumps(mine, indent=2) + "\n")
         self.results.mkdir(parents=True, exist_ok=True)
@@ -257,14 +261,16 @@ def train_anchor(w: Workdir) -> Path:
     return out / "model"
 
 
-def _expert_command(w: Workdir, anchor: Path, domain: str) -> list[str]:
+def _expert_command(w: Workdir, anchor: Path, domain: str, replay: bool = False) -> list[str]:
     p = w.plan
     binds = [f"RunConfig.steps={p.expert_steps}", f"RunConfig.batch_size={p.batch_size}",
              f"RunConfig.seq_len={p.seq_len}", f"RunConfig.checkpoint_every={max(p.expert_steps // 2, 1)}",
              "RunConfig.log_every=10", f"OptimConfig.warmup_steps={max(1, p.expert_steps // 10)}",
              f"OptimConfig.peak_lr={p.peak_lr}"]
+    if replay:
+        binds.append(f"RunConfig.public_replay={p.public_replay}")
     cmd = [sys.executable, "-m", "flexmoe_jax.cli", "train-expert", "--anchor", str(anchor),
-           "--task", f"flexmix_mini.{domain}", "--name", domain, "--out", str(w.expert(domain)),
+           "--task", f"flexmix_mini.{domain}", "--name", domain, "--out", str(w.expert(domain, replay)),
            "--data_dir", str(w.owner_data(domain))]
     for b in binds:
         cmd += ["--gin_param", b]
@@ -286,9 +292,14 @@ def _final_loss(run_dir: Path) -> float | None:
     return rows[-1].get("ce") if rows else None
 
 
-def train_experts(w: Workdir, anchor: Path, domains: list[str], parallel: int) -> dict[str, Path]:
-    """One OS process per owner, given only its own data directory; ``parallel`` at a time."""
-    todo = [d for d in domains if not (_complete(w.expert(d) / "model") and (w.expert(d) / "expert").is_dir())]
+def train_experts(w: Workdir, anchor: Path, domains: list[str], parallel: int,
+                  replay: bool = False) -> dict[str, Path]:
+    """One OS process per owner, given only its own data directory; ``parallel`` at a time.
+    ``replay``: the owners also replay public data (``RunConfig.public_replay``)."""
+    def where(d):
+        return w.expert(d, replay)
+
+    todo = [d for d in domains if not (_complete(where(d) / "model") and (where(d) / "expert").is_dir())]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
     from tqdm.auto import tqdm
@@ -298,10 +309,10 @@ def train_experts(w: Workdir, anchor: Path, domains: list[str], parallel: int) -
         while todo or running:
             while todo and len(running) < max(1, parallel):
                 d = todo.pop(0)
-                w.expert(d).mkdir(parents=True, exist_ok=True)
-                log = w.expert(d) / "train.log"
+                where(d).mkdir(parents=True, exist_ok=True)
+                log = where(d) / "train.log"
                 with open(log, "a") as f:
-                    proc = subprocess.Popen(_expert_command(w, anchor, d), stdout=f, stderr=subprocess.STDOUT,
+                    proc = subprocess.Popen(_expert_command(w, anchor, d, replay), stdout=f, stderr=subprocess.STDOUT,
                                             env=env)
                 running[d] = (proc, log, time.perf_counter())
             time.sleep(0.5)
@@ -312,23 +323,24 @@ def train_experts(w: Workdir, anchor: Path, domains: list[str], parallel: int) -
                 if proc.returncode != 0:
                     raise DemoError(f"the {d} owner's expert training failed (exit {proc.returncode}); its log "
                                     f"{log} ends with:\n{_tail(log)}\nfix the cause and rerun: finished work is kept")
-                w.record(f"expert_{d}", time.perf_counter() - t0)
-                ce = _final_loss(w.expert(d))
-                bar.write(f"   expert {d}: {time.perf_counter() - t0:.0f} s in its own process, final ce "
+                w.record(f"expert_{d}" + ("_replay" if replay else ""), time.perf_counter() - t0)
+                ce = _final_loss(where(d))
+                bar.write(f"   expert {d}{' (public replay)' if replay else ''}: {time.perf_counter() - t0:.0f} s in its own process, final ce "
                           f"{ce if ce is None else round(ce, 3)}")
                 bar.update()
     finally:
         for proc, _, _ in running.values():
             proc.kill()
         bar.close()
-    return {d: w.expert(d) for d in domains}
+    return {d: where(d) for d in domains}
 
 
-def merge_experts(w: Workdir, anchor: Path, experts: dict[str, Path], keep_bias: bool = True) -> Path:
+def merge_experts(w: Workdir, anchor: Path, experts: dict[str, Path], keep_bias: bool = True,
+                  name: str | None = None) -> Path:
     """FlexOlmo's merge; ``keep_bias=False`` is the reference's (experts' learned biases dropped)."""
     from flexmoe_jax import merge
 
-    out = w.root / ("merged" if keep_bias else "merged_nobias")
+    out = w.root / (name or ("merged" if keep_bias else "merged_nobias"))
     if not _complete(out):
         merge.merge(anchor, [experts[d] for d in experts], out, top_k=w.plan.top_k, keep_bias=keep_bias,
                     progress=True)
@@ -414,7 +426,7 @@ def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int) -> dict[str,
     experts = n_owners * f(owner, p.expert_steps)
     rows = {"public": 0.0, "expert (one owner)": f(owner, p.expert_steps), "soup": experts, "btm": experts,
             "flexolmo": experts, "flexolmo_cal": experts,
-            "flexolmo_rt": experts + f(merged, p.router_tune_steps),
+            "flexolmo_rt": experts + f(merged, p.router_tune_steps), "flexolmo_replay": experts,
             "btx": experts + f(merged, p.btx_steps), "unrestricted": f(joint, unrestricted_steps)}
     return {k: {"beyond_anchor": v, "total": anchor + v, "vs_flexolmo": v / experts} for k, v in rows.items()}
 
@@ -498,6 +510,9 @@ def findings(results: dict, domains: list[str], routing: dict | None = None) -> 
     f: dict = {"average_bpb": avg}
     f["flexolmo_vs_public"] = {d: bpb("flexolmo", d) - bpb("public", d) for d in [*domains, "public"]}
     f["flexolmo_beats_public_on"] = [d for d in domains if bpb("flexolmo", d) < bpb("public", d)]
+    if "flexolmo_replay" in results:
+        f["flexolmo_replay_beats_public_on"] = [d for d in domains if bpb("flexolmo_replay", d) < bpb("public", d)]
+        f["flexolmo_replay_vs_public"] = {d: bpb("flexolmo_replay", d) - bpb("public", d) for d in [*domains, "public"]}
     f["relative_to_flexolmo_average"] = {m: (a - avg["flexolmo"]) / avg["flexolmo"] for m, a in avg.items()}
     kept = {}
     for d in domains:
@@ -535,8 +550,13 @@ def findings_text(f: dict, domains: list[str]) -> list[str]:
     lines.append(f"FlexOlmo beats the public model on {len(beat)}/{len(domains)} closed domains"
                  + (f" ({', '.join(beat)})" if beat else "") + f"; average bpb {avg['flexolmo']:.4f} vs "
                  f"{avg['public']:.4f}. On public data it changes bpb by {f['flexolmo_vs_public']['public']:+.4f}.")
+    if "flexolmo_replay_beats_public_on" in f:
+        rb = f["flexolmo_replay_beats_public_on"]
+        lines.append(f"FlexOlmo with public replay ({len(rb)}/{len(domains)} closed domains beaten"
+                     + (f": {', '.join(rb)}" if rb else "") + f"): average bpb {avg['flexolmo_replay']:.4f}; on public "
+                     f"data {f['flexolmo_replay_vs_public']['public']:+.4f} vs the public model.")
     for m in ("soup", "btm", "btx", "unrestricted", "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3",
-              "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt"):
+              "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay"):
         if m in rel:
             better = "better" if rel[m] < 0 else "worse"
             lines.append(f"{m}: average bpb {avg[m]:.4f}, {_pct(rel[m])} vs FlexOlmo ({better} than FlexOlmo).")
@@ -561,7 +581,8 @@ def write_report(w: Workdir, results: dict, domains: list[str], flops: dict, pri
     f = findings(results, domains, routing)
     _write_json(w.results / "findings.json", f)
     main = [m for m in ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_nobias",
-                        "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt")
+                        "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt",
+                        "flexolmo_replay")
             if m in results]
     eval_lib.plot({m: results[m] for m in main}, w.results / "baselines.png")
     eval_lib.plot({m: results[m] for m in ["public", *[f"expert_{d}" for d in domains], "flexolmo"]
@@ -577,6 +598,8 @@ def write_report(w: Workdir, results: dict, domains: list[str], flops: dict, pri
              f"{p.anchor_steps} steps on the public mix; batch {p.batch_size} x {p.seq_len} tokens everywhere",
              f"- experts: {', '.join(domains)}; {p.expert_steps} steps each, each in its own process with only "
              "its own data; merged top-2, router biases kept",
+             f"- flexolmo_replay: the same owners, each also replaying public data ({p.public_replay:.0%} of its "
+             "training rows; RunConfig.public_replay), merged the same way",
              f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX {p.btx_steps} steps on all data; "
              f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k}, same training FLOPs as all owners",
              "- evaluation: " + ("every token of each held-out test split" if p.eval_max_batches is None else
@@ -630,9 +653,12 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
         anchor = train_anchor(w)
     with _Phase(w, "experts"):
         experts = train_experts(w, anchor, domains, parallel)
+    with _Phase(w, "experts_replay"):
+        experts_replay = train_experts(w, anchor, domains, parallel, replay=True)
     with _Phase(w, "merge"):
         merged = merge_experts(w, anchor, experts)
         merged_nobias = merge_experts(w, anchor, experts, keep_bias=False)
+        merged_replay = merge_experts(w, anchor, experts_replay, name="merged_replay")
     with _Phase(w, "calibrate"):
         cal = calibrate(w, merged)
         cal90 = calibrate(w, merged, quantile=0.9)
@@ -656,12 +682,14 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     models["flexolmo_cal"] = {"model": cal}
     models["flexolmo_cal_q90"] = {"model": cal90}
     models["flexolmo_rt"] = {"model": rt}
+    models["flexolmo_replay"] = {"model": merged_replay}
     models.update({f"flexolmo_minus_{d}": {"model": merged, "exclude": [d]} for d in domains})
     with _Phase(w, "evaluate"):
         results = evaluate_all(w, models)
     with _Phase(w, "routing"):
         routes = routing_all(w, {m: models[m] for m in ("flexolmo", "flexolmo_nobias", "flexolmo_top1",
-                                                          "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "btx")})
+                                                          "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt",
+                                                          "flexolmo_replay", "btx")})
     with _Phase(w, "privacy"):
         priv = privacy_check(w, experts, merged)
     flops = flops_table(w, len(domains), u_steps)

@@ -21,7 +21,7 @@ def test_quick_demo_outputs(quick_demo):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((res / "results.json").read_text())
     expected = {"public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_nobias", "flexolmo_top1",
-                "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90",
+                "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_replay",
                 "flexolmo_rt", *[f"expert_{d}" for d in DOMAINS], *[f"flexolmo_minus_{d}" for d in DOMAINS]}
     assert expected <= set(results)
     for name, per in results.items():
@@ -61,6 +61,8 @@ def test_each_owner_saw_only_its_own_data(quick_demo):
         line = [x for x in meta["gin_config"].splitlines() if x.startswith("RunConfig.data_dir")]
         assert line == [f"RunConfig.data_dir = '{owner}'"], line
         assert (w / "experts" / d / "train.log").is_file()  # trained by its own process
+        replay = checkpoint.load_metadata(w / "experts_replay" / d / "model")["gin_config"]
+        assert f"RunConfig.public_replay = {demo.QUICK.public_replay}" in replay
     m = merge.read_manifest(w / "merged")
     assert [e["name"] for e in m["experts"]] == ["public", *DOMAINS]
 
