@@ -1,6 +1,7 @@
 """``flexmoe demo --quick`` end to end, as a user runs it (a subprocess), and what it leaves behind."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -58,7 +59,8 @@ def test_each_owner_saw_only_its_own_data(quick_demo):
         assert built == sorted([*data.PUBLIC_SOURCES, d])
         assert set(json.loads((owner / "card.json").read_text())["configs"]) == {*data.PUBLIC_SOURCES, d}
         meta = checkpoint.load_metadata(w / "experts" / d / "model")
-        line = [x for x in meta["gin_config"].splitlines() if x.startswith("RunConfig.data_dir")]
+        gin_text = re.sub(r"\\\n\s*", "", meta["gin_config"])  # gin wraps long lines with "\"
+        line = [x for x in gin_text.splitlines() if x.startswith("RunConfig.data_dir")]
         assert line == [f"RunConfig.data_dir = '{owner}'"], line
         assert (w / "experts" / d / "train.log").is_file()  # trained by its own process
         replay = checkpoint.load_metadata(w / "experts_replay" / d / "model")["gin_config"]
