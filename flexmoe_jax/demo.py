@@ -140,8 +140,9 @@ class Workdir:
         return json.loads(self.timing_file.read_text()) if self.timing_file.exists() else {}
 
     def record(self, phase: str, seconds: float) -> None:
+        """Add ``seconds`` to the phase's wall time (a resumed run adds to what earlier runs spent)."""
         t = self.timing()
-        t[phase] = round(seconds, 1)
+        t[phase] = round(t.get(phase, 0.0) + seconds, 1)
         _write_json(self.timing_file, t)
 
 
