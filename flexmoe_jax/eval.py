@@ -845,20 +845,22 @@ def plot(results: Mapping[str, Mapping[str, dict]], path: str | os.PathLike) -> 
                                                       3.6 * len(panels)), squeeze=False)
     width = 0.8 / len(models)
     x = np.arange(len(cols))
+    colors = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")  # one distinct color per model
     for ax, (key, title) in zip(axes[:, 0], panels):
         for i, m in enumerate(models):
             vals = [results[m].get(d, {}).get(key) for d in cols]
             ax.bar(x + (i - (len(models) - 1) / 2) * width, [np.nan if v is None else v for v in vals], width,
-                   label=m)
+                   label=m, color=colors(i % colors.N))
         ax.set_xticks(x, cols)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize="small", ncol=max(1, len(models) // 8 + 1), loc="best")
+    # Outside the axes, so no bar is hidden behind it.
+    axes[0, 0].legend(fontsize="small", ncol=max(1, len(models) // 12 + 1), loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")  # keep the legend outside the axes in the image
     plt.close(fig)
     os.replace(tmp, path)
     return path
