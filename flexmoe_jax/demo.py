@@ -80,6 +80,7 @@ class Plan:
     # Score only each test split's first batches (None: every token); the same tokens for every model.
     eval_max_batches: int | None = None
     privacy_docs: int = 16
+    routing_batches: int = 2
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
@@ -90,9 +91,10 @@ QUICK = Plan(mode="quick", max_docs_per_domain=80, vocab_size=512, d_model=64, n
              mlp_hidden=128, max_seq_len=128, batch_size=8, seq_len=64, anchor_steps=60, expert_steps=20,
              btx_steps=10, router_tune_steps=10, rt_per_expert=8, rt_public=16, rt_pool=64,
              calibration_batches=2, eval_batch_size=16, mc_items=5, privacy_docs=4)
-FULL = Plan(mode="full", max_docs_per_domain=None, vocab_size=4096, d_model=256, n_layers=4, n_heads=4,
-            mlp_hidden=688, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=250, expert_steps=40,
-            btx_steps=40, router_tune_steps=30, mc_items=10, eval_max_batches=6)
+# Sized for about 30 minutes on 2 CPU cores (measured phase by phase: results/timing.json).
+FULL = Plan(mode="full", max_docs_per_domain=None, vocab_size=4096, d_model=192, n_layers=4, n_heads=3,
+            mlp_hidden=512, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=200, expert_steps=32,
+            btx_steps=32, router_tune_steps=24, mc_items=8, eval_max_batches=4, privacy_docs=8)
 
 
 def _log(msg: str) -> None:
@@ -293,47 +295,76 @@ def _final_loss(run_dir: Path) -> float | None:
     return rows[-1].get("ce") if rows else None
 
 
-def train_experts(w: Workdir, anchor: Path, domains: list[str], parallel: int,
-                  replay: bool = False) -> dict[str, Path]:
-    """One OS process per owner, given only its own data directory; ``parallel`` at a time.
-    ``replay``: the owners also replay public data (``RunConfig.public_replay``)."""
-    def where(d):
-        return w.expert(d, replay)
+def cpu_slots(parallel: int) -> list[list[int]] | None:
+    """Split this process's CPUs into ``parallel`` disjoint sets, one per concurrent owner process
+    (None when there are fewer CPUs than processes, or one process). Why: XLA:CPU sizes its
+    thread pool to the CPUs it may run on, so two unpinned processes on 2 cores each run 2
+    threads and contend; pinned, each owns a core and the small matmuls of this model scale
+    better across processes than across threads."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    if parallel <= 1 or len(cpus) < parallel or shutil.which("taskset") is None:
+        return None
+    return [cpus[i::parallel] for i in range(parallel)]
 
-    todo = [d for d in domains if not (_complete(where(d) / "model") and (where(d) / "expert").is_dir())]
+
+def train_experts(w: Workdir, anchor: Path, jobs: list[tuple[str, bool]], parallel: int) -> dict[tuple[str, bool], Path]:
+    """Train each ``(domain, replay)`` job's expert in its own OS process, given only that owner's
+    data directory; ``parallel`` processes at a time, each pinned to its own CPUs
+    (:func:`cpu_slots`). ``replay``: the owner also replays public data
+    (``RunConfig.public_replay``). Both expert sets share one queue, so no core idles between them.
+    Returns ``{(domain, replay): run directory}``."""
+    def where(job):
+        return w.expert(*job)
+
+    def label(job):
+        return job[0] + (" (public replay)" if job[1] else "")
+
+    todo = [j for j in jobs if not (_complete(where(j) / "model") and (where(j) / "expert").is_dir())]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+    running: dict[tuple[str, bool], tuple[subprocess.Popen, Path, float]] = {}
+    slots = cpu_slots(parallel)
+    free = list(range(len(slots))) if slots else []
+    slot_of: dict[tuple[str, bool], int] = {}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(domains), initial=len(domains) - len(todo), desc="experts", unit="owner")
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="experts", unit="owner")
     try:
         while todo or running:
             while todo and len(running) < max(1, parallel):
-                d = todo.pop(0)
-                where(d).mkdir(parents=True, exist_ok=True)
-                log = where(d) / "train.log"
+                job = todo.pop(0)
+                where(job).mkdir(parents=True, exist_ok=True)
+                log = where(job) / "train.log"
+                cmd = _expert_command(w, anchor, *job)
+                if slots:
+                    slot_of[job] = free.pop(0)
+                    cmd = ["taskset", "-c", ",".join(map(str, slots[slot_of[job]]))] + cmd
                 with open(log, "a") as f:
-                    proc = subprocess.Popen(_expert_command(w, anchor, d, replay), stdout=f, stderr=subprocess.STDOUT,
-                                            env=env)
-                running[d] = (proc, log, time.perf_counter())
+                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+                running[job] = (proc, log, time.perf_counter())
             time.sleep(0.5)
-            for d, (proc, log, t0) in list(running.items()):
+            for job, (proc, log, t0) in list(running.items()):
                 if proc.poll() is None:
                     continue
-                del running[d]
+                del running[job]
+                if job in slot_of:
+                    free.append(slot_of.pop(job))
                 if proc.returncode != 0:
-                    raise DemoError(f"the {d} owner's expert training failed (exit {proc.returncode}); its log "
-                                    f"{log} ends with:\n{_tail(log)}\nfix the cause and rerun: finished work is kept")
-                w.record(f"expert_{d}" + ("_replay" if replay else ""), time.perf_counter() - t0)
-                ce = _final_loss(where(d))
-                bar.write(f"   expert {d}{' (public replay)' if replay else ''}: {time.perf_counter() - t0:.0f} s in its own process, final ce "
+                    raise DemoError(f"the {label(job)} owner's expert training failed (exit {proc.returncode}); "
+                                    f"its log {log} ends with:\n{_tail(log)}\nfix the cause and rerun: finished "
+                                    "work is kept")
+                w.record(f"expert_{job[0]}" + ("_replay" if job[1] else ""), time.perf_counter() - t0)
+                ce = _final_loss(where(job))
+                bar.write(f"   expert {label(job)}: {time.perf_counter() - t0:.0f} s in its own process, final ce "
                           f"{ce if ce is None else round(ce, 3)}")
                 bar.update()
     finally:
         for proc, _, _ in running.values():
             proc.kill()
         bar.close()
-    return {d: where(d) for d in domains}
+    return {j: where(j) for j in jobs}
 
 
 def merge_experts(w: Workdir, anchor: Path, experts: dict[str, Path], keep_bias: bool = True,
@@ -475,7 +506,7 @@ def routing_all(w: Workdir, models: dict[str, dict]) -> dict:
             continue
         config, params = eval_lib.load_model(spec["model"], exclude=spec.get("exclude"), top_k=spec.get("top_k"))
         done[name] = eval_lib.routing(config, params, w.data, seq_len=w.plan.seq_len,
-                                      batch_size=w.plan.eval_batch_size)
+                                      batch_size=w.plan.eval_batch_size, max_batches=w.plan.routing_batches)
         _write_json(f, done)
     return done
 
@@ -491,8 +522,9 @@ def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
     models["public"] = {"model": w.root / "anchor" / "model", "domains": list(experts)}
     out = {}
     for name, spec in models.items():
+        # One generation batch per (domain, split): every sample of every checked document at once.
         out.update(privacy.run({name: spec["model"]}, w.data, spec["domains"], num_docs=w.plan.privacy_docs,
-                               progress=True))
+                               batch_size=w.plan.privacy_docs * privacy.DEFAULT_SAMPLES, progress=True))
     _write_json(f, out)
     return out
 
@@ -608,7 +640,7 @@ def write_report(w: Workdir, results: dict, domains: list[str], flops: dict, pri
                                  f"{p.seq_len} tokens) of each held-out test split, the same tokens for every model; "
                                  "bits per byte use the split's bytes per token") + f"; {p.mc_items} multiple-choice "
              "items per domain",
-             f"- wall time: {sum(v for k, v in timing.items() if not k.startswith(('expert_', 'eval_'))):.0f} s",
+             f"- wall time: {sum(v for k, v in timing.items() if not k.startswith(('expert_', 'eval_', 'total_'))):.0f} s",
              "", "## Findings", ""]
     lines += [f"- {x}" for x in findings_text(f, domains)]
     lines += ["", "## Results", "", eval_lib.results_table(results), "## Training FLOPs", "",
@@ -653,9 +685,9 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     with _Phase(w, "anchor"):
         anchor = train_anchor(w)
     with _Phase(w, "experts"):
-        experts = train_experts(w, anchor, domains, parallel)
-    with _Phase(w, "experts_replay"):
-        experts_replay = train_experts(w, anchor, domains, parallel, replay=True)
+        trained = train_experts(w, anchor, [(d, replay) for replay in (False, True) for d in domains], parallel)
+        experts = {d: trained[d, False] for d in domains}
+        experts_replay = {d: trained[d, True] for d in domains}
     with _Phase(w, "merge"):
         merged = merge_experts(w, anchor, experts)
         merged_nobias = merge_experts(w, anchor, experts, keep_bias=False)
@@ -670,10 +702,20 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     with _Phase(w, "unrestricted"):
         unrestricted, u_steps = train_unrestricted(w, anchor, len(domains))
 
-    models: dict[str, dict] = {"public": {"model": anchor}}
-    models.update({f"expert_{d}": {"model": experts[d]} for d in domains})
+    # One cached scorer per owner model (and the public one): BTM then reuses the log-probs their
+    # own rows just computed on the same batches instead of running six models again.
+    shared: dict[str, eval_lib.CachedScorer] = {}
+
+    def member(name: str, path: Path):
+        if name not in shared:
+            shared[name] = eval_lib.CachedScorer(eval_lib.ModelScorer.from_checkpoint(path, name=name))
+        return shared[name]
+
+    models: dict[str, dict] = {"public": {"model": lambda: member("public", anchor)}}
+    models.update({f"expert_{d}": {"model": lambda d=d: member(f"expert_{d}", experts[d])} for d in domains})
     models["soup"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(experts.values()))}
-    models["btm"] = {"model": lambda: eval_lib.btm_scorer(anchor, list(experts.values()))}
+    models["btm"] = {"model": lambda: eval_lib.btm_scorer(member("public", anchor),
+                                                          [member(f"expert_{d}", experts[d]) for d in domains])}
     models["btx"] = {"model": btx}
     models["unrestricted"] = {"model": unrestricted}
     models["flexolmo"] = {"model": merged}
@@ -688,9 +730,8 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     with _Phase(w, "evaluate"):
         results = evaluate_all(w, models)
     with _Phase(w, "routing"):
-        routes = routing_all(w, {m: models[m] for m in ("flexolmo", "flexolmo_nobias", "flexolmo_top1",
-                                                          "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt",
-                                                          "flexolmo_replay", "btx")})
+        routes = routing_all(w, {m: models[m] for m in ("flexolmo", "flexolmo_top1", "flexolmo_cal",
+                                                          "flexolmo_rt", "flexolmo_replay", "btx")})
     with _Phase(w, "privacy"):
         priv = privacy_check(w, experts, merged)
     flops = flops_table(w, len(domains), u_steps)

@@ -174,6 +174,40 @@ class ModelScorer(Scorer):
         return _model_logprobs(self.config, self.params, inputs, targets, positions, segs)
 
 
+def _batch_key(batch: Batch) -> bytes:
+    """A digest of the four decoder features: equal batches (same tokens, positions, segments) collide."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=20)
+    for k in ("decoder_input_tokens", "decoder_target_tokens", "decoder_positions", "decoder_segment_ids"):
+        a = np.ascontiguousarray(np.asarray(batch[k], np.int32))
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    return h.digest()
+
+
+class CachedScorer(Scorer):
+    """A scorer that remembers its per-token log-probs of every batch it has scored, keyed by the
+    batch's contents. Why: the BTM row ensembles the public model and every owner's model, which
+    the evaluation has just scored on exactly the same batches as rows of their own; sharing one
+    cached scorer per model turns BTM into the (cheap) mixing step alone. The cache holds [B, S]
+    float32 arrays (8 KB for a 16 x 128 batch), never logits."""
+
+    def __init__(self, inner: Scorer, name: str | None = None):
+        self.inner, self.name = inner, name or inner.name
+        self.vocab_size, self.max_seq_len = inner.vocab_size, inner.max_seq_len
+        self._cache: dict[bytes, jax.Array] = {}
+        self.hits = 0
+
+    def logprobs(self, batch: Batch) -> jax.Array:
+        key = _batch_key(batch)
+        if key in self._cache:
+            self.hits += 1
+        else:
+            self._cache[key] = self.inner.logprobs(batch)
+        return self._cache[key]
+
+
 # -- model soup ---------------------------------------------------------------
 
 def dense_view(config: ModelConfig, params: model.Params) -> tuple[ModelConfig, model.Params]:

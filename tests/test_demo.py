@@ -102,3 +102,16 @@ def test_owner_data_dir_keeps_only_public_and_own(quick_demo, tmp_path):
     names = data.register_tasks(out)
     assert "flexmix_mini.math" in names and "flexmix_mini.code" not in names
     assert data.PUBLIC_MIXTURE in names
+
+
+def test_cpu_slots_split_the_cpus_into_disjoint_sets(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5})
+    monkeypatch.setattr(demo.shutil, "which", lambda name: "/usr/bin/taskset")
+    assert demo.cpu_slots(2) == [[0, 2, 5], [1, 3]]
+    assert demo.cpu_slots(5) == [[0], [1], [2], [3], [5]]
+    assert demo.cpu_slots(1) is None  # one process keeps every CPU
+    assert demo.cpu_slots(6) is None  # more processes than CPUs: no pinning
+    monkeypatch.setattr(demo.shutil, "which", lambda name: None)
+    assert demo.cpu_slots(2) is None  # no taskset on this machine

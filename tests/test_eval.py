@@ -157,6 +157,37 @@ def test_btm_single_member_causality_and_bayes_identity(anchor, data_dir):
     np.testing.assert_allclose(top1[r, t], lps[np.argmax(ctx, 0), r, t], atol=1e-4)
 
 
+def test_cached_scorer_reuses_equal_batches_only(anchor, data_dir):
+    class Counting(ev.ModelScorer):
+        calls = 0
+
+        def logprobs(self, batch):
+            Counting.calls += 1
+            return super().logprobs(batch)
+
+    inner = Counting(*anchor, name="anchor")
+    cached = ev.CachedScorer(inner)
+    assert cached.name == "anchor" and cached.vocab_size == CFG.vocab_size
+    b0, b1 = rows(data_dir, 2)
+    first = cached.token_logprobs(b0)
+    np.testing.assert_array_equal(cached.token_logprobs({k: v.copy() for k, v in b0.items()}), first)
+    assert (Counting.calls, cached.hits) == (1, 1)
+    cached.token_logprobs(b1)
+    assert Counting.calls == 2
+    # One changed target token is another batch: scored afresh, not served from the cache.
+    changed = {k: v.copy() for k, v in b0.items()}
+    changed["decoder_target_tokens"][0, 3] = (changed["decoder_target_tokens"][0, 3] + 1) % CFG.vocab_size
+    assert not np.array_equal(cached.token_logprobs(changed), first)
+    assert Counting.calls == 3
+    # A BTM ensemble over cached members scores nothing again for batches they have seen.
+    members = [ev.CachedScorer(ev.ModelScorer(*anchor)), ev.CachedScorer(ev.ModelScorer(*owner(anchor, "a", 0)))]
+    want = ev.BTMScorer([m.inner for m in members]).token_logprobs(b0)
+    for m in members:
+        m.token_logprobs(b0)
+    np.testing.assert_allclose(ev.BTMScorer(members).token_logprobs(b0), want, atol=1e-6)
+    assert [m.hits for m in members] == [1, 1]
+
+
 def test_mc_items_are_well_formed_and_scorable(data_dir, anchor):
     from flexmoe_jax import data
     from flexmoe_jax.data.pipeline import read_split_texts
