@@ -47,8 +47,10 @@ Multiple choice (:func:`mc_items`, :func:`score_mc`)
   sentences, else between clauses (after ":" or ";", as in a dictionary entry "word (pos): gloss").
   The distractors are K-1 units of the same kind (lines, sentences, clauses) from *other* documents of the
   same source and split, distinct from the truth, from each other and from every unit of the
-  item's own document; documents with no usable split, or too few distinct distractors, are
-  skipped. Item choice, distractors and the truth's position are seeded, so the suite is the same
+  item's own document, and matched in length: drawn at random from the ``MC_LENGTH_POOL x
+  (K-1)`` candidates closest in characters to the truth (summed log-likelihood favours short
+  strings; with free-length distractors every model "chooses" the shortest dictionary gloss).
+  Documents with no usable split, or too few distinct distractors, are skipped. Item choice, distractors and the truth's position are seeded, so the suite is the same
   for every model. Each choice is scored by its summed log-likelihood given the context
   (``mc_acc``) and by that divided by its UTF-8 length (``mc_acc_norm``, lm-eval's acc_norm).
   Pieces are encoded as lm-eval's ``_encode_pair`` does (whole text, context prefix split off).
@@ -96,6 +98,7 @@ MC_MIN_CONTEXT = 20
 MC_MAX_CONTEXT = 400
 MC_MIN_CHOICE = 8
 MC_MAX_CHOICE = 160
+MC_LENGTH_POOL = 5  # distractors come from the (choices - 1) x this candidates closest in length to the truth
 
 
 # ----------------------------------------------------------------------------
@@ -493,7 +496,13 @@ def build_mc_items(texts: Sequence[str], domain: str, source: str, n_items: int 
         if len(cands) < n_choices - 1:
             continue
         rng = np.random.default_rng([seed, src, i])
-        picked = [cands[j] for j in rng.permutation(len(cands))[: n_choices - 1]]
+        # Length-matched distractors: drawn from the candidates closest in length to the truth.
+        # Summed log-likelihood favours short strings, so free-length distractors make the item
+        # a length test (a dictionary's "toecap (noun):" beats every real definition).
+        order = rng.permutation(len(cands))  # random tie-break among equal lengths
+        order = sorted(order, key=lambda j: abs(len(_norm(cands[j])) - len(_norm(truth))))
+        near = order[: MC_LENGTH_POOL * (n_choices - 1)]
+        picked = [cands[j] for j in sorted(rng.choice(near, n_choices - 1, replace=False))]
         if mode != "line":
             picked = [" " + x.strip() for x in picked]
         label = int(rng.integers(n_choices))

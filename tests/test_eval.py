@@ -213,6 +213,15 @@ def test_mc_items_are_well_formed_and_scorable(data_dir, anchor):
     assert [it.label for it in items] != [items[0].label] * len(items) or len(items) < 3
     public = ev.mc_items(data_dir, "flexmix_mini.public", split="train", n_items=6)
     assert {it.source for it in public} == {"public_gcide", "public_wordnet", "public_foldoc"}  # round robin
+    # Length-matched distractors: with short and long units on offer, a long truth gets long
+    # distractors and a short truth short ones.
+    docs = [f"Entry number {i} begins here.\nshort{i:03d} item\n" for i in range(20)]
+    docs += [f"Entry number {i} begins here.\n" + f"a long line {i:03d} " * 6 + "\n" for i in range(20, 40)]
+    built = ev.build_mc_items(docs, "toy", "toy", n_items=40, n_choices=4)
+    assert len(built) == 40
+    for it in built:
+        long_truth = len(it.choices[it.label]) > 40
+        assert all((len(c) > 40) == long_truth for c in it.choices), it
 
     sp = data.sentencepiece(data_dir)
     scorer = ev.ModelScorer(*anchor)
