@@ -264,6 +264,18 @@ def train_anchor(w: Workdir) -> Path:
     return out / "model"
 
 
+def share_public_rows(w: Workdir, domains: list[str]) -> None:
+    """Give each owner's data directory the public sources' packed training rows that the anchor's
+    run already made (hard links; public data only, so nothing private moves), instead of every
+    owner process packing the same public text again."""
+    from flexmoe_jax import data
+    from flexmoe_jax.data import tasks
+
+    public = [f"{data.TASK_PREFIX}{c}" for c in data.PUBLIC_SOURCES]
+    for d in domains:
+        tasks.share_packed_rows(w.data, w.owner_data(d), public, "train", w.plan.seq_len)
+
+
 def _expert_command(w: Workdir, anchor: Path, domain: str, replay: bool = False) -> list[str]:
     p = w.plan
     binds = [f"RunConfig.steps={p.expert_steps}", f"RunConfig.batch_size={p.batch_size}",
@@ -323,7 +335,9 @@ def train_experts(w: Workdir, anchor: Path, jobs: list[tuple[str, bool]], parall
         return job[0] + (" (public replay)" if job[1] else "")
 
     todo = [j for j in jobs if not (_complete(where(j) / "model") and (where(j) / "expert").is_dir())]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # Every compiled program goes to the persistent cache (default: only those over 1 s), so the
+    # dozens of small ones each owner process compiles on its core are compiled once, not per owner.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     running: dict[tuple[str, bool], tuple[subprocess.Popen, Path, float]] = {}
     slots = cpu_slots(parallel)
     free = list(range(len(slots))) if slots else []
@@ -512,6 +526,8 @@ def routing_all(w: Workdir, models: dict[str, dict]) -> dict:
 
 
 def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
+    """The paper's extraction check: each owner's expert on its own domain's documents, the merged
+    model on every domain's; held-out documents of the same domains are the control."""
     from flexmoe_jax import privacy
 
     f = w.results / "privacy.json"
@@ -519,7 +535,6 @@ def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
         return json.loads(f.read_text())
     models = {f"expert_{d}": {"model": path, "domains": [d]} for d, path in experts.items()}
     models["flexolmo"] = {"model": merged, "domains": list(experts)}
-    models["public"] = {"model": w.root / "anchor" / "model", "domains": list(experts)}
     out = {}
     for name, spec in models.items():
         # One generation batch per (domain, split): every sample of every checked document at once.
@@ -685,6 +700,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     with _Phase(w, "anchor"):
         anchor = train_anchor(w)
     with _Phase(w, "experts"):
+        share_public_rows(w, domains)
         trained = train_experts(w, anchor, [(d, replay) for replay in (False, True) for d in domains], parallel)
         experts = {d: trained[d, False] for d in domains}
         experts_replay = {d: trained[d, True] for d in domains}

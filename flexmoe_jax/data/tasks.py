@@ -255,6 +255,43 @@ def packed_rows(name: str, split: str, seq_len: int, data_dir) -> dict[str, np.n
     return rows
 
 
+def share_packed_rows(src_dir, dst_dir, names: Sequence[str], split: str, seq_len: int) -> list[str]:
+    """Hard-link ``src_dir``'s packed rows of ``names`` into ``dst_dir``'s cache wherever ``dst_dir``
+    holds the same dataset (equal content key), so a data directory made of links to another's
+    datasets (an owner's, see ``flexmoe_jax.demo.owner_data_dir``) does not pack the same text
+    again: packing the public sources took each owner process ~40 s on one core. Rows already
+    cached in ``dst_dir``, missing in ``src_dir`` or packed from other content are left alone
+    (``dst_dir`` then packs its own). Returns the names shared."""
+    register_tasks(dst_dir)
+    src_root, dst_root = Path(src_dir).resolve(), Path(dst_dir).resolve()
+    shared = []
+    for name in names:
+        ident = _REGISTERED.get(name)
+        if ident is None or ident[0] != str(dst_root):
+            continue
+        src = L.cache_dir(src_root) / "packed" / name / f"{split}-L{seq_len}"
+        dst = L.cache_dir(dst_root) / "packed" / name / f"{split}-L{seq_len}"
+        try:
+            meta = json.loads((src / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("key") != f"{src_root}/{ident[1]}" or (dst / "meta.json").exists():
+            continue
+        tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in FEATURES:
+            try:
+                os.link(src / f"{f}.npy", tmp / f"{f}.npy")
+            except OSError:  # another file system: copy
+                shutil.copy2(src / f"{f}.npy", tmp / f"{f}.npy")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "key": "/".join(ident)}))
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+        shared.append(name)
+    return shared
+
+
 def _pack(name: str, split: str, seq_len: int) -> dict[str, np.ndarray]:
     import seqio
     import tensorflow_datasets as tfds
