@@ -393,26 +393,27 @@ def test_share_packed_rows_links_equal_datasets_only(small_data_dir, tmp_path):
     from flexmoe_jax import demo
     from flexmoe_jax.data import tasks
 
+    SEQ = 24  # a row length no other test packs, so only what this test packs is in the cache
     owner = demo.owner_data_dir(small_data_dir, "humor", tmp_path / "owner")
     wordnet, humor = "flexmix_mini.public_wordnet", "flexmix_mini.humor"
     D.register_tasks(small_data_dir)
-    want = tasks.packed_rows(wordnet, "train", 32, small_data_dir)  # packed (or cached) in the source dir
-    assert tasks.share_packed_rows(small_data_dir, owner, [wordnet, humor], "train", 32) == [wordnet]  # humor: not packed there
-    src = layout.cache_dir(small_data_dir) / "packed" / wordnet / "train-L32"
-    dst = layout.cache_dir(owner) / "packed" / wordnet / "train-L32"
+    want = tasks.packed_rows(wordnet, "train", SEQ, small_data_dir)  # packed (or cached) in the source dir
+    assert tasks.share_packed_rows(small_data_dir, owner, [wordnet, humor], "train", SEQ) == [wordnet]  # humor: not packed there
+    src = layout.cache_dir(small_data_dir) / "packed" / wordnet / f"train-L{SEQ}"
+    dst = layout.cache_dir(owner) / "packed" / wordnet / f"train-L{SEQ}"
     assert all(os.path.samefile(src / f"{f}.npy", dst / f"{f}.npy") for f in tasks.FEATURES)  # links, not copies
     D.register_tasks(owner)
-    got = tasks.packed_rows(wordnet, "train", 32, owner)  # served from the shared rows
+    got = tasks.packed_rows(wordnet, "train", SEQ, owner)  # served from the shared rows
     assert isinstance(got[tasks.FEATURES[0]], np.memmap)
     for f in tasks.FEATURES:
         np.testing.assert_array_equal(got[f], want[f])
-    assert tasks.share_packed_rows(small_data_dir, owner, [wordnet], "train", 32) == []  # already there
+    assert tasks.share_packed_rows(small_data_dir, owner, [wordnet], "train", SEQ) == []  # already there
     # Other content under the same name (a rebuilt source) is never adopted.
     meta = json.loads((src / "meta.json").read_text())
     (src / "meta.json").write_text(json.dumps({**meta, "key": meta["key"] + "x"}))
     try:
         owner2 = demo.owner_data_dir(small_data_dir, "humor", tmp_path / "owner2")
-        assert tasks.share_packed_rows(small_data_dir, owner2, [wordnet], "train", 32) == []
+        assert tasks.share_packed_rows(small_data_dir, owner2, [wordnet], "train", SEQ) == []
         assert not (layout.cache_dir(owner2) / "packed" / wordnet).exists()
     finally:
         (src / "meta.json").write_text(json.dumps(meta))
