@@ -113,10 +113,11 @@ def initialize_if_multiprocess(coordinator_address: str | None = None,
     return True
 
 
-def host_local_to_global(batch: Any, mesh: Mesh, spec: P | Any = P(("data", "fsdp"))) -> Any:
+def host_local_to_global(batch: Any, mesh: Mesh, spec: P | Any = None) -> Any:
     """This process's slice of a batch (a pytree of arrays) -> global ``jax.Array``s on ``mesh``.
 
-    ``spec`` is a PartitionSpec for every leaf, or a pytree of them matching
+    ``spec`` (default: the batch spec of the sharding rules, leading dim over
+    data, fsdp and expert) is a PartitionSpec for every leaf, or a pytree of them matching
     ``batch``. The leading (sharded) dim of each local array is this process's
     share, and the global array has ``process_count`` times as many rows when
     the batch axes span all processes. Processes must own contiguous pieces of
@@ -124,6 +125,10 @@ def host_local_to_global(batch: Any, mesh: Mesh, spec: P | Any = P(("data", "fsd
     batch axes split across processes (devices are ordered by process).
     In a single process this is a plain ``device_put`` with the sharding.
     """
+    if spec is None:
+        from flexmoe_jax.sharding import batch_spec
+
+        spec = batch_spec()
     if isinstance(spec, P):
         specs = jax.tree.map(lambda _: spec, batch)
     else:

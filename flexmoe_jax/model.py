@@ -180,7 +180,10 @@ class MoEFFN(nn.Module):
         b, s, _ = x.shape
         flat = x.reshape(b * s, d)
         routing = moe_lib.route(flat, router, bias, c.top_k, c.norm_topk_prob)
-        y = moe_lib.dispatch(flat, routing, experts, c.moe_impl, c.moe_block_size)
+        if self.mesh is not None and self.mesh.size > 1:  # expert-parallel: each device runs its own experts
+            y = moe_lib.dispatch_sharded(flat, routing, experts, self.mesh, c.moe_impl, c.moe_block_size)
+        else:
+            y = moe_lib.dispatch(flat, routing, experts, c.moe_impl, c.moe_block_size)
         aux = {
             "router_z": moe_lib.router_z_loss(routing).reshape(b, s),
             "gates": moe_lib.gate_matrix(routing, e).reshape(b, s, e),

@@ -7,7 +7,11 @@ maps those names to the four mesh axes:
 - ``data``: pure data parallelism (batch split, parameters replicated);
 - ``fsdp``: batch split *and* parameters sharded along their ``embed`` dim
   (ZeRO-3 style; XLA all-gathers them per layer);
-- ``expert``: expert parallelism (stacked expert tensors split on their expert axis);
+- ``expert``: expert parallelism: stacked expert tensors split on their expert
+  axis, and the batch split too outside the MoE layers (so attention does no
+  redundant work); inside them each device gathers its expert group's tokens,
+  runs only its own experts and reduce-scatters the result
+  (:func:`flexmoe_jax.moe.dispatch_sharded`);
 - ``tensor``: Megatron-style tensor parallelism (heads, FFN hidden, vocab).
 
 Changing the parallelism layout means changing this table, never the model.
@@ -23,13 +27,16 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Mesh axes that split the batch, major to minor. ``expert`` is the minor one so
+# that an expert group's tokens are one contiguous slice of each data shard.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical axis name -> mesh axis (or axes, or None = replicated).
 # The first rule whose mesh axes are still unused in a given array wins, so an
 # axis name may appear twice with a fallback.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # activations
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -49,6 +56,11 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("router_expert", None),
     ("norm", None),
 )
+
+
+def batch_spec() -> P:
+    """The PartitionSpec of a [batch, ...] input array (its leading dim split over BATCH_AXES)."""
+    return P(BATCH_AXES)
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
@@ -95,6 +107,18 @@ def _drop_indivisible(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
 def named_sharding(mesh: Mesh, axes: Sequence[str | None] | None, shape: Sequence[int],
                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> NamedSharding:
     return NamedSharding(mesh, _drop_indivisible(logical_to_spec(axes, rules), shape, mesh))
+
+
+def split_axes(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int],
+               rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> tuple[tuple[str, ...], ...]:
+    """Per dim of an array, the mesh axes (of size > 1) that really split it under the rules."""
+    spec = tuple(named_sharding(mesh, axes, shape, rules).spec)
+    spec += (None,) * (len(shape) - len(spec))
+    out = []
+    for entry in spec:
+        names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        out.append(tuple(n for n in names if mesh.shape[n] > 1))
+    return tuple(out)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None,

@@ -20,10 +20,11 @@ import gin
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from flexmoe_jax import model, optim
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.sharding import batch_spec
 
 Batch = dict[str, jax.Array]
 
@@ -119,7 +120,7 @@ def train_step(state: TrainState, frozen: optim.Flat, batch: Batch, *, config: M
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    return NamedSharding(mesh, batch_spec())
 
 
 def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, loss_cfg: LossConfig,

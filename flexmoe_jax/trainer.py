@@ -255,7 +255,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     trainable, frozen = optim.split(params, split_for(rc.phase))
     tx = optim.make_optimizer(ocfg, trainable)
     mesh = resolve_mesh(rc.mesh)
-    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if rc.batch_size % (replicas * rc.grad_accum):
         raise ValueError(f"RunConfig.batch_size={rc.batch_size} must be divisible by grad_accum={rc.grad_accum} "
                          f"x the {replicas} batch shards of mesh {dict(mesh.shape)}; change batch_size or RunConfig.mesh")

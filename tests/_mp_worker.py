@@ -25,7 +25,7 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-# (data, fsdp, expert, tensor): batch split 4 ways (2 per process), experts 2 ways.
+# (data, fsdp, expert, tensor): batch split 8 ways (4 per process), experts 2 ways.
 MESH_SHAPE = (2, 2, 2, 1)
 BATCH, SEQ = 8, 16
 
@@ -79,7 +79,7 @@ def main(out_path: str) -> None:
     tokens = global_tokens(cfg)
     rows = BATCH // nproc
     local = tokens[pid * rows:(pid + 1) * rows]
-    batch = distributed.host_local_to_global(local, mesh, P(("data", "fsdp")))
+    batch = distributed.host_local_to_global(local, mesh)  # rows over (data, fsdp, expert)
     assert batch.shape == (BATCH, SEQ), batch.shape
     # This process's shards hold exactly its own rows of the global batch.
     for shard in batch.addressable_shards:

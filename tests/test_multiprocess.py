@@ -187,6 +187,11 @@ def test_host_local_to_global_single_process():
     np.testing.assert_array_equal(np.asarray(out["tokens"]), tokens)
     for shard in out["tokens"].addressable_shards:
         assert shard.data.shape == (2, 4)
+    # The default spec is the rules' batch spec: rows split over data, fsdp and expert.
+    out = distributed.host_local_to_global(batch, mesh)
+    assert out["tokens"].sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp", "expert"))), 2)
+    assert {s.data.shape for s in out["tokens"].addressable_shards} == {(1, 4)}
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), tokens)
     # A per-leaf spec tree.
     out = distributed.host_local_to_global(batch, mesh, {"tokens": P("data"), "weights": P()})
     assert {s.data.shape for s in out["tokens"].addressable_shards} == {(4, 4)}

@@ -10,6 +10,7 @@ must match a single-device run to fp32 tolerance, with the mesh passed into
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flexmoe_jax import config as config_lib
 from flexmoe_jax import model, train
-from flexmoe_jax.sharding import MESH_AXES, make_mesh, named_sharding
+from flexmoe_jax.sharding import MESH_AXES, batch_spec, make_mesh, named_sharding
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 
@@ -67,7 +68,7 @@ def step_fn(cfg, mesh):
     if mesh is None:
         return jax.jit(step, compiler_options=FAST_COMPILE)
     pshard = model.param_shardings(cfg, mesh)
-    # Shardings from the one rules table (batch -> (data, fsdp), act_vocab -> tensor).
+    # Shardings from the one rules table (batch -> (data, fsdp, expert), act_vocab -> tensor).
     batch = named_sharding(mesh, ("batch", "length"), (BATCH, SEQ))
     logits = named_sharding(mesh, ("batch", "length", "act_vocab"), (BATCH, SEQ, cfg.vocab_size))
     return jax.jit(step, in_shardings=(pshard, batch),
@@ -102,7 +103,7 @@ def assert_tree_close(got, want, what):
 
 def check_against_reference(cfg, mesh, params):
     _, tokens, ref_loss, ref_logits, ref_grads = reference(cfg)
-    tokens = jax.device_put(tokens, NamedSharding(mesh, P(("data", "fsdp"))))
+    tokens = jax.device_put(tokens, NamedSharding(mesh, batch_spec()))
     compiled = step_fn(cfg, mesh).lower(params, tokens).compile()
     # Really partitioned: the gradient of data/fsdp-split work needs cross-device reductions.
     hlo = compiled.as_text()
@@ -242,3 +243,58 @@ def test_make_mesh_wrong_device_count_is_clear():
     assert mesh.shape == dict(zip(MESH_AXES, (1, 1, 4, 1)))
     with pytest.raises(ValueError, match="needs 4 devices but 2"):
         make_mesh(2, 2, devices=jax.devices()[:2])
+
+
+def _collectives(hlo: str) -> list[str]:
+    return [line.strip() for line in hlo.splitlines()
+            if re.search(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all)\(", line)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(2, 1, 4, 1), (1, 2, 2, 2)], ids=_mesh_id)
+def test_expert_parallel_moves_tokens_not_experts(shape, impl):
+    """With an expert axis, no device ever receives another device's experts.
+
+    The compiled training step (forward + backward) may gather an expert
+    tensor's fsdp-split ``embed`` dim, but no collective ever produces a
+    tensor holding all E experts: each device runs the experts it holds on
+    the tokens its expert group sends it (moe.dispatch_sharded). A
+    weight-gathering layout (GSPMD on the plain dispatch) does produce
+    [E, d, h] all-gathers, which this test would catch.
+    """
+    cfg = moe_config(impl)
+    e, d, h = cfg.num_experts, cfg.d_model, cfg.mlp_hidden
+    mesh = make_mesh(*shape)
+    params = jax.tree.map(jax.device_put, host_params(cfg), model.param_shardings(cfg, mesh))
+    tokens = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=NamedSharding(mesh, batch_spec()))
+    hlo = step_fn(cfg, mesh).lower(params, tokens).compile().as_text()
+    coll = _collectives(hlo)
+    assert any("reduce-scatter(" in c for c in coll)  # partial outputs go back to their token shard
+    whole = re.compile(rf"\[(\d+,)?{e},({d}|{h}),({d}|{h}|{h // 2})\]")
+    moved = [c for c in coll if whole.search(c.split("=", 1)[1].split("(", 1)[0])]
+    assert not moved, moved
+    assert mesh.shape["expert"] > 1
+
+
+def test_weight_gathering_layout_is_caught():
+    """The check above can fail: plain dispatch under GSPMD gathers all experts onto every device."""
+    from flexmoe_jax import moe
+
+    cfg = moe_config("blocks")
+    e, d, h = cfg.num_experts, cfg.d_model, cfg.mlp_hidden
+    mesh = make_mesh(2, 1, 4, 1)
+    w = moe.Experts(*(jax.ShapeDtypeStruct(s, jnp.float32, sharding=named_sharding(mesh, axes, s))
+                      for s, axes in (((e, d, h), ("expert", "embed", "mlp")), ((e, d, h), ("expert", "embed", "mlp")),
+                                      ((e, h, d), ("expert", "mlp", "embed")))))
+    x = jax.ShapeDtypeStruct((64, d), jnp.float32, sharding=named_sharding(mesh, ("batch", None), (64, d)))
+    router = jax.ShapeDtypeStruct((e, d), jnp.float32)
+
+    def run(x, router, w, sharded):
+        r = moe.route(x, router, None, cfg.top_k)
+        return moe.dispatch_sharded(x, r, w, mesh, "blocks", 32) if sharded else moe.dispatch(x, r, w, "blocks", 32)
+
+    whole = re.compile(rf"\[{e},({d}|{h}),({d}|{h})\]")
+    for sharded, expect_moved in ((False, True), (True, False)):
+        coll = _collectives(jax.jit(functools.partial(run, sharded=sharded)).lower(x, router, w).compile().as_text())
+        moved = [c for c in coll if whole.search(c.split("=", 1)[1].split("(", 1)[0])]
+        assert bool(moved) == expect_moved, (sharded, moved)
