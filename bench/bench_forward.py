@@ -13,6 +13,13 @@ each running every model once, interleaved; median seconds per forward.
 ``ours (...)`` rows are the same model with a dispatch path / block size forced;
 the first row is what ``ModelConfig`` defaults give.
 
+Roofline: each row's GFLOP/s counts the matmul work the forward needs (the
+projections, causal attention as computed in full by both sides, the top-k
+experts' SwiGLUs, the router and the output head), and the same run times
+plain fp32 matmuls of the model's shapes (and one large square one) in XLA and
+in torch: the best of those is what this machine's cores sustain, so a ratio
+above (best matmul rate / HF's rate) is out of reach for the same arithmetic.
+
     python bench/bench_forward.py            # 10 rounds
     python bench/bench_forward.py --quick    # 3 rounds
 
@@ -74,6 +81,35 @@ def load_hf_random(config, attn: str):
     return transformers.FlexOlmoForCausalLM(hf_cfg).eval(), "random weights, same config"
 
 
+def forward_flops(config: ModelConfig) -> float:
+    """Matmul FLOPs of one forward of BATCH x SEQ tokens (2 per multiply-add)."""
+    c, t = config, BATCH * SEQ
+    qw, kvw = c.n_heads * c.head_size, c.kv_heads * c.head_size
+    per_layer = (2 * t * c.d_model * (2 * qw + 2 * kvw)          # q, k, v, o projections
+                 + 2 * 2 * BATCH * SEQ * SEQ * qw                # scores and weighted values (full S x S)
+                 + 2 * t * c.d_model * c.num_experts             # router
+                 + 2 * t * c.top_k * 3 * c.d_model * c.mlp_hidden)  # the chosen experts' SwiGLUs
+    return c.n_layers * per_layer + 2 * t * c.d_model * c.vocab_size
+
+
+MATMUL_SHAPES = ((BATCH * SEQ, 256, 4096), (BATCH * SEQ, 256, 688), (BATCH * SEQ, 688, 256), (1024, 1024, 1024))
+
+
+def matmul_runners(torch):
+    """{name: (runner, flops)} plain fp32 matmuls in XLA and torch: the machine's achievable rate."""
+    out = {}
+    rng = np.random.RandomState(1)
+    for m, k, n in MATMUL_SHAPES:
+        a, b = rng.randn(m, k).astype(np.float32), rng.randn(k, n).astype(np.float32)
+        ja, jb = jax.device_put(a), jax.device_put(b)
+        dot = jax.jit(lambda x, y: x @ y)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        out[f"XLA matmul {m}x{k}x{n}"] = ((lambda dot, ja, jb: lambda: jax.block_until_ready(dot(ja, jb)))(dot, ja, jb),
+                                          2.0 * m * k * n)
+        out[f"torch matmul {m}x{k}x{n}"] = ((lambda ta, tb: lambda: torch.matmul(ta, tb))(ta, tb), 2.0 * m * k * n)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 rounds")
@@ -117,6 +153,10 @@ def main(argv=None):
     for attn, (m, _) in hf_models.items():
         runners[f"transformers FlexOlmo ({attn})"] = hf_runner(m)
 
+    matmuls = matmul_runners(torch)
+    for run, _ in matmuls.values():
+        run(), run()
+
     # Warm up (compile / first call), and check the logits agree.
     ours = np.asarray(runners[auto_name]())
     diffs = {}
@@ -127,11 +167,17 @@ def main(argv=None):
         run()
 
     times = {name: [] for name in runners}
+    mm_times = {name: [] for name in matmuls}
     for _ in range(rounds):
         for name, run in runners.items():
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
+        for name, (run, _) in matmuls.items():
+            for _ in range(3):
+                t0 = time.perf_counter()
+                run()
+                mm_times[name].append(time.perf_counter() - t0)
 
     n_tok = BATCH * SEQ
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -144,12 +190,26 @@ def main(argv=None):
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
           f"{os.cpu_count()} cpus; {rounds} rounds; HF weights: {how}")
     print("# speed = HF time / this row's time (median over rounds; 'best' columns use the fastest round)")
+    flops = forward_flops(config)
+    mm_rate = {name: f / statistics.median(mm_times[name]) / 1e9 for name, (_, f) in matmuls.items()}
+    peak = max(mm_rate.values())
+    print(f"# {flops / 1e9:.1f} GFLOP of matmuls per forward; best plain fp32 matmul rate this run: {peak:.0f} GFLOP/s "
+          f"({max(mm_rate, key=mm_rate.get)})")
     print("\n| model | ms / forward (median) | tokens/s | speed vs HF eager | speed vs HF sdpa "
-          "| ms (best) | speed vs HF eager (best) | max abs logit diff vs first row |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| ms (best) | speed vs HF eager (best) | GFLOP/s | % of best matmul rate | max abs logit diff vs first row |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, t in med.items():
+        rate = flops / t / 1e9
         print(f"| {name} | {t * 1e3:.1f} | {n_tok / t:,.0f} | {med[eager] / t:.2f}x | {med[sdpa] / t:.2f}x "
-              f"| {best[name] * 1e3:.1f} | {best[eager] / best[name]:.2f}x | {diffs[name]:.2e} |")
+              f"| {best[name] * 1e3:.1f} | {best[eager] / best[name]:.2f}x | {rate:.0f} | {100 * rate / peak:.0f}% "
+              f"| {diffs[name]:.2e} |")
+    print("\n| plain fp32 matmul (m x k x n) | ms (median) | GFLOP/s |")
+    print("|---|---:|---:|")
+    for name, (_, f) in matmuls.items():
+        print(f"| {name} | {statistics.median(mm_times[name]) * 1e3:.2f} | {mm_rate[name]:.0f} |")
+    need = 2 * flops / med[eager] / 1e9
+    print(f"\n# 2x HF eager would need {need:.0f} GFLOP/s of matmuls: {100 * need / peak:.0f}% of the best plain "
+          f"matmul rate measured in this run")
 
 
 if __name__ == "__main__":

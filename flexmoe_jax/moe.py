@@ -183,6 +183,13 @@ def _block_layout(index: jax.Array, num_experts: int, granule: int):
     Computed without a sort: an assignment's rank inside its expert is a
     running count of that expert's one-hot column (cumsum over T*K x E ints),
     and the row -> assignment map is the one scatter (of T*K int32s).
+
+    An index equal to ``num_experts`` means "held elsewhere" (expert
+    parallelism): such an assignment gets slot P, one past the row space,
+    which the kernels never write (so it reads back as zero) and ``source``
+    drops. A token's K choices are distinct experts (``top_k`` guarantees it),
+    so at most T * min(K, E) assignments are local, which bounds P: with one
+    expert per device and top-2 the row space is half of T*K.
     """
     t, k = index.shape
     n = t * k
@@ -193,10 +200,11 @@ def _block_layout(index: jax.Array, num_experts: int, granule: int):
     rank = jnp.sum(running * onehot, axis=1) - 1
     rows = (counts + granule - 1) // granule * granule
     start = jnp.cumsum(rows) - rows
-    slot = start[flat] + rank
-    total = _round_up(n + num_experts * (granule - 1), granule)
+    total = _round_up(t * min(k, num_experts) + num_experts * (granule - 1), granule)
+    here = flat < num_experts
+    slot = jnp.where(here, start[jnp.minimum(flat, num_experts - 1)] + rank, total)
     source = jnp.full((total,), n, jnp.int32).at[slot].set(
-        jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+        jnp.arange(n, dtype=jnp.int32), mode="drop")
     return slot.reshape(t, k), source, start, rows
 
 
@@ -276,7 +284,7 @@ def _blocks_forward(x, weights, wg, wu, wd, layout, sizes, save):
                     jax.lax.dynamic_update_slice_in_dim(carry[2], u, row, 0))
         return out
 
-    carry = (jnp.zeros((total, d), x.dtype),)
+    carry = (jnp.zeros((total + 1, d), x.dtype),)  # + the always-zero row of "held elsewhere" slots
     if save:
         act = jnp.result_type(x, wg)
         carry += (jnp.zeros((total, h), act), jnp.zeros((total, h), act))
@@ -338,7 +346,7 @@ def _moe_blocks_bwd(sizes, res, dy):
         put = lambda full, part: jax.lax.dynamic_update_index_in_dim(full, part.astype(full.dtype), i, 0)  # noqa: E731
         return dxp, put(dwg, ag), put(dwu, au), put(dwd, ad)
 
-    carry = (jnp.zeros((source.shape[0], d), x_ext.dtype), jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd))
+    carry = (jnp.zeros((source.shape[0] + 1, d), x_ext.dtype), jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd))
     carry = _varying_like(carry, x_ext, dy, wg, wu, wd, source, gs)
     dxp, dwg, dwu, dwd = _over_blocks(e, start, rows, sizes, enter, block, leave, carry)
     dx = jnp.sum(dxp[slot].astype(f32), axis=1).astype(x_ext.dtype)  # each token's K rows: a gather
@@ -357,10 +365,7 @@ def dispatch_blocks(x: jax.Array, r: Routing, w: Experts, block_size: int = 512)
     """
     e = w.gate.shape[0]
     granule = max(1, min(_GRANULE, block_size))
-    # One extra slot (index e) holds assignments to experts that live on other
-    # devices (see dispatch_sharded); the kernel loops over the e real experts
-    # only, so those rows are never computed and stay zero.
-    layout = _block_layout(r.index, e + 1, granule)
+    layout = _block_layout(r.index, e, granule)
     sizes = _block_sizes(block_size, granule, layout[1].shape[0])
     # Under shard_map: give every input the same varying axes, so the custom
     # VJP's cotangents type-check (autodiff then sums x's over the expert group).

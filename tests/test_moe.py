@@ -108,6 +108,23 @@ def test_blocks_layout_is_a_padded_permutation():
     assert source.shape[0] % granule == 0 and source.shape[0] >= rows.sum()
 
 
+def test_blocks_layout_skips_experts_held_elsewhere():
+    """Index E = "on another device": slot one past the row space, no row, and a row space
+    sized for T * min(K, E) local assignments (here 1 local expert of top-2: half of T*K)."""
+    t, k, granule = 40, 2, 16
+    rng = np.random.RandomState(5)
+    idx = np.stack([rng.permutation(4)[:k] for _ in range(t)]).astype(np.int32)  # 4 experts, distinct per token
+    local = np.where(idx == 2, 0, 1).astype(np.int32)  # this device holds expert 2 only
+    slot, source, start, rows = map(np.asarray, jax.jit(moe._block_layout, static_argnums=(1, 2))(local, 1, granule))
+    total = source.shape[0]
+    assert total == -(-(t * 1 + 1 * (granule - 1)) // granule) * granule < t * k
+    mine = local == 0
+    assert np.all(slot[~mine] == total)
+    assert sorted(slot[mine].tolist()) == list(range(mine.sum()))
+    assert np.sum(source < t * k) == mine.sum()
+    np.testing.assert_array_equal(rows, [-(-mine.sum() // granule) * granule])
+
+
 def test_blocks_sizes_chain():
     assert moe._block_sizes(128, 16, 10_000) == (128, 64, 32, 16)
     assert moe._block_sizes(48, 16, 10_000) == (48, 16)
