@@ -298,3 +298,33 @@ def test_weight_gathering_layout_is_caught():
         coll = _collectives(jax.jit(functools.partial(run, sharded=sharded)).lower(x, router, w).compile().as_text())
         moved = [c for c in coll if whole.search(c.split("=", 1)[1].split("(", 1)[0])]
         assert bool(moved) == expect_moved, (sharded, moved)
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 2, 1), (2, 1, 2, 2)], ids=_mesh_id)
+def test_expert_training_step_sharded_matches_single_device(shape):
+    """An owner's step (frozen public slot and trained slot as separate leaves, joined inside the
+    layer) on a mesh whose expert axis holds one slot per device equals the single-device step."""
+    from flexmoe_jax import expert, optim
+
+    anchor_cfg = dense_config()
+    cfg, params = expert.upcycle(anchor_cfg, jax.device_get(model.init(anchor_cfg, 0)), "math",
+                                 router_rows=np.random.RandomState(0).normal(
+                                     0, 0.05, (anchor_cfg.n_layers, 2, anchor_cfg.d_model)).astype(np.float32))
+    trainable, frozen = optim.split(params, expert.TRAINABLE)
+    batch = train.lm_batch(tokens_for(cfg))
+
+    def loss(mesh, t, f, b):
+        return train.loss_and_metrics(cfg, optim.combine(t, f, concat_slots=False), b, train.LossConfig(), mesh)[0]
+
+    grad = lambda mesh: jax.jit(jax.value_and_grad(functools.partial(loss, mesh)),  # noqa: E731
+                                compiler_options=FAST_COMPILE)
+    want_loss, want = grad(None)(trainable, frozen, batch)
+    mesh = make_mesh(*shape)
+    from flexmoe_jax.trainer import place
+
+    got_loss, got = grad(mesh)(place(cfg, trainable, mesh), place(cfg, frozen, mesh),
+                               jax.device_put(batch, NamedSharding(mesh, batch_spec())))
+    np.testing.assert_allclose(float(got_loss), float(want_loss), atol=ATOL, rtol=RTOL)
+    assert set(got) == set(want) == {k for k in trainable}
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=ATOL, rtol=RTOL, err_msg=k)
