@@ -328,3 +328,14 @@ def test_expert_training_step_sharded_matches_single_device(shape):
     assert set(got) == set(want) == {k for k in trainable}
     for k in want:
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=ATOL, rtol=RTOL, err_msg=k)
+
+
+def test_experts_indivisible_by_the_expert_axis_still_match():
+    """6 experts on an expert axis of 4: the expert tensors stay whole (replicated), the batch is
+    still split over the expert axis, and each device runs all experts on its own tokens."""
+    cfg = moe_config("blocks").replace(num_experts=6)
+    mesh = make_mesh(2, 1, 4, 1)
+    shardings = model.param_shardings(cfg, mesh)
+    assert tuple(shardings["layers"]["moe"]["gate"].spec)[1] is None
+    params = jax.tree.map(jax.device_put, host_params(cfg), shardings)
+    check_against_reference(cfg, mesh, params)
