@@ -74,20 +74,28 @@ def rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str | None) -> jax.Array:
-    """Softmax attention, q [B, S, Hq, hd], k/v [B, S, Hk, hd], GQA by grouping query heads.
+    """Softmax attention, q [B, S, Hq, hd], k/v [B, M, Hk, hd], GQA by grouping query heads.
 
-    XLA on CPU runs this plain einsum form faster than ``jax.nn.dot_product_attention``'s
-    XLA path; ``impl="cudnn"`` uses the fused GPU kernel through that function instead.
+    The XLA form is laid out head-major ([B, Hk, G, S, hd]) so each (batch, head)
+    matmul reads contiguous rows, and normalizes after the weighted sum
+    (exp(s - max) @ v / sum): on XLA:CPU both together make this ~1.75x faster
+    than the plain einsum + softmax form, and faster than
+    ``jax.nn.dot_product_attention``'s XLA path. A row with every key masked
+    gets uniform weights, as a softmax over equal (minimal) scores would.
+    ``impl="cudnn"`` uses the fused GPU kernel through that function instead.
     """
     if impl is not None:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     b, s, hq, hd = q.shape
     hk = k.shape[2]
-    qg = q.reshape(b, s, hk, hq // hk, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    qt = q.reshape(b, s, hk, hq // hk, hd).transpose(0, 2, 3, 1, 4)  # [B, Hk, G, S, hd]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)        # [B, Hk, M, hd]
+    scores = jnp.einsum("bkgqd,bksd->bkgqs", qt, kt, preferred_element_type=jnp.float32) * (hd ** -0.5)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, hq, hd)
+    unnorm = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = jnp.einsum("bkgqs,bksd->bkgqd", unnorm.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+    out = out / jnp.sum(unnorm, axis=-1, keepdims=True)
+    return out.astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(b, s, hq, hd)
 
 
 def _param(module: nn.Module, name: str, init, shape, axes, dtype):

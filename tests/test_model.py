@@ -252,3 +252,25 @@ def test_gin_errors():
         from_gin(["model/nope.gin"])
     with pytest.raises(ValueError):
         from_gin(["model/tiny.gin"], ["ModelConfig.d_modle = 3"])
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 4), (6, 2)])
+def test_attention_equals_masked_softmax_reference(hq, hk):
+    """The head-major, normalize-after form equals softmax(q k^T / sqrt(d), masked) v in float64,
+    GQA included, and a query whose keys are all masked gets uniform weights (softmax's answer)."""
+    b, s, m, hd = 2, 5, 7, 8
+    rng = np.random.RandomState(0)
+    q, k, v = (rng.randn(b, n, h, hd).astype(np.float32) for n, h in ((s, hq), (m, hk), (m, hk)))
+    mask = rng.rand(b, 1, s, m) < 0.6
+    mask[..., 0] = True
+    mask[1, 0, 3] = False  # every key masked for this query
+    got = np.asarray(jax.jit(lambda q, k, v: model.attention(q, k, v, jnp.asarray(mask), None))(q, k, v))
+    g = hq // hk
+    kk, vv = np.repeat(k, g, axis=2).astype(np.float64), np.repeat(v, g, axis=2).astype(np.float64)
+    scores = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), kk) / np.sqrt(hd)
+    scores = np.where(mask, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True, initial=-1e300))
+    probs[1, :, 3] = 1.0  # the fully masked row: uniform
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("bhqk,bkhd->bqhd", probs, vv)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
