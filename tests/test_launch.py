@@ -3,6 +3,8 @@
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -37,3 +39,21 @@ def test_bad_arguments_are_clear():
     assert r.returncode == 2 and "--nodes must be a positive integer" in r.stderr
     r = _run("gpu_train.sh", "--dry-run")
     assert r.returncode == 2 and "after --" in r.stderr
+
+
+@pytest.mark.parametrize("phase", ["phase/pretrain.gin", "phase/expert.gin", "phase/router_tune.gin"])
+@pytest.mark.parametrize("preset", ["mesh/h100x8.gin", "mesh/tpu_v5p_64.gin"])
+def test_mesh_presets_split_their_phase_batch(phase, preset):
+    """Each mesh preset, given after a phase file, leaves a batch that its batch shards
+    (data x fsdp x expert, see sharding.BATCH_AXES) divide, as the trainer requires."""
+    from flexmoe_jax import config, trainer
+    from flexmoe_jax.sharding import BATCH_AXES, MESH_AXES
+
+    owner = ['RunConfig.anchor="/anchor"', 'RunConfig.expert_name="math"'] if phase == "phase/expert.gin" else []
+    with config.gin_scope([phase, preset], owner):
+        rc = trainer.RunConfig()
+    shards = 1
+    for axis, size in zip(MESH_AXES, rc.mesh):
+        if axis in BATCH_AXES:
+            shards *= size
+    assert rc.batch_size % (shards * rc.grad_accum) == 0, (phase, preset, rc.batch_size, rc.mesh)
