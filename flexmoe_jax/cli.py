@@ -163,7 +163,8 @@ def _cmd_eval(args) -> None:
     eval_lib.main_eval(args.ckpt, args.data_dir, names=args.name, include=args.include, exclude=args.exclude,
                        top_k=args.top_k, tasks=args.tasks, split=args.split, seq_len=args.seq_len,
                        batch_size=args.batch_size, mc_items_per_domain=args.mc_items, json_out=args.json,
-                       table_out=args.table, plot_out=args.plot)
+                       table_out=args.table, plot_out=args.plot, max_tokens=args.max_tokens,
+                       sample_seed=args.sample_seed)
 
 
 def _cmd_privacy(args) -> None:
@@ -331,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seq_len", type=int, default=None, help="scoring window (default: 128, capped at max_seq_len)")
     v.add_argument("--batch_size", type=int, default=16)
     v.add_argument("--mc_items", type=int, default=100, help="multiple-choice items per domain (default %(default)s)")
+    v.add_argument("--max_tokens", type=int, default=None,
+                   help="score a seeded sample of whole documents of about this many tokens per domain, drawn "
+                        "across the split (across a mixture's sources in proportion); default: the whole split")
+    v.add_argument("--sample_seed", type=int, default=0, help="seed of that document sample (default %(default)s)")
     v.add_argument("--json", default=None, help="write/update results JSON here")
     v.add_argument("--table", default=None, help="write the markdown table here")
     v.add_argument("--plot", default=None, help="write a PNG of per-domain bits per byte here")

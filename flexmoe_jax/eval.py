@@ -36,9 +36,11 @@ BTM (:class:`BTMScorer`, :func:`btm_scorer`)
   Members are, by default, the public anchor plus each owner's 2-expert model.
 
 Perplexity and bits per byte (:func:`evaluate`)
-  Every token of a split exactly once (``data.eval_batches``, packed rows of ``seq_len``), each
-  scored with the context of its own document piece. ``nll`` is the mean NLL per token (nats),
-  ``ppl = exp(nll)``, ``bpb = summed NLL / ln 2 / UTF-8 bytes of the split`` (tokenizer-independent).
+  Every token of each domain's evaluation sample (:mod:`flexmoe_jax.evaluation.sample`: whole
+  documents drawn with a fixed seed across the split, or the whole split), each scored with the
+  context of its own document piece. ``nll`` is the mean NLL per token (nats), ``ppl = exp(nll)``,
+  ``bpb = summed NLL / ln 2 / UTF-8 bytes of the sampled documents`` (tokenizer-independent), with a
+  95% bootstrap interval over documents (:mod:`flexmoe_jax.evaluation.bootstrap`).
 
 Multiple choice (:func:`mc_items`, :func:`score_mc`)
   As lm-eval-harness does multiple choice, from held-out text of each domain: the context is a
@@ -80,6 +82,8 @@ import numpy as np
 
 from flexmoe_jax import model
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.evaluation import bootstrap
+from flexmoe_jax.evaluation import sample as sample_lib
 
 Batch = dict[str, Any]
 
@@ -91,6 +95,8 @@ DEFAULT_MC_ITEMS = 100
 DEFAULT_MC_CHOICES = 4
 PUBLIC = "public"
 AVERAGE = "average"
+REPLICATES = "_bpb_replicates"
+PER_DOC = ("doc_nll", "doc_bytes", "doc_source")  # per-document keys, kept out of results.json
 
 # Multiple-choice item limits (characters). Short enough that context + choice fit the default
 # seq_len with any reasonable tokenizer; longer ones are left-truncated as lm-eval does.
@@ -511,43 +517,29 @@ def build_mc_items(texts: Sequence[str], domain: str, source: str, n_items: int 
     return items
 
 
-def _sources(data_dir, task: str) -> list[tuple[str, str]]:
-    """(tfds builder name, config) of every dataset behind a task or mixture name."""
-    from flexmoe_jax.data import layout as L
-    from flexmoe_jax.data import sources as S
-
-    if task == L.PUBLIC_MIXTURE:
-        return [(L.FLEXMIX_NAME, c) for c in S.PUBLIC_SOURCES if L.dataset_ready(data_dir, L.FLEXMIX_NAME, c)]
-    if task.startswith(L.TASK_PREFIX):
-        return [(L.FLEXMIX_NAME, task[len(L.TASK_PREFIX):])]
-    return [(L.OWNER_NAME, task)]
-
-
 def mc_items(data_dir, task: str, split: str = "test", n_items: int = DEFAULT_MC_ITEMS,
-             n_choices: int = DEFAULT_MC_CHOICES, seed: int = 0) -> list[MCItem]:
+             n_choices: int = DEFAULT_MC_CHOICES, seed: int = 0, max_tokens: int | None = None,
+             sample_seed: int = 0) -> list[MCItem]:
     """The multiple-choice items of a task (``flexmix_mini.<d>``, ``flexmix_mini.public``, or an
-    owner's task). A mixture's items come from each source in turn, distractors from the same source.
+    owner's task), built from the documents of its evaluation sample (``max_tokens`` / ``sample_seed``,
+    :func:`flexmoe_jax.evaluation.sample.draw`; default the whole split). A mixture's items come from
+    each source in turn, distractors from the same source's sampled documents.
 
     Cached per process (keyed on the manifests' times, so a rebuild or re-registration is seen): every
     model of a comparison is scored on the same items without re-reading the text.
     """
-    from flexmoe_jax.data import layout as L
-    from flexmoe_jax.data import pipeline
-
-    d = Path(data_dir).resolve()
-    stamp = tuple(f.stat().st_mtime_ns if f.exists() else None
-                  for f in (d / pipeline.MANIFEST, L.owners_dir(d) / f"{task}.json"))
-    return list(_mc_items_cached(str(d), stamp, task, split, n_items, n_choices, seed))
+    d = str(Path(data_dir).resolve())
+    return list(_mc_items_cached(d, sample_lib.stamp(d, task), task, split, n_items, n_choices, seed, max_tokens,
+                                 sample_seed))
 
 
 @functools.lru_cache(maxsize=64)
 def _mc_items_cached(data_dir: str, stamp, task: str, split: str, n_items: int, n_choices: int,
-                     seed: int) -> tuple[MCItem, ...]:
-    from flexmoe_jax.data.pipeline import read_split_texts
-
+                     seed: int, max_tokens: int | None, sample_seed: int) -> tuple[MCItem, ...]:
+    del stamp  # part of the cache key only
     domain = short_name(task)
-    per_source = [build_mc_items(read_split_texts(data_dir, name, config, split), domain, config,
-                                 n_items, n_choices, seed) for name, config in _sources(data_dir, task)]
+    texts = sample_lib.draw(data_dir, task, split, DEFAULT_SEQ_LEN, max_tokens, sample_seed).source_texts()
+    per_source = [build_mc_items(t, domain, config, n_items, n_choices, seed) for config, t in texts.items()]
     out = []
     for k in range(max((len(x) for x in per_source), default=0)):  # round robin over the sources
         out += [x[k] for x in per_source if k < len(x)]
@@ -685,50 +677,45 @@ def resolve_tasks(data_dir, tasks: Sequence[str] | None) -> list[str]:
 
 def perplexity(scorer: Scorer, task: str, data_dir, split: str = "test", seq_len: int = DEFAULT_SEQ_LEN,
                batch_size: int = DEFAULT_BATCH_SIZE, progress: Callable[[], None] | None = None,
-               max_batches: int | None = None) -> dict:
-    """``{"nll", "ppl", "bpb", "tokens", "bytes", "docs"}`` over every token of a task's split.
+               max_tokens: int | None = None, sample_seed: int = 0) -> dict:
+    """Bits per byte, perplexity and NLL of a task's evaluation sample (:mod:`flexmoe_jax.evaluation.sample`:
+    whole documents drawn with ``sample_seed`` up to ``max_tokens`` tokens; default the whole split).
 
-    ``max_batches`` scores only the split's first batches (the same tokens for every model, so
-    comparisons stay exact); ``bpb`` then converts with the whole split's bytes per token and the
-    result says ``"subset": true``.
+    Returns ``{"nll", "ppl", "bpb", "bpb_ci", "tokens", "bytes", "docs", "sample", "doc_nll", "doc_bytes",
+    "doc_source"}`` plus the bootstrap replicates under :data:`REPLICATES` (a numpy array, dropped by
+    :func:`evaluate`): ``bpb_ci`` the 95% bootstrap interval over documents, ``sample`` its size and what
+    it was drawn from, ``doc_*`` per sampled document (summed NLL in nats, bytes, source number), what
+    paired comparisons between models need (:class:`flexmoe_jax.evaluation.bootstrap.Paired`).
     """
-    from flexmoe_jax import data
-
-    total, tokens, subset = 0.0, 0.0, False
-    for i, batch in enumerate(data.eval_batches(task, split, batch_size, seq_len, data_dir)):
-        if max_batches is not None and i >= max_batches:
-            subset = True
-            break
-        high = int(batch["decoder_target_tokens"].max())
-        if high >= scorer.vocab_size:
-            raise ValueError(f"{task} has token id {high} but {scorer.name}'s vocabulary has {scorer.vocab_size} "
-                             "entries: evaluate with the data directory (tokenizer) the model was trained with")
-        w = batch["decoder_loss_weights"].astype(np.float64)
-        total -= float(np.sum(scorer.token_logprobs(batch).astype(np.float64) * w))
-        tokens += float(np.sum(w))
-        if progress:
-            progress()
-    stats = data.split_stats(task, split, data_dir)
+    s = sample_lib.draw(data_dir, task, split, seq_len, max_tokens, sample_seed)
+    high = int(s.rows["decoder_target_tokens"].max(initial=0))
+    if high >= scorer.vocab_size:
+        raise ValueError(f"{task} has token id {high} but {scorer.name}'s vocabulary has {scorer.vocab_size} "
+                         "entries: evaluate with the data directory (tokenizer) the model was trained with")
+    doc_nll = sample_lib.score_docs(scorer.token_logprobs, s, batch_size, progress)
+    tokens, n_bytes = int(s.doc_tokens.sum()), int(s.doc_bytes.sum())
     if tokens == 0:
         raise ValueError(f"{task} split {split!r} has no tokens")
-    nll = total / tokens
-    if subset:
-        n_bytes = tokens * stats["bytes"] / stats["tokens"]
-        return {"nll": nll, "ppl": math.exp(nll), "bpb": data.bits_per_byte(total, n_bytes), "tokens": int(tokens),
-                "bytes": int(round(n_bytes)), "docs": int(stats["docs"]), "subset": True}
-    return {"nll": nll, "ppl": math.exp(nll), "bpb": data.bits_per_byte(total, stats["bytes"]),
-            "tokens": int(tokens), "bytes": int(stats["bytes"]), "docs": int(stats["docs"])}
+    nll = float(doc_nll.sum()) / tokens
+    reps = bootstrap.bpb_replicates(doc_nll, s.doc_bytes, bootstrap.indices(s.doc_source, seed=short_name(task)))
+    return {"nll": nll, "ppl": math.exp(nll), "bpb": float(doc_nll.sum()) / math.log(2) / n_bytes,
+            "bpb_ci": bootstrap.interval(reps), "tokens": tokens, "bytes": n_bytes, "docs": s.num_docs,
+            "sample": s.size(), "doc_nll": [float(x) for x in doc_nll],
+            "doc_bytes": [int(x) for x in s.doc_bytes], "doc_source": [int(x) for x in s.doc_source],
+            REPLICATES: reps}
 
 
 def evaluate(scorer: Scorer, data_dir, tasks: Sequence[str] | None = None, split: str = "test",
              seq_len: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
              mc_items_per_domain: int = DEFAULT_MC_ITEMS, mc_choices: int = DEFAULT_MC_CHOICES,
-             seed: int = 0, progress: bool = True, max_batches: int | None = None) -> dict:
+             seed: int = 0, progress: bool = True, max_tokens: int | None = None, sample_seed: int = 0) -> dict:
     """Per-domain perplexity / bits per byte and multiple-choice accuracy of one scorer.
 
     ``tasks``: domain names (``humor``, ``public``) or task names; default every closed domain
     built in ``data_dir`` plus ``public``. ``seq_len`` default: :data:`DEFAULT_SEQ_LEN` capped at
-    the model's ``max_seq_len``. ``mc_items_per_domain=0`` skips the multiple-choice suite.
+    the model's ``max_seq_len``. ``max_tokens`` / ``sample_seed``: each domain's evaluation sample
+    (see :func:`perplexity`; the multiple-choice items come from the same documents).
+    ``mc_items_per_domain=0`` skips the multiple-choice suite.
     Returns ``{domain: metrics, ..., "average": metrics over the closed domains}`` (JSON-ready).
     """
     from tqdm.auto import tqdm
@@ -754,17 +741,19 @@ def evaluate(scorer: Scorer, data_dir, tasks: Sequence[str] | None = None, split
             dom = short_name(task)
             bar.set_postfix_str(dom)
             r = perplexity(scorer, task, data_dir, split, seq_len, batch_size, progress=bar.update,
-                           max_batches=max_batches)
+                           max_tokens=max_tokens, sample_seed=sample_seed)
             if mc_items_per_domain > 0:
-                items = mc_items(data_dir, task, split, mc_items_per_domain, mc_choices, seed)
+                items = mc_items(data_dir, task, split, mc_items_per_domain, mc_choices, seed, max_tokens, sample_seed)
                 r.update(score_mc(scorer, items, sp, seq_len, batch_size))
                 r["mc_choices"] = mc_choices
             r["seq_len"] = seq_len
             results[dom] = r
     finally:
         bar.close()
+    reps = {d: r.pop(REPLICATES) for d, r in results.items()}
     avg = average(results)
     if avg is not None:
+        avg["bpb_ci"] = bootstrap.interval(np.mean([reps[d] for d in avg["domains"]], axis=0))
         results[AVERAGE] = avg
     return results
 
@@ -797,32 +786,30 @@ def _selected(config: ModelConfig, params, inputs, positions, segment_ids):
 
 def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence[str] | None = None,
             split: str = "test", seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE,
-            max_batches: int = 4) -> dict:
-    """Where a merged model sends each domain's tokens: for every domain, the share of its real
-    tokens (over the first ``max_batches`` batches, all layers) for which each expert is among the
-    top-k. ``own`` is the share routed to the expert named like the domain (None if there is
-    none): with experts trained apart, this is what decides how much of each owner's gain the
-    merged model keeps. Returns ``{domain: {"picked": {expert: share}, "own": share | None}}``.
+            max_tokens: int | None = None, sample_seed: int = 0) -> dict:
+    """Where a merged model sends each domain's tokens: for every domain, the share of the real
+    tokens of its evaluation sample (the documents :func:`perplexity` scores with the same
+    ``max_tokens`` / ``sample_seed``; all layers) for which each expert is among the top-k. ``own``
+    is the share routed to the expert named like the domain (None if there is none): with experts
+    trained apart, this is what decides how much of each owner's gain the merged model keeps.
+    The shares of one domain sum to the top-k. Returns ``{domain: {"picked": {expert: share},
+    "own": share | None, "tokens": tokens counted}}``.
     """
-    from flexmoe_jax import data
-
     if not config.is_moe:
         raise ValueError("routing statistics need an MoE model; this one is dense (num_experts=0)")
     out = {}
     for task in resolve_tasks(data_dir, tasks):
         dom = short_name(task)
+        s = sample_lib.draw(data_dir, task, split, min(seq_len, config.max_seq_len), max_tokens, sample_seed)
         picked, count = np.zeros(config.num_experts), 0.0
-        for i, batch in enumerate(data.eval_batches(task, split, batch_size, min(seq_len, config.max_seq_len),
-                                                    data_dir)):
-            if i >= max_batches:
-                break
+        for _, batch in s.batches(batch_size):
             inputs, _, positions, segs = _device_batch(batch)
             sel = np.asarray(_selected(config, params, inputs, positions, segs))  # [L, B, S, E]
             real = np.asarray(batch["decoder_loss_weights"]) > 0
             picked += sel[:, real].sum(axis=(0, 1))
             count += sel.shape[0] * real.sum()
         shares = {n: float(v / max(count, 1.0)) for n, v in zip(config.names, picked)}
-        out[dom] = {"picked": shares, "own": shares.get(dom)}
+        out[dom] = {"picked": shares, "own": shares.get(dom), "tokens": int(count // config.n_layers)}
     return out
 
 
@@ -916,6 +903,17 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def docs_path(json_out: str | os.PathLike) -> Path:
+    """Where :func:`main_eval` keeps the per-document scores beside ``json_out`` (``x.json`` -> ``x.docs.json``)."""
+    p = Path(json_out)
+    return p.with_name(p.stem + ".docs.json")
+
+
+def strip_per_doc(results: Mapping[str, dict]) -> dict:
+    """A model's results without the per-document lists (:data:`PER_DOC`)."""
+    return {d: {k: v for k, v in r.items() if k not in PER_DOC} for d, r in results.items()}
+
+
 def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
               include: Sequence[str | int] | None = None, exclude: Sequence[str | int] | None = None,
               top_k: int | None = None, tasks: Sequence[str] | None = None, split: str = "test",
@@ -923,7 +921,8 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
               mc_items_per_domain: int = DEFAULT_MC_ITEMS, mc_choices: int = DEFAULT_MC_CHOICES,
               json_out: str | os.PathLike | None = None, table_out: str | os.PathLike | None = None,
               plot_out: str | os.PathLike | None = None, update: bool = True, progress: bool = True,
-              log: Callable[[str], None] | None = print, max_batches: int | None = None) -> dict[str, dict]:
+              log: Callable[[str], None] | None = print, max_tokens: int | None = None,
+              sample_seed: int = 0) -> dict[str, dict]:
     """What ``flexmoe eval`` runs: evaluate models, write JSON / markdown / PNG, print the table.
 
     ``models``: one checkpoint path (plain or merged checkpoint, or a run directory), a list of
@@ -932,7 +931,10 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
     apply to every path (opt-in/opt-out at load, ``merge.load``); ``names`` name the paths
     (default :func:`default_name`, e.g. ``merged_minus_code``). With ``update`` an existing
     ``json_out`` keeps its other models' results (the demo adds models one call at a time);
-    the table and plot then show every model in the file. Returns ``{name: results}`` of this call.
+    the table and plot then show every model in the file. ``max_tokens`` / ``sample_seed``: each
+    domain's evaluation sample (:func:`perplexity`). The per-document scores stay out of ``json_out``;
+    they go to :func:`docs_path` of it (what paired bootstrap comparisons read). Returns
+    ``{name: results}`` of this call, per-document scores included.
     """
     if isinstance(models, (str, os.PathLike)):
         models = [models]
@@ -967,9 +969,14 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
         else:
             scorer = ModelScorer.from_checkpoint(m, include=include, exclude=exclude, top_k=top_k, name=name)
         new[name] = evaluate(scorer, data_dir, task_names, split, seq_len, batch_size, mc_items_per_domain,
-                             mc_choices, progress=progress, max_batches=max_batches)
-    everything = {**prior, **new}
+                             mc_choices, progress=progress, max_tokens=max_tokens, sample_seed=sample_seed)
+    everything = {**prior, **{n: strip_per_doc(r) for n, r in new.items()}}
     if json_out is not None:
+        docs_file = docs_path(json_out)
+        docs = json.loads(docs_file.read_text()) if update and docs_file.exists() else {}
+        for n, r in new.items():
+            docs[n] = {d: {k: v[k] for k in PER_DOC} for d, v in r.items() if "doc_nll" in v}
+        _write_json_atomic(docs_file, docs)
         _write_json_atomic(Path(json_out), everything)
     table = results_table(everything)
     if table_out is not None:

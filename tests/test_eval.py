@@ -82,22 +82,6 @@ def test_bpb_and_ppl_equal_a_direct_computation(data_dir, anchor):
     assert abs(res["public"]["nll"] - math.log(CFG.vocab_size)) < 1.0
 
 
-def test_max_batches_scores_the_first_batches_only(data_dir, anchor):
-    from flexmoe_jax import data
-
-    scorer = ev.ModelScorer(*anchor, name="anchor")
-    full = ev.perplexity(scorer, "flexmix_mini.public", data_dir, "test", SEQ, BS)
-    part = ev.perplexity(scorer, "flexmix_mini.public", data_dir, "test", SEQ, BS, max_batches=1)
-    first = next(iter(data.eval_batches("flexmix_mini.public", "test", BS, SEQ, data_dir)))
-    w = first["decoder_loss_weights"]
-    nll = -float(np.sum(direct_logprobs(*anchor, first) * w))
-    assert part["subset"] and "subset" not in full
-    assert part["tokens"] == int(w.sum()) < full["tokens"]
-    assert part["nll"] == pytest.approx(nll / w.sum(), rel=1e-5)
-    stats = data.split_stats("flexmix_mini.public", "test", data_dir)
-    assert part["bpb"] == pytest.approx(nll / math.log(2) / (w.sum() * stats["bytes"] / stats["tokens"]), rel=1e-5)
-
-
 def test_soup_of_identical_experts_is_the_anchor_and_soup_averages_ffns(anchor, data_dir):
     a, b = owner(anchor, "a", 0, moved=False), owner(anchor, "b", 1, moved=False)
     cfg, params = ev.soup([anchor, a, b])
