@@ -27,6 +27,17 @@ Control
   documents of every domain; a model that merely models the domain well scores similar rates on
   both, one that memorized scores ``train >> test``.
 
+Which documents
+  A run rarely reads its whole training split (the demo's owners see a small share of theirs), so
+  "train" documents are only training documents if they come from the batches the run read. With
+  ``trained_from={domain: run directory}`` :func:`run` draws a domain's ``train`` documents at
+  random (``seed``) among the long enough documents that run trained on
+  (:func:`flexmoe_jax.trained_docs.trained_documents`, from the data position in its checkpoint),
+  and its held-out documents the same way from the other splits. Without it, the first long
+  enough documents of each split in storage order are used, as before, and the result says the
+  ``train`` ones are not known to be trained on. Every result records under ``selection`` where its
+  documents came from, how many were available and how many were used.
+
 Sampling is batched: every (document, sample) pair is one row, rows run ``batch_size`` at a time
 through :func:`flexmoe_jax.generate.generate` (one compiled program per model: all prompts have the
 same length, the last batch is padded). Within a batch each row draws its own noise from the step
@@ -39,6 +50,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -200,20 +212,115 @@ def _load(m: Any, include, exclude) -> tuple[ModelConfig, Any]:
                      f"got {type(m).__name__}")
 
 
+def _sample(pool: Sequence, k: int, seed: int, task: str, split: str) -> list[int]:
+    """``min(k, len(pool))`` distinct indices into ``pool``, seeded by (seed, task, split), ascending."""
+    rng = np.random.default_rng([seed, zlib.crc32(task.encode()), zlib.crc32(split.encode())])
+    return sorted(int(i) for i in rng.choice(len(pool), size=min(k, len(pool)), replace=False))
+
+
+def _trained_sets(trained_from: Mapping, data_dir, tasks: Sequence[str], need: int) -> dict:
+    """``{task: TrainedDocuments}`` of ``trained_from`` (domain -> run directory or TrainedDocuments)."""
+    from flexmoe_jax import eval as eval_lib, trained_docs
+    from flexmoe_jax.data import layout as L
+
+    if not isinstance(trained_from, Mapping):
+        raise ValueError(f"trained_from must map domains to run directories, got {type(trained_from).__name__}")
+    out = {}
+    for dom, src in trained_from.items():
+        (task,) = eval_lib.resolve_tasks(data_dir, [dom])
+        if task not in tasks:
+            raise ValueError(f"trained_from names domain {dom!r}, which is not among the domains checked "
+                             f"({', '.join(eval_lib.short_name(t) for t in tasks)})")
+        if isinstance(src, trained_docs.TrainedDocuments):
+            got = src
+            if got.task != task:
+                raise ValueError(f"trained_from[{dom!r}] lists documents of {got.task}, not of {task}")
+            tok = L.tokenizer_path(data_dir)
+            if Path(got.data_dir).resolve() != Path(data_dir).resolve() and (
+                    not L.tokenizer_path(got.data_dir).is_file()
+                    or L.tokenizer_path(got.data_dir).read_bytes() != tok.read_bytes()):
+                raise ValueError(f"trained_from[{dom!r}] was tokenized with the tokenizer of {got.data_dir}, "
+                                 f"not the one of {data_dir}")
+        elif isinstance(src, (str, os.PathLike)):
+            got = trained_docs.trained_documents(src, data_dir, task)
+        else:
+            raise ValueError(f"trained_from[{dom!r}] must be a run directory or TrainedDocuments, "
+                             f"got {type(src).__name__}")
+        if got.seq_len < need:
+            raise ValueError(f"{got.run_dir} trained on rows of seq_len={got.seq_len} tokens, fewer than prefix_len "
+                             f"+ suffix_len = {need}: its model never saw a prefix and its reference in one row; "
+                             "lower prefix_len/suffix_len")
+        out[task] = got
+    return out
+
+
+def _select(data_dir, task: str, split: str, trained, num_docs: int, need: int, seed: int,
+            scan: int | None) -> tuple[list[list[int]], dict]:
+    """(documents, selection record) of one domain's split; see the module docstring."""
+    from flexmoe_jax import eval as eval_lib, trained_docs
+
+    dom = eval_lib.short_name(task)
+    if trained is None:  # as before: the first long enough documents in storage order
+        found = load_documents(data_dir, task, split, num_docs, need, scan)
+        if not found:
+            raise ValueError(f"{dom} has no {split} document of at least prefix_len + suffix_len = {need} tokens "
+                             f"in {data_dir}: lower prefix_len/suffix_len or build more data")
+        known = None if split == "train" else False
+        note = ("; not known to be trained on (pass trained_from to check the documents a run trained on)"
+                if known is None else "; held out (never in the training split)")
+        return found, {"source": f"the first {len(found)} {split} documents of {dom} of at least {need} tokens in "
+                                 f"storage order{note}",
+                       "trained_on": known, "available": None, "used": len(found)}
+    if split == trained.split:
+        pool_idx, pool = trained.indices, trained.documents
+        where = trained.describe()
+        kind = "trained-on"
+    else:
+        pool = trained_docs.split_documents(task, split, data_dir)
+        pool_idx = list(range(len(pool)))
+        where = f"held out: {len(pool)} {split} documents of {task} in {data_dir}"
+        kind = "held-out"
+    long = [i for i, d in enumerate(pool) if len(d) >= need]
+    if not long:
+        raise ValueError(f"{dom} has no {kind} {split} document of at least prefix_len + suffix_len = {need} tokens "
+                         f"({where}): lower prefix_len/suffix_len, train longer or build more data")
+    chosen = [long[i] for i in _sample(long, num_docs, seed, task, split)]
+    record = {"source": f"{where}; {len(long)} of them have at least {need} tokens; {len(chosen)} drawn at random "
+                        f"(seed {seed})",
+              "trained_on": split == trained.split, "available": len(long), "used": len(chosen),
+              "doc_indices": [int(pool_idx[i]) for i in chosen]}
+    if split == trained.split:
+        record["run"] = {k: v for k, v in trained.to_json().items() if k != "indices"}
+    return [pool[i] for i in chosen], record
+
+
 def run(models: Any, data_dir, domains: Sequence[str] | None = None, *, num_docs: int = DEFAULT_NUM_DOCS,
         splits: Sequence[str] = SPLITS, prefix_len: int = DEFAULT_PREFIX_LEN,
         suffix_len: int = DEFAULT_SUFFIX_LEN, samples: int = DEFAULT_SAMPLES,
         threshold: float = DEFAULT_THRESHOLD, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
         batch_size: int = DEFAULT_BATCH_SIZE, include=None, exclude=None, scan: int | None = None,
-        progress: bool = True) -> dict[str, dict]:
+        progress: bool = True, trained_from: Mapping[str, Any] | None = None) -> dict[str, dict]:
     """Extraction check of every model on every domain's training and held-out documents.
 
     ``models``: ``{name: path | (config, params)}``, or a path / list of paths (named by
     :func:`flexmoe_jax.eval.default_name`). A path is a checkpoint, a merged model or a run
     directory holding ``model/``; ``include`` / ``exclude`` opt experts in / out of every model.
-    ``domains``: closed-domain names (``humor``) or task names; default every closed domain built in
-    ``data_dir``. The same documents (the first ``num_docs`` long enough ones per split) go to every
-    model. Returns ``{model: {domain: {split: extraction_check result}}}`` (JSON-ready).
+    ``domains``: closed-domain names (``humor``) or task names; default the domains of
+    ``trained_from``, else every closed domain built in ``data_dir``.
+
+    ``trained_from``: ``{domain: run directory}`` (or a
+    :class:`flexmoe_jax.trained_docs.TrainedDocuments`): that domain's ``train`` documents are
+    ``num_docs`` drawn at random (``seed``) among the long enough documents the run trained on,
+    its held-out ones drawn the same way from the other splits. Domains not in it get the first
+    ``num_docs`` long enough documents of each split in storage order (``scan`` bounds the reading),
+    marked as not known to be trained on. The same documents go to every model.
+
+    Returns ``{model: {domain: {split: extraction_check result}}}`` (JSON-ready); each result's
+    ``selection`` says where its documents came from (``source``), whether they were trained on
+    (``trained_on``: true, false for held-out, null for not known), how many long enough ones
+    there were to draw from (``available``, null when not counted) and how many were used
+    (``used``, = ``docs``), plus ``doc_indices`` (positions in the split, storage order) and, for
+    trained-on documents, the ``run`` they come from.
     """
     from flexmoe_jax import data, eval as eval_lib
 
@@ -230,6 +337,8 @@ def run(models: Any, data_dir, domains: Sequence[str] | None = None, *, num_docs
         raise ValueError("no splits to check: pass e.g. splits=('train', 'test')")
     if isinstance(splits, str) or any(s not in data.SPLITS for s in splits):
         raise ValueError(f"splits must be a list of {', '.join(data.SPLITS)}, got {splits!r}")
+    if domains is None and trained_from:
+        domains = list(trained_from)
     if domains is None:
         known = set(data.register_tasks(data_dir))
         domains = [d for d in data.CLOSED_DOMAINS if f"{data.TASK_PREFIX}{d}" in known]
@@ -240,15 +349,17 @@ def run(models: Any, data_dir, domains: Sequence[str] | None = None, *, num_docs
     tasks = eval_lib.resolve_tasks(data_dir, domains)  # unknown domain -> ValueError, before any loading
     vocab = data.sentencepiece(data_dir).get_piece_size()
 
+    if num_docs < 1:
+        raise ValueError(f"num_docs must be a positive integer, got {num_docs!r}")
+    need = prefix_len + suffix_len
+    trained = _trained_sets(trained_from, data_dir, tasks, need) if trained_from else {}
+
     docs: dict[tuple[str, str], list[list[int]]] = {}
+    chosen: dict[tuple[str, str], dict] = {}
     for task in tasks:
         for split in splits:
-            found = load_documents(data_dir, task, split, num_docs, prefix_len + suffix_len, scan)
-            if not found:
-                raise ValueError(f"{eval_lib.short_name(task)} has no {split} document of at least prefix_len + "
-                                 f"suffix_len = {prefix_len + suffix_len} tokens in {data_dir}: lower "
-                                 "prefix_len/suffix_len or build more data")
-            docs[task, split] = found
+            docs[task, split], chosen[task, split] = _select(data_dir, task, split, trained.get(task), num_docs,
+                                                             need, seed, scan)
 
     results: dict[str, dict] = {}
     for name, m in models.items():
@@ -260,30 +371,55 @@ def run(models: Any, data_dir, domains: Sequence[str] | None = None, *, num_docs
         for task in tasks:
             dom = eval_lib.short_name(task)
             results[name][dom] = {
-                split: extraction_check(config, params, docs[task, split], prefix_len=prefix_len,
-                                        suffix_len=suffix_len, samples=samples, threshold=threshold,
-                                        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-                                        progress=f"privacy {name} {dom}/{split}" if progress else False)
+                split: {**extraction_check(config, params, docs[task, split], prefix_len=prefix_len,
+                                           suffix_len=suffix_len, samples=samples, threshold=threshold,
+                                           temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                                           progress=f"privacy {name} {dom}/{split}" if progress else False),
+                        "selection": chosen[task, split]}
                 for split in splits}
         del params
     return results
 
 
+def _docs_cell(r: dict) -> str:
+    sel = r.get("selection")
+    if not sel:
+        return str(r["docs"])
+    kind = {True: "trained-on", False: "held-out", None: "not known trained on"}[sel.get("trained_on")]
+    if sel.get("available") is None:
+        return f"{sel['used']} ({kind})"
+    return f"{sel['used']} of {sel['available']} {kind}"
+
+
 def markdown(results: Mapping[str, Mapping[str, Mapping[str, dict]]]) -> str:
-    """One row per (model, domain): per split, extracted / checked, the rate and the mean best similarity."""
+    """One row per (model, domain): per split, the documents used (of how many available, and
+    whether trained on), extracted / checked, the rate and the mean best similarity; then a line
+    per (domain, split) saying where its documents came from."""
     splits = list(dict.fromkeys(s for by_dom in results.values() for by_split in by_dom.values() for s in by_split))
     head = ["model", "domain"]
     for s in splits:
-        head += [f"{s} extracted", f"{s} rate", f"{s} mean best sim"]
+        head += [f"{s} docs", f"{s} extracted", f"{s} rate", f"{s} mean best sim"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    sources: dict[tuple[str, str, str], list[str]] = {}  # (domain, split, source) -> models
     for name, by_dom in results.items():
         for dom, by_split in by_dom.items():
             cells = [name, dom]
             for s in splits:
                 r = by_split.get(s)
-                cells += (["-"] * 3 if r is None else
-                          [f"{r['extracted']}/{r['docs']}", f"{r['rate']:.1%}", f"{r['mean_best_similarity']:.3f}"])
+                cells += (["-"] * 4 if r is None else
+                          [_docs_cell(r), f"{r['extracted']}/{r['docs']}", f"{r['rate']:.1%}",
+                           f"{r['mean_best_similarity']:.3f}"])
+                if r is not None and r.get("selection", {}).get("source"):
+                    sources.setdefault((dom, s, r["selection"]["source"]), []).append(name)
             lines.append("| " + " | ".join(cells) + " |")
+    if sources:
+        lines += ["", "Documents checked:"]
+        per = {}
+        for dom, s, _ in sources:
+            per[dom, s] = per.get((dom, s), 0) + 1
+        for (dom, s, src), names in sources.items():
+            who = f" ({', '.join(names)})" if per[dom, s] > 1 else ""
+            lines.append(f"- {dom} {s}{who}: {src}")
     return "\n".join(lines)
 
 
