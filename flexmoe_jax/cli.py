@@ -178,8 +178,15 @@ def _cmd_privacy(args) -> None:
         raise CommandError(f"--name values must differ, got {args.name}")
     if args.docs < 1:
         raise CommandError(f"--docs must be at least 1, got {args.docs}")
+    trained_from = None
+    if args.trained_from:
+        bad = [x for x in args.trained_from if "=" not in x or not x.split("=", 1)[0] or not x.split("=", 1)[1]]
+        if bad:
+            raise CommandError(f"--trained_from takes DOMAIN=RUN_DIR items, got {bad}")
+        trained_from = dict(x.split("=", 1) for x in args.trained_from)
     models = dict(zip(args.name, args.ckpt)) if args.name else args.ckpt
     results = privacy.run(models, args.data_dir, args.tasks, num_docs=args.docs, splits=args.splits,
+                          trained_from=trained_from,
                           prefix_len=args.prefix_len, suffix_len=args.suffix_len, samples=args.samples,
                           threshold=args.threshold, temperature=args.temperature, top_p=args.top_p,
                           seed=args.seed, batch_size=args.batch_size, include=args.include, exclude=args.exclude)
@@ -354,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--splits", nargs="+", default=["train", "test"],
                     help="splits to check; the first is the trained-on one (default: %(default)s)")
     pv.add_argument("--docs", type=int, default=100, help="documents per domain and split (default %(default)s)")
+    pv.add_argument("--trained_from", nargs="+", default=None, metavar="DOMAIN=RUN_DIR",
+                    help="check each domain's train documents among those this training run (its directory, "
+                         "with state/) actually trained on, read from its saved data position; default: the "
+                         "first train documents in storage order, not known to be trained on")
     pv.add_argument("--samples", type=int, default=10, help="sampled continuations per document (default %(default)s)")
     pv.add_argument("--prefix_len", type=int, default=32, help="prompt tokens per document (default %(default)s)")
     pv.add_argument("--suffix_len", type=int, default=32, help="continuation tokens compared (default %(default)s)")

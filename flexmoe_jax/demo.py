@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.demo_report import findings, findings_text, write_report  # noqa: F401 (the demo's API)
 
 RESULTS = "results"
 PLAN_FILE = "demo_plan.json"
@@ -77,10 +78,10 @@ class Plan:
     # evaluation
     eval_batch_size: int = 16
     mc_items: int = 20
-    # Score only each test split's first batches (None: every token); the same tokens for every model.
-    eval_max_batches: int | None = None
+    # Each domain's evaluation sample: whole test documents drawn with a fixed seed up to this many
+    # tokens (None: the whole test split); the same documents for every model, bpb, routing and MC.
+    eval_tokens: int | None = None
     privacy_docs: int = 16
-    routing_batches: int = 2
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
@@ -94,7 +95,7 @@ QUICK = Plan(mode="quick", max_docs_per_domain=80, vocab_size=512, d_model=64, n
 # Sized for about 30 minutes on 2 CPU cores (measured phase by phase: results/timing.json).
 FULL = Plan(mode="full", max_docs_per_domain=None, vocab_size=4096, d_model=192, n_layers=4, n_heads=3,
             mlp_hidden=512, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=200, expert_steps=32,
-            btx_steps=32, router_tune_steps=24, mc_items=8, eval_max_batches=4, privacy_docs=8)
+            btx_steps=32, router_tune_steps=24, mc_items=8, privacy_docs=8)
 
 
 def _log(msg: str) -> None:
@@ -500,8 +501,7 @@ def evaluate_all(w: Workdir, models: dict[str, dict]) -> dict:
         m = m() if callable(m) else m
         eval_lib.main_eval({name: m}, w.data, exclude=spec.get("exclude"), top_k=spec.get("top_k"),
                            batch_size=p.eval_batch_size, mc_items_per_domain=p.mc_items,
-                           max_batches=p.eval_max_batches,
-                           json_out=w.results / "results.json", log=None, progress=True)
+                           max_tokens=p.eval_tokens, json_out=w.results / "results.json", log=None, progress=True)
         w.record(f"eval_{name}", time.perf_counter() - t0)
         avg = _results(w)[name].get("average", {})
         _log(f"   {name}: average bpb {avg.get('bpb', float('nan')):.4f}, "
@@ -520,158 +520,32 @@ def routing_all(w: Workdir, models: dict[str, dict]) -> dict:
             continue
         config, params = eval_lib.load_model(spec["model"], exclude=spec.get("exclude"), top_k=spec.get("top_k"))
         done[name] = eval_lib.routing(config, params, w.data, seq_len=w.plan.seq_len,
-                                      batch_size=w.plan.eval_batch_size, max_batches=w.plan.routing_batches)
+                                      batch_size=w.plan.eval_batch_size, max_tokens=w.plan.eval_tokens)
         _write_json(f, done)
     return done
 
 
 def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
-    """The paper's extraction check: each owner's expert on its own domain's documents, the merged
-    model on every domain's; held-out documents of the same domains are the control."""
-    from flexmoe_jax import privacy
+    """The paper's extraction check: each owner's expert on documents its run trained on (read from
+    the run's saved data position, :mod:`flexmoe_jax.trained_docs`), the merged model on every
+    domain's; held-out documents of the same domains are the control."""
+    from flexmoe_jax import privacy, trained_docs
 
     f = w.results / "privacy.json"
     if f.exists():
-        return json.loads(f.read_text())
+        done = json.loads(f.read_text())
+        if all("selection" in s for per in done.values() for dom in per.values() for s in dom.values()):
+            return done
+    trained = {d: trained_docs.trained_documents(run, w.data, d) for d, run in experts.items()}
     models = {f"expert_{d}": {"model": path, "domains": [d]} for d, path in experts.items()}
     models["flexolmo"] = {"model": merged, "domains": list(experts)}
     out = {}
     for name, spec in models.items():
         # One generation batch per (domain, split): every sample of every checked document at once.
         out.update(privacy.run({name: spec["model"]}, w.data, spec["domains"], num_docs=w.plan.privacy_docs,
+                               trained_from={d: trained[d] for d in spec["domains"]},
                                batch_size=w.plan.privacy_docs * privacy.DEFAULT_SAMPLES, progress=True))
     _write_json(f, out)
-    return out
-
-
-# ----------------------------------------------------------------------------
-# Findings and report
-# ----------------------------------------------------------------------------
-
-def findings(results: dict, domains: list[str], routing: dict | None = None) -> dict:
-    """Numbers that answer the paper's claims, computed from ``results`` (bits per byte) and
-    ``routing`` (:func:`routing_all`)."""
-    def bpb(m, d):
-        return results[m][d]["bpb"]
-
-    avg = {m: r["average"]["bpb"] for m, r in results.items() if "average" in r}
-    f: dict = {"average_bpb": avg}
-    f["flexolmo_vs_public"] = {d: bpb("flexolmo", d) - bpb("public", d) for d in [*domains, "public"]}
-    f["flexolmo_beats_public_on"] = [d for d in domains if bpb("flexolmo", d) < bpb("public", d)]
-    if "flexolmo_replay" in results:
-        f["flexolmo_replay_beats_public_on"] = [d for d in domains if bpb("flexolmo_replay", d) < bpb("public", d)]
-        f["flexolmo_replay_vs_public"] = {d: bpb("flexolmo_replay", d) - bpb("public", d) for d in [*domains, "public"]}
-    f["relative_to_flexolmo_average"] = {m: (a - avg["flexolmo"]) / avg["flexolmo"] for m, a in avg.items()}
-    kept = {}
-    for d in domains:
-        own = f"expert_{d}"
-        if own in results:
-            gain = bpb("public", d) - bpb(own, d)
-            kept[d] = (bpb("public", d) - bpb("flexolmo", d)) / gain if gain > 0 else None
-    f["share_of_owner_gain_kept"] = kept
-    opt = {}
-    for d in domains:
-        name = f"flexolmo_minus_{d}"
-        if name not in results:
-            continue
-        gain = bpb("public", d) - bpb("flexolmo", d)
-        others = [o for o in [*domains, "public"] if o != d]
-        opt[d] = {"gain_removed": (bpb(name, d) - bpb("flexolmo", d)) / gain if gain > 0 else None,
-                  "bpb_change_own": bpb(name, d) - bpb("flexolmo", d),
-                  "largest_relative_change_elsewhere": max(abs(bpb(name, o) - bpb("flexolmo", o)) / bpb("flexolmo", o)
-                                                           for o in others)}
-    f["opt_out"] = opt
-    if routing:
-        f["own_expert_share"] = {m: {d: r[d]["own"] for d in domains if d in r} for m, r in routing.items()}
-    return f
-
-
-def _pct(x: float) -> str:
-    return f"{x:+.1%}"
-
-
-def findings_text(f: dict, domains: list[str]) -> list[str]:
-    """Plain sentences from :func:`findings` (no claim that the numbers do not carry)."""
-    avg, rel = f["average_bpb"], f["relative_to_flexolmo_average"]
-    lines = []
-    beat = f["flexolmo_beats_public_on"]
-    lines.append(f"FlexOlmo beats the public model on {len(beat)}/{len(domains)} closed domains"
-                 + (f" ({', '.join(beat)})" if beat else "") + f"; average bpb {avg['flexolmo']:.4f} vs "
-                 f"{avg['public']:.4f}. On public data it changes bpb by {f['flexolmo_vs_public']['public']:+.4f}.")
-    if "flexolmo_replay_beats_public_on" in f:
-        rb = f["flexolmo_replay_beats_public_on"]
-        lines.append(f"FlexOlmo with public replay ({len(rb)}/{len(domains)} closed domains beaten"
-                     + (f": {', '.join(rb)}" if rb else "") + f"): average bpb {avg['flexolmo_replay']:.4f}; on public "
-                     f"data {f['flexolmo_replay_vs_public']['public']:+.4f} vs the public model.")
-    for m in ("soup", "btm", "btx", "unrestricted", "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3",
-              "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay"):
-        if m in rel:
-            better = "better" if rel[m] < 0 else "worse"
-            lines.append(f"{m}: average bpb {avg[m]:.4f}, {_pct(rel[m])} vs FlexOlmo ({better} than FlexOlmo).")
-    for m, shares in f.get("own_expert_share", {}).items():
-        lines.append(f"{m} routes each domain's tokens to that domain's own expert (among its top-k, over all "
-                     "layers) for: " + ", ".join(f"{d} {v:.0%}" for d, v in shares.items()) + ".")
-    kept = {d: v for d, v in f["share_of_owner_gain_kept"].items() if v is not None}
-    if kept:
-        lines.append("Share of each owner's own gain over the public model that the merged model keeps on that "
-                     "owner's domain: " + ", ".join(f"{d} {v:.0%}" for d, v in kept.items()) + ".")
-    for d, o in f["opt_out"].items():
-        g = "n/a (no gain to remove)" if o["gain_removed"] is None else f"{o['gain_removed']:.0%} of FlexOlmo's gain"
-        lines.append(f"Opting out {d}: removes {g} on {d} (bpb {o['bpb_change_own']:+.4f}); largest relative "
-                     f"change on any other domain {o['largest_relative_change_elsewhere']:.2%}.")
-    return lines
-
-
-def write_report(w: Workdir, results: dict, domains: list[str], flops: dict, privacy: dict | None,
-                 routing: dict | None = None) -> Path:
-    from flexmoe_jax import eval as eval_lib
-
-    f = findings(results, domains, routing)
-    _write_json(w.results / "findings.json", f)
-    main = [m for m in ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_nobias",
-                        "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt",
-                        "flexolmo_replay")
-            if m in results]
-    eval_lib.plot({m: results[m] for m in main}, w.results / "baselines.png")
-    eval_lib.plot({m: results[m] for m in ["public", *[f"expert_{d}" for d in domains], "flexolmo"]
-                   if m in results}, w.results / "experts.png")
-    eval_lib.plot({m: results[m] for m in ["flexolmo", *[f"flexolmo_minus_{d}" for d in domains]]
-                   if m in results}, w.results / "opt_out.png")
-    p = w.plan
-    timing = w.timing()
-    lines = [f"# FlexOlmo on FlexMix-mini ({p.mode} mode)", "",
-             f"Made by `flexmoe demo{' --quick' if p.mode == 'quick' else ''} --workdir {w.root}`; every number "
-             "below was measured in that run.", "",
-             f"- anchor: dense OLMo-2 d_model={p.d_model}, {p.n_layers} layers, vocab {p.vocab_size}, "
-             f"{p.anchor_steps} steps on the public mix; batch {p.batch_size} x {p.seq_len} tokens everywhere",
-             f"- experts: {', '.join(domains)}; {p.expert_steps} steps each, each in its own process with only "
-             "its own data; merged top-2, router biases kept",
-             f"- flexolmo_replay: the same owners, each also replaying public data ({p.public_replay:.0%} of its "
-             "training rows; RunConfig.public_replay), merged the same way",
-             f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX {p.btx_steps} steps on all data; "
-             f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k}, same training FLOPs as all owners",
-             "- evaluation: " + ("every token of each held-out test split" if p.eval_max_batches is None else
-                                 f"the first {p.eval_max_batches} batches ({p.eval_max_batches * p.eval_batch_size} x "
-                                 f"{p.seq_len} tokens) of each held-out test split, the same tokens for every model; "
-                                 "bits per byte use the split's bytes per token") + f"; {p.mc_items} multiple-choice "
-             "items per domain",
-             f"- wall time: {sum(v for k, v in timing.items() if not k.startswith(('expert_', 'eval_', 'total_'))):.0f} s",
-             "", "## Findings", ""]
-    lines += [f"- {x}" for x in findings_text(f, domains)]
-    lines += ["", "## Results", "", eval_lib.results_table(results), "## Training FLOPs", "",
-              "| model | beyond the anchor | total | vs FlexOlmo's experts |", "|---|---:|---:|---:|"]
-    lines += [f"| {k} | {v['beyond_anchor']:.3g} | {v['total']:.3g} | {v['vs_flexolmo']:.2f}x |"
-              for k, v in flops.items()]
-    if privacy:
-        from flexmoe_jax import privacy as privacy_lib
-
-        lines += ["", "## Training-data extraction", "", privacy_lib.markdown(privacy)]
-    lines += ["", "Plots: baselines.png, experts.png, opt_out.png. Raw numbers: results.json, findings.json, "
-              "flops.json, timing.json" + (", routing.json" if routing else "") + (", privacy.json" if privacy else "")
-              + ".", ""]
-    out = w.results / "results.md"
-    out.write_text("\n".join(lines))
-    _write_json(w.results / "flops.json", flops)
     return out
 
 
@@ -751,7 +625,9 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     with _Phase(w, "privacy"):
         priv = privacy_check(w, experts, merged)
     flops = flops_table(w, len(domains), u_steps)
-    report = write_report(w, results, domains, flops, priv, routes)
+    docs_file = eval_lib.docs_path(w.results / "results.json")
+    docs = json.loads(docs_file.read_text()) if docs_file.exists() else None
+    report = write_report(w, results, domains, flops, priv, routes, docs)
     _write_json(w.results / "timing.json", {**w.timing(), "total_this_invocation": round(time.perf_counter() - t_start, 1)})
     _log("\n" + report.read_text())
     _log(f"results in {w.results}")

@@ -48,6 +48,10 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out")
     assert cli.main(["export-hf", str(tmp_path / "nockpt"), str(tmp_path / "hf")]) == 2
     assert not os.path.exists(tmp_path / "hf")
+    capsys.readouterr()
+    assert cli.main(["privacy", "--ckpt", str(tmp_path / "x"), "--trained_from", "code"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "DOMAIN=RUN_DIR" in err and "\n" not in err
 
 
 def test_demo_checks_quick(tmp_path):

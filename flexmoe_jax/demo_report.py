@@ -1,0 +1,211 @@
+"""The demo's findings (numbers that answer the paper's claims) and its ``results/results.md``.
+
+Everything here is computed from what the run measured: ``results.json`` (bits per byte, sample
+sizes), its per-document scores (paired bootstrap intervals, :mod:`flexmoe_jax.evaluation.compare`),
+``routing.json``, ``flops.json`` and ``privacy.json``. The sentences only say what the numbers carry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Baselines and variants FlexOlmo is compared against, in report order.
+COMPARED = ("public", "soup", "btm", "btx", "unrestricted", "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3",
+            "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay")
+
+
+def findings(results: dict, domains: list[str], routing: dict | None = None, docs: dict | None = None) -> dict:
+    """Numbers that answer the paper's claims, from ``results`` (bits per byte), ``routing``
+    (:func:`flexmoe_jax.demo.routing_all`) and ``docs`` (per-document scores: adds paired 95%
+    bootstrap intervals to every headline difference)."""
+    def bpb(m, d):
+        return results[m][d]["bpb"]
+
+    avg = {m: r["average"]["bpb"] for m, r in results.items() if "average" in r}
+    f: dict = {"average_bpb": avg}
+    f["flexolmo_vs_public"] = {d: bpb("flexolmo", d) - bpb("public", d) for d in [*domains, "public"]}
+    f["flexolmo_beats_public_on"] = [d for d in domains if bpb("flexolmo", d) < bpb("public", d)]
+    if "flexolmo_replay" in results:
+        f["flexolmo_replay_beats_public_on"] = [d for d in domains if bpb("flexolmo_replay", d) < bpb("public", d)]
+        f["flexolmo_replay_vs_public"] = {d: bpb("flexolmo_replay", d) - bpb("public", d) for d in [*domains, "public"]}
+    f["relative_to_flexolmo_average"] = {m: (a - avg["flexolmo"]) / avg["flexolmo"] for m, a in avg.items()}
+    kept = {}
+    for d in domains:
+        own = f"expert_{d}"
+        if own in results:
+            gain = bpb("public", d) - bpb(own, d)
+            kept[d] = (bpb("public", d) - bpb("flexolmo", d)) / gain if gain > 0 else None
+    f["share_of_owner_gain_kept"] = kept
+    opt = {}
+    for d in domains:
+        name = f"flexolmo_minus_{d}"
+        if name not in results:
+            continue
+        gain = bpb("public", d) - bpb("flexolmo", d)
+        others = [o for o in [*domains, "public"] if o != d]
+        opt[d] = {"gain_removed": (bpb(name, d) - bpb("flexolmo", d)) / gain if gain > 0 else None,
+                  "bpb_change_own": bpb(name, d) - bpb("flexolmo", d),
+                  "largest_relative_change_elsewhere": max(abs(bpb(name, o) - bpb("flexolmo", o)) / bpb("flexolmo", o)
+                                                           for o in others)}
+    f["opt_out"] = opt
+    if routing:
+        f["own_expert_share"] = {m: {d: r[d]["own"] for d in domains if d in r} for m, r in routing.items()}
+    if docs:
+        f["intervals"] = intervals(docs, domains, results)
+    return f
+
+
+def intervals(docs: dict, domains: list[str], results: dict) -> dict:
+    """Paired 95% bootstrap intervals: each model's average bpb, each compared model's relative bpb
+    difference to FlexOlmo (average and per domain), and each opt-out's bpb change on its own domain."""
+    from flexmoe_jax.evaluation.compare import Comparison
+
+    c = Comparison(docs, domains)
+    out: dict = {"average_bpb": {m: c.interval(m) for m in docs if m in results}}
+    out["vs_flexolmo"] = {}
+    for m in COMPARED:
+        if m in docs and "flexolmo" in docs:
+            out["vs_flexolmo"][m] = {d: c.difference(m, "flexolmo", d) for d in ["average", *domains, "public"]}
+    out["opt_out_change_own"] = {d: c.change(f"flexolmo_minus_{d}", "flexolmo", d) for d in domains
+                                 if f"flexolmo_minus_{d}" in docs}
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.1%}"
+
+
+def _ci(ci: list[float], pct: bool = True) -> str:
+    return f"[{ci[0]:+.1%}, {ci[1]:+.1%}]" if pct else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def findings_text(f: dict, domains: list[str]) -> list[str]:
+    """Plain sentences from :func:`findings` (no claim that the numbers do not carry)."""
+    avg, rel = f["average_bpb"], f["relative_to_flexolmo_average"]
+    ci = f.get("intervals", {})
+    lines = []
+    beat = f["flexolmo_beats_public_on"]
+    lines.append(f"FlexOlmo beats the public model on {len(beat)}/{len(domains)} closed domains"
+                 + (f" ({', '.join(beat)})" if beat else "") + f"; average bpb {avg['flexolmo']:.4f} vs "
+                 f"{avg['public']:.4f}. On public data it changes bpb by {f['flexolmo_vs_public']['public']:+.4f}.")
+    if "flexolmo_replay_beats_public_on" in f:
+        rb = f["flexolmo_replay_beats_public_on"]
+        lines.append(f"FlexOlmo with public replay ({len(rb)}/{len(domains)} closed domains beaten"
+                     + (f": {', '.join(rb)}" if rb else "") + f"): average bpb {avg['flexolmo_replay']:.4f}; on public "
+                     f"data {f['flexolmo_replay_vs_public']['public']:+.4f} vs the public model.")
+    for m in COMPARED[1:]:
+        if m in rel:
+            better = "better" if rel[m] < 0 else "worse"
+            line = f"{m}: average bpb {avg[m]:.4f}, {_pct(rel[m])} vs FlexOlmo ({better} than FlexOlmo"
+            d = ci.get("vs_flexolmo", {}).get(m, {}).get("average")
+            if d:
+                line += f"; 95% interval {_ci(d['ci'])}" + ("" if d["excludes_zero"] else ", not significant")
+            lines.append(line + ").")
+    for m, shares in f.get("own_expert_share", {}).items():
+        lines.append(f"{m} routes each domain's tokens to that domain's own expert (among its top-k, over all "
+                     "layers) for: " + ", ".join(f"{d} {v:.0%}" for d, v in shares.items()) + ".")
+    kept = {d: v for d, v in f["share_of_owner_gain_kept"].items() if v is not None}
+    if kept:
+        lines.append("Share of each owner's own gain over the public model that the merged model keeps on that "
+                     "owner's domain: " + ", ".join(f"{d} {v:.0%}" for d, v in kept.items()) + ".")
+    for d, o in f["opt_out"].items():
+        g = "n/a (no gain to remove)" if o["gain_removed"] is None else f"{o['gain_removed']:.0%} of FlexOlmo's gain"
+        c = ci.get("opt_out_change_own", {}).get(d)
+        lines.append(f"Opting out {d}: removes {g} on {d} (bpb {o['bpb_change_own']:+.4f}"
+                     + (f", 95% interval {_ci(c, pct=False)}" if c else "") + "); largest relative "
+                     f"change on any other domain {o['largest_relative_change_elsewhere']:.2%}.")
+    return lines
+
+
+def sample_table(results: dict) -> list[str]:
+    """What every model was scored on: per domain, the sample's documents, tokens and bytes."""
+    per = next(iter(results.values()))
+    rows = ["| domain | documents | tokens | bytes | of the test split (documents / tokens) |", "|---|---:|---:|---:|---|"]
+    for d, r in per.items():
+        s = r.get("sample") if isinstance(r, dict) else None
+        if s:
+            whole = "all" if s["whole_split"] else f"{s['docs']}/{s['split_docs']} / {s['tokens']}/{s['split_tokens']}"
+            rows.append(f"| {d} | {s['docs']} | {s['tokens']:,} | {s['bytes']:,} | {whole} |")
+    return rows
+
+
+def interval_table(f: dict, domains: list[str]) -> list[str]:
+    """Each compared model's relative bpb difference to FlexOlmo, per domain, with paired 95% intervals."""
+    vs = f.get("intervals", {}).get("vs_flexolmo", {})
+    if not vs:
+        return []
+    cols = ["average", *domains, "public"]
+    rows = ["| model vs FlexOlmo | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for m, per in vs.items():
+        cells = []
+        for d in cols:
+            x = per.get(d)
+            cells.append("–" if x is None else _ci(x["ci"]) + ("" if x["excludes_zero"] else " (ns)"))
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dict | None,
+                 routing: dict | None = None, docs: dict | None = None) -> Path:
+    """``results/results.md`` (plus findings.json, flops.json and the plots) of demo work directory ``w``."""
+    from flexmoe_jax import eval as eval_lib
+
+    f = findings(results, domains, routing, docs)
+    _write_json(w.results / "findings.json", f)
+    main = [m for m in ("public", *COMPARED[1:6], "flexolmo", *COMPARED[6:]) if m in results]
+    eval_lib.plot({m: results[m] for m in main}, w.results / "baselines.png")
+    eval_lib.plot({m: results[m] for m in ["public", *[f"expert_{d}" for d in domains], "flexolmo"]
+                   if m in results}, w.results / "experts.png")
+    eval_lib.plot({m: results[m] for m in ["flexolmo", *[f"flexolmo_minus_{d}" for d in domains]]
+                   if m in results}, w.results / "opt_out.png")
+    p = w.plan
+    timing = w.timing()
+    sample = ("every document of each held-out test split" if p.eval_tokens is None else
+              f"whole documents of each held-out test split drawn with a fixed seed up to {p.eval_tokens:,} "
+              "tokens per domain (a mixture's sources in proportion)")
+    lines = [f"# FlexOlmo on FlexMix-mini ({p.mode} mode)", "",
+             f"Made by `flexmoe demo{' --quick' if p.mode == 'quick' else ''} --workdir {w.root}`; every number "
+             "below was measured in that run.", "",
+             f"- anchor: dense OLMo-2 d_model={p.d_model}, {p.n_layers} layers, vocab {p.vocab_size}, "
+             f"{p.anchor_steps} steps on the public mix; batch {p.batch_size} x {p.seq_len} tokens everywhere",
+             f"- experts: {', '.join(domains)}; {p.expert_steps} steps each, each in its own process with only "
+             "its own data; merged top-2, router biases kept",
+             f"- flexolmo_replay: the same owners, each also replaying public data ({p.public_replay:.0%} of its "
+             "training rows; RunConfig.public_replay), merged the same way",
+             f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX {p.btx_steps} steps on all data; "
+             f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k}, same training FLOPs as all owners",
+             f"- evaluation: {sample}; the same documents for every model, for bits per byte, routing and "
+             f"{p.mc_items} multiple-choice items per domain; bits per byte are the sampled documents' summed NLL "
+             "over their UTF-8 bytes; intervals are 95% bootstrap intervals over documents, paired between models",
+             f"- wall time: {sum(v for k, v in timing.items() if not k.startswith(('expert_', 'eval_', 'total_'))):.0f} s",
+             "", "## Findings", ""]
+    lines += [f"- {x}" for x in findings_text(f, domains)]
+    lines += ["", "## Evaluation sample", "", *sample_table(results), ""]
+    table = interval_table(f, domains)
+    if table:
+        lines += ["## Each model's bpb relative to FlexOlmo's, paired 95% intervals", "",
+                  "(bpb_model - bpb_flexolmo) / bpb_flexolmo. Positive: FlexOlmo is better. (ns): the interval "
+                  "contains 0.", "", *table, ""]
+    lines += ["## Results", "", eval_lib.results_table(results), "## Training FLOPs", "",
+              "| model | beyond the anchor | total | vs FlexOlmo's experts |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {v['beyond_anchor']:.3g} | {v['total']:.3g} | {v['vs_flexolmo']:.2f}x |"
+              for k, v in flops.items()]
+    if privacy:
+        from flexmoe_jax import privacy as privacy_lib
+
+        lines += ["", "## Training-data extraction", "", privacy_lib.markdown(privacy)]
+    lines += ["", "Plots: baselines.png, experts.png, opt_out.png. Raw numbers: results.json (per-document scores: "
+              "results.docs.json), findings.json, flops.json, timing.json" + (", routing.json" if routing else "")
+              + (", privacy.json" if privacy else "") + ".", ""]
+    out = w.results / "results.md"
+    out.write_text("\n".join(lines))
+    _write_json(w.results / "flops.json", flops)
+    return out
