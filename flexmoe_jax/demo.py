@@ -534,7 +534,8 @@ def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
     f = w.results / "privacy.json"
     if f.exists():
         done = json.loads(f.read_text())
-        if all("selection" in s for per in done.values() for dom in per.values() for s in dom.values()):
+        if all(r.get("selection", {}).get("trained_on") is not None  # made before runs' documents were read
+               for per in done.values() for dom in per.values() for r in dom.values()):
             return done
     trained = {d: trained_docs.trained_documents(run, w.data, d) for d, run in experts.items()}
     models = {f"expert_{d}": {"model": path, "domains": [d]} for d, path in experts.items()}

@@ -30,6 +30,12 @@ def test_quick_demo_outputs(quick_demo):
             assert 0 < per[d]["bpb"] < 20, (name, d)
     report = (res / "results.md").read_text()
     assert "## Findings" in report and "flexolmo_minus_code" in report and "Training-data extraction" in report
+    privacy = json.loads((res / "privacy.json").read_text())
+    for name, per in privacy.items():  # train documents are ones the owner's run trained on
+        for d, splits in per.items():
+            assert splits["train"]["selection"]["trained_on"] is True, (name, d)
+            assert splits["test"]["selection"]["trained_on"] is False, (name, d)
+            assert splits["train"]["selection"]["run"]["run_dir"].endswith(f"experts/{d}"), (name, d)
     assert "--quick" in quick_demo["stdout"] or "FlexOlmo on FlexMix-mini" in quick_demo["stdout"]
 
 
