@@ -12,8 +12,10 @@ spent on their experts together. Two baselines need parameters of their own:
 - **BTX**: the merged FlexOlmo, then every parameter trained jointly on all data; it needs no new
   parameters, only the extra steps, which :func:`training_flops` charges to it.
 
-FLOPs are estimated the way :mod:`flexmoe_jax.trainer` logs MFU: 6 x active parameters (top-k
-experts, embedding lookup excluded) plus the attention score/value matmuls, per token.
+FLOPs are estimated as 6 x active parameters (top-k experts, embedding lookup excluded) plus the
+attention score/value matmuls, per token: the trainer's ``mfu_6n``, logged beside the compiled
+step's own count (:mod:`flexmoe_jax.flops`), which is lower for an expert step (no weight
+gradients of frozen parameters).
 """
 
 from __future__ import annotations

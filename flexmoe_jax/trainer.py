@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from flexmoe_jax import baselines, checkpoint, expert, model, optim, train
+from flexmoe_jax import baselines, checkpoint, expert, flops, model, optim, train
 from flexmoe_jax.config import ModelConfig
 
 PHASES = ("pretrain", "expert", "router_tune")
@@ -117,13 +117,23 @@ def resolve_mesh(shape: tuple[int, ...]):
     return make_mesh(*shape)
 
 
-def place(config: ModelConfig, flat: optim.Flat, mesh) -> optim.Flat:
-    """Put a flat parameter dict onto the mesh by each leaf's logical axes (cut slots keep theirs)."""
+def shardings(config: ModelConfig, flat: optim.Flat, mesh) -> dict:
+    """Each leaf's sharding on the mesh, by its logical axes (cut slots keep theirs)."""
     from flexmoe_jax.sharding import named_sharding
 
     axes = optim.flatten(model.logical_axes(config))
-    return {k: jax.device_put(v, named_sharding(mesh, axes[k.split("#")[0]], np.shape(v)))
-            for k, v in flat.items()}
+    return {k: named_sharding(mesh, axes[k.split("#")[0]], np.shape(v)) for k, v in flat.items()}
+
+
+def place(config: ModelConfig, flat: optim.Flat, mesh) -> optim.Flat:
+    """Put a flat parameter dict onto the mesh by each leaf's logical axes (cut slots keep theirs)."""
+    return {k: jax.device_put(flat[k], s) for k, s in shardings(config, flat, mesh).items()}
+
+
+def jit_step(config: ModelConfig, tx, loss_cfg: train.LossConfig, grad_accum: int, mesh):
+    """The jitted training step :func:`run` runs: ``(state, frozen, batch) -> (state, metrics)``, state donated."""
+    return jax.jit(functools.partial(train.train_step, config=config, tx=tx, loss_cfg=loss_cfg,
+                                     grad_accum=grad_accum, mesh=mesh), donate_argnums=(0,))
 
 
 def _to_global(batch: dict, sharding) -> dict:
@@ -261,8 +271,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
                          f"x the {replicas} batch shards of mesh {dict(mesh.shape)}; change batch_size or RunConfig.mesh")
     trainable, frozen = place(config, trainable, mesh), place(config, frozen, mesh)
     state = jax.jit(lambda t: train.init_state(t, tx))(trainable)
-    step_fn = jax.jit(functools.partial(train.train_step, config=config, tx=tx, loss_cfg=loss_cfg,
-                                        grad_accum=rc.grad_accum, mesh=mesh), donate_argnums=(0,))
+    step_fn = jit_step(config, tx, loss_cfg, rc.grad_accum, mesh)
 
     data.register_tasks(rc.data_dir)
     train_task = rc.task
@@ -302,7 +311,17 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     batch_sharding = train.batch_sharding(mesh)
 
     tokens_per_step = rc.batch_size * rc.seq_len
-    flops_per_token = baselines.flops_per_token(config, rc.seq_len)
+    # MFU counts the FLOPs of the compiled step that runs (compiled once, on the first batch);
+    # the 6N estimate is logged beside it.
+    step_flops = {"6n": baselines.flops_per_token(config, rc.seq_len) * tokens_per_step, "tokens": tokens_per_step}
+    compiled = None
+
+    def compile_step(batch):  # the step that runs, and its FLOPs (one device's program, run on every device)
+        c = step_fn.lower(state, frozen, batch).compile()
+        counted = flops.compiled_flops(c)
+        step_flops.update(compiled=counted.flops * mesh.devices.size, dynamic_loops=counted.dynamic_loops)
+        return c
+
     bar = tqdm(total=rc.steps, initial=start, desc=f"{rc.phase}", unit="step",
                disable=not progress or jax.process_index() > 0)
     writer = _writer(workdir)
@@ -310,7 +329,9 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     t0, n0 = time.perf_counter(), start
     for step in range(start, rc.steps):
         batch = _to_global(next(batches), batch_sharding)
-        state, metrics = step_fn(state, frozen, batch)
+        if compiled is None:
+            compiled = compile_step(batch)
+        state, metrics = compiled(state, frozen, batch)
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
             saving(mngr.wait_until_finished)
@@ -322,7 +343,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
         if done % rc.log_every == 0 or done == rc.steps:
             elapsed = time.perf_counter() - t0
             tps = (done - n0) * tokens_per_step / max(elapsed, 1e-9)
-            last = _scalars(metrics, ocfg, done, tps, flops_per_token, config)
+            last = _scalars(metrics, ocfg, done, tps / tokens_per_step, step_flops, config)
             writer(done, last)
             bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
             t0, n0 = time.perf_counter(), done
@@ -335,6 +356,8 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     bar.close()
     saving(mngr.wait_until_finished)
     saving(mngr.close)
+    if compiled is None:  # resumed after the last step: count the step all the same, for the metadata
+        compile_step(_to_global(next(batches), batch_sharding))
     final = optim.combine(state.trainable, frozen)  # stays sharded: every process writes its shards
     out = workdir / "model"
     resume = (f" to resume: the training state of step {rc.steps} is saved in {state_dir}, so the rerun "
@@ -342,7 +365,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     try:
         checkpoint.save(out, config, final, metadata={
             "phase": rc.phase, "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step,
-            "gin_config": gin_text, **provenance})
+            "gin_config": gin_text, **_flops_metadata(step_flops), **provenance})
         result = {"metrics": last, "model": str(out), "config": config}
         if rc.phase == "expert":
             result["expert"] = str(expert.save_deliverable(workdir / "expert", config, state.trainable, {
@@ -379,12 +402,23 @@ def measured_peak_flops() -> float:
     return _PEAK[0]
 
 
-def _scalars(metrics, ocfg, step, tps, flops_per_token, config) -> dict:
+def _flops_metadata(step_flops: dict) -> dict:
+    """FLOPs per training step, for the model's metadata."""
+    # compiled: matmul FLOPs of the compiled step (XLA's program, loops times their trip counts);
+    # a lower bound when the step has data-dependent loops (flops_dynamic_loops > 0, see flexmoe_jax.flops).
+    return {"flops_per_step_compiled": step_flops["compiled"], "flops_per_step_6n": step_flops["6n"],
+            "flops_dynamic_loops": step_flops["dynamic_loops"]}
+
+
+def _scalars(metrics, ocfg, step, steps_per_s, step_flops, config) -> dict:
     m = jax.device_get(metrics)
     out = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
     out["lr"] = float(optim.schedule(ocfg)(step))
-    out["tokens_per_s"] = tps
-    out["mfu"] = tps * flops_per_token / measured_peak_flops()
+    out["tokens_per_s"] = steps_per_s * step_flops["tokens"]
+    peak = measured_peak_flops()
+    out["mfu"] = steps_per_s * step_flops["compiled"] / peak  # FLOPs the compiled step executes
+    out["mfu_6n"] = steps_per_s * step_flops["6n"] / peak    # 6 x active params + attention, per token
+    out["flops_per_step"] = step_flops["compiled"]
     if "expert_share" in m:
         for name, share, gate in zip(config.names, m["expert_share"], m["expert_gate"]):
             out[f"expert_share/{name}"] = float(share)

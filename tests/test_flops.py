@@ -1,0 +1,162 @@
+"""FLOP counts of compiled programs through loops, and of each phase's real training step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexmoe_jax import checkpoint, expert, flops, model, optim, train, trainer
+from flexmoe_jax.config import ModelConfig, tiny
+
+F32 = jnp.float32
+DENSE = ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, mlp_hidden=96, max_seq_len=128)
+B, S = 4, 32
+
+
+def _compile(f, *shapes):
+    return jax.jit(f).lower(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes)).compile()
+
+
+def _forward_matmuls(c: ModelConfig, b: int, s: int) -> int:
+    """The model's forward matmuls, by hand: projections, attention scores and values, FFN, head."""
+    t, d, hd = b * s, c.d_model, c.head_size
+    attn = 2 * t * d * (2 * c.n_heads + 2 * c.kv_heads) * hd + 4 * b * s * s * c.n_heads * hd
+    ffn = 6 * t * d * c.mlp_hidden * (c.top_k if c.is_moe else 1) + (2 * t * d * c.num_experts if c.is_moe else 0)
+    return c.n_layers * (attn + ffn) + 2 * t * d * c.vocab_size
+
+
+def test_scan_body_counts_trip_count_times():
+    def f(x, ws):
+        return jax.lax.scan(lambda c, w: (c @ w, None), x, ws)[0]
+
+    compiled = _compile(f, ((128, 256), F32), ((4, 256, 256), F32))
+    assert flops.compiled_flops(compiled) == flops.Flops(4 * 2 * 128 * 256 * 256)  # 67,108,864
+    assert compiled.cost_analysis()["flops"] < 0.3 * 67_108_864  # what XLA's own analysis reports
+
+
+def test_loop_free_program_agrees_with_xla_cost_analysis():
+    def mlp(x, w1, w2):
+        return jnp.tanh(x @ w1) @ w2
+
+    compiled = _compile(mlp, ((128, 256), F32), ((256, 512), F32), ((512, 64), F32))
+    ours, xla = flops.compiled_flops(compiled).flops, compiled.cost_analysis()["flops"]
+    assert ours == 2 * 128 * 256 * 512 + 2 * 128 * 512 * 64
+    assert ours <= xla <= 1.02 * ours  # XLA adds the elementwise ops (tanh)
+
+
+@pytest.mark.parametrize("config", [DENSE, DENSE.replace(num_experts=2, top_k=2)], ids=["dense", "moe_2of2"])
+def test_multi_layer_forward_matches_a_count_by_hand(config):
+    params = jax.eval_shape(lambda: model.init(config, 0))
+    tokens = jax.ShapeDtypeStruct((B, S), jnp.int32)
+    compiled = jax.jit(lambda p, t: model.apply(config, p, t)[0]).lower(params, tokens).compile()
+    counted, expected = flops.compiled_flops(compiled), _forward_matmuls(config, B, S)
+    assert counted.dynamic_loops == 0
+    # MoE: the gate-weighted sum of the experts' outputs is one more (tiny) matmul per layer.
+    assert counted.flops == pytest.approx(expected, rel=0 if not config.is_moe else 1e-3)
+    assert compiled.cost_analysis()["flops"] < 0.5 * expected  # one layer of four, without the loop fix
+
+
+def test_data_dependent_loops_are_a_lower_bound():
+    def f(x, w, n):
+        return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] @ w), (0, x))[1]
+
+    counted = flops.compiled_flops(_compile(f, ((64, 64), F32), ((64, 64), F32), ((), jnp.int32)))
+    assert counted == flops.Flops(0.0, dynamic_flops=2 * 64 ** 3, dynamic_loops=1)
+    # The CPU block-sparse MoE dispatch runs its experts in data-dependent loops: those matmuls are
+    # not in the certain count (attention, router and head are), and with dense dispatch they are.
+    blocks, dense = tiny(n_layers=4, moe_impl="blocks"), tiny(n_layers=4, moe_impl="dense")
+    tokens = jax.ShapeDtypeStruct((B, S), jnp.int32)
+    count = {c.moe_impl: flops.compiled_flops(jax.jit(lambda p, t, c=c: model.apply(c, p, t)[0]).lower(
+        jax.eval_shape(lambda c=c: model.init(c, 0)), tokens).compile()) for c in (blocks, dense)}
+    experts = blocks.n_layers * 6 * B * S * blocks.d_model * blocks.mlp_hidden * blocks.top_k
+    assert count["blocks"].dynamic_loops > 0 and count["dense"].dynamic_loops == 0
+    assert count["blocks"].flops < _forward_matmuls(blocks, B, S) - 0.9 * experts
+    assert count["dense"].flops > _forward_matmuls(dense, B, S)  # dense runs every expert on every token
+
+
+def _grad_flops(cfg, params, spec, concat_slots):
+    trainable, frozen = jax.eval_shape(lambda: optim.split(params, spec))
+    batch = jax.eval_shape(train.lm_batch, jax.ShapeDtypeStruct((B, S + 1), jnp.int32))
+
+    def loss(t, frozen, batch):
+        return train.loss_and_metrics(cfg, optim.combine(t, frozen, concat_slots), batch, train.LossConfig())[0]
+
+    return flops.compiled_flops(jax.jit(jax.grad(loss)).lower(trainable, frozen, batch).compile()).flops
+
+
+def test_expert_step_skips_the_frozen_weight_gradients():
+    ecfg, params = expert.upcycle(DENSE, jax.device_get(model.init(DENSE, 0)), "math")
+    assert ecfg == flops.expert_config(DENSE, "math")
+    t, d, h, L, v = B * S, DENSE.d_model, DENSE.mlp_hidden, DENSE.n_layers, DENSE.vocab_size
+    slot_dw = L * 3 * 2 * t * d * h  # gate, up and down weight gradients of one expert slot, every layer
+    cut = _grad_flops(ecfg, params, expert.TRAINABLE, concat_slots=False)
+    joined = _grad_flops(ecfg, params, expert.TRAINABLE, concat_slots=True)
+    assert joined - cut == slot_dw
+
+    steps = {p: flops.train_step_flops(ecfg, p, B, S) for p in ("pretrain", "expert")}  # pretrain: full FT
+    full, exp = steps["pretrain"], steps["expert"]
+    assert exp == flops.train_step_flops(DENSE, "expert", B, S)  # a dense config is upcycled first
+    # Full fine-tuning also forms the weight gradients of every frozen matrix: the public slot, the
+    # attention projections and the output head. (The router's gradient is formed for both rows.)
+    frozen_dw = slot_dw + L * 2 * t * d * 4 * d + 2 * t * d * v
+    assert full["compiled"] - exp["compiled"] == frozen_dw
+    assert exp["estimate_6n"] == full["estimate_6n"]
+    assert exp["compiled"] < 0.8 * exp["estimate_6n"]
+    assert full["compiled"] == pytest.approx(full["estimate_6n"], rel=0.02)  # 6N is right for full training
+    assert flops.train_step_flops(ecfg, "router_tune", B, S)["compiled"] < exp["compiled"]
+
+
+def test_step_count_is_per_step_on_any_mesh_and_accumulation():
+    one = flops.train_step_flops(DENSE, "pretrain", 8, S)
+    assert one["devices"] == 1 and one["dynamic_loops"] == 0
+    data8 = flops.train_step_flops(DENSE, "pretrain", 8, S, mesh=(-1, 1, 1, 1))
+    assert data8["devices"] == 8 and data8["compiled"] == one["compiled"]
+    assert flops.train_step_flops(DENSE, "pretrain", 8, S, grad_accum=2)["compiled"] == one["compiled"]
+    with pytest.raises(ValueError, match="phase"):
+        flops.train_step_flops(DENSE, "finetune", 8, S)
+    with pytest.raises(ValueError, match="dense"):
+        flops.train_step_flops(DENSE, "router_tune", 8, S)
+
+
+HLO = """HloModule m
+
+%branch_a (p: f32[8,16]) -> f32[8,4] {
+  %p = f32[8,16]{1,0} parameter(0)
+  %w = f32[16,4]{1,0} constant({...})
+  ROOT %d = f32[8,4]{1,0} dot(%p, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%branch_b (q: f32[8,16]) -> f32[8,4] {
+  %q = f32[8,16]{1,0} parameter(0)
+  ROOT %s = f32[8,4]{1,0} slice(%q), slice={[0:8], [0:4]}
+}
+
+ENTRY %main (x: f32[8,16], y: f32[16,32], i: s32[]) -> f32[8,32] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %y = f32[16,32]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %g = (f32[8,32]{1,0}, s8[1024]{0}) custom-call(f32[8,16]{1,0} %x, f32[16,32]{1,0} %y), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %c = f32[8,4]{1,0} conditional(%i, %x, %x), branch_computations={%branch_a, %branch_b}
+  ROOT %r = f32[8,32]{1,0} get-tuple-element(%g), index=0
+}
+"""
+
+
+def test_library_gemms_and_conditionals_in_hlo_text():
+    assert flops.hlo_flops(HLO) == flops.Flops(2 * 8 * 16 * 32, dynamic_flops=2 * 8 * 16 * 4, dynamic_loops=1)
+    with pytest.raises(ValueError, match="ENTRY"):
+        flops.hlo_flops("not hlo")
+
+
+def test_trainer_logs_and_records_the_compiled_count(small_data_dir, tmp_path):
+    """MFU uses the FLOPs of the step the trainer compiled, which train_step_flops reproduces."""
+    cfg = DENSE.replace(n_layers=2, max_seq_len=64)
+    rc = trainer.RunConfig(data_dir=small_data_dir, steps=2, batch_size=8, seq_len=64, log_every=1,
+                           checkpoint_every=2)
+    result = trainer.run(tmp_path, cfg, rc, optim.OptimConfig(warmup_steps=1), progress=False)
+    meta = checkpoint.load_metadata(result["model"])
+    expected = flops.train_step_flops(cfg, "pretrain", 8, 64, mesh=rc.mesh)
+    assert meta["flops_per_step_compiled"] == expected["compiled"] == result["metrics"]["flops_per_step"]
+    assert meta["flops_per_step_6n"] == expected["estimate_6n"] and meta["flops_dynamic_loops"] == 0
+    m = result["metrics"]
+    assert m["mfu"] / m["mfu_6n"] == pytest.approx(expected["compiled"] / expected["estimate_6n"])
