@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -79,11 +80,38 @@ def test_cache_prefill_then_steps_equals_full_forward(kind, moe, dense):
 
 
 def test_params_unchanged_by_cache(moe):
-    """Decoding adds no parameters: the tree init makes is the one the cache path reads."""
+    """Decoding with the KV cache neither adds parameters nor changes (donates, aliases, writes) any.
+
+    The tree init makes is the one the cache path reads; after cached generation and explicit
+    decode_step calls every leaf is still there, bit-identical, with the same path, shape and dtype.
+    """
     cfg, p = moe
     assert model.param_shapes(cfg).keys() == p.keys()
     model.check_params(cfg, p)
     assert set(model.init_cache(cfg, 1, 4)) == {"index", "segment_ids", "layers"}
+
+    def snapshot(tree):
+        return {jax.tree_util.keystr(k): np.array(v, copy=True) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    structure, before = jax.tree_util.tree_structure(p), snapshot(p)
+    first = generate.generate(cfg, p, PROMPTS, max_new_tokens=NEW, eos_id=None)
+    tokens = np.random.RandomState(1).randint(3, cfg.vocab_size, (2, 6)).astype(np.int32)
+    cache = model.init_cache(cfg, 2, 6)
+    _, cache = model.decode_step(cfg, p, cache, tokens[:, :5], active_experts=["public", "math", "news"])
+    _, cache = model.decode_step(cfg, p, cache, tokens[:, 5:], active_experts=["public", "math", "news"])
+    assert int(cache["index"]) == 6
+
+    assert jax.tree_util.tree_structure(p) == structure and p.keys() == model.param_shapes(cfg).keys()
+    assert not any(getattr(v, "is_deleted", lambda: False)() for v in jax.tree_util.tree_leaves(p))  # not donated
+    after = snapshot(p)
+    assert after.keys() == before.keys()
+    for k in before:
+        assert (after[k].shape, after[k].dtype) == (before[k].shape, before[k].dtype), k
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    model.check_params(cfg, p)
+    # The same params still generate the same tokens (nothing the cache wrote leaked into them).
+    again = generate.generate(cfg, p, PROMPTS, max_new_tokens=NEW, eos_id=None)
+    assert [r["tokens"] for r in again] == [r["tokens"] for r in first]
 
 
 def test_greedy_equals_naive_per_prompt_loop(moe, greedy):

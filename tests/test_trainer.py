@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,31 +97,53 @@ def test_pretrain_then_expert(data_dir, tmp_path):
 
 
 def test_sigkill_resume_is_bit_identical(data_dir, tmp_path):
-    steps = ["RunConfig.steps=40", "RunConfig.checkpoint_every=4"]
+    """SIGKILL after a checkpoint, rerun the same command: it resumes from that step and ends bit-identical.
+
+    Training is deterministic, so a bit-identical end alone would not tell a resume from a restart:
+    the rerun must also start at the saved step K (its first metrics row is K + 1, its progress bar
+    starts at K/40) and must not redo steps 1..K.
+    """
+    total = 40
+    steps = [f"RunConfig.steps={total}", "RunConfig.checkpoint_every=4", "RunConfig.log_every=1"]
     assert cli.main(_args(data_dir, tmp_path / "straight", *steps)) == 0
 
-    cmd = [sys.executable, "-m", "flexmoe_jax.cli", *_args(data_dir, tmp_path / "killed", *steps)]
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "flexmoe_jax.cli", *_args(data_dir, killed, *steps)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = tmp_path / "killed" / "state"
+    state = killed / "state"
+
+    def complete_steps():  # orbax finalizes a step by renaming its tmp directory to the bare number
+        return [int(p.name) for p in state.iterdir() if p.name.isdigit()] if state.is_dir() else []
+
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        done = [p for p in state.iterdir() if p.name.isdigit()] if state.is_dir() else []
-        if done:
+        if complete_steps():
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (tmp_path / "killed" / "model").exists()
+    # Killed mid-run: a checkpoint exists, the run had not finished, the model was never written.
+    resume_at = max(complete_steps())
+    assert 0 < resume_at < total
+    assert not (killed / "model").exists()
+    before = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
+    assert before == list(range(1, len(before) + 1)) and resume_at <= len(before) < total
+
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    first_logged = json.loads(open(tmp_path / "killed" / "metrics.jsonl").readlines()[0])["step"]
-    a, b = _leaves(tmp_path / "straight" / "model"), _leaves(tmp_path / "killed" / "model")
+    # The rerun appends to the same metrics.jsonl: its rows start at K + 1, so steps 1..K ran once.
+    after = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
+    assert after[:len(before)] == before
+    assert after[len(before):] == list(range(resume_at + 1, total + 1)), (resume_at, after[len(before):][:8])
+    # The progress bar starts at initial=start: the rerun's first count is K, never 0.
+    counts = re.findall(rf"(\d+)/{total}\b", rerun.stderr)
+    assert counts and int(counts[0]) == resume_at, (resume_at, counts[:5])
+    a, b = _leaves(tmp_path / "straight" / "model"), _leaves(killed / "model")
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert first_logged >= 2
 
 
 def test_non_finite_loss_stops_and_keeps_last_good(data_dir, tmp_path):
