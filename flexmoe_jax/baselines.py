@@ -63,10 +63,3 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 def training_flops(config: ModelConfig, steps: int, batch_size: int, seq_len: int) -> float:
     """Total training FLOPs of ``steps`` steps of ``batch_size`` x ``seq_len`` tokens."""
     return flops_per_token(config, seq_len) * steps * batch_size * seq_len
-
-
-def matched_steps(owner_config: ModelConfig, owner_steps: int, owners: int, joint_config: ModelConfig,
-                  seq_len: int) -> int:
-    """Steps (same batch) a jointly trained model may take for the FLOPs all owners spent together."""
-    ratio = flops_per_token(owner_config, seq_len) / flops_per_token(joint_config, seq_len)
-    return max(1, int(round(owner_steps * owners * ratio)))

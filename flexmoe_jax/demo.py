@@ -441,14 +441,15 @@ def train_btx(w: Workdir, merged: Path) -> Path:
 
 def train_unrestricted(w: Workdir, anchor: Path, n_owners: int) -> tuple[Path, int]:
     """The anchor upcycled to ``unrestricted_experts`` experts, trained jointly on all data for the
-    training FLOPs all owners spent together."""
+    training FLOPs all owners spent together (compiled counts, see :func:`step_flops`)."""
     from flexmoe_jax import baselines, checkpoint, data, trainer
 
     p = w.plan
     a_config, a_params = checkpoint.load(anchor)
     config, params = baselines.upcycle(a_config, a_params, p.unrestricted_experts, p.top_k)
-    owner_config = a_config.replace(num_experts=2, top_k=2)
-    steps = baselines.matched_steps(owner_config, p.expert_steps, n_owners, config, p.seq_len)
+    per_step = step_flops(w, n_owners)
+    steps = max(1, round(p.expert_steps * n_owners * per_step["expert"]["compiled"]
+                         / per_step["unrestricted"]["compiled"]))
     out = w.root / "unrestricted"
     if not _complete(out / "model"):
         rc = _run_config(w, phase="pretrain", task=data.ALL_MIXTURE, steps=steps)
@@ -456,26 +457,52 @@ def train_unrestricted(w: Workdir, anchor: Path, n_owners: int) -> tuple[Path, i
     return out / "model", steps
 
 
-def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int) -> dict[str, dict]:
-    """Training FLOPs of each model beyond the shared anchor, and in total."""
-    from flexmoe_jax import baselines
+def step_flops(w: Workdir, n_owners: int) -> dict[str, dict]:
+    """FLOPs of one training step of each phase the demo runs, counted by the compiler
+    (:func:`flexmoe_jax.flops.routed_step_flops`), with the 6N estimate beside it. Cached in the
+    work directory: compiling the eight steps takes a minute on 2 cores."""
+    from flexmoe_jax import flops
 
+    cache = w.root / "step_flops.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
     p = w.plan
     dense = p.model_config()
-    owner = dense.replace(num_experts=2, top_k=2)
-    merged = dense.replace(num_experts=n_owners + 1, top_k=p.top_k)
-    joint = dense.replace(num_experts=p.unrestricted_experts, top_k=p.top_k)
+    merged = dense.replace(num_experts=n_owners + 1, top_k=p.top_k, expert_bias=True)
+    phases = {"anchor": (dense, "pretrain"), "expert": (flops.expert_config(dense), "expert"),
+              "router_tune": (merged, "router_tune"), "btx": (merged, "pretrain"),
+              "unrestricted": (dense.replace(num_experts=p.unrestricted_experts, top_k=p.top_k), "pretrain")}
+    out = {}
+    for name, (cfg, phase) in phases.items():
+        r = flops.routed_step_flops(cfg, phase, p.batch_size, p.seq_len)
+        out[name] = {"compiled": r["compiled"], "estimate_6n": r["estimate_6n"], "method": r["method"]}
+    _write_json(cache, out)
+    return out
 
-    def f(cfg, steps):
-        return baselines.training_flops(cfg, steps, p.batch_size, p.seq_len)
 
-    anchor = f(dense, p.anchor_steps)
-    experts = n_owners * f(owner, p.expert_steps)
-    rows = {"public": 0.0, "expert (one owner)": f(owner, p.expert_steps), "soup": experts, "btm": experts,
-            "flexolmo": experts, "flexolmo_cal": experts,
-            "flexolmo_rt": experts + f(merged, p.router_tune_steps), "flexolmo_replay": experts,
-            "btx": experts + f(merged, p.btx_steps), "unrestricted": f(joint, unrestricted_steps)}
-    return {k: {"beyond_anchor": v, "total": anchor + v, "vs_flexolmo": v / experts} for k, v in rows.items()}
+def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int) -> dict[str, dict]:
+    """Training FLOPs of each model beyond the shared anchor, and in total, by the compiled count
+    (``compiled``) and by 6N (``estimate_6n``); ``vs_flexolmo`` compares compiled counts."""
+    p = w.plan
+    per_step = step_flops(w, n_owners)
+
+    def spent(phase: str, steps: int) -> dict[str, float]:
+        return {k: per_step[phase][k] * steps for k in ("compiled", "estimate_6n")}
+
+    def plus(*parts: dict) -> dict[str, float]:
+        return {k: sum(x[k] for x in parts) for k in ("compiled", "estimate_6n")}
+
+    one = spent("expert", p.expert_steps)
+    experts = plus(*[one] * n_owners)
+    rows = {"public": plus(), "expert (one owner)": one, "soup": experts, "btm": experts, "flexolmo": experts,
+            "flexolmo_cal": experts, "flexolmo_rt": plus(experts, spent("router_tune", p.router_tune_steps)),
+            "flexolmo_replay": experts, "btx": plus(experts, spent("btx", p.btx_steps)),
+            "unrestricted": spent("unrestricted", unrestricted_steps)}
+    anchor = spent("anchor", p.anchor_steps)
+    return {k: {"beyond_anchor": v["compiled"], "total": anchor["compiled"] + v["compiled"],
+                "beyond_anchor_6n": v["estimate_6n"], "total_6n": anchor["estimate_6n"] + v["estimate_6n"],
+                "vs_flexolmo": v["compiled"] / experts["compiled"],
+                "vs_flexolmo_6n": v["estimate_6n"] / experts["estimate_6n"]} for k, v in rows.items()}
 
 
 # ----------------------------------------------------------------------------

@@ -160,3 +160,20 @@ def test_trainer_logs_and_records_the_compiled_count(small_data_dir, tmp_path):
     assert meta["flops_per_step_6n"] == expected["estimate_6n"] and meta["flops_dynamic_loops"] == 0
     m = result["metrics"]
     assert m["mfu"] / m["mfu_6n"] == pytest.approx(expected["compiled"] / expected["estimate_6n"])
+
+
+def test_routed_step_counts_top_k_experts_per_token():
+    """A top-2-of-4 MoE step costs what a 2-of-2 one does, whatever the dispatch (the router is charged
+    top_k columns: two fewer here, 0.2% of the step)."""
+    four = DENSE.replace(num_experts=4, top_k=2, moe_impl="blocks")
+    two = DENSE.replace(num_experts=2, top_k=2, moe_impl="dense")
+    routed, both = flops.routed_step_flops(four, "pretrain", B, S), flops.train_step_flops(two, "pretrain", B, S)
+    assert routed["compiled"] == both["compiled"]
+    blocks = flops.train_step_flops(four, "pretrain", B, S)  # the CPU dispatch's expert loops: uncountable
+    assert blocks["dynamic_loops"] > 0 and blocks["compiled"] < 0.8 * routed["compiled"]
+    assert routed["dynamic_loops"] == 0 and routed["estimate_6n"] == pytest.approx(both["estimate_6n"], rel=1e-3)
+    assert routed["per_expert"] > 0 and "minus the 2 experts" in routed["method"]
+    every = flops.routed_step_flops(two, "pretrain", B, S)  # every expert active: counted directly
+    assert every["compiled"] == both["compiled"] and every["method"] == "compiled step"
+    tuned = flops.routed_step_flops(four, "router_tune", B, S)
+    assert tuned["compiled"] < routed["compiled"]
