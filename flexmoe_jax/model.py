@@ -155,7 +155,7 @@ class DenseFFN(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, route_bias=None):
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.init_std)
@@ -173,7 +173,7 @@ class MoEFFN(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, route_bias=None):
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.init_std)
@@ -187,7 +187,8 @@ class MoEFFN(nn.Module):
             self._slots("down", init, (e, h, d), ("expert", "mlp", "embed"), pdt)))
         b, s, _ = x.shape
         flat = x.reshape(b * s, d)
-        routing = moe_lib.route(flat, router, bias, c.top_k, c.norm_topk_prob)
+        routing = moe_lib.route(flat, router, bias, c.top_k, c.norm_topk_prob,
+                                None if route_bias is None else route_bias.reshape(b * s, e))
         if self.mesh is not None and self.mesh.size > 1:  # expert-parallel: each device runs its own experts
             y = moe_lib.dispatch_sharded(flat, routing, experts, self.mesh, c.moe_impl, c.moe_block_size)
         else:
@@ -220,7 +221,7 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, cache_index=None):
+    def __call__(self, x, rope_cs, mask, route_bias=None, cache_index=None):
         c = self.config
         pdt = jnp.dtype(c.param_dtype)
         ones = nn.initializers.ones
@@ -230,7 +231,7 @@ class Block(nn.Module):
         x = x + rms_norm(attn(x, rope_cs, mask, cache_index), attn_norm, c.rms_eps)
         self.sow("intermediates", "ffn_input", x)  # what the router reads; free unless asked for
         ffn = MoEFFN(c, self.mesh, name="moe") if c.is_moe else DenseFFN(c, self.mesh, name="mlp")
-        y, aux = ffn(x)
+        y, aux = ffn(x, route_bias)
         x = x + rms_norm(y, ffn_norm, c.rms_eps)
         return constrain(x, ("batch", "length", "act_embed"), self.mesh), aux
 
@@ -255,7 +256,7 @@ class Transformer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, segment_ids):
+    def __call__(self, tokens, positions, segment_ids, route_bias=None):
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.init_std)
@@ -284,16 +285,16 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
         if self.decode:  # per-layer KV cache stacked on the layer axis like the params; no remat (no gradients)
             stack = nn.scan(Block, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
-                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 3, length=c.n_layers,
+                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4, length=c.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             rope_cs = rope_tables(positions, c.head_size, c.rope_theta)
-            x, aux = stack(c, self.mesh, True, name="layers")(x, rope_cs, mask, start)
+            x, aux = stack(c, self.mesh, True, name="layers")(x, rope_cs, mask, route_bias, start)
         else:
             stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                            in_axes=(nn.broadcast,) * 3, length=c.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             rope_cs = rope_tables(positions, c.head_size, c.rope_theta)
-            x, aux = stack(c, self.mesh, name="layers")(x, rope_cs, mask)
+            x, aux = stack(c, self.mesh, name="layers")(x, rope_cs, mask, route_bias)
 
         final_norm = _param(self, "final_norm", nn.initializers.ones, (c.d_model,), ("norm",), pdt)
         lm_head = _param(self, "lm_head", init, (c.d_model, c.vocab_size), ("embed", "vocab"), pdt)
@@ -435,17 +436,18 @@ def _select_config(config: ModelConfig, keep: tuple[int, ...], top_k: int | None
 # ----------------------------------------------------------------------------
 
 def apply(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None,
-          segment_ids: jax.Array | None = None, mesh: Mesh | None = None):
+          segment_ids: jax.Array | None = None, mesh: Mesh | None = None, route_bias: jax.Array | None = None):
     """The traceable model: (logits [B, S, V] fp32, per-layer aux). Use inside your own jit.
 
     aux is ``{"router_z": [L, B, S], "gates": [L, B, S, E]}`` for an MoE and ``{}`` for
-    a dense model.
+    a dense model. ``route_bias`` [B, S, E] is added to every layer's router logits (a routing
+    mode's per-token decision, see :mod:`flexmoe_jax.routing`).
     """
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens)
-    return Transformer(config, mesh).apply({"params": params}, tokens, positions, segment_ids)
+    return Transformer(config, mesh).apply({"params": params}, tokens, positions, segment_ids, route_bias)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

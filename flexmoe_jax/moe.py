@@ -56,12 +56,18 @@ class Experts(NamedTuple):
 
 
 def route(x: jax.Array, router: jax.Array, bias: jax.Array | None, top_k: int,
-          norm_topk_prob: bool = False) -> Routing:
-    """x [T, d], router [E, d] -> softmax over all experts, then top-k."""
+          norm_topk_prob: bool = False, token_bias: jax.Array | None = None) -> Routing:
+    """x [T, d], router [E, d] -> softmax over all experts, then top-k.
+
+    ``token_bias`` [T, E] (fp32) is added to every token's logits: a routing mode's per-token decision
+    (:mod:`flexmoe_jax.routing`), e.g. -inf on experts a token may not use.
+    """
     logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32).T,
                      precision=jax.lax.Precision.HIGHEST)
     if bias is not None:
         logits = logits + jnp.minimum(bias.astype(jnp.float32), 0.0)
+    if token_bias is not None:
+        logits = logits + token_bias.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, index = jax.lax.top_k(probs, top_k)
     if norm_topk_prob:
