@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 class CommandError(Exception):
@@ -164,7 +165,31 @@ def _cmd_eval(args) -> None:
                        top_k=args.top_k, tasks=args.tasks, split=args.split, seq_len=args.seq_len,
                        batch_size=args.batch_size, mc_items_per_domain=args.mc_items, json_out=args.json,
                        table_out=args.table, plot_out=args.plot, max_tokens=args.max_tokens,
-                       sample_seed=args.sample_seed)
+                       sample_seed=args.sample_seed, routing_stats=_routing_stats(args))
+
+
+def _routing_stats(args):
+    """``--routing``/``--routing_stats`` -> the stats map domain routing needs (None: top-k routing)."""
+    from flexmoe_jax import routing
+
+    if args.routing == "top_k":
+        if args.routing_stats:
+            raise CommandError("--routing_stats is for --routing domain")
+        return None
+    if not args.routing_stats:
+        raise CommandError("--routing domain needs --routing_stats: one file per expert (the public one "
+                           "included), written with `flexmoe routing-stats`")
+    return routing.load_stats(args.routing_stats)
+
+
+def _cmd_routing_stats(args) -> None:
+    from flexmoe_jax import routing
+
+    name = args.name or args.task.split(".")[-1]
+    stats = routing.fit(args.data_dir, args.task, name, split=args.split, max_tokens=args.max_tokens)
+    path = stats.save(args.out)
+    print(f"{name}: {stats.tokens:,} tokens of {stats.source['documents']:,} {args.task} {args.split} "
+          f"documents counted -> {path}")
 
 
 def _cmd_privacy(args) -> None:
@@ -196,7 +221,7 @@ def _cmd_privacy(args) -> None:
         print(f"wrote {args.json}", file=sys.stderr)
 
 
-def _train_from_gin(files, bindings, workdir) -> None:
+def _train_from_gin(files, bindings, workdir) -> tuple:
     from flexmoe_jax import distributed, optim, train, trainer
     from flexmoe_jax.config import ModelConfig, gin_scope
 
@@ -211,6 +236,7 @@ def _train_from_gin(files, bindings, workdir) -> None:
     m = result["metrics"]
     print(f"{rc.phase}: {rc.steps} steps on {rc.task}; final loss {m.get('loss', float('nan')):.4f} "
           f"ce {m.get('ce', float('nan')):.4f}; model -> {result['model']}")
+    return rc, result
 
 
 def _cmd_train(args) -> None:
@@ -223,7 +249,24 @@ def _cmd_train_expert(args) -> None:
                 f'RunConfig.task="{args.task}"', f'RunConfig.expert_name="{name}"']
     if args.data_dir:
         bindings.append(f'RunConfig.data_dir="{args.data_dir}"')
-    _train_from_gin(["phase/expert.gin", *args.gin_file], bindings + list(args.gin_param), args.out)
+    rc, result = _train_from_gin(["phase/expert.gin", *args.gin_file], bindings + list(args.gin_param), args.out)
+    _write_routing_stats(rc, name, result["config"].vocab_size, args.out)
+
+
+def _write_routing_stats(rc, name: str, vocab_size: int, out) -> None:
+    """The owner's token counts for domain routing, OUT/routing_stats.npz, counted in the owner's own
+    process from its own data (aggregate counts, no text; see flexmoe_jax.routing)."""
+    import jax
+
+    from flexmoe_jax import routing
+
+    path = Path(out) / routing.STATS_FILE
+    if jax.process_index() != 0 or path.exists():
+        return
+    stats = routing.fit(rc.data_dir, rc.task, name, seq_len=rc.seq_len, vocab_size=vocab_size)
+    stats.save(path)
+    print(f"routing stats: {stats.tokens:,} tokens of {stats.source['documents']:,} {rc.task} train documents "
+          f"-> {path}")
 
 
 def _cmd_demo(args) -> None:
@@ -272,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
     x.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
     x.set_defaults(fn=_cmd_train_expert)
+
+    rs = sub.add_parser("routing-stats", help="count the tokens of an expert's data for domain routing",
+                        description="Writes OUT (.npz): token counts of TASK's split in DATA_DIR, named NAME. "
+                                    "An owner runs it on its own data (aggregate counts leave, no text); the "
+                                    "model builder runs it on the public data for the public expert.")
+    rs.add_argument("--data_dir", required=True, help="the data directory holding the task")
+    rs.add_argument("--task", required=True, help="the task, e.g. flexmix_mini.math or flexmix_mini.public")
+    rs.add_argument("--name", default=None, help="the expert's name (default: the task's last component)")
+    rs.add_argument("--split", default="train", help="split to count (default %(default)s)")
+    rs.add_argument("--max_tokens", type=int, default=None, help="count a seeded sample of about this many tokens")
+    rs.add_argument("--out", required=True, help="the .npz file to write")
+    rs.set_defaults(fn=_cmd_routing_stats)
 
     m = sub.add_parser("merge", help="merge independently trained experts and their public anchor into one MoE",
                        description="Every shared tensor and expert slot 0 (public) come from the anchor; each "
@@ -343,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score a seeded sample of whole documents of about this many tokens per domain, drawn "
                         "across the split (across a mixture's sources in proportion); default: the whole split")
     v.add_argument("--sample_seed", type=int, default=0, help="seed of that document sample (default %(default)s)")
+    v.add_argument("--routing", choices=("top_k", "domain"), default="top_k",
+                   help="top_k: the trained router rows (default); domain: each document's domain by the "
+                        "experts' unigram models (flexmoe_jax.routing), public alone or {public, domain}")
+    v.add_argument("--routing_stats", nargs="+", default=None, metavar="FILE",
+                   help="for --routing domain: each expert's routing-stats file (flexmoe routing-stats)")
     v.add_argument("--json", default=None, help="write/update results JSON here")
     v.add_argument("--table", default=None, help="write the markdown table here")
     v.add_argument("--plot", default=None, help="write a PNG of per-domain bits per byte here")

@@ -527,6 +527,7 @@ def evaluate_all(w: Workdir, models: dict[str, dict]) -> dict:
         m = spec["model"]
         m = m() if callable(m) else m
         eval_lib.main_eval({name: m}, w.data, exclude=spec.get("exclude"), top_k=spec.get("top_k"),
+                           routing_stats=spec.get("routing_stats"),
                            batch_size=p.eval_batch_size, mc_items_per_domain=p.mc_items,
                            max_tokens=p.eval_tokens, json_out=w.results / "results.json", log=None, progress=True)
         w.record(f"eval_{name}", time.perf_counter() - t0)
@@ -534,6 +535,27 @@ def evaluate_all(w: Workdir, models: dict[str, dict]) -> dict:
         _log(f"   {name}: average bpb {avg.get('bpb', float('nan')):.4f}, "
              f"public bpb {_results(w)[name]['public']['bpb']:.4f} ({time.perf_counter() - t0:.0f} s)")
     return _results(w)
+
+
+def routing_stats(w: Workdir, experts: dict[str, Path]) -> dict:
+    """Each expert's token counts for domain routing (:mod:`flexmoe_jax.routing`): the owners' as their
+    own ``train-expert`` processes wrote them (an owner run before they existed counts them now, in a
+    ``flexmoe routing-stats`` process given only its own data), the public one from the public data."""
+    from flexmoe_jax import data, routing
+
+    out = {}
+    for d, run in experts.items():
+        f = Path(run) / routing.STATS_FILE
+        if not f.exists():
+            subprocess.run([sys.executable, "-m", "flexmoe_jax.cli", "routing-stats", "--data_dir",
+                            str(w.owner_data(d)), "--task", f"flexmix_mini.{d}", "--name", d, "--out", str(f)],
+                           check=True, capture_output=True, text=True)
+        out[d] = routing.Stats.load(f)
+    f = w.root / "public_routing_stats.npz"
+    if not f.exists():
+        routing.fit(w.data, data.PUBLIC_MIXTURE, routing.PUBLIC, seq_len=w.plan.seq_len).save(f)
+    out[routing.PUBLIC] = routing.Stats.load(f)
+    return out
 
 
 def routing_all(w: Workdir, models: dict[str, dict]) -> dict:
@@ -547,7 +569,8 @@ def routing_all(w: Workdir, models: dict[str, dict]) -> dict:
             continue
         config, params = eval_lib.load_model(spec["model"], exclude=spec.get("exclude"), top_k=spec.get("top_k"))
         done[name] = eval_lib.routing(config, params, w.data, seq_len=w.plan.seq_len,
-                                      batch_size=w.plan.eval_batch_size, max_tokens=w.plan.eval_tokens)
+                                      batch_size=w.plan.eval_batch_size, max_tokens=w.plan.eval_tokens,
+                                      routing_stats=spec.get("routing_stats"))
         _write_json(f, done)
     return done
 
@@ -644,12 +667,15 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     models["flexolmo_cal_q90"] = {"model": cal90}
     models["flexolmo_rt"] = {"model": rt}
     models["flexolmo_replay"] = {"model": merged_replay}
+    with _Phase(w, "routing_stats"):
+        models["flexolmo_domain"] = {"model": merged, "routing_stats": routing_stats(w, experts)}
     models.update({f"flexolmo_minus_{d}": {"model": merged, "exclude": [d]} for d in domains})
     with _Phase(w, "evaluate"):
         results = evaluate_all(w, models)
     with _Phase(w, "routing"):
         routes = routing_all(w, {m: models[m] for m in ("flexolmo", "flexolmo_top1", "flexolmo_cal",
-                                                          "flexolmo_rt", "flexolmo_replay", "btx")})
+                                                          "flexolmo_rt", "flexolmo_replay", "flexolmo_domain",
+                                                          "btx")})
     with _Phase(w, "privacy"):
         priv = privacy_check(w, experts, merged)
     flops = flops_table(w, len(domains), u_steps)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 # Baselines and variants FlexOlmo is compared against, in report order.
 COMPARED = ("public", "soup", "btm", "btx", "unrestricted", "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3",
-            "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay")
+            "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay", "flexolmo_domain")
 
 
 def findings(results: dict, domains: list[str], routing: dict | None = None, docs: dict | None = None) -> dict:
@@ -31,13 +31,26 @@ def findings(results: dict, domains: list[str], routing: dict | None = None, doc
         f["flexolmo_replay_beats_public_on"] = [d for d in domains if bpb("flexolmo_replay", d) < bpb("public", d)]
         f["flexolmo_replay_vs_public"] = {d: bpb("flexolmo_replay", d) - bpb("public", d) for d in [*domains, "public"]}
     f["relative_to_flexolmo_average"] = {m: (a - avg["flexolmo"]) / avg["flexolmo"] for m, a in avg.items()}
-    kept = {}
-    for d in domains:
-        own = f"expert_{d}"
-        if own in results:
-            gain = bpb("public", d) - bpb(own, d)
-            kept[d] = (bpb("public", d) - bpb("flexolmo", d)) / gain if gain > 0 else None
-    f["share_of_owner_gain_kept"] = kept
+    def kept(m):
+        out = {}
+        for d in domains:
+            own = f"expert_{d}"
+            if own in results:
+                gain = bpb("public", d) - bpb(own, d)
+                out[d] = (bpb("public", d) - bpb(m, d)) / gain if gain > 0 else None
+        return out
+
+    f["share_of_owner_gain_kept"] = kept("flexolmo")
+    if "flexolmo_domain" in results:
+        f["share_of_owner_gain_kept_domain_routing"] = kept("flexolmo_domain")
+    if all(f"expert_{d}" in results for d in domains):
+        # The owner oracle: each domain scored by its own owner's model, which is the merged model routed
+        # perfectly to {public, owner}. The routing gap is FlexOlmo's distance to it.
+        oracle = sum(bpb(f"expert_{d}", d) for d in domains) / len(domains)
+        gap = avg["flexolmo"] - oracle
+        f["routing_gap"] = {"oracle_average_bpb": oracle, "flexolmo_average_bpb": avg["flexolmo"],
+                            "closed": {m: (avg["flexolmo"] - a) / gap if gap > 0 else None for m, a in avg.items()
+                                       if m.startswith("flexolmo_") and "_minus_" not in m}}
     opt = {}
     for d in domains:
         name = f"flexolmo_minus_{d}"
@@ -110,6 +123,16 @@ def findings_text(f: dict, domains: list[str]) -> list[str]:
     if kept:
         lines.append("Share of each owner's own gain over the public model that the merged model keeps on that "
                      "owner's domain: " + ", ".join(f"{d} {v:.0%}" for d, v in kept.items()) + ".")
+    kept = {d: v for d, v in f.get("share_of_owner_gain_kept_domain_routing", {}).items() if v is not None}
+    if kept:
+        lines.append("The same with domain routing (flexolmo_domain): " + ", ".join(f"{d} {v:.0%}" for d, v in
+                                                                                   kept.items()) + ".")
+    gap = f.get("routing_gap")
+    if gap:
+        closed = {m: v for m, v in gap["closed"].items() if v is not None}
+        lines.append(f"Routing gap: FlexOlmo {gap['flexolmo_average_bpb']:.4f} vs the owner oracle (each domain "
+                     f"scored by its own owner's model) {gap['oracle_average_bpb']:.4f}; share of it closed: "
+                     + ", ".join(f"{m} {v:.0%}" for m, v in closed.items()) + ".")
     for d, o in f["opt_out"].items():
         g = "n/a (no gain to remove)" if o["gain_removed"] is None else f"{o['gain_removed']:.0%} of FlexOlmo's gain"
         c = ci.get("opt_out_change_own", {}).get(d)

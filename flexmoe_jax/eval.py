@@ -81,6 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexmoe_jax import model
+from flexmoe_jax import routing as routing_lib
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.evaluation import bootstrap
 from flexmoe_jax.evaluation import sample as sample_lib
@@ -134,8 +135,8 @@ class Scorer:
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _model_logprobs(config: ModelConfig, params, inputs, targets, positions, segment_ids):
-    logits, _ = model.apply(config, params, inputs, positions, segment_ids)
+def _model_logprobs(config: ModelConfig, params, inputs, targets, positions, segment_ids, route_bias=None):
+    logits, _ = model.apply(config, params, inputs, positions, segment_ids, route_bias=route_bias)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.where(segment_ids > 0, target_logit - lse, 0.0)
@@ -151,11 +152,13 @@ class ModelScorer(Scorer):
 
     Opt-out slices the expert axis once here (``model.select_experts``: routing then softmaxes
     over the kept experts only, top-k capped), so every batch runs the smaller model.
+    ``routing_stats`` ({expert name: :class:`flexmoe_jax.routing.Stats`}) switches to domain
+    routing (:mod:`flexmoe_jax.routing`) over the active experts.
     """
 
     def __init__(self, config: ModelConfig, params: model.Params, *,
                  active_experts: Sequence[str | int] | None = None, top_k: int | None = None,
-                 name: str = "model"):
+                 name: str = "model", routing_stats: Mapping | None = None):
         model.check_params(config, params)
         if active_experts is not None:
             config, params = model.select_experts(config, params, active_experts, top_k=top_k)
@@ -165,22 +168,28 @@ class ModelScorer(Scorer):
             config, params = model.select_experts(config, params, list(range(config.num_experts)), top_k=top_k)
         self.config, self.params, self.name = config, params, name
         self.vocab_size, self.max_seq_len = config.vocab_size, config.max_seq_len
+        self.router = None
+        if routing_stats is not None:
+            if not config.is_moe:
+                raise ValueError(f"domain routing needs an MoE model; {name} is dense (num_experts=0)")
+            self.router = routing_lib.DomainRouter.build(routing_stats, config.names, config.vocab_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, include: Sequence[str | int] | None = None,
                         exclude: Sequence[str | int] | None = None, top_k: int | None = None,
-                        name: str | None = None) -> "ModelScorer":
+                        name: str | None = None, routing_stats: Mapping | None = None) -> "ModelScorer":
         """Load any model checkpoint (plain, merged, or a run directory's ``model/``) with
         ``merge.load``, which never reads an excluded expert's arrays of a merged model."""
         config, params = load_model(path, include=include, exclude=exclude, top_k=top_k)
-        return cls(config, params, name=name or default_name(path, include, exclude))
+        return cls(config, params, name=name or default_name(path, include, exclude), routing_stats=routing_stats)
 
     def logprobs(self, batch: Batch) -> jax.Array:
         inputs, targets, positions, segs = _device_batch(batch)
         if inputs.shape[1] > self.max_seq_len:
             raise ValueError(f"rows of {inputs.shape[1]} tokens exceed {self.name}'s max_seq_len="
                              f"{self.max_seq_len}; evaluate with a smaller seq_len")
-        return _model_logprobs(self.config, self.params, inputs, targets, positions, segs)
+        bias = None if self.router is None else self.router.bias(inputs, positions, segs)
+        return _model_logprobs(self.config, self.params, inputs, targets, positions, segs, bias)
 
 
 def _batch_key(batch: Batch) -> bytes:
@@ -778,25 +787,27 @@ def average(results: Mapping[str, dict]) -> dict | None:
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _selected(config: ModelConfig, params, inputs, positions, segment_ids):
-    """[L, B, S, E] 1 where the router picked the expert (any of the top-k), else 0."""
-    _, aux = model.apply(config, params, inputs, positions, segment_ids)
+def _selected(config: ModelConfig, params, inputs, positions, segment_ids, route_bias=None):
+    """[L, B, S, E] 1 where the expert has a nonzero weight (any of the top-k), else 0."""
+    _, aux = model.apply(config, params, inputs, positions, segment_ids, route_bias=route_bias)
     return (aux["gates"] > 0).astype(jnp.float32)
 
 
 def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence[str] | None = None,
             split: str = "test", seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE,
-            max_tokens: int | None = None, sample_seed: int = 0) -> dict:
+            max_tokens: int | None = None, sample_seed: int = 0, routing_stats: Mapping | None = None) -> dict:
     """Where a merged model sends each domain's tokens: for every domain, the share of the real
     tokens of its evaluation sample (the documents :func:`perplexity` scores with the same
     ``max_tokens`` / ``sample_seed``; all layers) for which each expert is among the top-k. ``own``
     is the share routed to the expert named like the domain (None if there is none): with experts
     trained apart, this is what decides how much of each owner's gain the merged model keeps.
-    The shares of one domain sum to the top-k. Returns ``{domain: {"picked": {expert: share},
+    The shares of one domain sum to the top-k (top-k routing; with ``routing_stats``, domain routing,
+    between 1 and 2: a token of domain public uses the public expert alone). Returns ``{domain: {"picked": {expert: share},
     "own": share | None, "tokens": tokens counted}}``.
     """
     if not config.is_moe:
         raise ValueError("routing statistics need an MoE model; this one is dense (num_experts=0)")
+    router = None if routing_stats is None else routing_lib.DomainRouter.build(routing_stats, config.names, config.vocab_size)
     out = {}
     for task in resolve_tasks(data_dir, tasks):
         dom = short_name(task)
@@ -804,7 +815,8 @@ def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence
         picked, count = np.zeros(config.num_experts), 0.0
         for _, batch in s.batches(batch_size):
             inputs, _, positions, segs = _device_batch(batch)
-            sel = np.asarray(_selected(config, params, inputs, positions, segs))  # [L, B, S, E]
+            bias = None if router is None else router.bias(inputs, positions, segs)
+            sel = np.asarray(_selected(config, params, inputs, positions, segs, bias))  # [L, B, S, E]
             real = np.asarray(batch["decoder_loss_weights"]) > 0
             picked += sel[:, real].sum(axis=(0, 1))
             count += sel.shape[0] * real.sum()
@@ -922,7 +934,7 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
               json_out: str | os.PathLike | None = None, table_out: str | os.PathLike | None = None,
               plot_out: str | os.PathLike | None = None, update: bool = True, progress: bool = True,
               log: Callable[[str], None] | None = print, max_tokens: int | None = None,
-              sample_seed: int = 0) -> dict[str, dict]:
+              sample_seed: int = 0, routing_stats: Mapping | None = None) -> dict[str, dict]:
     """What ``flexmoe eval`` runs: evaluate models, write JSON / markdown / PNG, print the table.
 
     ``models``: one checkpoint path (plain or merged checkpoint, or a run directory), a list of
@@ -932,7 +944,8 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
     (default :func:`default_name`, e.g. ``merged_minus_code``). With ``update`` an existing
     ``json_out`` keeps its other models' results (the demo adds models one call at a time);
     the table and plot then show every model in the file. ``max_tokens`` / ``sample_seed``: each
-    domain's evaluation sample (:func:`perplexity`). The per-document scores stay out of ``json_out``;
+    domain's evaluation sample (:func:`perplexity`). ``routing_stats``: domain routing
+    (:mod:`flexmoe_jax.routing`) for every model loaded here. The per-document scores stay out of ``json_out``;
     they go to :func:`docs_path` of it (what paired bootstrap comparisons read). Returns
     ``{name: results}`` of this call, per-document scores included.
     """
@@ -965,9 +978,10 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
         if isinstance(m, Scorer):
             scorer = m
         elif isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], ModelConfig):
-            scorer = ModelScorer(*_select(m, include, exclude, top_k), name=name)
+            scorer = ModelScorer(*_select(m, include, exclude, top_k), name=name, routing_stats=routing_stats)
         else:
-            scorer = ModelScorer.from_checkpoint(m, include=include, exclude=exclude, top_k=top_k, name=name)
+            scorer = ModelScorer.from_checkpoint(m, include=include, exclude=exclude, top_k=top_k, name=name,
+                                                 routing_stats=routing_stats)
         new[name] = evaluate(scorer, data_dir, task_names, split, seq_len, batch_size, mc_items_per_domain,
                              mc_choices, progress=progress, max_tokens=max_tokens, sample_seed=sample_seed)
     everything = {**prior, **{n: strip_per_doc(r) for n, r in new.items()}}

@@ -58,6 +58,8 @@ def test_report_numbers_are_the_measured_ones(quick_demo):
     for d in DOMAINS:  # top-2 of 6: each token's two picks, shares summed over experts
         assert sum(routing["flexolmo"][d]["picked"].values()) == pytest.approx(2.0, abs=1e-5)
         assert sum(routing["flexolmo_top1"][d]["picked"].values()) == pytest.approx(1.0, abs=1e-5)
+        domain = routing["flexolmo_domain"][d]["picked"]  # public alone, or {public, the domain}
+        assert domain["public"] == pytest.approx(1.0) and 1.0 - 1e-5 <= sum(domain.values()) <= 2.0 + 1e-5
     beats = [d for d in DOMAINS if results["flexolmo"][d]["bpb"] < results["public"][d]["bpb"]]
     assert f["flexolmo_beats_public_on"] == beats
     d = DOMAINS[0]

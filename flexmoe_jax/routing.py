@@ -1,0 +1,172 @@
+"""Routing modes: which experts each token of a merged model uses.
+
+- ``top_k`` (the reference): every layer's trained router rows pick each token's top-k experts.
+- ``domain`` (beyond the paper; c-BTM's idea, Gururangan et al. 2023, with a unigram model as the
+  space): every expert comes with the token counts of the data it was trained on (:class:`Stats`,
+  written by its owner with ``flexmoe routing-stats``; the public slot's from the public data).
+  Each token's domain is the expert whose add-half smoothed unigram model gives the document so
+  far (its segment, up to and including the token) the highest likelihood. A token of domain
+  ``public`` uses the public expert alone, which computes the public model exactly; a token of
+  domain ``d`` uses {public, d}, mixed by their trained router rows, which computes owner d's own
+  2-expert model exactly. The same decision holds in every layer.
+
+Why it composes where the trained rows do not: each owner's row learned only "my text vs public"
+and nothing makes rows trained apart comparable, while each expert's unigram model is a proper
+distribution of its own data, so their likelihoods are comparable however they were fitted.
+Adding or removing an expert adds or removes its counts and nothing else; the decision for the
+remaining experts is exactly the merge without it. The counts are aggregate statistics of an
+owner's data (like the reference's mean document embedding), never documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("top_k", "domain")
+STATS_FILE = "routing_stats.npz"  # what `flexmoe train-expert` writes next to its expert
+PUBLIC = "public"
+ALPHA = 0.5  # add-half (Jeffreys) smoothing of the unigram counts
+_OFF = -1e9  # router-logit bias of an expert a token may not use: softmax weight exactly 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Token counts of one expert's data: ``counts[v]`` is how often token id ``v`` occurs (EOS
+    included, padding not). ``source``: what was counted (JSON-ready)."""
+
+    name: str
+    counts: np.ndarray
+    source: dict
+
+    @property
+    def tokens(self) -> int:
+        return int(self.counts.sum())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (a ``.npz``) atomically: a crash leaves the previous file or none."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, counts=self.counts.astype(np.int64),
+                     meta=np.frombuffer(json.dumps({"name": self.name, "source": self.source}).encode(), np.uint8))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Stats":
+        try:
+            with np.load(path) as z:
+                meta = json.loads(z["meta"].tobytes().decode())
+                counts = z["counts"]
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"{path} is not a routing-stats file ({e}); write one with `flexmoe routing-stats`") from e
+        if counts.ndim != 1 or (counts < 0).any():
+            raise ValueError(f"{path}: counts must be a non-negative vector, got shape {counts.shape}")
+        return cls(meta["name"], counts, meta["source"])
+
+
+def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train", seq_len: int = 128,
+        max_tokens: int | None = None, vocab_size: int | None = None) -> Stats:
+    """Count the tokens of ``task``'s ``split`` in ``data_dir`` (every document, or a seeded sample of
+    about ``max_tokens``), as the model reads them (packed like training, EOS included).
+    ``vocab_size``: default the data directory's tokenizer's."""
+    from flexmoe_jax import data
+    from flexmoe_jax.evaluation import sample as sample_lib
+
+    if vocab_size is None:
+        vocab_size = data.vocabulary(data_dir).vocab_size
+
+    s = sample_lib.draw(data_dir, task, split, seq_len, max_tokens, 0)
+    ids = s.rows["decoder_target_tokens"][s.rows["decoder_loss_weights"] > 0]
+    if ids.size == 0:
+        raise ValueError(f"{task} split {split!r} in {data_dir} has no tokens to count")
+    if int(ids.max()) >= vocab_size:
+        raise ValueError(f"{task} has token id {int(ids.max())} but the model's vocabulary has {vocab_size} "
+                         "entries: count with the data directory (tokenizer) the model was trained with")
+    card = Path(data_dir) / "card.json"
+    source = {"task": task, "split": split, "documents": s.num_docs, "tokens": int(ids.size),
+              "data_card_sha256": hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None}
+    return Stats(name, np.bincount(ids, minlength=vocab_size).astype(np.int64), source)
+
+
+def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int, alpha: float = ALPHA) -> np.ndarray:
+    """[E, V] float32: each named expert's smoothed unigram log-probabilities, in ``names`` order, over
+    the model's ``vocab_size`` ids (ids past a tokenizer's own vocabulary were counted 0 times)."""
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise ValueError(f"domain routing needs routing stats for every active expert; missing {missing} "
+                         f"(have {sorted(stats)}): write them with `flexmoe routing-stats`")
+    sizes = {n: stats[n].counts.shape[0] for n in names}
+    if len(set(sizes.values())) != 1 or max(sizes.values()) > vocab_size:
+        raise ValueError(f"routing stats were counted with different vocabularies {sizes} or one larger than "
+                         f"the model's {vocab_size}: count every expert's data with the anchor's tokenizer")
+    c = np.zeros((len(names), vocab_size))
+    c[:, : max(sizes.values())] = np.stack([stats[n].counts for n in names])
+    c += alpha
+    return np.log(c / c.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def domain_of(table: jax.Array, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[B, S] int32: the expert whose unigram model (``table`` [E, V] log-probs) best explains each
+    token's segment so far (``inputs`` [B, S]; ``positions`` restart at 0 with each segment; padding
+    and the BOS id 0 count for nothing)."""
+    ll = jnp.where((inputs > 0)[..., None] & (segment_ids > 0)[..., None], table.T[inputs], 0.0)  # [B, S, E]
+    cum = jnp.cumsum(ll, axis=1)
+    start = jnp.arange(inputs.shape[1])[None, :] - positions  # first slot of each token's segment
+    before = jnp.take_along_axis(cum, jnp.maximum(start - 1, 0)[..., None], axis=1)
+    return jnp.argmax(cum - jnp.where((start > 0)[..., None], before, 0.0), axis=-1).astype(jnp.int32)
+
+
+def route_bias(table: jax.Array, public: int, inputs: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array) -> jax.Array:
+    """[B, S, E] router-logit bias of domain routing: 0 for the public expert and the token's domain,
+    -1e9 (weight exactly 0) for every other expert."""
+    e = table.shape[0]
+    dom = domain_of(table, inputs, positions, segment_ids)
+    allowed = (jnp.arange(e) == public) | (jnp.arange(e) == dom[..., None])
+    return jnp.where(allowed, 0.0, _OFF).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainRouter:
+    """Domain routing for a model whose experts are ``names``: the stats table and the public slot."""
+
+    table: np.ndarray  # [E, V] float32 log-probs
+    public: int
+    names: tuple[str, ...]
+
+    @classmethod
+    def build(cls, stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int,
+              alpha: float = ALPHA) -> "DomainRouter":
+        if PUBLIC not in names:
+            raise ValueError(f"domain routing needs the {PUBLIC!r} expert active; this model has {list(names)}")
+        return cls(log_probs(stats, names, vocab_size, alpha), list(names).index(PUBLIC), tuple(names))
+
+    def bias(self, inputs, positions, segment_ids) -> jax.Array:
+        return _route_bias_jit(jnp.asarray(self.table), self.public, inputs, positions, segment_ids)
+
+
+_route_bias_jit = jax.jit(route_bias, static_argnums=1)
+
+
+def load_stats(paths: Sequence[str | os.PathLike]) -> dict[str, Stats]:
+    """Routing-stats files by expert name (one per name)."""
+    out: dict[str, Stats] = {}
+    for p in paths:
+        s = Stats.load(p)
+        if s.name in out:
+            raise ValueError(f"two routing-stats files for expert {s.name!r}: give one per expert")
+        out[s.name] = s
+    return out

@@ -1,0 +1,138 @@
+"""Domain routing: causal per-document decisions, exact owner/public models, opt-out, stats files."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexmoe_jax import eval as eval_lib
+from flexmoe_jax import merge, model, routing
+from flexmoe_jax.config import tiny
+
+NAMES = ("public", "a", "b")
+
+
+def _brute_force(table, inputs, positions):
+    """Each token's argmax over experts of its segment's summed log-probs so far, by loops."""
+    out = np.zeros(inputs.shape, np.int32)
+    for r in range(inputs.shape[0]):
+        for t in range(inputs.shape[1]):
+            start = t - positions[r, t]
+            ids = [int(x) for x in inputs[r, start:t + 1] if x > 0]
+            out[r, t] = int(np.argmax(table[:, ids].sum(axis=1))) if ids else 0
+    return out
+
+
+def test_decision_is_causal_and_restarts_with_each_segment():
+    rng = np.random.default_rng(0)
+    table = np.log(rng.dirichlet(np.ones(16), size=3)).astype(np.float32)
+    inputs = rng.integers(1, 16, size=(3, 24)).astype(np.int32)
+    positions = np.concatenate([np.arange(10), np.arange(14)])[None].repeat(3, 0).astype(np.int32)
+    positions[2] = np.arange(24)
+    inputs[:, 10] = 0  # a BOS in front of the second segment counts for nothing
+    segs = np.where(np.arange(24) < 10, 1, 2)[None].repeat(3, 0).astype(np.int32)
+    got = np.asarray(routing.domain_of(jnp.asarray(table), inputs, positions, segs))
+    np.testing.assert_array_equal(got, _brute_force(table, inputs, positions))
+    changed = inputs.copy()
+    changed[:, 17:] = rng.integers(1, 16, size=(3, 7))
+    again = np.asarray(routing.domain_of(jnp.asarray(table), changed, positions, segs))
+    np.testing.assert_array_equal(again[:, :17], got[:, :17])  # no token sees the future
+
+
+@pytest.fixture(scope="module")
+def merged():
+    config = tiny(num_experts=3, top_k=2, expert_names=NAMES, expert_bias=True, n_layers=2)
+    params = model.init(config, 0)
+    # Distinct, nonzero biases: the owner's 2-expert model mixes by router rows and biases.
+    params["layers"]["moe"]["bias"] = -jnp.abs(jax.random.normal(jax.random.PRNGKey(1), (2, 3))) * 0.3
+    return config, params
+
+
+def _stats(vocab, favour):
+    """Stats where expert ``favour[v]`` is the likeliest for token v."""
+    counts = {n: np.ones(vocab, np.int64) for n in NAMES}
+    for v, n in favour.items():
+        counts[n][v] += 1000
+    return {n: routing.Stats(n, c, {"task": "test"}) for n, c in counts.items()}
+
+
+def _logits(config, params, tokens, stats=None):
+    scorer = eval_lib.ModelScorer(config, params, routing_stats=stats)
+    segs, pos = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    bias = None if scorer.router is None else scorer.router.bias(tokens, pos, segs)
+    return model.apply(scorer.config, scorer.params, tokens, pos, segs, route_bias=bias)[0]
+
+
+def test_domain_tokens_compute_the_owner_model_and_public_tokens_the_public_model(merged):
+    config, params = merged
+    v = config.vocab_size
+    stats = _stats(v, {**{t: "a" for t in range(2, 40)}, **{t: "public" for t in range(40, 80)}})
+    a_text = jnp.asarray(np.random.default_rng(1).integers(2, 40, size=(2, 12)), jnp.int32)
+    pub_text = jnp.asarray(np.random.default_rng(2).integers(40, 80, size=(2, 12)), jnp.int32)
+    owner = model.select_experts(config, params, ["public", "a"])  # owner a's 2-expert model
+    public = model.select_experts(config, params, ["public"])  # the public FFN alone
+    np.testing.assert_allclose(_logits(config, params, a_text, stats), _logits(*owner, a_text), atol=2e-5)
+    np.testing.assert_allclose(_logits(config, params, pub_text, stats), _logits(*public, pub_text), atol=2e-5)
+    # ... and differs from top-k routing, which mixes in b.
+    assert not np.allclose(_logits(config, params, a_text, stats), _logits(config, params, a_text), atol=1e-3)
+
+
+def test_opt_out_is_the_merge_without_the_expert_in_domain_mode(merged):
+    config, params = merged
+    stats = _stats(config.vocab_size, {t: ("a" if t % 2 else "b") for t in range(2, 60)})
+    text = jnp.asarray(np.random.default_rng(3).integers(2, 60, size=(2, 16)), jnp.int32)
+    out = merge.exclude(config, params, ["b"])
+    without_b = (config.replace(num_experts=2, top_k=2, expert_names=("public", "a")),
+                 jax.tree.map(lambda x: x[:, :2], params["layers"]["moe"]))
+    without_b = (without_b[0], {**params, "layers": {**params["layers"], "moe": without_b[1]}})
+    np.testing.assert_array_equal(_logits(*out, text, stats), _logits(*without_b, text, stats))
+
+
+def test_stats_file_round_trip_and_clear_errors(tmp_path, merged):
+    config, _ = merged
+    s = routing.Stats("a", np.arange(5, dtype=np.int64), {"task": "t"})
+    back = routing.Stats.load(s.save(tmp_path / "a.npz"))
+    assert back.name == "a" and back.source == {"task": "t"} and np.array_equal(back.counts, s.counts)
+    assert not list(tmp_path.glob(".*tmp"))
+    with pytest.raises(ValueError, match="missing \\['b'\\].*flexmoe routing-stats"):
+        routing.DomainRouter.build({"public": s, "a": s}, NAMES, 8)
+    with pytest.raises(ValueError, match="public"):
+        routing.DomainRouter.build({"a": s, "b": s}, ("a", "b"), 8)
+    with pytest.raises(ValueError, match="vocabular"):
+        routing.DomainRouter.build({n: s for n in NAMES}, NAMES, 4)
+    (tmp_path / "bad.npz").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="routing-stats"):
+        routing.Stats.load(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="two routing-stats files"):
+        routing.load_stats([tmp_path / "a.npz", tmp_path / "a.npz"])
+
+
+def test_routing_stats_and_domain_eval_from_the_command_line(small_data_dir, tmp_path):
+    """An owner counts its own data, the builder the public data; eval routes by them."""
+    from flexmoe_jax import checkpoint, data
+
+    cli = [sys.executable, "-m", "flexmoe_jax.cli"]
+    files = []
+    for task, name in (("flexmix_mini.humor", "humor"), ("flexmix_mini.public", "public")):
+        out = tmp_path / f"{name}.npz"
+        r = subprocess.run(cli + ["routing-stats", "--data_dir", small_data_dir, "--task", task, "--out", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"{name}: " in r.stdout and out.exists()
+        files.append(str(out))
+    counted = routing.Stats.load(files[0])
+    assert counted.tokens == counted.source["tokens"] > 0 and counted.source["split"] == "train"
+    vocab = data.vocabulary(small_data_dir).vocab_size
+    config = tiny(vocab_size=vocab, num_experts=2, top_k=2, expert_names=("public", "humor"), n_layers=2)
+    ckpt = tmp_path / "m"
+    checkpoint.save(ckpt, config, model.init(config, 0))
+    args = ["eval", "--ckpt", str(ckpt), "--data_dir", small_data_dir, "--tasks", "humor", "--mc_items", "0",
+            "--max_tokens", "400"]
+    r = subprocess.run(cli + args + ["--routing", "domain"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--routing_stats" in r.stderr
+    r = subprocess.run(cli + args + ["--routing", "domain", "--routing_stats", *files, "--json",
+                                     str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
