@@ -30,6 +30,12 @@ def small_data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def data_dir(small_data_dir):
+    """The small FlexMix-mini data under the name most tests use."""
+    return small_data_dir
+
+
+@pytest.fixture(scope="session")
 def demo_env():
     """The environment a user's shell gives ``flexmoe demo``: one CPU device, default XLA flags."""
     env = dict(os.environ)

@@ -19,11 +19,6 @@ SEQ, BS = 64, 8
 
 
 @pytest.fixture(scope="module")
-def data_dir(small_data_dir):
-    return small_data_dir
-
-
-@pytest.fixture(scope="module")
 def anchor():
     return CFG, model.init(CFG, 0)
 

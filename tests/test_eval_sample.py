@@ -11,18 +11,14 @@ from flexmoe_jax import expert, model
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.evaluation import bootstrap, sample
 
-CFG = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=64, init_std=0.1)
 SEQ, BS = 64, 8
 
 
 @pytest.fixture(scope="module")
-def data_dir(small_data_dir):
-    return small_data_dir
-
-
-@pytest.fixture(scope="module")
 def anchor():
-    return CFG, model.init(CFG, 0)
+    """A small random dense model (the same shape as test_eval's)."""
+    cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, max_seq_len=SEQ, init_std=0.1)
+    return cfg, model.init(cfg, 0)
 
 
 def _segments(rows):

@@ -21,11 +21,6 @@ def _embedder_installed():
 
 
 @pytest.fixture(scope="module")
-def data_dir(small_data_dir):
-    return small_data_dir
-
-
-@pytest.fixture(scope="module")
 def anchor(data_dir, tmp_path_factory):
     """A tiny public model, trained long enough (100 steps at a high learning rate) that its hidden
     states depend on the content (after a handful of steps they hardly do: nothing to predict)."""

@@ -112,11 +112,6 @@ def test_select_proxy_takes_each_experts_best_documents(merged):
     assert report["pool"] == 40
 
 
-@pytest.fixture(scope="module")
-def data_dir(small_data_dir):
-    return small_data_dir
-
-
 def test_tune_router_trains_only_router_rows(merged, data_dir, tmp_path):
     from flexmoe_jax import cli
 

@@ -20,11 +20,6 @@ TINY = ["ModelConfig.vocab_size=512", "ModelConfig.d_model=32", "ModelConfig.n_h
         "RunConfig.seq_len=64", "RunConfig.batch_size=8", "OptimConfig.warmup_steps=1", "RunConfig.log_every=2"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(small_data_dir):
-    return small_data_dir
-
-
 def _args(data_dir, workdir, *extra):
     params = TINY + [f'RunConfig.data_dir="{data_dir}"', *extra]
     out = ["train", "--gin_file", "phase/pretrain.gin", "--workdir", str(workdir)]
@@ -54,6 +49,13 @@ def test_pretrain_then_expert(data_dir, tmp_path):
                      "--gin_param", "OptimConfig.warmup_steps=1", "--gin_param", "RunConfig.log_every=2"]) == 0
     ecfg, eparams = checkpoint.load(str(tmp_path / "humor" / "model"))
     assert ecfg.names == ("public", "humor") and ecfg.top_k == 2
+    # The owner's token counts for domain routing, counted in its own process from its own data.
+    from flexmoe_jax import routing
+
+    stats = routing.Stats.load(tmp_path / "humor" / routing.STATS_FILE)
+    again = routing.fit(data_dir, "flexmix_mini.humor", "humor", seq_len=64, vocab_size=ecfg.vocab_size)
+    assert stats.name == "humor" and stats.counts.shape == (ecfg.vocab_size,)
+    np.testing.assert_array_equal(stats.counts, again.counts)
     meta = checkpoint.load_metadata(str(tmp_path / "humor" / "model"))
     acfg, aparams = checkpoint.load(anchor)
     assert meta["anchor_fingerprint"] == expert.fingerprint(acfg, aparams)
