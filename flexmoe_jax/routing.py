@@ -143,7 +143,7 @@ def route_bias(table: jax.Array, public: int, inputs: jax.Array, positions: jax.
 class DomainRouter:
     """Domain routing for a model whose experts are ``names``: the stats table and the public slot."""
 
-    table: np.ndarray  # [E, V] float32 log-probs
+    table: jax.Array  # [E, V] float32 log-probs, on the device once
     public: int
     names: tuple[str, ...]
 
@@ -152,10 +152,10 @@ class DomainRouter:
               alpha: float = ALPHA) -> "DomainRouter":
         if PUBLIC not in names:
             raise ValueError(f"domain routing needs the {PUBLIC!r} expert active; this model has {list(names)}")
-        return cls(log_probs(stats, names, vocab_size, alpha), list(names).index(PUBLIC), tuple(names))
+        return cls(jnp.asarray(log_probs(stats, names, vocab_size, alpha)), list(names).index(PUBLIC), tuple(names))
 
     def bias(self, inputs, positions, segment_ids) -> jax.Array:
-        return _route_bias_jit(jnp.asarray(self.table), self.public, inputs, positions, segment_ids)
+        return _route_bias_jit(self.table, self.public, inputs, positions, segment_ids)
 
 
 _route_bias_jit = jax.jit(route_bias, static_argnums=1)
