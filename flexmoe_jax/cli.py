@@ -57,11 +57,23 @@ def _cmd_merge(args) -> None:
     from flexmoe_jax import checkpoint, merge
 
     out = merge.merge(args.anchor, args.expert, args.out, top_k=args.top_k, names=args.names,
-                      keep_bias=not args.drop_bias, public_router=args.public_router, progress=True)
+                      keep_bias=not args.drop_bias, public_router=args.public_router, progress=True,
+                      routing_stats=_name_files(args.routing_stats, "--routing_stats"), routing=args.routing)
     cfg = checkpoint.load_config(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"merged experts [{', '.join(cfg.names)}], top-{cfg.top_k}, bias {merge.read_manifest(out)['bias']} "
           f"({cfg.num_params():,} params, {size / 1e6:.1f} MB) -> {out}")
+
+
+def _name_files(pairs, flag: str) -> dict[str, str]:
+    """``NAME=FILE`` arguments -> {NAME: FILE}."""
+    out = {}
+    for pair in pairs or ():
+        name, sep, f = pair.partition("=")
+        if not sep or not name or not f:
+            raise CommandError(f"{flag} takes NAME=FILE, got {pair!r}")
+        out[name] = f
+    return out
 
 
 def _format_attribution(a: dict) -> str:
@@ -108,8 +120,11 @@ def _cmd_generate(args) -> None:
     print(f"generating up to {args.max_new_tokens} tokens for {len(args.prompt)} prompt(s) "
           f"(compiling first; {'greedy' if args.temperature == 0 else f'temperature {args.temperature}, top_p {args.top_p}'})",
           file=sys.stderr)
+    kw = _routing(args)
+    if kw["routing"] == "domain" and kw["routing_stats"] is None:
+        kw["routing_stats"] = merge.read_routing_stats(args.ckpt, config.names) or None
     results = generate.generate_text(config, params, args.prompt, vocab, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, **kw)
     for i, r in enumerate(results):
         if config.is_moe:
             r["attribution"]["excluded"] = excluded
@@ -165,21 +180,31 @@ def _cmd_eval(args) -> None:
                        top_k=args.top_k, tasks=args.tasks, split=args.split, seq_len=args.seq_len,
                        batch_size=args.batch_size, mc_items_per_domain=args.mc_items, json_out=args.json,
                        table_out=args.table, plot_out=args.plot, max_tokens=args.max_tokens,
-                       sample_seed=args.sample_seed, routing_stats=_routing_stats(args))
+                       sample_seed=args.sample_seed, **_routing(args))
 
 
-def _routing_stats(args):
-    """``--routing``/``--routing_stats`` -> the stats map domain routing needs (None: top-k routing)."""
+def _routing(args) -> dict:
+    """``--routing``/``--routing_stats`` -> keyword arguments of eval/generate (see routing.resolve)."""
     from flexmoe_jax import routing
 
-    if args.routing == "top_k":
-        if args.routing_stats:
-            raise CommandError("--routing_stats is for --routing domain")
-        return None
-    if not args.routing_stats:
-        raise CommandError("--routing domain needs --routing_stats: one file per expert (the public one "
-                           "included), written with `flexmoe routing-stats`")
-    return routing.load_stats(args.routing_stats)
+    if args.routing_stats and args.routing not in (None, "domain"):
+        raise CommandError(f"--routing_stats is for --routing domain, not {args.routing}")
+    return {"routing": args.routing,
+            "routing_stats": routing.load_stats(args.routing_stats) if args.routing_stats else None}
+
+
+def _add_routing_flags(parser) -> None:
+    from flexmoe_jax.config import ROUTINGS
+
+    parser.add_argument("--routing", choices=(*ROUTINGS, "domain"), default=None,
+                        help="how tokens pick experts (default: the checkpoint's own, top_k unless merged with "
+                             "--routing): top_k (the trained router rows), public_plus (public always + the top "
+                             "k-1 others), document_* (router logits averaged over the document so far), domain "
+                             "(each document's domain by the experts' token counts: public alone or {public, "
+                             "domain}; see flexmoe_jax.routing)")
+    parser.add_argument("--routing_stats", nargs="+", default=None, metavar="FILE",
+                        help="for --routing domain: each expert's routing-stats file (flexmoe routing-stats); "
+                             "default: the ones the merged checkpoint carries")
 
 
 def _cmd_routing_stats(args) -> None:
@@ -278,6 +303,8 @@ def _cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flexmoe_jax.config import ROUTINGS
+
     p = argparse.ArgumentParser(
         prog="flexmoe",
         description="FlexOlmo-style mixture-of-experts in JAX: independently trained experts, "
@@ -294,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="tiny sizes; a few minutes (what the tests run)")
     d.add_argument("--workdir", default="flexmoe_demo", help="where data, checkpoints and results go (default: %(default)s)")
     d.add_argument("--parallel", type=int, default=2, help="owners' expert trainings run at once (default: %(default)s)")
+    d.add_argument("--ablations", action="store_true",
+                   help="then the routing ablations (flexmoe_jax.ablations): router inits, bias, routing modes, "
+                        "each measured as the demo is; WORKDIR/results/ablations.{md,json,png}")
     d.add_argument("--checks", action="store_true",
                    help="instead: a one-minute check of the core (dispatch paths, opt-out, checkpoint and HF round "
                         "trips) on a random model, no data needed")
@@ -341,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="output directory of the merged model (written atomically)")
     m.add_argument("--top_k", type=int, default=None,
                    help="experts per token (default: 2, public plus one, as every expert was trained)")
+    m.add_argument("--routing", choices=ROUTINGS, default="top_k",
+                   help="the merged model's default routing (eval/generate --routing override it; default "
+                        "%(default)s, the reference's)")
+    m.add_argument("--routing_stats", nargs="+", default=None, metavar="NAME=FILE",
+                   help="routing-stats files for domain routing, by merged expert name (public included); "
+                        "default: each expert's routing_stats.npz beside it, the anchor's for public")
     m.add_argument("--drop_bias", action="store_true",
                    help="drop the experts' learned router biases, as the reference merge does (default: keep "
                         "them, so public + one expert computes exactly that owner's model)")
@@ -398,11 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score a seeded sample of whole documents of about this many tokens per domain, drawn "
                         "across the split (across a mixture's sources in proportion); default: the whole split")
     v.add_argument("--sample_seed", type=int, default=0, help="seed of that document sample (default %(default)s)")
-    v.add_argument("--routing", choices=("top_k", "domain"), default="top_k",
-                   help="top_k: the trained router rows (default); domain: each document's domain by the "
-                        "experts' unigram models (flexmoe_jax.routing), public alone or {public, domain}")
-    v.add_argument("--routing_stats", nargs="+", default=None, metavar="FILE",
-                   help="for --routing domain: each expert's routing-stats file (flexmoe routing-stats)")
+    _add_routing_flags(v)
     v.add_argument("--json", default=None, help="write/update results JSON here")
     v.add_argument("--table", default=None, help="write the markdown table here")
     v.add_argument("--plot", default=None, help="write a PNG of per-domain bits per byte here")
@@ -474,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="opt in only these experts (names or slot indices; repeatable); not with --exclude")
     g.add_argument("--top_k", type=int, default=None,
                    help="experts per token (default: the checkpoint's, capped at the number active)")
+    _add_routing_flags(g)
     g.add_argument("--json", default=None, metavar="OUT",
                    help="also write a JSON list of {prompt, completion, tokens, attribution} to OUT")
     g.set_defaults(fn=_cmd_generate)

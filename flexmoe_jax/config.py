@@ -22,6 +22,7 @@ import gin
 
 MOE_IMPLS = ("auto", "dense", "ragged", "blocks")
 REMAT_POLICIES = ("none", "full", "dots")
+ROUTINGS = ("top_k", "public_plus", "document_top_k", "document_public_plus")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,10 @@ class ModelConfig:
     norm_topk_prob: bool = False
     # A learned per-expert router logit bias, clamped to <= 0 in the forward pass.
     expert_bias: bool = False
+    # How router logits pick experts (see flexmoe_jax.moe.route): "top_k" (the reference),
+    # "public_plus" (the public expert always, plus the top-(k-1) others), and "document_" versions
+    # of both (each layer's logits averaged causally over the document so far before choosing).
+    routing: str = "top_k"
     rope_theta: float = 500000.0
     max_seq_len: int = 4096
     rms_eps: float = 1e-6
@@ -97,6 +102,11 @@ class ModelConfig:
                     fail(f"{len(self.expert_names)} expert_names for {self.num_experts} experts")
                 if len(set(self.expert_names)) != len(self.expert_names):
                     fail(f"expert_names must be unique, got {self.expert_names}")
+        if self.routing not in ROUTINGS:
+            fail(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.num_experts and self.routing.endswith("public_plus") and "public" not in self.names:
+            fail(f"routing={self.routing!r} keeps the 'public' expert always active, but the experts are "
+                 f"{list(self.names)}; use routing='top_k' or keep 'public'")
         if self.moe_impl not in MOE_IMPLS:
             fail(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         if self.remat not in REMAT_POLICIES:

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.demo_report import findings, findings_text, write_report  # noqa: F401 (the demo's API)
@@ -119,8 +120,9 @@ class Workdir:
     def owner_data(self, domain: str) -> Path:
         return self.root / "owners" / domain / "data"
 
-    def expert(self, domain: str, replay: bool = False) -> Path:
-        return self.root / ("experts_replay" if replay else "experts") / domain
+    def expert(self, domain: str, variant: str = "") -> Path:
+        """An owner's run directory: ``experts/`` for the default recipe, ``experts_<variant>/`` else."""
+        return self.root / (f"experts_{variant}" if variant else "experts") / domain
 
     def claim(self) -> None:
         """Record the plan; refuse a directory made by another mode (its models have other sizes)."""
@@ -277,16 +279,17 @@ def share_public_rows(w: Workdir, domains: list[str]) -> None:
         tasks.share_packed_rows(w.data, w.owner_data(d), public, "train", w.plan.seq_len)
 
 
-def _expert_command(w: Workdir, anchor: Path, domain: str, replay: bool = False) -> list[str]:
+def _expert_command(w: Workdir, anchor: Path, domain: str, variant: str = "", extra: Sequence[str] = ()) -> list[str]:
     p = w.plan
     binds = [f"RunConfig.steps={p.expert_steps}", f"RunConfig.batch_size={p.batch_size}",
              f"RunConfig.seq_len={p.seq_len}", f"RunConfig.checkpoint_every={max(p.expert_steps // 2, 1)}",
              "RunConfig.log_every=10", f"OptimConfig.warmup_steps={max(1, p.expert_steps // 10)}",
              f"OptimConfig.peak_lr={p.peak_lr}"]
-    if replay:
+    if variant == "replay":
         binds.append(f"RunConfig.public_replay={p.public_replay}")
+    binds += list(extra)
     cmd = [sys.executable, "-m", "flexmoe_jax.cli", "train-expert", "--anchor", str(anchor),
-           "--task", f"flexmix_mini.{domain}", "--name", domain, "--out", str(w.expert(domain, replay)),
+           "--task", f"flexmix_mini.{domain}", "--name", domain, "--out", str(w.expert(domain, variant)),
            "--data_dir", str(w.owner_data(domain))]
     for b in binds:
         cmd += ["--gin_param", b]
@@ -323,17 +326,20 @@ def cpu_slots(parallel: int) -> list[list[int]] | None:
     return [cpus[i::parallel] for i in range(parallel)]
 
 
-def train_experts(w: Workdir, anchor: Path, jobs: list[tuple[str, bool]], parallel: int) -> dict[tuple[str, bool], Path]:
-    """Train each ``(domain, replay)`` job's expert in its own OS process, given only that owner's
+def train_experts(w: Workdir, anchor: Path, jobs: list[tuple[str, str]], parallel: int,
+                  binds: Mapping[str, Sequence[str]] | None = None) -> dict[tuple[str, str], Path]:
+    """Train each ``(domain, variant)`` job's expert in its own OS process, given only that owner's
     data directory; ``parallel`` processes at a time, each pinned to its own CPUs
-    (:func:`cpu_slots`). ``replay``: the owner also replays public data
-    (``RunConfig.public_replay``). Both expert sets share one queue, so no core idles between them.
-    Returns ``{(domain, replay): run directory}``."""
+    (:func:`cpu_slots`). Variant ``""`` is the default recipe, ``"replay"`` also replays public data
+    (``RunConfig.public_replay``), any other adds its gin ``binds``. Every set shares one queue, so
+    no core idles between them. Returns ``{(domain, variant): run directory}``."""
+    binds = binds or {}
+
     def where(job):
         return w.expert(*job)
 
     def label(job):
-        return job[0] + (" (public replay)" if job[1] else "")
+        return job[0] + (f" ({job[1]})" if job[1] else "")
 
     todo = [j for j in jobs if not (_complete(where(j) / "model") and (where(j) / "expert").is_dir())]
     # Every compiled program goes to the persistent cache (default: only those over 1 s), so the
@@ -352,7 +358,7 @@ def train_experts(w: Workdir, anchor: Path, jobs: list[tuple[str, bool]], parall
                 job = todo.pop(0)
                 where(job).mkdir(parents=True, exist_ok=True)
                 log = where(job) / "train.log"
-                cmd = _expert_command(w, anchor, *job)
+                cmd = _expert_command(w, anchor, *job, extra=binds.get(job[1], ()))
                 if slots:
                     slot_of[job] = free.pop(0)
                     cmd = ["taskset", "-c", ",".join(map(str, slots[slot_of[job]]))] + cmd
@@ -370,7 +376,7 @@ def train_experts(w: Workdir, anchor: Path, jobs: list[tuple[str, bool]], parall
                     raise DemoError(f"the {label(job)} owner's expert training failed (exit {proc.returncode}); "
                                     f"its log {log} ends with:\n{_tail(log)}\nfix the cause and rerun: finished "
                                     "work is kept")
-                w.record(f"expert_{job[0]}" + ("_replay" if job[1] else ""), time.perf_counter() - t0)
+                w.record(f"expert_{job[0]}" + (f"_{job[1]}" if job[1] else ""), time.perf_counter() - t0)
                 ce = _final_loss(where(job))
                 bar.write(f"   expert {label(job)}: {time.perf_counter() - t0:.0f} s in its own process, final ce "
                           f"{ce if ce is None else round(ce, 3)}")
@@ -388,10 +394,20 @@ def merge_experts(w: Workdir, anchor: Path, experts: dict[str, Path], keep_bias:
     from flexmoe_jax import merge
 
     out = w.root / (name or ("merged" if keep_bias else "merged_nobias"))
-    if not _complete(out):
+    if not _complete(out):  # each owner's routing stats are found in its run directory
         merge.merge(anchor, [experts[d] for d in experts], out, top_k=w.plan.top_k, keep_bias=keep_bias,
-                    progress=True)
+                    progress=True, routing_stats={"public": public_routing_stats(w)})
     return out
+
+
+def public_routing_stats(w: Workdir) -> Path:
+    """The public data's token counts for domain routing (public data: the builder counts it)."""
+    from flexmoe_jax import data, routing
+
+    f = w.root / "public_routing_stats.npz"
+    if not f.exists():
+        routing.fit(w.data, data.PUBLIC_MIXTURE, routing.PUBLIC, seq_len=w.plan.seq_len).save(f)
+    return f
 
 
 def calibrate(w: Workdir, merged: Path, quantile: float | None = None) -> Path:
@@ -509,17 +525,18 @@ def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int) -> dict[str,
 # Evaluation
 # ----------------------------------------------------------------------------
 
-def _results(w: Workdir) -> dict:
-    f = w.results / "results.json"
+def _results(w: Workdir, name: str = "results.json") -> dict:
+    f = w.results / name
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def evaluate_all(w: Workdir, models: dict[str, dict]) -> dict:
-    """Evaluate each ``{name: {"model": path|scorer-factory, "exclude"/"top_k": ...}}`` not yet in results.json."""
+def evaluate_all(w: Workdir, models: dict[str, dict], json_name: str = "results.json") -> dict:
+    """Evaluate each ``{name: {"model": path|scorer-factory, "exclude"/"top_k"/"routing"/"routing_stats": ...}}``
+    not yet in ``results/json_name``."""
     from flexmoe_jax import eval as eval_lib
 
     p = w.plan
-    done = _results(w)
+    done = _results(w, json_name)
     for name, spec in models.items():
         if name in done:
             continue
@@ -527,21 +544,21 @@ def evaluate_all(w: Workdir, models: dict[str, dict]) -> dict:
         m = spec["model"]
         m = m() if callable(m) else m
         eval_lib.main_eval({name: m}, w.data, exclude=spec.get("exclude"), top_k=spec.get("top_k"),
-                           routing_stats=spec.get("routing_stats"),
+                           routing=spec.get("routing"), routing_stats=spec.get("routing_stats"),
                            batch_size=p.eval_batch_size, mc_items_per_domain=p.mc_items,
-                           max_tokens=p.eval_tokens, json_out=w.results / "results.json", log=None, progress=True)
+                           max_tokens=p.eval_tokens, json_out=w.results / json_name, log=None, progress=True)
         w.record(f"eval_{name}", time.perf_counter() - t0)
-        avg = _results(w)[name].get("average", {})
-        _log(f"   {name}: average bpb {avg.get('bpb', float('nan')):.4f}, "
-             f"public bpb {_results(w)[name]['public']['bpb']:.4f} ({time.perf_counter() - t0:.0f} s)")
-    return _results(w)
+        r = _results(w, json_name)[name]
+        _log(f"   {name}: average bpb {r.get('average', {}).get('bpb', float('nan')):.4f}, "
+             f"public bpb {r['public']['bpb']:.4f} ({time.perf_counter() - t0:.0f} s)")
+    return _results(w, json_name)
 
 
 def routing_stats(w: Workdir, experts: dict[str, Path]) -> dict:
     """Each expert's token counts for domain routing (:mod:`flexmoe_jax.routing`): the owners' as their
     own ``train-expert`` processes wrote them (an owner run before they existed counts them now, in a
     ``flexmoe routing-stats`` process given only its own data), the public one from the public data."""
-    from flexmoe_jax import data, routing
+    from flexmoe_jax import routing
 
     out = {}
     for d, run in experts.items():
@@ -551,18 +568,16 @@ def routing_stats(w: Workdir, experts: dict[str, Path]) -> dict:
                             str(w.owner_data(d)), "--task", f"flexmix_mini.{d}", "--name", d, "--out", str(f)],
                            check=True, capture_output=True, text=True)
         out[d] = routing.Stats.load(f)
-    f = w.root / "public_routing_stats.npz"
-    if not f.exists():
-        routing.fit(w.data, data.PUBLIC_MIXTURE, routing.PUBLIC, seq_len=w.plan.seq_len).save(f)
-    out[routing.PUBLIC] = routing.Stats.load(f)
+    out[routing.PUBLIC] = routing.Stats.load(public_routing_stats(w))
     return out
 
 
-def routing_all(w: Workdir, models: dict[str, dict]) -> dict:
-    """Where each MoE sends each domain's tokens (:func:`flexmoe_jax.eval.routing`), as routing.json."""
+def routing_all(w: Workdir, models: dict[str, dict], json_name: str = "routing.json",
+                groups: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """Where each MoE sends each domain's tokens (:func:`flexmoe_jax.eval.routing`), as ``results/json_name``."""
     from flexmoe_jax import eval as eval_lib
 
-    f = w.results / "routing.json"
+    f = w.results / json_name
     done = json.loads(f.read_text()) if f.exists() else {}
     for name, spec in models.items():
         if name in done:
@@ -570,7 +585,8 @@ def routing_all(w: Workdir, models: dict[str, dict]) -> dict:
         config, params = eval_lib.load_model(spec["model"], exclude=spec.get("exclude"), top_k=spec.get("top_k"))
         done[name] = eval_lib.routing(config, params, w.data, seq_len=w.plan.seq_len,
                                       batch_size=w.plan.eval_batch_size, max_tokens=w.plan.eval_tokens,
-                                      routing_stats=spec.get("routing_stats"))
+                                      mode=spec.get("routing"), routing_stats=spec.get("routing_stats"),
+                                      groups=groups)
         _write_json(f, done)
     return done
 
@@ -626,9 +642,9 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
         anchor = train_anchor(w)
     with _Phase(w, "experts"):
         share_public_rows(w, domains)
-        trained = train_experts(w, anchor, [(d, replay) for replay in (False, True) for d in domains], parallel)
-        experts = {d: trained[d, False] for d in domains}
-        experts_replay = {d: trained[d, True] for d in domains}
+        trained = train_experts(w, anchor, [(d, v) for v in ("", "replay") for d in domains], parallel)
+        experts = {d: trained[d, ""] for d in domains}
+        experts_replay = {d: trained[d, "replay"] for d in domains}
     with _Phase(w, "merge"):
         merged = merge_experts(w, anchor, experts)
         merged_nobias = merge_experts(w, anchor, experts, keep_bias=False)
@@ -668,7 +684,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     models["flexolmo_rt"] = {"model": rt}
     models["flexolmo_replay"] = {"model": merged_replay}
     with _Phase(w, "routing_stats"):
-        models["flexolmo_domain"] = {"model": merged, "routing_stats": routing_stats(w, experts)}
+        models["flexolmo_domain"] = {"model": merged, "routing": "domain", "routing_stats": routing_stats(w, experts)}
     models.update({f"flexolmo_minus_{d}": {"model": merged, "exclude": [d]} for d in domains})
     with _Phase(w, "evaluate"):
         results = evaluate_all(w, models)
@@ -698,5 +714,9 @@ def main(args) -> None:
         return
     try:
         run(args.workdir, quick=args.quick, parallel=args.parallel)
+        if getattr(args, "ablations", False):
+            from flexmoe_jax import ablations
+
+            ablations.main(args.workdir, quick=args.quick, parallel=args.parallel)
     except DemoError as e:
         raise ValueError(str(e)) from None

@@ -152,13 +152,14 @@ class ModelScorer(Scorer):
 
     Opt-out slices the expert axis once here (``model.select_experts``: routing then softmaxes
     over the kept experts only, top-k capped), so every batch runs the smaller model.
-    ``routing_stats`` ({expert name: :class:`flexmoe_jax.routing.Stats`}) switches to domain
-    routing (:mod:`flexmoe_jax.routing`) over the active experts.
+    ``routing`` (:data:`flexmoe_jax.routing.MODES`; default the config's own) picks the routing
+    mode; ``domain`` needs ``routing_stats`` ({expert name: :class:`flexmoe_jax.routing.Stats`}) for
+    the active experts (given alone, they mean ``domain``).
     """
 
     def __init__(self, config: ModelConfig, params: model.Params, *,
                  active_experts: Sequence[str | int] | None = None, top_k: int | None = None,
-                 name: str = "model", routing_stats: Mapping | None = None):
+                 name: str = "model", routing: str | None = None, routing_stats: Mapping | None = None):
         model.check_params(config, params)
         if active_experts is not None:
             config, params = model.select_experts(config, params, active_experts, top_k=top_k)
@@ -166,22 +167,23 @@ class ModelScorer(Scorer):
             if not config.is_moe:
                 raise ValueError(f"top_k={top_k} given for a dense model (num_experts=0), which has no router")
             config, params = model.select_experts(config, params, list(range(config.num_experts)), top_k=top_k)
+        config, self.router = routing_lib.resolve(config, routing, routing_stats, name)
         self.config, self.params, self.name = config, params, name
         self.vocab_size, self.max_seq_len = config.vocab_size, config.max_seq_len
-        self.router = None
-        if routing_stats is not None:
-            if not config.is_moe:
-                raise ValueError(f"domain routing needs an MoE model; {name} is dense (num_experts=0)")
-            self.router = routing_lib.DomainRouter.build(routing_stats, config.names, config.vocab_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, include: Sequence[str | int] | None = None,
                         exclude: Sequence[str | int] | None = None, top_k: int | None = None,
-                        name: str | None = None, routing_stats: Mapping | None = None) -> "ModelScorer":
+                        name: str | None = None, routing: str | None = None,
+                        routing_stats: Mapping | None = None) -> "ModelScorer":
         """Load any model checkpoint (plain, merged, or a run directory's ``model/``) with
-        ``merge.load``, which never reads an excluded expert's arrays of a merged model."""
+        ``merge.load``, which never reads an excluded expert's arrays of a merged model. Domain
+        routing without ``routing_stats`` uses the ones a merged model carries (its kept experts')."""
         config, params = load_model(path, include=include, exclude=exclude, top_k=top_k)
-        return cls(config, params, name=name or default_name(path, include, exclude), routing_stats=routing_stats)
+        if routing == "domain" and routing_stats is None:
+            routing_stats = checkpoint_routing_stats(path, config.names)
+        return cls(config, params, name=name or default_name(path, include, exclude), routing=routing,
+                   routing_stats=routing_stats)
 
     def logprobs(self, batch: Batch) -> jax.Array:
         inputs, targets, positions, segs = _device_batch(batch)
@@ -354,6 +356,13 @@ def load_model(path: str | os.PathLike, *, include=None, exclude=None, top_k=Non
         raise ValueError(f"{path} is an expert deliverable: it holds only the owner's trained slot. Evaluate "
                          "its run directory (or WORKDIR/model), or the merged model")
     return merge.load(d, include=include, exclude=exclude, top_k=top_k)
+
+
+def checkpoint_routing_stats(path: str | os.PathLike, names: Sequence[str]) -> dict | None:
+    """The routing stats a merged checkpoint (or run directory) carries for ``names``; None if none."""
+    from flexmoe_jax import merge
+
+    return merge.read_routing_stats(_model_dir(path), names) or None
 
 
 def default_name(path: str | os.PathLike, include=None, exclude=None) -> str:
@@ -795,7 +804,8 @@ def _selected(config: ModelConfig, params, inputs, positions, segment_ids, route
 
 def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence[str] | None = None,
             split: str = "test", seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE,
-            max_tokens: int | None = None, sample_seed: int = 0, routing_stats: Mapping | None = None) -> dict:
+            max_tokens: int | None = None, sample_seed: int = 0, routing_stats: Mapping | None = None,
+            mode: str | None = None, groups: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Where a merged model sends each domain's tokens: for every domain, the share of the real
     tokens of its evaluation sample (the documents :func:`perplexity` scores with the same
     ``max_tokens`` / ``sample_seed``; all layers) for which each expert is among the top-k. ``own``
@@ -803,16 +813,19 @@ def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence
     trained apart, this is what decides how much of each owner's gain the merged model keeps.
     The shares of one domain sum to the top-k (top-k routing; with ``routing_stats``, domain routing,
     between 1 and 2: a token of domain public uses the public expert alone). Returns ``{domain: {"picked": {expert: share},
-    "own": share | None, "tokens": tokens counted}}``.
+    "own": share | None, "tokens": tokens counted}}``. ``mode``: the routing mode
+    (:func:`flexmoe_jax.routing.resolve`). ``groups`` ({domain: expert names}) adds ``"group"``: the
+    share of the domain's tokens (and layers) for which any expert of its group is active.
     """
     if not config.is_moe:
         raise ValueError("routing statistics need an MoE model; this one is dense (num_experts=0)")
-    router = None if routing_stats is None else routing_lib.DomainRouter.build(routing_stats, config.names, config.vocab_size)
+    config, router = routing_lib.resolve(config, mode, routing_stats)
     out = {}
     for task in resolve_tasks(data_dir, tasks):
         dom = short_name(task)
         s = sample_lib.draw(data_dir, task, split, min(seq_len, config.max_seq_len), max_tokens, sample_seed)
-        picked, count = np.zeros(config.num_experts), 0.0
+        picked, count, in_group = np.zeros(config.num_experts), 0.0, 0.0
+        group = [i for i, n in enumerate(config.names) if n in (groups or {}).get(dom, ())]
         for _, batch in s.batches(batch_size):
             inputs, _, positions, segs = _device_batch(batch)
             bias = None if router is None else router.bias(inputs, positions, segs)
@@ -820,8 +833,12 @@ def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence
             real = np.asarray(batch["decoder_loss_weights"]) > 0
             picked += sel[:, real].sum(axis=(0, 1))
             count += sel.shape[0] * real.sum()
+            if group:
+                in_group += (sel[:, real][..., group].max(axis=-1)).sum()
         shares = {n: float(v / max(count, 1.0)) for n, v in zip(config.names, picked)}
         out[dom] = {"picked": shares, "own": shares.get(dom), "tokens": int(count // config.n_layers)}
+        if group:
+            out[dom]["group"] = float(in_group / max(count, 1.0))
     return out
 
 
@@ -934,7 +951,8 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
               json_out: str | os.PathLike | None = None, table_out: str | os.PathLike | None = None,
               plot_out: str | os.PathLike | None = None, update: bool = True, progress: bool = True,
               log: Callable[[str], None] | None = print, max_tokens: int | None = None,
-              sample_seed: int = 0, routing_stats: Mapping | None = None) -> dict[str, dict]:
+              sample_seed: int = 0, routing: str | None = None,
+              routing_stats: Mapping | None = None) -> dict[str, dict]:
     """What ``flexmoe eval`` runs: evaluate models, write JSON / markdown / PNG, print the table.
 
     ``models``: one checkpoint path (plain or merged checkpoint, or a run directory), a list of
@@ -944,8 +962,8 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
     (default :func:`default_name`, e.g. ``merged_minus_code``). With ``update`` an existing
     ``json_out`` keeps its other models' results (the demo adds models one call at a time);
     the table and plot then show every model in the file. ``max_tokens`` / ``sample_seed``: each
-    domain's evaluation sample (:func:`perplexity`). ``routing_stats``: domain routing
-    (:mod:`flexmoe_jax.routing`) for every model loaded here. The per-document scores stay out of ``json_out``;
+    domain's evaluation sample (:func:`perplexity`). ``routing`` / ``routing_stats``: the routing
+    mode of every model loaded here (:class:`ModelScorer`). The per-document scores stay out of ``json_out``;
     they go to :func:`docs_path` of it (what paired bootstrap comparisons read). Returns
     ``{name: results}`` of this call, per-document scores included.
     """
@@ -978,10 +996,11 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
         if isinstance(m, Scorer):
             scorer = m
         elif isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], ModelConfig):
-            scorer = ModelScorer(*_select(m, include, exclude, top_k), name=name, routing_stats=routing_stats)
+            scorer = ModelScorer(*_select(m, include, exclude, top_k), name=name, routing=routing,
+                                 routing_stats=routing_stats)
         else:
             scorer = ModelScorer.from_checkpoint(m, include=include, exclude=exclude, top_k=top_k, name=name,
-                                                 routing_stats=routing_stats)
+                                                 routing=routing, routing_stats=routing_stats)
         new[name] = evaluate(scorer, data_dir, task_names, split, seq_len, batch_size, mc_items_per_domain,
                              mc_choices, progress=progress, max_tokens=max_tokens, sample_seed=sample_seed)
     everything = {**prior, **{n: strip_per_doc(r) for n, r in new.items()}}

@@ -56,7 +56,9 @@ def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, name: str,
 
 def fingerprint(config: ModelConfig, params: model.Params) -> str:
     """sha256 of the config and every parameter's path, dtype, shape and bytes."""
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    desc = config.to_dict()
+    desc.pop("routing")  # how a merged model picks experts at inference, not what the anchor is
+    h = hashlib.sha256(json.dumps(desc, sort_keys=True).encode())
     for path, leaf in sorted(optim.flatten(params).items()):
         arr = np.asarray(jax.device_get(leaf))
         h.update(f"{path}|{arr.dtype}|{arr.shape}".encode())

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flexmoe_jax import model
+from flexmoe_jax import routing as routing_lib
 from flexmoe_jax.config import ModelConfig
 
 
@@ -67,10 +68,11 @@ def _pick(logits, key, temperature, top_p, greedy: bool):
     return sample_logits(logits, key, temperature, top_p)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "keep", "max_new_tokens", "greedy", "use_cache"))
-def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature, top_p, eos_id, *,
-                  keep, max_new_tokens: int, greedy: bool, use_cache: bool):
-    """tokens [B, P] left-padded, lengths [B] -> (out [B, N], n_generated [B], gate_sum [B, E], counts [B, E])."""
+@functools.partial(jax.jit, static_argnames=("config", "keep", "max_new_tokens", "greedy", "use_cache", "public"))
+def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature, top_p, eos_id, table=None, *,
+                  keep, max_new_tokens: int, greedy: bool, use_cache: bool, public: int = 0):
+    """tokens [B, P] left-padded, lengths [B] -> (out [B, N], n_generated [B], gate_sum [B, E], counts [B, E]).
+    ``table`` [E, V]: domain routing's unigram log-probs (:mod:`flexmoe_jax.routing`), public slot ``public``."""
     if keep is not None:
         params = model._take_experts(params, keep)
     b, p = tokens.shape
@@ -88,35 +90,47 @@ def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature
         g = jax.lax.dynamic_index_in_dim(aux["gates"], at, axis=2, keepdims=False).astype(jnp.float32)
         return jnp.sum(g, axis=0), jnp.sum(g > 0, axis=0).astype(jnp.int32)
 
+    def domain_bias(dom_sum):  # [B, E] summed log-probs so far -> [B, 1, E]
+        return None if table is None else routing_lib.allowed_bias(jnp.argmax(dom_sum, -1), e, public)[:, None]
+
+    dom0 = jnp.zeros((b, e), jnp.float32)
+    if table is not None:
+        dom0 = jnp.sum(jnp.where(((tokens > 0) & (seg_all[:, :p] > 0))[..., None], table.T[tokens], 0.0), axis=1)
     if use_cache:
         cache = model.init_cache(config, b, m)
-        logits, aux, cache = model.decode_apply(config, params, cache, tokens, pos_all[:, :p], seg_all[:, :p])
+        bias = None if table is None else routing_lib.route_bias(table, public, tokens, pos_all[:, :p], seg_all[:, :p])
+        logits, aux, cache = model.decode_apply(config, params, cache, tokens, pos_all[:, :p], seg_all[:, :p],
+                                                route_bias=bias)
         state = cache
     else:
         buf = jnp.zeros((b, m), jnp.int32).at[:, :p].set(tokens)
-        logits, aux = model.apply(config, params, buf, pos_all, seg_all)
+        bias = None if table is None else routing_lib.route_bias(table, public, buf, pos_all, seg_all)
+        logits, aux = model.apply(config, params, buf, pos_all, seg_all, route_bias=bias)
         state = buf
     last = logits[:, p - 1]
     g0, c0 = gates_of(aux, p - 1)
     tok0 = _pick(last, jax.random.fold_in(key, 0), temperature, top_p, greedy)
     out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok0)
-    carry = (jnp.int32(1), state, tok0, out, tok0 == eos_id, g0, c0, jnp.ones((b,), jnp.int32))
+    carry = (jnp.int32(1), state, tok0, out, tok0 == eos_id, g0, c0, jnp.ones((b,), jnp.int32), dom0)
 
     def cond(c):
         t, _, _, _, done, *_ = c
         return (t < n) & ~jnp.all(done)
 
     def body(c):
-        t, state, prev, out, done, gsum, cnt, ngen = c
+        t, state, prev, out, done, gsum, cnt, ngen, dom = c
         slot = p + t - 1  # where the previous token goes
+        if table is not None:
+            dom = dom + jnp.where((prev > 0)[:, None], table.T[prev], 0.0)
         if use_cache:
             pos = jax.lax.dynamic_slice_in_dim(pos_all, slot, 1, axis=1)
             logits, aux, state = model.decode_apply(config, params, state, prev[:, None], pos,
-                                                    jnp.ones((b, 1), jnp.int32))
+                                                    jnp.ones((b, 1), jnp.int32), route_bias=domain_bias(dom))
             logits, at = logits[:, 0], 0
         else:
             state = jax.lax.dynamic_update_slice_in_dim(state, prev[:, None], slot, axis=1)
-            logits, aux = model.apply(config, params, state, pos_all, seg_all)
+            bias = None if table is None else routing_lib.route_bias(table, public, state, pos_all, seg_all)
+            logits, aux = model.apply(config, params, state, pos_all, seg_all, route_bias=bias)
             logits, at = jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False), slot
         g, gc = gates_of(aux, at)
         tok = _pick(logits, jax.random.fold_in(key, t), temperature, top_p, greedy)
@@ -125,9 +139,9 @@ def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)
         gsum = gsum + jnp.where(live[:, None], g, 0.0)
         cnt = cnt + jnp.where(live[:, None], gc, 0)
-        return (t + 1, state, tok, out, done | (live & (tok == eos_id)), gsum, cnt, ngen + live)
+        return (t + 1, state, tok, out, done | (live & (tok == eos_id)), gsum, cnt, ngen + live, dom)
 
-    _, _, _, out, _, gsum, cnt, ngen = jax.lax.while_loop(cond, body, carry)
+    _, _, _, out, _, gsum, cnt, ngen, _ = jax.lax.while_loop(cond, body, carry)
     return out, ngen, gsum, cnt
 
 
@@ -155,14 +169,16 @@ def _check_prompts(config: ModelConfig, prompts: Any) -> list[np.ndarray]:
 def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              active_experts: Sequence[str | int] | None = None, top_k: int | None = None,
-             eos_id: int | None = 1, use_cache: bool = True) -> list[dict]:
+             eos_id: int | None = 1, use_cache: bool = True, routing: str | None = None,
+             routing_stats: Mapping | None = None) -> list[dict]:
     """Continue each token prompt; one ``{"tokens": [...], "attribution": {...}}`` per prompt.
 
     ``tokens`` are the generated ids, ending with ``eos_id`` if the row produced
     it (nothing after it); at most ``max_new_tokens``. ``eos_id=None`` never
     stops early. ``active_experts`` / ``top_k`` opt experts out exactly as
     :func:`model.forward` does. See the module docstring for sampling and the
-    attribution record.
+    attribution record. ``routing`` / ``routing_stats``: the routing mode
+    (:func:`flexmoe_jax.routing.resolve`; default the config's own).
     """
     rows = _check_prompts(config, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -178,6 +194,7 @@ def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequen
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     model.check_params(config, params)
     run_config, keep = model._run_config(config, active_experts, top_k)
+    run_config, router = routing_lib.resolve(run_config, routing, routing_stats)
 
     tokens = np.zeros((len(rows), longest), np.int32)  # left padding (pad id 0, segment 0)
     for i, r in enumerate(rows):
@@ -186,8 +203,8 @@ def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequen
     out, ngen, gsum, cnt = _generate_jit(
         run_config, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
         jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p),
-        jnp.int32(-1 if eos_id is None else eos_id),
-        keep=keep, max_new_tokens=int(max_new_tokens), greedy=temperature == 0, use_cache=use_cache)
+        jnp.int32(-1 if eos_id is None else eos_id), None if router is None else router.table,
+        public=0 if router is None else router.public, keep=keep, max_new_tokens=int(max_new_tokens), greedy=temperature == 0, use_cache=use_cache)
     out, ngen, gsum, cnt = (np.asarray(a) for a in jax.device_get((out, ngen, gsum, cnt)))
     excluded = [] if keep is None else [config.names[i] for i in range(config.num_experts) if i not in keep]
     return [{"tokens": [int(x) for x in out[i, :ngen[i]]],

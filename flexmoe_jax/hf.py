@@ -351,6 +351,12 @@ def _check_exportable(config: ModelConfig, params: Params) -> Params:
         # transformers builds nn.Embedding(padding_idx=pad) and fails to load the model.
         raise HFFormatError(f"pad_token_id={config.pad_token_id} is outside the vocab [0, {config.vocab_size}); "
                             "transformers cannot load that. Set pad_token_id to a real token id or None.")
+    if config.is_moe and config.routing != "top_k":
+        raise HFFormatError(f"this model routes with routing={config.routing!r}; HF FlexOlmoForCausalLM routes "
+                            "every token by its own top-k only (no always-on public expert, no document "
+                            "averaging), so the export would compute another model. Export with routing "
+                            "'top_k' (merge without --routing, or config.replace(routing='top_k')), and "
+                            "know that routing modes (domain routing too) do not carry over to transformers.")
     params = jax.tree.map(np.asarray, params)  # one host copy (device arrays are gathered once)
     if config.is_moe and config.expert_bias:
         bias = params["layers"]["moe"]["bias"]

@@ -45,6 +45,15 @@ On-disk layout of a merged model::
       experts/000_public/       Orbax: {"layers": {"moe": {gate [L,1,d,h], up, down [L,1,h,d],
       experts/001_<name>/               router [L,1,d], bias [L,1] (if kept)}}}, one per slot
       ...
+      routing_stats/<name>.npz  optional: each expert's token counts for domain routing
+                                (flexmoe_jax.routing), sha256 in the manifest
+
+Routing stats. Domain routing needs every active expert's token counts. Merge
+carries them: an owner's ``routing_stats.npz`` (written by ``train-expert`` in
+its run directory, or next to / inside its deliverable) and the public one (the
+anchor directory's, or ``routing_stats={"public": FILE}``) are copied under the
+expert's merged name; :func:`read_routing_stats` returns the kept experts', so
+opt-out drops an expert's counts with its arrays.
 
 One array directory per expert is what makes opt-out at load cheap and
 verifiable: :func:`load` with ``exclude`` never opens an excluded expert's
@@ -74,7 +83,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -85,6 +94,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 EXPERTS_DIR = "experts"
+STATS_DIR = "routing_stats"
 MERGED_FORMAT = "flexmoe_jax.merged"
 FFN_LEAVES = ("gate", "up", "down")
 # Fields that must agree between the anchor and every expert for their tensors to fit together.
@@ -475,7 +485,8 @@ def _ffn_as_configured(config: ModelConfig, params: model.Params) -> bool:
 
 def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts: Sequence[str | os.PathLike],
           out: str | os.PathLike, *, top_k: int | None = None, names: Sequence[str] | None = None,
-          keep_bias: bool = True, public_router: Any = None, progress: bool = False) -> Path:
+          keep_bias: bool = True, public_router: Any = None, progress: bool = False,
+          routing_stats: Mapping[str, str | os.PathLike] | None = None, routing: str = "top_k") -> Path:
     """Merge experts trained against ``anchor`` into one MoE at ``out``; returns its absolute path.
 
     ``anchor``: the dense public checkpoint (or an in-memory ``(config, params)``).
@@ -489,7 +500,9 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
     docstring. Names, paths and configs are checked before any array is read,
     arrays as they are read (the fingerprint before any expert is written);
     ``out`` appears, complete, only if every check passed, and nothing is left
-    behind otherwise.
+    behind otherwise. ``routing_stats``: ``{merged name or "public": FILE}`` overriding the routing
+    stats found next to each input (see the module docstring). ``routing``: the merged config's
+    default routing mode (``ModelConfig.routing``).
     """
     from tqdm import tqdm
 
@@ -523,6 +536,7 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
                              "names must be unique: rename one with names=[...] (CLI --names)")
         by_name[inp.name] = inp
     _check_out(out_path, anchor, inputs, public_router)
+    stats_files = _stats_files(anchor, inputs, routing_stats)
     if isinstance(anchor, tuple):
         anchor_config, anchor_params = anchor
         anchor_desc: dict[str, Any] = {"path": None}
@@ -550,7 +564,8 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
         raise MergeError(f"top_k={top_k} must be between 1 and the {n_experts} merged experts")
     with_bias = keep_bias and any(inp.config.expert_bias for inp in inputs)
     config = anchor_config.replace(num_experts=n_experts, top_k=top_k, norm_topk_prob=norm.pop(),
-                                   expert_names=("public", *(inp.name for inp in inputs)), expert_bias=with_bias)
+                                   expert_names=("public", *(inp.name for inp in inputs)), expert_bias=with_bias,
+                                   routing=routing)
     L, d = anchor_config.n_layers, anchor_config.d_model
 
     # 2. The anchor (read once) and the public router row.
@@ -694,6 +709,9 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
                        "checksums": {k: v for k, v in anchor_sums.items() if not k.startswith("layers/mlp/")}},
             "experts": entries,
         }
+        for entry in entries:
+            if entry["name"] in stats_files:
+                entry["routing_stats"] = _copy_stats(stats_files[entry["name"]], entry["name"], tmp, config)
         (tmp / checkpoint.CONFIG_NAME).write_text(config.to_json() + "\n")
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         t = time.perf_counter()
@@ -701,6 +719,84 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
     log.info("merged %s in phases (s): %s", out_path, {k: round(v, 2) for k, v in timings.items()})
     bar.close()
     return out_path
+
+
+def _stats_files(anchor: Any, inputs: list[_Input], given: Mapping | None) -> dict[str, tuple[Path, set | None]]:
+    """{merged name: (routing-stats file, the names it may carry or None)} for every slot that has one:
+    given, or found beside the input (then it must be that expert's own, by name)."""
+    from flexmoe_jax import routing
+
+    given = dict(given or {})
+    unknown = set(given) - {"public", *(i.name for i in inputs)}
+    if unknown:
+        raise MergeError(f"routing_stats for {sorted(unknown)}, which are not among the merged experts "
+                         f"{['public', *(i.name for i in inputs)]}")
+    found: dict[str, tuple[Path, set | None]] = {}
+    places = {"public": ([] if isinstance(anchor, tuple) else [Path(os.fspath(anchor))], {"public"})}
+    for inp in inputs:
+        own = {inp.name, str(inp.manifest.get("name") or inp.config.names[-1])}
+        places[inp.name] = ([Path(os.path.abspath(inp.arg)), inp.path, inp.path.parent], own)
+    for name, (dirs, own) in places.items():
+        if name in given:
+            f = Path(os.fspath(given[name]))
+            if not f.is_file():
+                raise FileNotFoundError(f"routing stats for {name!r}: no such file {f}; write it with "
+                                        "`flexmoe routing-stats`")
+            found[name] = (f, None)
+            continue
+        for d in dirs:
+            if (d / routing.STATS_FILE).is_file():
+                found[name] = (d / routing.STATS_FILE, own)
+                break
+    return found
+
+
+def _copy_stats(src: tuple[Path, set | None], name: str, tmp: Path, config: ModelConfig) -> dict:
+    """Copy one expert's routing stats into the merged model under its merged name; its manifest entry."""
+    import hashlib
+
+    from flexmoe_jax import routing
+
+    path, own = src
+    stats = routing.Stats.load(path)
+    if own is not None and stats.name not in own:
+        raise MergeError(f"{path}, found beside expert {name!r}, holds the routing stats of {stats.name!r}; pass "
+                         f"the right file with routing_stats={{{name!r}: FILE}} (CLI --routing_stats {name}=FILE)")
+    if stats.counts.shape[0] > config.vocab_size:
+        raise MergeError(f"routing stats {path} for {name!r} count {stats.counts.shape[0]} token ids, more than "
+                         f"the anchor's vocabulary ({config.vocab_size}): count with the anchor's tokenizer")
+    rel = f"{STATS_DIR}/{name}.npz"
+    routing.Stats(name, stats.counts, stats.source).save(tmp / rel)
+    return {"file": rel, "sha256": hashlib.sha256((tmp / rel).read_bytes()).hexdigest(), "tokens": stats.tokens,
+            "source": stats.source, "copied_from": str(path)}
+
+
+def read_routing_stats(path: str | os.PathLike, names: Sequence[str]) -> dict:
+    """The routing stats a merged model carries for the experts ``names`` (those it has), each checked
+    against its sha256; ``{}`` for any other checkpoint."""
+    import hashlib
+
+    from flexmoe_jax import routing
+
+    d = checkpoint._checkpoint_dir(path)
+    if checkpoint.kind(d) != checkpoint.MERGED_KIND:
+        return {}
+    out = {}
+    for e in read_manifest(d)["experts"]:
+        rs = e.get("routing_stats")
+        if e.get("name") not in names or not rs:
+            continue
+        f = d / rs["file"]
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
+            raise checkpoint.CheckpointError(f"{d}: routing stats of expert {e['name']!r} ({rs['file']}) are "
+                                             "missing; the checkpoint is damaged (re-copy it)") from None
+        if hashlib.sha256(data).hexdigest() != rs.get("sha256"):
+            raise checkpoint.CheckpointError(f"{d}: routing stats of expert {e['name']!r} ({rs['file']}) do not "
+                                             "match their recorded sha256; the checkpoint is damaged (re-copy it)")
+        out[e["name"]] = routing.Stats.load(f)
+    return out
 
 
 # ----------------------------------------------------------------------------

@@ -155,7 +155,7 @@ class DenseFFN(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x, route_bias=None):
+    def __call__(self, x, route_bias=None, positions=None, segment_ids=None):
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.init_std)
@@ -168,12 +168,18 @@ class DenseFFN(nn.Module):
 
 
 class MoEFFN(nn.Module):
-    """FlexOlmo's mixture of SwiGLU experts with a linear router."""
+    """FlexOlmo's mixture of SwiGLU experts with a linear router.
+
+    ``config.routing`` ``document_*``: each token is routed on its layer's router logits averaged
+    over its segment so far (``positions``/``segment_ids``); decoding keeps the running sum in the
+    cache (``route_sum``, one document per row, as :mod:`flexmoe_jax.generate` feeds it).
+    """
     config: ModelConfig
     mesh: Mesh | None = None
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x, route_bias=None):
+    def __call__(self, x, route_bias=None, positions=None, segment_ids=None):
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.init_std)
@@ -187,8 +193,13 @@ class MoEFFN(nn.Module):
             self._slots("down", init, (e, h, d), ("expert", "mlp", "embed"), pdt)))
         b, s, _ = x.shape
         flat = x.reshape(b * s, d)
+        logits = None
+        if c.routing.startswith("document_"):
+            logits = self._document_logits(moe_lib.router_logits(flat, router, bias).reshape(b, s, e),
+                                           positions, segment_ids).reshape(b * s, e)
+        always = c.names.index("public") if c.routing.endswith("public_plus") else None
         routing = moe_lib.route(flat, router, bias, c.top_k, c.norm_topk_prob,
-                                None if route_bias is None else route_bias.reshape(b * s, e))
+                                None if route_bias is None else route_bias.reshape(b * s, e), always, logits)
         if self.mesh is not None and self.mesh.size > 1:  # expert-parallel: each device runs its own experts
             y = moe_lib.dispatch_sharded(flat, routing, experts, self.mesh, c.moe_impl, c.moe_block_size)
         else:
@@ -198,6 +209,17 @@ class MoEFFN(nn.Module):
             "gates": moe_lib.gate_matrix(routing, e).reshape(b, s, e),
         }
         return y.reshape(b, s, d), aux
+
+    def _document_logits(self, logits, positions, segment_ids):
+        """[B, S, E] -> each token's logits averaged over its segment up to and including it."""
+        if positions is None or segment_ids is None:
+            raise ValueError(f"routing={self.config.routing!r} needs positions and segment_ids")
+        summed = moe_lib.segment_cumsum(logits, positions, segment_ids)
+        if self.decode:  # add what earlier calls saw (the row is one segment)
+            run = self.variable("cache", "route_sum", jnp.zeros, logits.shape[:1] + logits.shape[2:], jnp.float32)
+            summed = summed + run.value[:, None]
+            run.value = summed[:, -1]
+        return summed / (jnp.maximum(positions, 0) + 1).astype(jnp.float32)[..., None]
 
     def _slots(self, name, init, shape, axes, dtype) -> list[jax.Array]:
         """An expert-stacked parameter: whole, or as ``name#slot`` pieces in slot order.
@@ -221,7 +243,7 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, route_bias=None, cache_index=None):
+    def __call__(self, x, rope_cs, mask, route_bias=None, positions=None, segment_ids=None, cache_index=None):
         c = self.config
         pdt = jnp.dtype(c.param_dtype)
         ones = nn.initializers.ones
@@ -230,8 +252,8 @@ class Block(nn.Module):
         attn = Attention(c, self.mesh, self.decode, name="attn")
         x = x + rms_norm(attn(x, rope_cs, mask, cache_index), attn_norm, c.rms_eps)
         self.sow("intermediates", "ffn_input", x)  # what the router reads; free unless asked for
-        ffn = MoEFFN(c, self.mesh, name="moe") if c.is_moe else DenseFFN(c, self.mesh, name="mlp")
-        y, aux = ffn(x, route_bias)
+        ffn = MoEFFN(c, self.mesh, self.decode, name="moe") if c.is_moe else DenseFFN(c, self.mesh, name="mlp")
+        y, aux = ffn(x, route_bias, positions, segment_ids)
         x = x + rms_norm(y, ffn_norm, c.rms_eps)
         return constrain(x, ("batch", "length", "act_embed"), self.mesh), aux
 
@@ -285,16 +307,17 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
         if self.decode:  # per-layer KV cache stacked on the layer axis like the params; no remat (no gradients)
             stack = nn.scan(Block, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
-                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4, length=c.n_layers,
+                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 6, length=c.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             rope_cs = rope_tables(positions, c.head_size, c.rope_theta)
-            x, aux = stack(c, self.mesh, True, name="layers")(x, rope_cs, mask, route_bias, start)
+            x, aux = stack(c, self.mesh, True, name="layers")(x, rope_cs, mask, route_bias, positions, segment_ids,
+                                                              start)
         else:
             stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast,) * 3, length=c.n_layers,
+                            in_axes=(nn.broadcast,) * 5, length=c.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             rope_cs = rope_tables(positions, c.head_size, c.rope_theta)
-            x, aux = stack(c, self.mesh, name="layers")(x, rope_cs, mask, route_bias)
+            x, aux = stack(c, self.mesh, name="layers")(x, rope_cs, mask, route_bias, positions, segment_ids)
 
         final_norm = _param(self, "final_norm", nn.initializers.ones, (c.d_model,), ("norm",), pdt)
         lm_head = _param(self, "lm_head", init, (c.d_model, c.vocab_size), ("embed", "vocab"), pdt)
@@ -548,13 +571,16 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"a cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
     kv = jnp.zeros((config.n_layers, batch, max_len, config.kv_heads, config.head_size), jnp.dtype(config.dtype))
-    return {"index": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-            "layers": {"attn": {"key": kv, "value": kv}}}
+    cache = {"index": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+             "layers": {"attn": {"key": kv, "value": kv}}}
+    if config.is_moe and config.routing.startswith("document_"):  # running sums of the router logits
+        cache["layers"]["moe"] = {"route_sum": jnp.zeros((config.n_layers, batch, config.num_experts), jnp.float32)}
+    return cache
 
 
 def decode_apply(config: ModelConfig, params: Params, cache: Cache, tokens: jax.Array,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, route_bias: jax.Array | None = None):
     """The traceable cached model: (logits [B, S, V] fp32, aux, new cache). Use inside your own jit.
 
     ``tokens`` [B, S] are written at slots ``[cache["index"], cache["index"] + S)``:
@@ -568,7 +594,7 @@ def decode_apply(config: ModelConfig, params: Params, cache: Cache, tokens: jax.
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens)
     (logits, aux), state = Transformer(config, mesh, decode=True).apply(
-        {"params": params, "cache": cache}, tokens, positions, segment_ids, mutable=["cache"])
+        {"params": params, "cache": cache}, tokens, positions, segment_ids, route_bias, mutable=["cache"])
     return logits, aux, state["cache"]
 
 

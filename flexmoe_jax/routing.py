@@ -1,6 +1,11 @@
 """Routing modes: which experts each token of a merged model uses.
 
 - ``top_k`` (the reference): every layer's trained router rows pick each token's top-k experts.
+- ``public_plus``: the public expert always, plus the top-(k-1) others by the trained rows: the only
+  pairs any owner trained with (:func:`flexmoe_jax.moe.route`'s ``always``).
+- ``document_top_k`` / ``document_public_plus``: the same on each layer's router logits averaged
+  over the document so far (:class:`flexmoe_jax.model.MoEFFN`). These four are ``ModelConfig.routing``
+  values: a merged model's config says its default, ``eval``/``generate`` override it.
 - ``domain`` (beyond the paper; c-BTM's idea, Gururangan et al. 2023, with a unigram model as the
   space): every expert comes with the token counts of the data it was trained on (:class:`Stats`,
   written by its owner with ``flexmoe routing-stats``; the public slot's from the public data).
@@ -31,7 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("top_k", "domain")
+from flexmoe_jax.config import ROUTINGS, ModelConfig
+
+MODES = (*ROUTINGS, "domain")
 STATS_FILE = "routing_stats.npz"  # what `flexmoe train-expert` writes next to its expert
 PUBLIC = "public"
 ALPHA = 0.5  # add-half (Jeffreys) smoothing of the unigram counts
@@ -122,21 +129,23 @@ def domain_of(table: jax.Array, inputs: jax.Array, positions: jax.Array, segment
     """[B, S] int32: the expert whose unigram model (``table`` [E, V] log-probs) best explains each
     token's segment so far (``inputs`` [B, S]; ``positions`` restart at 0 with each segment; padding
     and the BOS id 0 count for nothing)."""
-    ll = jnp.where((inputs > 0)[..., None] & (segment_ids > 0)[..., None], table.T[inputs], 0.0)  # [B, S, E]
-    cum = jnp.cumsum(ll, axis=1)
-    start = jnp.arange(inputs.shape[1])[None, :] - positions  # first slot of each token's segment
-    before = jnp.take_along_axis(cum, jnp.maximum(start - 1, 0)[..., None], axis=1)
-    return jnp.argmax(cum - jnp.where((start > 0)[..., None], before, 0.0), axis=-1).astype(jnp.int32)
+    from flexmoe_jax.moe import segment_cumsum
+
+    ll = jnp.where((inputs > 0)[..., None], table.T[inputs], 0.0)  # [B, S, E]
+    return jnp.argmax(segment_cumsum(ll, positions, segment_ids), axis=-1).astype(jnp.int32)
+
+
+def allowed_bias(domain: jax.Array, num_experts: int, public: int) -> jax.Array:
+    """[..., E] router-logit bias: 0 for the public expert and ``domain`` [...], -1e9 (weight exactly 0)
+    for every other expert."""
+    e = jnp.arange(num_experts)
+    return jnp.where((e == public) | (e == domain[..., None]), 0.0, _OFF).astype(jnp.float32)
 
 
 def route_bias(table: jax.Array, public: int, inputs: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> jax.Array:
-    """[B, S, E] router-logit bias of domain routing: 0 for the public expert and the token's domain,
-    -1e9 (weight exactly 0) for every other expert."""
-    e = table.shape[0]
-    dom = domain_of(table, inputs, positions, segment_ids)
-    allowed = (jnp.arange(e) == public) | (jnp.arange(e) == dom[..., None])
-    return jnp.where(allowed, 0.0, _OFF).astype(jnp.float32)
+    """[B, S, E] router-logit bias of domain routing (:func:`allowed_bias` of :func:`domain_of`)."""
+    return allowed_bias(domain_of(table, inputs, positions, segment_ids), table.shape[0], public)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,3 +179,27 @@ def load_stats(paths: Sequence[str | os.PathLike]) -> dict[str, Stats]:
             raise ValueError(f"two routing-stats files for expert {s.name!r}: give one per expert")
         out[s.name] = s
     return out
+
+
+def resolve(config: ModelConfig, mode: str | None = None, stats: Mapping[str, Stats] | None = None,
+            what: str = "the model") -> tuple[ModelConfig, DomainRouter | None]:
+    """The config a model runs with under routing ``mode`` and, for ``domain``, its router.
+
+    ``mode`` None keeps the config's own routing (or ``domain`` when ``stats`` are given); a model-side
+    mode sets ``config.routing``; ``domain`` runs the trained rows top-k inside each token's allowed
+    pair (:func:`route_bias`) and needs ``stats`` for every active expert."""
+    if mode is None:
+        mode = "domain" if stats is not None else config.routing
+    if mode not in MODES:
+        raise ValueError(f"routing must be one of {MODES}, got {mode!r}")
+    if mode != "top_k" and not config.is_moe:
+        raise ValueError(f"routing {mode!r} needs an MoE model; {what} is dense (num_experts=0)")
+    if mode != "domain":
+        if stats is not None:
+            raise ValueError(f"routing stats are for routing 'domain', not {mode!r}")
+        return (config.replace(routing=mode) if config.is_moe else config), None
+    if stats is None:
+        raise ValueError(f"domain routing of {what} needs routing stats for its experts {list(config.names)}: "
+                         "merge with them (flexmoe merge finds each expert's routing_stats.npz) or pass "
+                         "--routing_stats (flexmoe routing-stats writes them)")
+    return config.replace(routing="top_k"), DomainRouter.build(stats, config.names, config.vocab_size)

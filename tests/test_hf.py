@@ -218,6 +218,9 @@ def test_expert_bias_zero_dropped_nonzero_refused(tmp_path):
     _assert_same_tree(params2, {**params, "layers": {**params["layers"], "moe": moe}})
 
     params["layers"]["moe"]["bias"][1, 2] = -0.25
+    with pytest.raises(hf.HFFormatError, match="routing='public_plus'.*transformers"):
+        hf.to_hf(config.replace(routing="public_plus"), params, tmp_path / "modes")
+    assert not (tmp_path / "modes").exists()
     with pytest.raises(hf.HFFormatError, match="nonzero learned expert bias"):
         hf.to_hf(config, params, tmp_path / "bad")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]  # nothing half-written

@@ -424,3 +424,75 @@ def test_cli_merge_and_info(world, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("flexmoe merge: error: expert") and "no such directory" in err and "\n" not in err
     assert not (tmp_path / "o2").exists()
+
+
+# ----------------------------------------------------------------------------
+# Routing stats carried by the merged model; routing modes stay exact under opt-out
+# ----------------------------------------------------------------------------
+
+def _write_stats(world):
+    """Each owner's routing_stats.npz in its run directory (where train-expert writes it), the public one
+    beside the anchor (an anchor kit's place); token v is likeliest under expert (v % 4)."""
+    from flexmoe_jax import routing
+
+    for i, n in enumerate(("public", *NAMES)):
+        counts = np.ones(CFG.vocab_size, np.int64)
+        counts[i::4] += 500
+        where = world.anchor_path if n == "public" else world.root / n
+        routing.Stats(n, counts, {"task": n}).save(where / routing.STATS_FILE)
+
+
+@pytest.fixture(scope="module")
+def merged_with_stats(world, tmp_path_factory):
+    """Merges of (a, b, c) and of (a, b) from run directories that hold routing stats."""
+    root = tmp_path_factory.mktemp("with_stats")
+    _write_stats(world)
+    return tuple(merge.merge(world.anchor_path, [world.root / n for n in names], root / "".join(names),
+                             public_router=world.public_row) for names in (NAMES, ("a", "b")))
+
+
+@pytest.mark.parametrize("mode", ["top_k", "public_plus", "document_top_k", "document_public_plus", "domain"])
+def test_opt_out_is_exact_in_every_routing_mode(merged_with_stats, mode):
+    """--exclude c equals the merge without c, bit for bit, whatever the routing; the stats travel."""
+    from flexmoe_jax import eval as eval_lib
+
+    abc, ab = merged_with_stats
+    assert sorted(merge.read_routing_stats(abc, ("public", *NAMES))) == ["a", "b", "c", "public"]
+    tokens = np.asarray(TOKENS)
+    batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, 1),
+             "decoder_positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape),
+             "decoder_segment_ids": np.ones_like(tokens)}
+    got = eval_lib.ModelScorer.from_checkpoint(abc, exclude=["c"], routing=mode).logprobs(batch)
+    want = eval_lib.ModelScorer.from_checkpoint(ab, routing=mode).logprobs(batch)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    full = eval_lib.ModelScorer.from_checkpoint(abc, routing=mode).logprobs(batch)
+    assert not np.array_equal(np.asarray(full), np.asarray(want))  # c did take part
+
+
+def test_merge_finds_checks_and_verifies_routing_stats(world, tmp_path):
+    from flexmoe_jax import routing
+
+    _write_stats(world)
+    # A file beside an expert that belongs to another expert is refused, naming the fix.
+    stray = tmp_path / "stray"
+    shutil.copytree(world.root / "a", stray)
+    shutil.copy(world.root / "b" / routing.STATS_FILE, stray / routing.STATS_FILE)
+    with pytest.raises(merge.MergeError, match="holds the routing stats of 'b'.*--routing_stats"):
+        merge.merge(world.anchor_path, [stray], tmp_path / "m", public_router=world.public_row)
+    assert not (tmp_path / "m").exists()
+    # Given explicitly it is taken under the merged name; routing sets the config's default.
+    out = merge.merge(world.anchor_path, [stray], tmp_path / "m", public_router=world.public_row,
+                      routing_stats={"a": world.root / "b" / routing.STATS_FILE}, routing="public_plus")
+    assert checkpoint.load_config(out).routing == "public_plus"
+    stats = merge.read_routing_stats(out, ("public", "a"))
+    assert stats["a"].name == "a" and np.array_equal(stats["a"].counts, routing.Stats.load(
+        world.root / "b" / routing.STATS_FILE).counts)
+    entry = merge.read_manifest(out)["experts"][1]["routing_stats"]
+    assert entry["tokens"] == stats["a"].tokens and entry["copied_from"].endswith("b/" + routing.STATS_FILE)
+    # Damage is caught by the recorded sha256.
+    f = out / entry["file"]
+    f.write_bytes(f.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(checkpoint.CheckpointError, match="routing stats of expert 'a'.*sha256.*re-copy"):
+        merge.read_routing_stats(out, ("public", "a"))
+    with pytest.raises(merge.MergeError, match="not among the merged experts"):
+        merge.merge(world.anchor_path, [world.root / "a"], tmp_path / "m2", routing_stats={"zz": f})

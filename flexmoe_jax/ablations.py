@@ -1,0 +1,174 @@
+"""Routing ablations: which router init, bias and routing mode let experts trained apart compose.
+
+The paper ablates the router init (its Table 3) and the bias (Table 1) and routes top-k only. This
+runs those ablations at mini scale on a finished demo work directory, and measures every routing
+mode of :mod:`flexmoe_jax.routing` on each expert set, the same way for every row:
+
+- the closed-domain average bits per byte and the share of the routing gap closed: (FlexOlmo - row)
+  / (FlexOlmo - oracle), where FlexOlmo is the demo's default merged model routed top-k and the
+  oracle scores each domain with its own owner's 2-expert model (the merged model routed perfectly);
+- per owner, the share of its gain over the public model the row keeps on its domain;
+- per domain, the share of its tokens for which its own expert is active (and, for code, code or
+  techdocs: Python's docs are full of code), and the share of public tokens the public expert serves;
+- public bits per byte against the public model.
+
+Expert sets are trained exactly as the demo trains its owners (each in its own process on its own
+data), with one gin change each (:data:`EXPERT_SETS`). ``flexmoe demo --ablations`` runs the demo,
+then this; results go to ``WORKDIR/results/ablations.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flexmoe_jax import demo as demo_lib
+
+# Expert set -> the gin bindings of its owners' train-expert runs ("" is the demo's own experts).
+EXPERT_SETS = {
+    "": (),
+    "init_minilm": ('RunConfig.router_init="minilm"',),
+    "init_random": ('RunConfig.router_init="random"',),
+    "init_zeros": ('RunConfig.router_init="zeros"',),
+    "replay": (),  # the demo's public-replay experts (RunConfig.public_replay)
+}
+SET_LABELS = {"": "router init hidden (default)", "init_minilm": "router init minilm (sentence embedder)",
+              "init_random": "router init random", "init_zeros": "router init zeros",
+              "replay": "hidden + public replay"}
+MODES = ("top_k", "public_plus", "document_top_k", "document_public_plus", "domain")
+# (expert set, keep the learned bias, routing modes)
+ROWS = [("", True, MODES), ("", False, ("top_k", "public_plus", "domain")),
+        ("init_minilm", True, ("top_k", "public_plus", "document_public_plus", "domain")),
+        ("init_random", True, ("top_k", "public_plus", "document_public_plus", "domain")),
+        ("init_zeros", True, ("top_k", "public_plus", "document_public_plus", "domain")),
+        ("replay", True, ("top_k", "public_plus", "document_public_plus", "domain"))]
+GROUPS = {"code": ("code", "techdocs"), "techdocs": ("code", "techdocs")}
+
+
+def row_name(expert_set: str, keep_bias: bool, mode: str) -> str:
+    return "/".join([expert_set or "hidden", "bias" if keep_bias else "nobias", mode])
+
+
+def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS) -> dict:
+    """Train the missing expert sets, merge, evaluate every row; write and return the summary."""
+    from flexmoe_jax import data, merge
+
+    w = demo_lib.Workdir(workdir, demo_lib.QUICK if quick else demo_lib.FULL)
+    base = demo_lib._results(w)
+    domains = [d for d in data.CLOSED_DOMAINS if f"expert_{d}" in base]
+    if "flexolmo" not in base or not domains:
+        raise ValueError(f"{w.root} holds no finished demo (results/results.json lacks flexolmo or the "
+                         "owners' experts): run `flexmoe demo` there first (or `flexmoe demo --ablations`)")
+    anchor = w.root / "anchor" / "model"
+    sets = sorted({r[0] for r in rows})
+    with demo_lib._Phase(w, "ablation_experts"):
+        jobs = [(d, v) for v in sets for d in domains]
+        trained = demo_lib.train_experts(w, anchor, jobs, parallel, binds=EXPERT_SETS)
+    models = {}
+    with demo_lib._Phase(w, "ablation_merge"):
+        for v, keep_bias, modes in rows:
+            name = "merged" + (f"_{v}" if v else "") + ("" if keep_bias else "_nobias")
+            merged = demo_lib.merge_experts(w, anchor, {d: trained[d, v] for d in domains}, keep_bias=keep_bias,
+                                            name=name)
+            for m in modes:
+                models[row_name(v, keep_bias, m)] = {"model": merged, "routing": m}
+                if m == "domain" and not merge.read_routing_stats(merged, ("public", *domains)):
+                    # merged before merges carried routing stats: the same files, given directly
+                    models[row_name(v, keep_bias, m)]["routing_stats"] = demo_lib.routing_stats(
+                        w, {d: trained[d, v] for d in domains})
+    with demo_lib._Phase(w, "ablation_eval"):
+        results = demo_lib.evaluate_all(w, models, json_name="ablations_results.json")
+    with demo_lib._Phase(w, "ablation_routing"):
+        routes = demo_lib.routing_all(w, models, json_name="ablations_routing.json", groups=GROUPS)
+    summary = summarize(base, results, routes, domains, list(models))
+    write(w.results, summary)
+    return summary
+
+
+def summarize(base: dict, results: dict, routes: dict, domains: list[str], names: list[str]) -> dict:
+    """Every row's measures (see the module docstring) from the demo's and the ablation's results."""
+    def bpb(r, d):
+        return r[d]["bpb"]
+
+    def avg(r):
+        return sum(bpb(r, d) for d in domains) / len(domains)
+
+    public, flex = base["public"], base["flexolmo"]
+    oracle = {d: bpb(base[f"expert_{d}"], d) for d in domains}
+    oracle_avg = sum(oracle.values()) / len(domains)
+    rows = {}
+    for n in names:
+        r, rt = results[n], routes.get(n, {})
+        rows[n] = {
+            "average_bpb": avg(r),
+            "gap_closed": (avg(flex) - avg(r)) / (avg(flex) - oracle_avg),
+            "public_bpb": bpb(r, "public"),
+            "public_vs_public_model": bpb(r, "public") / bpb(public, "public") - 1,
+            "gain_kept": {d: (bpb(public, d) - bpb(r, d)) / (bpb(public, d) - oracle[d]) for d in domains},
+            "own_share": {d: rt[d]["own"] for d in domains if d in rt},
+            "code_or_techdocs": rt.get("code", {}).get("group"),
+            "public_share_of_public": rt.get("public", {}).get("picked", {}).get("public"),
+            "bpb": {d: bpb(r, d) for d in [*domains, "public"]},
+        }
+    return {"reference": {"flexolmo_top_k": avg(flex), "oracle": oracle_avg, "public_model_public": bpb(public, "public"),
+                          "btm": avg(base["btm"]) if "btm" in base else None,
+                          "soup": avg(base["soup"]) if "soup" in base else None},
+            "domains": domains, "rows": rows}
+
+
+def table(summary: dict) -> str:
+    """Markdown: one line per row."""
+    doms = summary["domains"]
+    head = ("| expert set / bias / routing | avg bpb | gap closed | public vs public model | min gain kept | "
+            "own share (" + ", ".join(doms) + ") | code or techdocs | public->public |")
+    lines = [head, "|" + "---|" * 8]
+    for n, r in summary["rows"].items():
+        own = ", ".join(f"{r['own_share'][d]:.0%}" for d in doms if d in r["own_share"])
+        ct = "-" if r["code_or_techdocs"] is None else f"{r['code_or_techdocs']:.0%}"
+        pp = "-" if r["public_share_of_public"] is None else f"{r['public_share_of_public']:.0%}"
+        lines.append(f"| {n} | {r['average_bpb']:.4f} | {r['gap_closed']:.0%} | {r['public_vs_public_model']:+.1%} | "
+                     f"{min(r['gain_kept'].values()):.0%} | {own} | {ct} | {pp} |")
+    ref = summary["reference"]
+    lines.append("")
+    lines.append(f"Reference (closed-domain average bpb): FlexOlmo top-k {ref['flexolmo_top_k']:.4f}, oracle "
+                 f"(each owner's own model) {ref['oracle']:.4f}"
+                 + (f", BTM {ref['btm']:.4f}" if ref["btm"] else "") + (f", soup {ref['soup']:.4f}" if ref["soup"] else "")
+                 + f"; public model on public {ref['public_model_public']:.4f}.")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out: Path) -> None:
+    """Gap closed and the smallest own-expert share, per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["rows"])
+    rows = [summary["rows"][n] for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.32 * len(names) + 1.5), sharey=True)
+    y = range(len(names))
+    axes[0].barh(y, [r["gap_closed"] for r in rows], color="tab:blue")
+    axes[0].axvline(0.8, color="k", ls="--", lw=0.8)
+    axes[0].set_xlabel("share of the routing gap closed (target 0.8)")
+    axes[1].barh(y, [min(r["own_share"].values()) if r["own_share"] else 0 for r in rows], color="tab:orange")
+    axes[1].axvline(0.8, color="k", ls="--", lw=0.8)
+    axes[1].set_xlabel("smallest own-expert share over the closed domains (target 0.8)")
+    axes[0].set_yticks(list(y), names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write(results_dir: Path, summary: dict) -> None:
+    demo_lib._write_json(results_dir / "ablations.json", summary)
+    (results_dir / "ablations.md").write_text(table(summary) + "\n")
+    plot(summary, results_dir / "ablations.png")
+
+
+def main(workdir, quick: bool = False, parallel: int = 2) -> None:
+    t0 = time.perf_counter()
+    summary = run(workdir, quick=quick, parallel=parallel)
+    print(table(summary))
+    print(f"ablations: {time.perf_counter() - t0:.0f} s; results in {Path(workdir) / demo_lib.RESULTS}/ablations.*")
