@@ -54,6 +54,7 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS) -> dict:
     from flexmoe_jax import data, merge
 
     w = demo_lib.Workdir(workdir, demo_lib.QUICK if quick else demo_lib.FULL)
+    demo_lib.compile_cache(w)
     base = demo_lib._results(w)
     domains = [d for d in data.CLOSED_DOMAINS if f"expert_{d}" in base]
     if "flexolmo" not in base or not domains:

@@ -620,6 +620,15 @@ def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
 # The whole demo
 # ----------------------------------------------------------------------------
 
+def compile_cache(w: Workdir) -> None:
+    """One persistent compilation cache per work directory, for this process and the owners' processes."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(w.root / "cache" / "xla"))
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, domains=None) -> dict:
     """Run (or resume) the demo in ``workdir``; returns ``{"results", "findings", "report"}``."""
     from flexmoe_jax import data, eval as eval_lib
@@ -627,11 +636,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     t_start = time.perf_counter()
     w = Workdir(workdir, QUICK if quick else FULL)
     w.claim()
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(w.root / "cache" / "xla"))
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    compile_cache(w)
     domains = list(domains or data.CLOSED_DOMAINS)
 
     with _Phase(w, "data"):

@@ -207,6 +207,9 @@ class MoEFFN(nn.Module):
         aux = {
             "router_z": moe_lib.router_z_loss(routing).reshape(b, s),
             "gates": moe_lib.gate_matrix(routing, e).reshape(b, s, e),
+            # What a routing loss trains: the rows and bias on the residual as it is (no gradient
+            # into the residual, so the loss moves only the router). Unused outputs are pruned by XLA.
+            "router_logits": moe_lib.router_logits(jax.lax.stop_gradient(flat), router, bias).reshape(b, s, e),
         }
         return y.reshape(b, s, d), aux
 

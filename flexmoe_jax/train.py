@@ -7,7 +7,10 @@ jitted with shardings; the loop around it lives in :mod:`flexmoe_jax.trainer`.
 
 Loss = token cross-entropy (padding masked by ``decoder_loss_weights``)
 + ``logit_z_weight`` * logit z-loss + ``router_z_weight`` * router z-loss, the
-reference's recipe (load balancing is off in FlexOlmo).
+reference's recipe (load balancing is off in FlexOlmo), + ``route_weight`` * a
+routing loss when the batch says which expert each token belongs to
+(``route_target``, expert training with public replay): every layer's router
+cross-entropy towards that expert, on the router rows and bias only.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ Batch = dict[str, jax.Array]
 class LossConfig:
     logit_z_weight: float = 1e-5
     router_z_weight: float = 1e-3
+    # Weight of the routing loss (beyond the paper): own text -> own expert, public replay text ->
+    # public expert, so each owner's row learns log-odds of its domain against the shared public row.
+    route_weight: float = 0.0
 
 
 class TrainState(NamedTuple):
@@ -65,6 +71,16 @@ def loss_and_metrics(config: ModelConfig, params: Any, batch: Batch, loss_cfg: L
         metrics["router_z"] = router_z
         metrics["expert_share"] = jnp.sum(chosen * w, axis=(0, 1, 2)) / jnp.maximum(jnp.sum(chosen * w), 1.0)
         metrics["expert_gate"] = jnp.sum(gates * w, axis=(0, 1, 2)) / jnp.maximum(jnp.sum(chosen * w, axis=(0, 1, 2)), 1.0)
+        if "route_target" in batch and loss_cfg.route_weight > 0:
+            logp = jax.nn.log_softmax(aux["router_logits"], axis=-1)  # [L, B, S, E]
+            target = batch["route_target"]
+            picked = jnp.take_along_axis(logp, jnp.broadcast_to(target[None, ..., None], logp.shape[:-1] + (1,)),
+                                         axis=-1)[..., 0]
+            route_ce = -jnp.sum(jnp.mean(picked, axis=0) * weights) / denom
+            loss = loss + loss_cfg.route_weight * route_ce
+            right = (jnp.argmax(logp, axis=-1) == target[None]).astype(jnp.float32)
+            metrics["route_ce"] = route_ce
+            metrics["route_acc"] = jnp.sum(jnp.mean(right, axis=0) * weights) / denom
     metrics["loss"] = loss
     return loss, metrics
 

@@ -255,10 +255,16 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    loss_cfg = loss_cfg or train.LossConfig()
+    if loss_cfg.route_weight < 0:
+        raise ValueError(f"LossConfig.route_weight must be >= 0, got {loss_cfg.route_weight}")
+    routed = loss_cfg.route_weight > 0
+    if routed and (rc.phase != "expert" or rc.public_replay <= 0):
+        raise ValueError("LossConfig.route_weight > 0 trains the router to tell the owner's text from public text: "
+                         "it needs the expert phase with public replay (RunConfig.public_replay > 0)")
     ocfg = ocfg or optim.OptimConfig()
     if ocfg.total_steps is None:
         ocfg = dataclasses.replace(ocfg, total_steps=rc.steps)
-    loss_cfg = loss_cfg or train.LossConfig()
     provenance: dict = {}
     if params is None:
         config, params, provenance = _initial_params(config, rc)
@@ -307,8 +313,19 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
         start = latest
     else:
         batches = data.batches(train_task, "train", rc.batch_size, rc.seq_len, rc.data_dir, seed=rc.seed,
-                               shard_index=jax.process_index(), num_shards=jax.process_count())
+                               shard_index=jax.process_index(), num_shards=jax.process_count(), row_task=routed)
     batch_sharding = train.batch_sharding(mesh)
+    batches.row_task = routed  # (a resumed iterator's saved state may predate row_task)
+    if routed and rc.task not in batches.tasks:
+        raise ValueError(f"LossConfig.route_weight needs RunConfig.task to be one task, got {rc.task!r}")
+    own_task = batches.tasks.index(rc.task) if routed else None
+
+    def next_batch():
+        b = next(batches)
+        if routed:  # the owner's rows -> its slot (1), public replay rows -> the public slot (0)
+            b = {k: v for k, v in b.items() if k != "row_task"} | {
+                "route_target": (b["row_task"] == own_task).astype(np.int32)}
+        return _to_global(b, batch_sharding)
 
     tokens_per_step = rc.batch_size * rc.seq_len
     # MFU counts the FLOPs of the compiled step that runs (compiled once, on the first batch);
@@ -328,7 +345,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     last: dict = {}
     t0, n0 = time.perf_counter(), start
     for step in range(start, rc.steps):
-        batch = _to_global(next(batches), batch_sharding)
+        batch = next_batch()
         if compiled is None:
             compiled = compile_step(batch)
         state, metrics = compiled(state, frozen, batch)
@@ -357,7 +374,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     saving(mngr.wait_until_finished)
     saving(mngr.close)
     if compiled is None:  # resumed after the last step: count the step all the same, for the metadata
-        compile_step(_to_global(next(batches), batch_sharding))
+        compile_step(next_batch())
     final = optim.combine(state.trainable, frozen)  # stays sharded: every process writes its shards
     out = workdir / "model"
     resume = (f" to resume: the training state of step {rc.steps} is saved in {state_dir}, so the rerun "

@@ -66,12 +66,13 @@ def sentencepiece(data_dir):
     return tokenizer.processor(layout.tokenizer_path(data_dir))
 
 
-def batches(name, split, batch_size, seq_len, data_dir, seed=0, start_step=0, shard_index=0, num_shards=1):
+def batches(name, split, batch_size, seq_len, data_dir, seed=0, start_step=0, shard_index=0, num_shards=1,
+            row_task=False):
     """Packed training batches of a task or mixture; resumable (``start_step`` / ``.state()``)."""
     from flexmoe_jax.data import tasks
 
     return tasks.batches(name, split, batch_size, seq_len, data_dir, seed=seed, start_step=start_step,
-                         shard_index=shard_index, num_shards=num_shards)
+                         shard_index=shard_index, num_shards=num_shards, row_task=row_task)
 
 
 def batches_from_state(state, data_dir):

@@ -326,7 +326,7 @@ class Batches:
     """
 
     def __init__(self, name: str, split: str, batch_size: int, seq_len: int, data_dir, seed: int = 0,
-                 start_step: int = 0, shard_index: int = 0, num_shards: int = 1):
+                 start_step: int = 0, shard_index: int = 0, num_shards: int = 1, row_task: bool = False):
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError("batch_size and seq_len must be positive")
         if num_shards <= 0 or batch_size % num_shards or not 0 <= shard_index < num_shards:
@@ -337,6 +337,7 @@ class Batches:
         self.name, self.split, self.batch_size, self.seq_len = name, split, int(batch_size), int(seq_len)
         self.data_dir, self.seed = str(data_dir), int(seed)
         self.shard_index, self.num_shards = int(shard_index), int(num_shards)
+        self.row_task = bool(row_task)  # also give "row_task": each row's index in self.tasks, per token
         self.tasks, self.rates = _tasks_and_rates(name, data_dir)
         self.rows = [packed_rows(t, split, seq_len, data_dir) for t in self.tasks]
         self.num_rows = np.array([len(r[FEATURES[0]]) for r in self.rows], np.int64)
@@ -405,6 +406,8 @@ class Batches:
                 rows[m] = self._perm(int(t), int(e))[pos[m]]
             for f in FEATURES:
                 out[f][sel] = self.rows[t][f][rows]
+        if self.row_task:
+            out["row_task"] = np.broadcast_to(slots[:, None], (hi - lo, self.seq_len)).astype(np.int32)
         return out
 
     def __iter__(self) -> "Batches":
@@ -418,7 +421,7 @@ class Batches:
     def state(self) -> dict:
         return {"name": self.name, "split": self.split, "batch_size": self.batch_size, "seq_len": self.seq_len,
                 "seed": self.seed, "step": self.step, "shard_index": self.shard_index,
-                "num_shards": self.num_shards}
+                "num_shards": self.num_shards, "row_task": self.row_task}
 
     @classmethod
     def from_state(cls, state: dict, data_dir) -> "Batches":
@@ -431,10 +434,10 @@ class Batches:
 
 
 def batches(name: str, split: str, batch_size: int, seq_len: int, data_dir, seed: int = 0,
-            start_step: int = 0, shard_index: int = 0, num_shards: int = 1) -> Batches:
+            start_step: int = 0, shard_index: int = 0, num_shards: int = 1, row_task: bool = False) -> Batches:
     """Training batches of a task or mixture; see :class:`Batches`."""
     return Batches(name, split, batch_size, seq_len, data_dir, seed=seed, start_step=start_step,
-                   shard_index=shard_index, num_shards=num_shards)
+                   shard_index=shard_index, num_shards=num_shards, row_task=row_task)
 
 
 def eval_batches(name: str, split: str, batch_size: int, seq_len: int, data_dir) -> Iterator[dict[str, np.ndarray]]:
