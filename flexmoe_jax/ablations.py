@@ -31,25 +31,36 @@ EXPERT_SETS = {
     "init_random": ('RunConfig.router_init="random"',),
     "init_zeros": ('RunConfig.router_init="zeros"',),
     "replay": (),  # the demo's public-replay experts (RunConfig.public_replay)
+    "route": ("RunConfig.public_replay=0.3", "LossConfig.route_weight=1.0"),  # replay + routing loss
+    "bias_start": ("RunConfig.bias_init=-1.0", "OptimConfig.bias_lr_scale=10.0"),  # from -1, 10x its lr
+    "bias_fixed": ("RunConfig.bias_init=-1.0", "OptimConfig.bias_lr_scale=0.0"),  # -1, never trained
 }
 SET_LABELS = {"": "router init hidden (default)", "init_minilm": "router init minilm (sentence embedder)",
               "init_random": "router init random", "init_zeros": "router init zeros",
-              "replay": "hidden + public replay"}
+              "replay": "hidden + public replay", "route": "hidden + public replay + routing loss",
+              "bias_start": "hidden, bias from -1 at 10x lr", "bias_fixed": "hidden, bias fixed at -1"}
 MODES = ("top_k", "public_plus", "document_top_k", "document_public_plus", "domain")
 # (expert set, keep the learned bias, routing modes)
 ROWS = [("", True, MODES), ("", False, ("top_k", "public_plus", "domain")),
         ("init_minilm", True, ("top_k", "public_plus", "document_public_plus", "domain")),
         ("init_random", True, ("top_k", "public_plus", "document_public_plus", "domain")),
         ("init_zeros", True, ("top_k", "public_plus", "document_public_plus", "domain")),
-        ("replay", True, ("top_k", "public_plus", "document_public_plus", "domain"))]
+        ("replay", True, ("top_k", "public_plus", "document_public_plus", "domain")),
+        ("route", True, ("top_k", "public_plus", "document_public_plus", "domain")),
+        ("bias_start", True, ("top_k", "public_plus", "domain")),
+        ("bias_fixed", True, ("top_k", "public_plus", "domain"))]
+# Router scores evaluated on the default experts: cosine with one temperature (not tuned).
+COSINE = {"router_score": "cosine", "router_temperature": 0.1}
+SCORED_ROWS = [("", True, ("top_k", "public_plus", "document_public_plus"))]
 GROUPS = {"code": ("code", "techdocs"), "techdocs": ("code", "techdocs")}
 
 
-def row_name(expert_set: str, keep_bias: bool, mode: str) -> str:
-    return "/".join([expert_set or "hidden", "bias" if keep_bias else "nobias", mode])
+def row_name(expert_set: str, keep_bias: bool, mode: str, score: dict | None = None) -> str:
+    return "/".join([expert_set or "hidden", "bias" if keep_bias else "nobias", mode]) + (
+        f"/cosine{score['router_temperature']}" if score else "")
 
 
-def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS) -> dict:
+def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=SCORED_ROWS) -> dict:
     """Train the missing expert sets, merge, evaluate every row; write and return the summary."""
     from flexmoe_jax import data, merge
 
@@ -61,22 +72,21 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS) -> dict:
         raise ValueError(f"{w.root} holds no finished demo (results/results.json lacks flexolmo or the "
                          "owners' experts): run `flexmoe demo` there first (or `flexmoe demo --ablations`)")
     anchor = w.root / "anchor" / "model"
-    sets = sorted({r[0] for r in rows})
+    sets = sorted({r[0] for r in [*rows, *scored_rows]})
     with demo_lib._Phase(w, "ablation_experts"):
         jobs = [(d, v) for v in sets for d in domains]
         trained = demo_lib.train_experts(w, anchor, jobs, parallel, binds=EXPERT_SETS)
     models = {}
     with demo_lib._Phase(w, "ablation_merge"):
-        for v, keep_bias, modes in rows:
+        for (v, keep_bias, modes), score in [(r, None) for r in rows] + [(r, COSINE) for r in scored_rows]:
             name = "merged" + (f"_{v}" if v else "") + ("" if keep_bias else "_nobias")
             merged = demo_lib.merge_experts(w, anchor, {d: trained[d, v] for d in domains}, keep_bias=keep_bias,
                                             name=name)
             for m in modes:
-                models[row_name(v, keep_bias, m)] = {"model": merged, "routing": m}
+                spec = models[row_name(v, keep_bias, m, score)] = {"model": merged, "routing": m, "score": score}
                 if m == "domain" and not merge.read_routing_stats(merged, ("public", *domains)):
                     # merged before merges carried routing stats: the same files, given directly
-                    models[row_name(v, keep_bias, m)]["routing_stats"] = demo_lib.routing_stats(
-                        w, {d: trained[d, v] for d in domains})
+                    spec["routing_stats"] = demo_lib.routing_stats(w, {d: trained[d, v] for d in domains})
     with demo_lib._Phase(w, "ablation_eval"):
         results = demo_lib.evaluate_all(w, models, json_name="ablations_results.json")
     with demo_lib._Phase(w, "ablation_routing"):

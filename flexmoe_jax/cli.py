@@ -189,7 +189,8 @@ def _routing(args) -> dict:
 
     if args.routing_stats and args.routing not in (None, "domain"):
         raise CommandError(f"--routing_stats is for --routing domain, not {args.routing}")
-    return {"routing": args.routing,
+    score = {k: getattr(args, k) for k in ("router_score", "router_temperature") if getattr(args, k) is not None}
+    return {"routing": args.routing, "score": score or None,
             "routing_stats": routing.load_stats(args.routing_stats) if args.routing_stats else None}
 
 
@@ -205,6 +206,11 @@ def _add_routing_flags(parser) -> None:
     parser.add_argument("--routing_stats", nargs="+", default=None, metavar="FILE",
                         help="for --routing domain: each expert's routing-stats file (flexmoe routing-stats); "
                              "default: the ones the merged checkpoint carries")
+    parser.add_argument("--router_score", choices=("dot", "cosine"), default=None,
+                        help="router scores: dot (the reference) or cosine (unit rows . unit residual / "
+                             "--router_temperature); default: the checkpoint's")
+    parser.add_argument("--router_temperature", type=float, default=None,
+                        help="temperature of cosine router scores (default: the checkpoint's, 0.1)")
 
 
 def _cmd_routing_stats(args) -> None:

@@ -23,6 +23,8 @@ import gin
 MOE_IMPLS = ("auto", "dense", "ragged", "blocks")
 REMAT_POLICIES = ("none", "full", "dots")
 ROUTINGS = ("top_k", "public_plus", "document_top_k", "document_public_plus")
+# How a model picks experts at inference, not what it is: left out of anchor fingerprints.
+INFERENCE_FIELDS = ("routing", "router_score", "router_temperature")
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,10 @@ class ModelConfig:
     # "public_plus" (the public expert always, plus the top-(k-1) others), and "document_" versions
     # of both (each layer's logits averaged causally over the document so far before choosing).
     routing: str = "top_k"
+    # Router scores: "dot" (the reference: rows . residual) or "cosine" (PHATGOOSE-style: unit rows .
+    # unit residual / router_temperature), which makes rows trained apart comparable in scale.
+    router_score: str = "dot"
+    router_temperature: float = 0.1
     rope_theta: float = 500000.0
     max_seq_len: int = 4096
     rms_eps: float = 1e-6
@@ -102,6 +108,10 @@ class ModelConfig:
                     fail(f"{len(self.expert_names)} expert_names for {self.num_experts} experts")
                 if len(set(self.expert_names)) != len(self.expert_names):
                     fail(f"expert_names must be unique, got {self.expert_names}")
+        if self.router_score not in ("dot", "cosine"):
+            fail(f"router_score must be 'dot' or 'cosine', got {self.router_score!r}")
+        if not self.router_temperature > 0:
+            fail(f"router_temperature must be positive, got {self.router_temperature}")
         if self.routing not in ROUTINGS:
             fail(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.num_experts and self.routing.endswith("public_plus") and "public" not in self.names:

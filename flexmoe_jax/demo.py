@@ -545,7 +545,7 @@ def evaluate_all(w: Workdir, models: dict[str, dict], json_name: str = "results.
         m = m() if callable(m) else m
         eval_lib.main_eval({name: m}, w.data, exclude=spec.get("exclude"), top_k=spec.get("top_k"),
                            routing=spec.get("routing"), routing_stats=spec.get("routing_stats"),
-                           batch_size=p.eval_batch_size, mc_items_per_domain=p.mc_items,
+                           score=spec.get("score"), batch_size=p.eval_batch_size, mc_items_per_domain=p.mc_items,
                            max_tokens=p.eval_tokens, json_out=w.results / json_name, log=None, progress=True)
         w.record(f"eval_{name}", time.perf_counter() - t0)
         r = _results(w, json_name)[name]
@@ -586,7 +586,7 @@ def routing_all(w: Workdir, models: dict[str, dict], json_name: str = "routing.j
         done[name] = eval_lib.routing(config, params, w.data, seq_len=w.plan.seq_len,
                                       batch_size=w.plan.eval_batch_size, max_tokens=w.plan.eval_tokens,
                                       mode=spec.get("routing"), routing_stats=spec.get("routing_stats"),
-                                      groups=groups)
+                                      groups=groups, score=spec.get("score"))
         _write_json(f, done)
     return done
 

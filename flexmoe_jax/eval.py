@@ -159,7 +159,8 @@ class ModelScorer(Scorer):
 
     def __init__(self, config: ModelConfig, params: model.Params, *,
                  active_experts: Sequence[str | int] | None = None, top_k: int | None = None,
-                 name: str = "model", routing: str | None = None, routing_stats: Mapping | None = None):
+                 name: str = "model", routing: str | None = None, routing_stats: Mapping | None = None,
+                 score: Mapping | None = None):
         model.check_params(config, params)
         if active_experts is not None:
             config, params = model.select_experts(config, params, active_experts, top_k=top_k)
@@ -167,7 +168,7 @@ class ModelScorer(Scorer):
             if not config.is_moe:
                 raise ValueError(f"top_k={top_k} given for a dense model (num_experts=0), which has no router")
             config, params = model.select_experts(config, params, list(range(config.num_experts)), top_k=top_k)
-        config, self.router = routing_lib.resolve(config, routing, routing_stats, name)
+        config, self.router = routing_lib.resolve(config, routing, routing_stats, name, score)
         self.config, self.params, self.name = config, params, name
         self.vocab_size, self.max_seq_len = config.vocab_size, config.max_seq_len
 
@@ -175,7 +176,7 @@ class ModelScorer(Scorer):
     def from_checkpoint(cls, path: str | os.PathLike, *, include: Sequence[str | int] | None = None,
                         exclude: Sequence[str | int] | None = None, top_k: int | None = None,
                         name: str | None = None, routing: str | None = None,
-                        routing_stats: Mapping | None = None) -> "ModelScorer":
+                        routing_stats: Mapping | None = None, score: Mapping | None = None) -> "ModelScorer":
         """Load any model checkpoint (plain, merged, or a run directory's ``model/``) with
         ``merge.load``, which never reads an excluded expert's arrays of a merged model. Domain
         routing without ``routing_stats`` uses the ones a merged model carries (its kept experts')."""
@@ -183,7 +184,7 @@ class ModelScorer(Scorer):
         if routing == "domain" and routing_stats is None:
             routing_stats = checkpoint_routing_stats(path, config.names)
         return cls(config, params, name=name or default_name(path, include, exclude), routing=routing,
-                   routing_stats=routing_stats)
+                   routing_stats=routing_stats, score=score)
 
     def logprobs(self, batch: Batch) -> jax.Array:
         inputs, targets, positions, segs = _device_batch(batch)
@@ -805,7 +806,8 @@ def _selected(config: ModelConfig, params, inputs, positions, segment_ids, route
 def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence[str] | None = None,
             split: str = "test", seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE,
             max_tokens: int | None = None, sample_seed: int = 0, routing_stats: Mapping | None = None,
-            mode: str | None = None, groups: Mapping[str, Sequence[str]] | None = None) -> dict:
+            mode: str | None = None, groups: Mapping[str, Sequence[str]] | None = None,
+            score: Mapping | None = None) -> dict:
     """Where a merged model sends each domain's tokens: for every domain, the share of the real
     tokens of its evaluation sample (the documents :func:`perplexity` scores with the same
     ``max_tokens`` / ``sample_seed``; all layers) for which each expert is among the top-k. ``own``
@@ -819,7 +821,7 @@ def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence
     """
     if not config.is_moe:
         raise ValueError("routing statistics need an MoE model; this one is dense (num_experts=0)")
-    config, router = routing_lib.resolve(config, mode, routing_stats)
+    config, router = routing_lib.resolve(config, mode, routing_stats, score=score)
     out = {}
     for task in resolve_tasks(data_dir, tasks):
         dom = short_name(task)
@@ -952,7 +954,7 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
               plot_out: str | os.PathLike | None = None, update: bool = True, progress: bool = True,
               log: Callable[[str], None] | None = print, max_tokens: int | None = None,
               sample_seed: int = 0, routing: str | None = None,
-              routing_stats: Mapping | None = None) -> dict[str, dict]:
+              routing_stats: Mapping | None = None, score: Mapping | None = None) -> dict[str, dict]:
     """What ``flexmoe eval`` runs: evaluate models, write JSON / markdown / PNG, print the table.
 
     ``models``: one checkpoint path (plain or merged checkpoint, or a run directory), a list of
@@ -962,8 +964,8 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
     (default :func:`default_name`, e.g. ``merged_minus_code``). With ``update`` an existing
     ``json_out`` keeps its other models' results (the demo adds models one call at a time);
     the table and plot then show every model in the file. ``max_tokens`` / ``sample_seed``: each
-    domain's evaluation sample (:func:`perplexity`). ``routing`` / ``routing_stats``: the routing
-    mode of every model loaded here (:class:`ModelScorer`). The per-document scores stay out of ``json_out``;
+    domain's evaluation sample (:func:`perplexity`). ``routing`` / ``routing_stats`` / ``score``: the
+    routing mode and router scores of every model loaded here (:class:`ModelScorer`). The per-document scores stay out of ``json_out``;
     they go to :func:`docs_path` of it (what paired bootstrap comparisons read). Returns
     ``{name: results}`` of this call, per-document scores included.
     """
@@ -997,10 +999,10 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
             scorer = m
         elif isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], ModelConfig):
             scorer = ModelScorer(*_select(m, include, exclude, top_k), name=name, routing=routing,
-                                 routing_stats=routing_stats)
+                                 routing_stats=routing_stats, score=score)
         else:
             scorer = ModelScorer.from_checkpoint(m, include=include, exclude=exclude, top_k=top_k, name=name,
-                                                 routing=routing, routing_stats=routing_stats)
+                                                 routing=routing, routing_stats=routing_stats, score=score)
         new[name] = evaluate(scorer, data_dir, task_names, split, seq_len, batch_size, mc_items_per_domain,
                              mc_choices, progress=progress, max_tokens=max_tokens, sample_seed=sample_seed)
     everything = {**prior, **{n: strip_per_doc(r) for n, r in new.items()}}

@@ -17,19 +17,23 @@ import jax
 import numpy as np
 
 from flexmoe_jax import model, optim
-from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.config import INFERENCE_FIELDS, ModelConfig
 
 # Expert training updates slot 1 only: its FFN, its router row, its bias.
 TRAINABLE = optim.expert_slots(1)
 
 
 def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, name: str,
-            router_rows: np.ndarray | None = None, expert_bias: bool = True) -> tuple[ModelConfig, model.Params]:
+            router_rows: np.ndarray | None = None, expert_bias: bool = True,
+            bias_init: float = 0.0) -> tuple[ModelConfig, model.Params]:
     """Dense anchor -> 2-expert FlexOlmo (public, ``name``), top-2 of 2.
 
     ``router_rows`` is ``[L, 2, d]`` (row 0 public, row 1 this domain; see
-    ``flexmoe_jax.router_init``); default zeros, which gives equal weights.
+    ``flexmoe_jax.router_init``); default zeros, which gives equal weights. ``bias_init``: the new
+    expert's router bias (<= 0; the public slot's stays 0).
     """
+    if bias_init > 0 or (bias_init and not expert_bias):
+        raise ValueError(f"bias_init={bias_init} must be <= 0, and needs expert_bias")
     if anchor_config.is_moe:
         raise ValueError(f"the anchor must be a dense model (num_experts=0); this one has experts "
                          f"{list(anchor_config.names)}")
@@ -47,6 +51,7 @@ def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, name: str,
     moe["router"] = np.asarray(router_rows, dtype=np.asarray(mlp["gate"]).dtype)
     if expert_bias:
         moe["bias"] = np.zeros((L, 2), moe["router"].dtype)
+        moe["bias"][:, 1] = bias_init
     layers = {k: v for k, v in anchor_params["layers"].items() if k != "mlp"}
     layers["moe"] = moe
     params = {**anchor_params, "layers": layers}
@@ -56,8 +61,7 @@ def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, name: str,
 
 def fingerprint(config: ModelConfig, params: model.Params) -> str:
     """sha256 of the config and every parameter's path, dtype, shape and bytes."""
-    desc = config.to_dict()
-    desc.pop("routing")  # how a merged model picks experts at inference, not what the anchor is
+    desc = {k: v for k, v in config.to_dict().items() if k not in INFERENCE_FIELDS}
     h = hashlib.sha256(json.dumps(desc, sort_keys=True).encode())
     for path, leaf in sorted(optim.flatten(params).items()):
         arr = np.asarray(jax.device_get(leaf))

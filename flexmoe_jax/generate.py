@@ -170,15 +170,15 @@ def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequen
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              active_experts: Sequence[str | int] | None = None, top_k: int | None = None,
              eos_id: int | None = 1, use_cache: bool = True, routing: str | None = None,
-             routing_stats: Mapping | None = None) -> list[dict]:
+             routing_stats: Mapping | None = None, score: Mapping | None = None) -> list[dict]:
     """Continue each token prompt; one ``{"tokens": [...], "attribution": {...}}`` per prompt.
 
     ``tokens`` are the generated ids, ending with ``eos_id`` if the row produced
     it (nothing after it); at most ``max_new_tokens``. ``eos_id=None`` never
     stops early. ``active_experts`` / ``top_k`` opt experts out exactly as
     :func:`model.forward` does. See the module docstring for sampling and the
-    attribution record. ``routing`` / ``routing_stats``: the routing mode
-    (:func:`flexmoe_jax.routing.resolve`; default the config's own).
+    attribution record. ``routing`` / ``routing_stats`` / ``score``: the routing mode and router
+    scores (:func:`flexmoe_jax.routing.resolve`; default the config's own).
     """
     rows = _check_prompts(config, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -194,7 +194,7 @@ def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequen
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     model.check_params(config, params)
     run_config, keep = model._run_config(config, active_experts, top_k)
-    run_config, router = routing_lib.resolve(run_config, routing, routing_stats)
+    run_config, router = routing_lib.resolve(run_config, routing, routing_stats, score=score)
 
     tokens = np.zeros((len(rows), longest), np.int32)  # left padding (pad id 0, segment 0)
     for i, r in enumerate(rows):

@@ -351,6 +351,10 @@ def _check_exportable(config: ModelConfig, params: Params) -> Params:
         # transformers builds nn.Embedding(padding_idx=pad) and fails to load the model.
         raise HFFormatError(f"pad_token_id={config.pad_token_id} is outside the vocab [0, {config.vocab_size}); "
                             "transformers cannot load that. Set pad_token_id to a real token id or None.")
+    if config.is_moe and config.router_score != "dot":
+        raise HFFormatError(f"this model scores its router with router_score={config.router_score!r}; HF "
+                            "FlexOlmoForCausalLM's router is a plain linear layer (dot scores), so the export "
+                            "would route differently. Export with router_score='dot'.")
     if config.is_moe and config.routing != "top_k":
         raise HFFormatError(f"this model routes with routing={config.routing!r}; HF FlexOlmoForCausalLM routes "
                             "every token by its own top-k only (no always-on public expert, no document "

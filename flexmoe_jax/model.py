@@ -194,9 +194,10 @@ class MoEFFN(nn.Module):
         b, s, _ = x.shape
         flat = x.reshape(b * s, d)
         logits = None
+        if c.router_score != "dot" or c.routing.startswith("document_"):
+            logits = moe_lib.router_logits(flat, router, bias, c.router_score, c.router_temperature)
         if c.routing.startswith("document_"):
-            logits = self._document_logits(moe_lib.router_logits(flat, router, bias).reshape(b, s, e),
-                                           positions, segment_ids).reshape(b * s, e)
+            logits = self._document_logits(logits.reshape(b, s, e), positions, segment_ids).reshape(b * s, e)
         always = c.names.index("public") if c.routing.endswith("public_plus") else None
         routing = moe_lib.route(flat, router, bias, c.top_k, c.norm_topk_prob,
                                 None if route_bias is None else route_bias.reshape(b * s, e), always, logits)
@@ -209,7 +210,8 @@ class MoEFFN(nn.Module):
             "gates": moe_lib.gate_matrix(routing, e).reshape(b, s, e),
             # What a routing loss trains: the rows and bias on the residual as it is (no gradient
             # into the residual, so the loss moves only the router). Unused outputs are pruned by XLA.
-            "router_logits": moe_lib.router_logits(jax.lax.stop_gradient(flat), router, bias).reshape(b, s, e),
+            "router_logits": moe_lib.router_logits(jax.lax.stop_gradient(flat), router, bias, c.router_score,
+                                                   c.router_temperature).reshape(b, s, e),
         }
         return y.reshape(b, s, d), aux
 

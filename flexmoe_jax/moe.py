@@ -55,10 +55,15 @@ class Experts(NamedTuple):
     down: jax.Array  # [E, h, d]
 
 
-def router_logits(x: jax.Array, router: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """x [T, d], router [E, d] -> [T, E] fp32 logits, plus the clamped (<= 0) bias."""
-    logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32).T,
-                     precision=jax.lax.Precision.HIGHEST)
+def router_logits(x: jax.Array, router: jax.Array, bias: jax.Array | None, score: str = "dot",
+                  temperature: float = 1.0) -> jax.Array:
+    """x [T, d], router [E, d] -> [T, E] fp32 logits, plus the clamped (<= 0) bias. ``score="cosine"``:
+    unit-normalized residual and rows (a zero row scores 0), divided by ``temperature``."""
+    x, router = x.astype(jnp.float32), router.astype(jnp.float32)
+    if score == "cosine":
+        unit = lambda v: v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-12))  # noqa: E731
+        x, router = unit(x) / temperature, unit(router)
+    logits = jnp.dot(x, router.T, precision=jax.lax.Precision.HIGHEST)
     if bias is not None:
         logits = logits + jnp.minimum(bias.astype(jnp.float32), 0.0)
     return logits

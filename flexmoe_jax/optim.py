@@ -49,10 +49,14 @@ class OptimConfig:
     # The reference trains experts with weight decay 0: with decay the frozen slices would drift.
     weight_decay: float = 0.1
     clip_norm: float = 1.0
+    # The router bias's own learning rate, as a multiple of the schedule's (0: a fixed bias).
+    bias_lr_scale: float = 1.0
 
     def __post_init__(self):
         if self.peak_lr <= 0 or (self.total_steps is not None and self.total_steps <= 0):
             raise ValueError(f"OptimConfig: peak_lr and total_steps must be positive, got {self}")
+        if self.bias_lr_scale < 0:
+            raise ValueError(f"OptimConfig: bias_lr_scale must be >= 0 (0 keeps the bias fixed), got {self.bias_lr_scale}")
         if self.total_steps is not None and not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"OptimConfig: warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]")
 
@@ -71,13 +75,16 @@ def _decays(path: str, leaf: jax.Array) -> bool:
 
 
 def make_optimizer(cfg: OptimConfig, trainable: Flat) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW, over the trainable flat dict only."""
+    """Global-norm clipping then AdamW, over the trainable flat dict only; the router bias's updates
+    scaled by ``bias_lr_scale`` (its own learning rate)."""
     decay_mask = {k: _decays(k, v) for k, v in trainable.items()}
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay, mask=decay_mask),
-    )
+    parts = [optax.clip_by_global_norm(cfg.clip_norm),
+             optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                         weight_decay=cfg.weight_decay, mask=decay_mask)]
+    if cfg.bias_lr_scale != 1.0:
+        parts.append(optax.masked(optax.scale(cfg.bias_lr_scale),
+                                  {k: k.startswith("layers/moe/bias") for k in trainable}))
+    return optax.chain(*parts)
 
 
 # ----------------------------------------------------------------------------

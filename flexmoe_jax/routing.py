@@ -182,12 +182,20 @@ def load_stats(paths: Sequence[str | os.PathLike]) -> dict[str, Stats]:
 
 
 def resolve(config: ModelConfig, mode: str | None = None, stats: Mapping[str, Stats] | None = None,
-            what: str = "the model") -> tuple[ModelConfig, DomainRouter | None]:
+            what: str = "the model", score: Mapping | None = None) -> tuple[ModelConfig, DomainRouter | None]:
     """The config a model runs with under routing ``mode`` and, for ``domain``, its router.
 
     ``mode`` None keeps the config's own routing (or ``domain`` when ``stats`` are given); a model-side
     mode sets ``config.routing``; ``domain`` runs the trained rows top-k inside each token's allowed
-    pair (:func:`route_bias`) and needs ``stats`` for every active expert."""
+    pair (:func:`route_bias`) and needs ``stats`` for every active expert. ``score``: router-score
+    settings to override (``{"router_score": "cosine", "router_temperature": 0.1}``)."""
+    if score:
+        unknown = set(score) - {"router_score", "router_temperature"}
+        if unknown:
+            raise ValueError(f"unknown router-score settings {sorted(unknown)}")
+        if not config.is_moe:
+            raise ValueError(f"router-score settings need an MoE model; {what} is dense (num_experts=0)")
+        config = config.replace(**score)
     if mode is None:
         mode = "domain" if stats is not None else config.routing
     if mode not in MODES:

@@ -82,6 +82,10 @@ class RunConfig:
     # Expert phase: share of training rows drawn from public_task (public replay); 0 trains on the
     # owner's task alone, as the reference does. The router init still reads the owner's task only.
     public_replay: float = 0.0
+    # Expert phase: the owner's router bias starts here (<= 0: the forward pass clamps it to <= 0, so
+    # from 0 it can only go down; from below it can move both ways). OptimConfig.bias_lr_scale sets its
+    # learning rate (0: fixed at this value).
+    bias_init: float = 0.0
     # Optional license tag recorded in the expert's manifest (e.g. "CC-BY-4.0", "internal-only").
     license: str = ""
 
@@ -95,6 +99,8 @@ class RunConfig:
 
         if self.router_init not in METHODS:
             raise ValueError(f"RunConfig.router_init must be one of {METHODS}, got {self.router_init!r}")
+        if self.bias_init > 0:
+            raise ValueError(f"RunConfig.bias_init must be <= 0 (the router clamps the bias to <= 0), got {self.bias_init}")
         if not 0 <= self.public_replay < 1:
             raise ValueError(f"RunConfig.public_replay must be in [0, 1), got {self.public_replay}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "log_every"):
@@ -231,8 +237,10 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
                                 num_batches=rc.router_init_batches, seed=rc.seed, data_dir=rc.data_dir,
                                 public_task=rc.public_task, task=rc.task, num_docs=rc.router_init_docs,
                                 seq_len=rc.seq_len, info=init_info)
-        cfg, params = expert.upcycle(anchor_config, anchor_params, rc.expert_name, router_rows=rows)
+        cfg, params = expert.upcycle(anchor_config, anchor_params, rc.expert_name, router_rows=rows,
+                                     bias_init=rc.bias_init)
         provenance["router_init"] = rc.router_init
+        provenance["bias_init"] = rc.bias_init
         if init_info:
             provenance["router_init_info"] = init_info
         return cfg, params, provenance

@@ -496,3 +496,30 @@ def test_merge_finds_checks_and_verifies_routing_stats(world, tmp_path):
         merge.read_routing_stats(out, ("public", "a"))
     with pytest.raises(merge.MergeError, match="not among the merged experts"):
         merge.merge(world.anchor_path, [world.root / "a"], tmp_path / "m2", routing_stats={"zz": f})
+
+
+def test_cosine_router_scores(merged_with_stats, tmp_path):
+    """router_score='cosine': the router logits are unit rows . unit residual / temperature (checked
+    against a direct computation on one layer's input), opt-out stays exact, export-hf refuses it."""
+    import jax.numpy as jnp
+
+    from flexmoe_jax import eval as eval_lib, hf, moe
+
+    abc, ab = merged_with_stats
+    cfg, params = merge.load(abc)
+    x = np.random.default_rng(0).standard_normal((5, cfg.d_model)).astype(np.float32)
+    router = np.asarray(params["layers"]["moe"]["router"][0])
+    want = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (router / np.linalg.norm(router, axis=1, keepdims=True)).T
+    got = moe.router_logits(jnp.asarray(x), jnp.asarray(router), None, "cosine", 0.25)
+    np.testing.assert_allclose(np.asarray(got), want / 0.25, rtol=1e-5, atol=1e-5)
+    tokens = np.asarray(TOKENS)
+    batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, 1),
+             "decoder_positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape),
+             "decoder_segment_ids": np.ones_like(tokens)}
+    score = {"router_score": "cosine", "router_temperature": 0.25}
+    cos = eval_lib.ModelScorer.from_checkpoint(abc, exclude=["c"], score=score).logprobs(batch)
+    np.testing.assert_array_equal(np.asarray(cos), np.asarray(
+        eval_lib.ModelScorer.from_checkpoint(ab, score=score).logprobs(batch)))
+    assert not np.allclose(np.asarray(cos), np.asarray(eval_lib.ModelScorer.from_checkpoint(ab).logprobs(batch)))
+    with pytest.raises(hf.HFFormatError, match="router_score='cosine'"):
+        hf.to_hf(cfg.replace(router_score="cosine"), params, tmp_path / "hf")

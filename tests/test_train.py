@@ -181,3 +181,28 @@ def test_expert_step_skips_frozen_slot_weight_gradients(anchor):
     slot_dw = 3 * 2 * t * d * h  # gate, up, down weight gradients of one expert slot
     assert joined - cut >= 0.9 * slot_dw, (joined, cut, slot_dw)
     assert cut < full
+
+
+@pytest.mark.parametrize("scale", [0.0, 10.0])
+def test_bias_start_and_own_learning_rate(anchor, scale):
+    """RunConfig.bias_init starts the owner's bias below 0 (so it can move both ways under the clamp);
+    OptimConfig.bias_lr_scale is its own learning rate: 0 keeps it fixed, 10 moves it 10x an update."""
+    cfg, p = anchor
+    ecfg, ep = expert.upcycle(cfg, p, "math", bias_init=-1.0)
+    np.testing.assert_array_equal(ep["layers"]["moe"]["bias"], [[0.0, -1.0]] * cfg.n_layers)
+    with pytest.raises(ValueError, match="bias_init"):
+        expert.upcycle(cfg, p, "math", bias_init=0.5)
+    base = dict(peak_lr=3e-3, warmup_steps=1, total_steps=4, weight_decay=0.0)
+    moved = {}
+    for s in (1.0, scale):
+        state, frozen, _, _ = _run(ecfg, ep, expert.TRAINABLE, 4, optim.OptimConfig(**base, bias_lr_scale=s))
+        moved[s] = np.asarray(state.trainable["layers/moe/bias#1"]) + 1.0
+        router = np.asarray(state.trainable["layers/moe/router#1"])
+    assert np.abs(moved[1.0]).max() > 1e-4
+    if scale == 0.0:
+        np.testing.assert_array_equal(moved[0.0], 0.0)  # fixed at its start
+    else:
+        assert np.abs(moved[scale]).mean() > 3 * np.abs(moved[1.0]).mean()
+    assert not np.array_equal(router, ep["layers"]["moe"]["router"][:, 1:2])  # the rows still train
+    with pytest.raises(ValueError, match="bias_lr_scale"):
+        optim.OptimConfig(bias_lr_scale=-1.0)
