@@ -213,6 +213,17 @@ def _add_routing_flags(parser) -> None:
                         help="temperature of cosine router scores (default: the checkpoint's, 0.1)")
 
 
+def _cmd_anchor_kit(args) -> None:
+    from flexmoe_jax import anchor_kit
+
+    out = anchor_kit.build(args.anchor, args.data_dir, args.out, method=args.router_init,
+                           public_task=args.public_task, seq_len=args.seq_len, num_docs=args.docs,
+                           num_batches=args.batches, seed=args.seed)
+    kit = anchor_kit.open_kit(out)
+    print(f"anchor kit {kit.kit_id[:16]}... (router init {kit.method}) -> {out}; owners train with "
+          f"`flexmoe train-expert --anchor {out}`, the builder merges with `flexmoe merge --anchor {out}`")
+
+
 def _cmd_routing_stats(args) -> None:
     from flexmoe_jax import routing
 
@@ -351,6 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
     x.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
     x.set_defaults(fn=_cmd_train_expert)
+
+    k = sub.add_parser("anchor-kit", help="publish an anchor with its public router row and public routing stats",
+                       description="What every owner trains against (flexmoe_jax.anchor_kit): the anchor, one "
+                                   "public router row and the router-init method (and for 'embedder'/'minilm' the "
+                                   "fixed embedding map), the public token counts; from public data only.")
+    k.add_argument("--anchor", required=True, help="the dense public model checkpoint")
+    k.add_argument("--data_dir", required=True, help="data directory with the public data and the tokenizer")
+    k.add_argument("--out", required=True, help="the kit directory to write (atomically)")
+    k.add_argument("--router_init", default="hidden", choices=("hidden", "embedder", "minilm", "zeros", "random"),
+                   help="how owners' router rows are made (default %(default)s; 'embedder' is the paper's recipe)")
+    k.add_argument("--public_task", default="flexmix_mini.public")
+    k.add_argument("--seq_len", type=int, default=128)
+    k.add_argument("--docs", type=int, default=256, help="public documents the embedding map is fitted on")
+    k.add_argument("--batches", type=int, default=8, help="public batches of 16 rows the 'hidden' row averages")
+    k.add_argument("--seed", type=int, default=0)
+    k.set_defaults(fn=_cmd_anchor_kit)
 
     rs = sub.add_parser("routing-stats", help="count the tokens of an expert's data for domain routing",
                         description="Writes OUT (.npz): token counts of TASK's split in DATA_DIR, named NAME. "

@@ -537,6 +537,11 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
         by_name[inp.name] = inp
     _check_out(out_path, anchor, inputs, public_router)
     stats_files = _stats_files(anchor, inputs, routing_stats)
+    kit = _check_kits(anchor, inputs)
+    if kit is not None:  # the kit's anchor and, unless given, its public row
+        anchor = kit.anchor
+        if public_router is None:
+            public_router = kit.public_row()
     if isinstance(anchor, tuple):
         anchor_config, anchor_params = anchor
         anchor_desc: dict[str, Any] = {"path": None}
@@ -544,6 +549,8 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
         anchor_config = checkpoint.load_config(anchor)
         anchor_params = None
         anchor_desc = {"path": os.path.abspath(os.fspath(anchor))}
+        if kit is not None:
+            anchor_desc["kit"] = {"path": str(kit.path), "id": kit.kit_id, "router_init": kit.meta["router_init"]}
     if anchor_config.is_moe:
         raise MergeError(f"the anchor must be the dense public model (num_experts=0); "
                          f"{anchor_desc['path'] or 'the given anchor'} has experts {list(anchor_config.names)}")
@@ -719,6 +726,26 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
     log.info("merged %s in phases (s): %s", out_path, {k: round(v, 2) for k, v in timings.items()})
     bar.close()
     return out_path
+
+
+def _check_kits(anchor: Any, inputs: list[_Input]):
+    """The anchor kit merged against (None for a plain anchor); every expert must have been trained
+    against the same kit (its id in the expert's manifest), so that all share one public row."""
+    from flexmoe_jax import anchor_kit
+
+    kit = anchor_kit.open_kit(anchor) if not isinstance(anchor, tuple) and anchor_kit.is_kit(anchor) else None
+    ids = {inp.name: inp.manifest.get("anchor_kit") for inp in inputs}
+    if kit is not None:
+        wrong = {n: i for n, i in ids.items() if i != kit.kit_id}
+        if wrong:
+            raise MergeError(f"experts {sorted(wrong)} were not trained against anchor kit {kit.path} (kit "
+                             f"{kit.kit_id[:16]}...; theirs: {sorted({str(i)[:16] for i in wrong.values()})}): their "
+                             "public router row may differ. Retrain them with train-expert --anchor KIT, or merge "
+                             "against the plain anchor")
+    elif len({i for i in ids.values() if i is not None}) > 1:
+        raise MergeError("the experts were trained against different anchor kits (" + ", ".join(
+            f"{n}: {str(i)[:16]}..." for n, i in ids.items()) + "); merge experts of one kit")
+    return kit
 
 
 def _stats_files(anchor: Any, inputs: list[_Input], given: Mapping | None) -> dict[str, tuple[Path, set | None]]:

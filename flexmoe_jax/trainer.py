@@ -208,7 +208,13 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
         if config is None:
             raise ValueError("pretraining needs a ModelConfig")
         return config, jax.device_get(model.init(config, rc.seed)), {}
-    anchor_config, anchor_params = checkpoint.load(rc.anchor)
+    kit = None
+    if rc.phase == "expert":
+        from flexmoe_jax import anchor_kit
+
+        if anchor_kit.is_kit(rc.anchor):  # the builder's kit: its anchor, public row and router-init method
+            kit = anchor_kit.open_kit(rc.anchor)
+    anchor_config, anchor_params = checkpoint.load(kit.anchor if kit else rc.anchor)
     if config is not None:
         arch = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden",
                 "rope_theta", "rms_eps")
@@ -220,6 +226,11 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
                              + "; drop the ModelConfig settings (the anchor defines the model) or use the right anchor")
     provenance = {"anchor": os.path.abspath(rc.anchor),
                   "anchor_fingerprint": expert.fingerprint(anchor_config, anchor_params)}
+    if kit is not None:
+        if provenance["anchor_fingerprint"] != kit.meta["anchor_fingerprint"]:
+            raise ValueError(f"anchor kit {kit.path}: its model/ does not match the fingerprint in its kit.json; "
+                             "the kit is damaged (re-copy it from the model builder)")
+        provenance["anchor_kit"] = kit.kit_id
     if rc.phase == "expert":
         from flexmoe_jax import data, router_init
 
@@ -230,6 +241,14 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
         def sample(task):  # the domain's own training documents, in another order than training's
             return data.batches(task, "train", batch_size, rc.seq_len, rc.data_dir, seed=rc.seed + 1)
 
+        if kit is not None:  # row 0 is the kit's; the owner computes only its own row, by the kit's method
+            own = kit.owner_row(anchor_config, anchor_params, data_dir=rc.data_dir, task=rc.task, seq_len=rc.seq_len,
+                                seed=rc.seed, num_batches=rc.router_init_batches, num_docs=rc.router_init_docs)
+            rows = np.stack([kit.public_row(), own], axis=1).astype(np.float32)
+            cfg, params = expert.upcycle(anchor_config, anchor_params, rc.expert_name, router_rows=rows,
+                                         bias_init=rc.bias_init)
+            provenance.update(router_init=kit.method, bias_init=rc.bias_init)
+            return cfg, params, provenance
         init_info: dict = {}  # how the rows were made, beyond the method's name (for the manifest)
         rows = router_init.rows(rc.router_init, anchor_config, anchor_params,
                                 sample(rc.public_task) if rc.router_init == "hidden" else None,

@@ -1,0 +1,191 @@
+"""The anchor kit: what a model builder publishes for every owner to train against.
+
+Router rows trained apart only compose if they are scored against one and the same public row. An
+owner who computes the public row itself gets whatever its router-init settings, data sample and
+seed give; two owners can end up with different public rows, and then no merged router is right for
+both. The kit fixes that row once::
+
+    KIT/
+      flexmoe_checkpoint.json   marker, kind "anchor_kit"
+      kit.json                  format, the anchor's fingerprint, the router-init method and its
+                                settings, and a sha256 of every file below
+      model/                    the dense anchor checkpoint (hard links to the builder's copy)
+      public_router.npy         [L, d] the public router row every owner uses as row 0
+      routing_stats.npz         the public data's token counts (domain routing's public expert)
+      embed_map.npz             methods "embedder" / "minilm": the fixed map from the sentence
+                                embedder's space to d_model, fitted on public documents only
+
+``train-expert --anchor KIT`` takes the anchor, row 0 and the method from the kit (the owner
+computes only its own row) and records the kit's id (the sha256 of ``kit.json``) in its
+deliverable; ``merge --anchor KIT`` takes row 0 and the public routing stats from the kit and
+refuses experts trained against another kit.
+
+Methods (the owner's row; the public row is the same formula on public data, made by the builder):
+
+- ``hidden``: the anchor's mean unit-normalized FFN input over the domain's tokens, per layer;
+- ``embedder`` (the paper's recipe): the mean of the domain documents' sentence embeddings
+  (all-MiniLM-L6-v2, packaged), sent through one fixed ridge map to d_model, the same row in every
+  layer; the map is fitted on public documents (embedding -> the anchor's mean hidden direction over
+  the document, averaged over layers);
+- ``minilm``: the same with one map per layer (:func:`flexmoe_jax.router_init.embedder_rows`);
+- ``zeros`` / ``random``: baselines (``random`` draws the owner's row from its own seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from flexmoe_jax import checkpoint, expert, router_init, routing
+from flexmoe_jax.config import ModelConfig
+
+KIND = "anchor_kit"
+FORMAT = "flexmoe_jax.anchor_kit"
+KIT_FILE = "kit.json"
+METHODS = ("hidden", "embedder", "minilm", "zeros", "random")
+
+
+def is_kit(path: str | os.PathLike) -> bool:
+    p = Path(os.fspath(path))
+    return (p / KIT_FILE).is_file() and (p / checkpoint.MARKER_NAME).is_file()
+
+
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a checkpoint directory as hard links where the filesystem allows (no bytes duplicated)."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def build(anchor: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike, *,
+          method: str = "hidden", public_task: str = "flexmix_mini.public", seq_len: int = 128,
+          num_batches: int = 8, num_docs: int = 256, seed: int = 0) -> Path:
+    """Publish the kit of ``anchor`` at ``out`` (atomically); public data of ``data_dir`` only."""
+    from flexmoe_jax import data
+
+    if method not in METHODS:
+        raise ValueError(f"router-init method must be one of {METHODS}, got {method!r}")
+    config, params = checkpoint.load(anchor)
+    if config.is_moe:
+        raise ValueError(f"{anchor} is not a dense anchor (it has experts {list(config.names)})")
+    import jax
+
+    params = jax.device_get(params)
+    L, d = config.n_layers, config.d_model
+    settings = {"method": method, "public_task": public_task, "seq_len": seq_len, "seed": seed}
+    emb_map = None
+    if method == "hidden":
+        batches = data.batches(public_task, "train", 16, seq_len, data_dir, seed=seed + 1)
+        row = router_init.mean_direction(config, params, batches, num_batches)
+        settings["num_batches"] = num_batches
+    elif method in ("embedder", "minilm"):
+        texts = router_init.documents(public_task, data_dir, num_docs)
+        x = router_init.embedder()(texts)
+        y = router_init.document_directions(config, params, [data.sentencepiece(data_dir).encode(t) for t in texts],
+                                            seq_len)
+        if method == "embedder":
+            y = y.mean(axis=1, keepdims=True)  # one map for every layer
+        proj = router_init.fit_projection(x, y)
+        row = np.broadcast_to(proj(x.mean(0)), (L, d)).astype(np.float32)
+        emb_map = proj
+        settings.update(num_docs=len(texts), embedder=router_init.EMBED_PACKAGE,
+                        loo_r2=[round(float(r), 4) for r in proj.loo_r2])
+    elif method == "random":
+        row = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (L, d)) * config.init_std, np.float32)
+    else:
+        row = np.zeros((L, d), np.float32)
+    stats = routing.fit(data_dir, public_task, routing.PUBLIC, seq_len=seq_len, vocab_size=config.vocab_size)
+
+    with checkpoint.writing(out, kind=KIND) as tmp:
+        _link_tree(checkpoint._checkpoint_dir(anchor), tmp / "model")
+        np.save(tmp / "public_router.npy", np.asarray(row, np.float32))
+        stats.save(tmp / routing.STATS_FILE)
+        files = ["public_router.npy", routing.STATS_FILE]
+        if emb_map is not None:
+            np.savez(tmp / "embed_map.npz", **dataclasses.asdict(emb_map))
+            files.append("embed_map.npz")
+        meta = {"format": FORMAT, "version": 1, "anchor_fingerprint": expert.fingerprint(config, params),
+                "anchor_source": os.path.abspath(os.fspath(anchor)), "router_init": settings,
+                "files": {f: _sha256(tmp / f) for f in files}}
+        (tmp / KIT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(os.path.abspath(os.fspath(out)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Kit:
+    """An opened, verified kit."""
+
+    path: Path
+    meta: dict
+    kit_id: str  # sha256 of kit.json: names the kit in every deliverable trained against it
+
+    @property
+    def anchor(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def method(self) -> str:
+        return self.meta["router_init"]["method"]
+
+    def public_row(self) -> np.ndarray:
+        return np.load(self.path / "public_router.npy")
+
+    def embed_map(self) -> router_init.Projection:
+        with np.load(self.path / "embed_map.npz") as z:
+            return router_init.Projection(**{k: z[k] for k in z.files})
+
+    def owner_row(self, config: ModelConfig, params, *, data_dir, task: str, seq_len: int, seed: int,
+                  num_batches: int = 8, num_docs: int = 256) -> np.ndarray:
+        """[L, d] the owner's router row by the kit's method, from the owner's own data only."""
+        from flexmoe_jax import data
+
+        L, d = config.n_layers, config.d_model
+        m = self.method
+        if m == "hidden":
+            batches = data.batches(task, "train", 16, seq_len, data_dir, seed=seed + 1)
+            return router_init.mean_direction(config, params, batches, num_batches)
+        if m in ("embedder", "minilm"):
+            x = router_init.embedder()(router_init.documents(task, data_dir, num_docs))
+            return np.broadcast_to(self.embed_map()(x.mean(0)), (L, d)).astype(np.float32)
+        if m == "random":
+            import jax
+
+            return np.asarray(jax.random.normal(jax.random.PRNGKey(seed + 1), (L, d)) * config.init_std, np.float32)
+        return np.zeros((L, d), np.float32)
+
+
+def open_kit(path: str | os.PathLike) -> Kit:
+    """Open ``path`` and check every file against ``kit.json`` (a damaged kit is refused)."""
+    p = Path(os.path.abspath(os.fspath(path)))
+    if not is_kit(p):
+        raise checkpoint.CheckpointError(f"{p} is not an anchor kit (no {KIT_FILE}); build one with "
+                                         "`flexmoe anchor-kit`")
+    raw = (p / KIT_FILE).read_bytes()
+    try:
+        meta = json.loads(raw)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"{p / KIT_FILE} is not a valid kit description ({e}); re-copy the kit") from None
+    for f, want in meta["files"].items():
+        if not (p / f).is_file() or _sha256(p / f) != want:
+            raise checkpoint.CheckpointError(f"anchor kit {p}: {f} is missing or does not match its sha256 in "
+                                             f"{KIT_FILE}; the kit is damaged (re-copy it from the model builder)")
+    return Kit(p, meta, hashlib.sha256(raw).hexdigest())

@@ -1,0 +1,202 @@
+"""An owner registered from files of its own (not FlexMix-mini) gets what FlexMix-mini's owners get (issue 14).
+
+The owner's corpus is built from text that is on every Debian machine and is none of FlexMix-mini's
+sources: the license texts of ``base-files`` (``/usr/share/common-licenses``), cut into
+paragraph-sized documents. The whole workflow runs through the command line, each step in its own
+process as the people involved would run it:
+
+- the model builder pretrains the public dense anchor on the public data and counts the public
+  tokens (``flexmoe routing-stats``);
+- the owner registers its files (``flexmoe data register``) and trains its expert against the
+  anchor (``flexmoe train-expert``, which also writes its routing counts), as does a FlexMix-mini
+  owner (humor);
+- the experts are merged (``flexmoe merge``, each expert's routing stats carried from its run
+  directory) and evaluated on the owner's held-out text (``flexmoe eval --json``).
+
+Checked: the owner's own model beats the public model on its text; the merged model with domain
+routing keeps at least 70% of that gain and sends at least 80% of the owner's tokens to its
+expert; opting the owner out under domain routing is bit-identical to a merge made without it.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+OWNER = "license_texts"  # the registered owner: its task name, expert name and results domain
+LICENSES = Path("/usr/share/common-licenses")  # Debian base-files: present on every Debian system
+DOC_CHARS = 700  # paragraphs are joined into documents of about this many characters
+
+MODEL = ["ModelConfig.vocab_size=512", "ModelConfig.d_model=32", "ModelConfig.n_heads=2",
+         "ModelConfig.mlp_hidden=64", "ModelConfig.n_layers=2", "ModelConfig.max_seq_len=64"]
+SHAPE = ["RunConfig.seq_len=64", "RunConfig.batch_size=8", "OptimConfig.warmup_steps=2", "RunConfig.log_every=10"]
+ANCHOR_STEPS = 60
+EXPERT_STEPS = 30
+EVAL_TOKENS = 4000  # per domain: a seeded sample of whole test documents
+
+
+def _cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flexmoe_jax.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=900, env=env)
+
+
+def _ok(r: subprocess.CompletedProcess, what: str) -> str:
+    assert r.returncode == 0, f"{what} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r.stdout
+
+
+def _gin(params) -> list[str]:
+    return [a for p in params for a in ("--gin_param", p)]
+
+
+def license_documents() -> list[str]:
+    """The Debian license texts as documents: runs of whole paragraphs of about DOC_CHARS characters,
+    each file read once (GPL, LGPL and GFDL are links to versioned files)."""
+    if not LICENSES.is_dir():
+        pytest.skip(f"{LICENSES} is missing (not a Debian system)")
+    docs, seen = [], set()
+    for path in sorted(LICENSES.iterdir()):
+        real = path.resolve()
+        if real in seen or not real.is_file():
+            continue
+        seen.add(real)
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", real.read_text(encoding="utf-8")) if p.strip()]
+        cur = ""
+        for p in paragraphs:
+            cur = f"{cur}\n\n{p}" if cur else p
+            if len(cur) >= DOC_CHARS:
+                docs.append(cur)
+                cur = ""
+        if cur:
+            docs.append(cur)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def world(small_data_dir, tmp_path_factory):
+    from flexmoe_jax import demo, routing
+
+    root = tmp_path_factory.mktemp("registered_owner")
+    timing = {}
+    t0 = time.perf_counter()
+
+    def lap(what):
+        nonlocal t0
+        timing[what] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+
+    # A data directory of our own (public + humor, hard links into the session's), so registering the
+    # owner leaves the shared fixture as it was.
+    data_dir = demo.owner_data_dir(small_data_dir, "humor", root / "data")
+    corpus = root / "owner_files"
+    corpus.mkdir()
+    docs = license_documents()
+    for i, text in enumerate(docs):
+        (corpus / f"{i:04d}.txt").write_text(text + "\n", encoding="utf-8")
+    lap("setup")
+
+    # The model builder: public anchor and public routing counts.
+    anchor_run = root / "anchor"
+    _ok(_cli("train", "--gin_file", "phase/pretrain.gin", "--workdir", anchor_run,
+             *_gin(MODEL + SHAPE + [f'RunConfig.data_dir="{data_dir}"', f"RunConfig.steps={ANCHOR_STEPS}",
+                                    f"RunConfig.checkpoint_every={ANCHOR_STEPS}", "OptimConfig.peak_lr=0.01"])),
+        "pretraining the anchor")
+    anchor = anchor_run / "model"
+    lap("anchor")
+    public_stats = root / "public_stats.npz"
+    _ok(_cli("routing-stats", "--data_dir", data_dir, "--task", "flexmix_mini.public", "--name", "public",
+             "--out", public_stats), "routing-stats public")
+    lap("public routing stats")
+
+    # The owner registers its files, with the anchor's tokenizer (the data directory's).
+    out = _ok(_cli("data", "register", "--name", OWNER, "--files", f"{corpus}/*.txt", "--data_dir", data_dir,
+                   "--no_progress"), "data register")
+    manifest = json.loads((Path(data_dir) / "owners" / f"{OWNER}.json").read_text())
+    lap("register")
+
+    # Each owner trains its expert in its own process, the two at once.
+    runs = {OWNER: root / "experts" / OWNER, "humor": root / "experts" / "humor"}
+    tasks = {OWNER: OWNER, "humor": "flexmix_mini.humor"}
+    procs = {}
+    for name, run in runs.items():
+        args = ["train-expert", "--anchor", anchor, "--task", tasks[name], "--out", run, "--data_dir", data_dir,
+                *_gin(SHAPE + [f"RunConfig.steps={EXPERT_STEPS}", f"RunConfig.checkpoint_every={EXPERT_STEPS}"])]
+        procs[name] = subprocess.Popen([sys.executable, "-m", "flexmoe_jax.cli", *map(str, args)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=900)
+        _ok(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), f"train-expert {name}")
+        assert (runs[name] / routing.STATS_FILE).is_file(), f"train-expert {name} wrote no routing stats"
+    lap("experts")
+
+    # The merges: with the owner, and without it (for the opt-out check).
+    merged, without = root / "merged", root / "merged_without_owner"
+    for dst, experts in ((merged, [runs[OWNER], runs["humor"]]), (without, [runs["humor"]])):
+        _ok(_cli("merge", "--anchor", anchor, "--expert", *experts, "--out", dst,
+                 "--routing_stats", f"public={public_stats}"), f"merge -> {dst.name}")
+    lap("merge")
+
+    # Evaluation on the owner's held-out text: public, the owner's own model, merged (top_k, domain).
+    results = root / "results.json"
+    common = ["--data_dir", data_dir, "--tasks", OWNER, "--mc_items", "0", "--max_tokens", EVAL_TOKENS,
+              "--json", results]
+    _ok(_cli("eval", "--ckpt", anchor, runs[OWNER], merged, "--name", "public", "own", "merged_top_k", *common),
+        "eval")
+    _ok(_cli("eval", "--ckpt", merged, "--name", "merged_domain", "--routing", "domain", *common),
+        "eval --routing domain")
+    lap("eval")
+    return {"root": root, "data_dir": str(data_dir), "docs": docs, "register_stdout": out, "manifest": manifest,
+            "anchor": anchor, "runs": runs, "merged": merged, "without": without,
+            "results": json.loads(results.read_text()), "timing": timing}
+
+
+def test_registered_owner_keeps_its_gain_after_merging(world):
+    from flexmoe_jax import eval as eval_lib
+    from flexmoe_jax import merge
+
+    man = world["manifest"]
+    assert man["task"] == OWNER and man["read"]["documents"] == len(world["docs"])
+    assert all(man["splits"][s]["docs"] > 0 for s in ("train", "validation", "test")), man["splits"]
+    assert f"registered '{OWNER}'" in world["register_stdout"]
+    # The merged model carries the routing counts of every expert, the owner's from its run directory.
+    names = ("public", OWNER, "humor")
+    assert merge.read_manifest(world["merged"])["experts"][1]["name"] == OWNER
+    stats = eval_lib.checkpoint_routing_stats(world["merged"], names)
+    assert sorted(stats) == sorted(names) and stats[OWNER].source["task"] == OWNER
+
+    r = {m: world["results"][m][OWNER]["bpb"] for m in ("public", "own", "merged_top_k", "merged_domain")}
+    gain = r["public"] - r["own"]
+    kept = {mode: (r["public"] - r[f"merged_{mode}"]) / gain for mode in ("domain", "top_k")}
+
+    config, params = eval_lib.load_model(world["merged"])
+    shares = eval_lib.routing(config, params, world["data_dir"], tasks=[OWNER], mode="domain", routing_stats=stats,
+                              max_tokens=EVAL_TOKENS)[OWNER]
+    print(f"\n{OWNER}: {len(world['docs'])} documents, splits {man['splits']}")
+    print(f"bpb on {OWNER} test: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()))
+    print(f"gain kept: domain routing {kept['domain']:.1%}, top_k routing {kept['top_k']:.1%} (not asserted); "
+          f"own share under domain routing {shares['own']:.1%} of {shares['tokens']} tokens ({shares['picked']})")
+    print(f"timing (s): {world['timing']}")
+    assert gain > 0, f"the owner's expert does not beat the public model on its own text: {r}"
+    assert kept["domain"] >= 0.7, f"domain routing keeps {kept['domain']:.1%} of the owner's gain: {r}"
+    assert shares["own"] >= 0.8, shares
+
+
+def test_registered_owner_opt_out_is_exact(world):
+    """Excluding the owner under domain routing is the merge made without it, bit for bit."""
+    from flexmoe_jax import data
+    from flexmoe_jax import eval as eval_lib
+
+    data.register_tasks(world["data_dir"])
+    batch = next(iter(data.batches(OWNER, "test", 8, 64, world["data_dir"], seed=0)))
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    got = eval_lib.ModelScorer.from_checkpoint(world["merged"], exclude=[OWNER], routing="domain").logprobs(batch)
+    want = eval_lib.ModelScorer.from_checkpoint(world["without"], routing="domain").logprobs(batch)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    full = eval_lib.ModelScorer.from_checkpoint(world["merged"], routing="domain").logprobs(batch)
+    assert not np.array_equal(np.asarray(full), np.asarray(want))  # the owner's expert did take part
