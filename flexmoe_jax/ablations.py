@@ -34,11 +34,14 @@ EXPERT_SETS = {
     "route": ("RunConfig.public_replay=0.3", "LossConfig.route_weight=1.0"),  # replay + routing loss
     "bias_start": ("RunConfig.bias_init=-1.0", "OptimConfig.bias_lr_scale=10.0"),  # from -1, 10x its lr
     "bias_fixed": ("RunConfig.bias_init=-1.0", "OptimConfig.bias_lr_scale=0.0"),  # -1, never trained
+    "kit_embedder": (),  # trained against an anchor kit of router-init method "embedder" (the paper's)
 }
+KIT_SETS = {"kit_embedder": "embedder"}  # expert set -> the anchor kit's router-init method
 SET_LABELS = {"": "router init hidden (default)", "init_minilm": "router init minilm (sentence embedder)",
               "init_random": "router init random", "init_zeros": "router init zeros",
               "replay": "hidden + public replay", "route": "hidden + public replay + routing loss",
-              "bias_start": "hidden, bias from -1 at 10x lr", "bias_fixed": "hidden, bias fixed at -1"}
+              "bias_start": "hidden, bias from -1 at 10x lr", "bias_fixed": "hidden, bias fixed at -1",
+              "kit_embedder": "anchor kit, router init embedder (the paper's: one vector per domain, every layer)"}
 MODES = ("top_k", "public_plus", "document_top_k", "document_public_plus", "domain")
 # (expert set, keep the learned bias, routing modes)
 ROWS = [("", True, MODES), ("", False, ("top_k", "public_plus", "domain")),
@@ -48,7 +51,8 @@ ROWS = [("", True, MODES), ("", False, ("top_k", "public_plus", "domain")),
         ("replay", True, ("top_k", "public_plus", "document_public_plus", "domain")),
         ("route", True, ("top_k", "public_plus", "document_public_plus", "domain")),
         ("bias_start", True, ("top_k", "public_plus", "domain")),
-        ("bias_fixed", True, ("top_k", "public_plus", "domain"))]
+        ("bias_fixed", True, ("top_k", "public_plus", "domain")),
+        ("kit_embedder", True, ("top_k", "public_plus", "document_public_plus", "domain"))]
 # Router scores evaluated on the default experts: cosine with one temperature (not tuned).
 COSINE = {"router_score": "cosine", "router_temperature": 0.1}
 SCORED_ROWS = [("", True, ("top_k", "public_plus", "document_public_plus"))]
@@ -62,7 +66,7 @@ def row_name(expert_set: str, keep_bias: bool, mode: str, score: dict | None = N
 
 def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=SCORED_ROWS) -> dict:
     """Train the missing expert sets, merge, evaluate every row; write and return the summary."""
-    from flexmoe_jax import data, merge
+    from flexmoe_jax import anchor_kit, data, merge
 
     w = demo_lib.Workdir(workdir, demo_lib.QUICK if quick else demo_lib.FULL)
     demo_lib.compile_cache(w)
@@ -73,15 +77,24 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=
                          "owners' experts): run `flexmoe demo` there first (or `flexmoe demo --ablations`)")
     anchor = w.root / "anchor" / "model"
     sets = sorted({r[0] for r in [*rows, *scored_rows]})
+    anchors = {v: anchor for v in sets}
     with demo_lib._Phase(w, "ablation_experts"):
-        jobs = [(d, v) for v in sets for d in domains]
-        trained = demo_lib.train_experts(w, anchor, jobs, parallel, binds=EXPERT_SETS)
-    models = {}
+        for v in sets:
+            if v in KIT_SETS:
+                anchors[v] = w.root / f"anchor_kit_{KIT_SETS[v]}"
+                if not demo_lib._complete(anchors[v]):
+                    anchor_kit.build(anchor, w.data, anchors[v], method=KIT_SETS[v], seq_len=w.plan.seq_len)
+        trained = {}
+        for a in sorted(set(anchors.values())):
+            jobs = [(d, v) for v in sets if anchors[v] == a for d in domains]
+            trained.update(demo_lib.train_experts(w, a, jobs, parallel, binds=EXPERT_SETS))
+    models, biases = {}, {}
     with demo_lib._Phase(w, "ablation_merge"):
         for (v, keep_bias, modes), score in [(r, None) for r in rows] + [(r, COSINE) for r in scored_rows]:
             name = "merged" + (f"_{v}" if v else "") + ("" if keep_bias else "_nobias")
-            merged = demo_lib.merge_experts(w, anchor, {d: trained[d, v] for d in domains}, keep_bias=keep_bias,
-                                            name=name)
+            merged = demo_lib.merge_experts(w, anchors[v], {d: trained[d, v] for d in domains},
+                                            keep_bias=keep_bias, name=name)
+            biases[name] = learned_bias(merged)
             for m in modes:
                 spec = models[row_name(v, keep_bias, m, score)] = {"model": merged, "routing": m, "score": score}
                 if m == "domain" and not merge.read_routing_stats(merged, ("public", *domains)):
@@ -92,8 +105,22 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=
     with demo_lib._Phase(w, "ablation_routing"):
         routes = demo_lib.routing_all(w, models, json_name="ablations_routing.json", groups=GROUPS)
     summary = summarize(base, results, routes, domains, list(models))
+    summary["learned_bias"] = biases
     write(w.results, summary)
     return summary
+
+
+def learned_bias(merged) -> dict[str, float] | None:
+    """Each expert's router bias as the forward pass uses it (clamped to <= 0), averaged over layers."""
+    import numpy as np
+
+    from flexmoe_jax import merge
+
+    config, params = merge.load(merged)
+    if not config.expert_bias:
+        return None
+    b = np.minimum(np.asarray(params["layers"]["moe"]["bias"]), 0.0).mean(axis=0)
+    return {n: round(float(v), 4) for n, v in zip(config.names, b)}
 
 
 def summarize(base: dict, results: dict, routes: dict, domains: list[str], names: list[str]) -> dict:
@@ -145,6 +172,10 @@ def table(summary: dict) -> str:
                  f"(each owner's own model) {ref['oracle']:.4f}"
                  + (f", BTM {ref['btm']:.4f}" if ref["btm"] else "") + (f", soup {ref['soup']:.4f}" if ref["soup"] else "")
                  + f"; public model on public {ref['public_model_public']:.4f}.")
+    for name, b in (summary.get("learned_bias") or {}).items():
+        if b:
+            lines.append(f"- router bias of {name} (mean over layers, as used): "
+                         + ", ".join(f"{n} {v:+.3f}" for n, v in b.items()))
     return "\n".join(lines)
 
 
