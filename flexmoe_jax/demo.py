@@ -583,9 +583,12 @@ def routing_all(w: Workdir, models: dict[str, dict], json_name: str = "routing.j
         if name in done:
             continue
         config, params = eval_lib.load_model(spec["model"], exclude=spec.get("exclude"), top_k=spec.get("top_k"))
+        stats = spec.get("routing_stats")
+        if spec.get("routing") == "domain" and stats is None:  # the ones the merged model carries
+            stats = eval_lib.checkpoint_routing_stats(spec["model"], config.names)
         done[name] = eval_lib.routing(config, params, w.data, seq_len=w.plan.seq_len,
                                       batch_size=w.plan.eval_batch_size, max_tokens=w.plan.eval_tokens,
-                                      mode=spec.get("routing"), routing_stats=spec.get("routing_stats"),
+                                      mode=spec.get("routing"), routing_stats=stats,
                                       groups=groups, score=spec.get("score"))
         _write_json(f, done)
     return done
