@@ -121,8 +121,10 @@ def _cmd_generate(args) -> None:
           f"(compiling first; {'greedy' if args.temperature == 0 else f'temperature {args.temperature}, top_p {args.top_p}'})",
           file=sys.stderr)
     kw = _routing(args)
-    if kw["routing"] == "domain" and kw["routing_stats"] is None:
-        kw["routing_stats"] = merge.read_routing_stats(args.ckpt, config.names) or None
+    if kw["routing_stats"] is None:
+        from flexmoe_jax import eval as eval_lib
+
+        kw["routing"], kw["routing_stats"] = eval_lib.default_routing(args.ckpt, config, kw["routing"])
     results = generate.generate_text(config, params, args.prompt, vocab, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, **kw)
     for i, r in enumerate(results):
@@ -198,7 +200,8 @@ def _add_routing_flags(parser) -> None:
     from flexmoe_jax.config import ROUTINGS
 
     parser.add_argument("--routing", choices=(*ROUTINGS, "domain"), default=None,
-                        help="how tokens pick experts (default: the checkpoint's own, top_k unless merged with "
+                        help="how tokens pick experts (default: domain for a merged model that carries every "
+                             "active expert's routing stats, else the checkpoint's own, top_k unless merged with "
                              "--routing): top_k (the trained router rows), public_plus (public always + the top "
                              "k-1 others), document_* (router logits averaged over the document so far), domain "
                              "(each document's domain by the experts' token counts: public alone or {public, "

@@ -544,7 +544,7 @@ def evaluate_all(w: Workdir, models: dict[str, dict], json_name: str = "results.
         m = spec["model"]
         m = m() if callable(m) else m
         eval_lib.main_eval({name: m}, w.data, exclude=spec.get("exclude"), top_k=spec.get("top_k"),
-                           routing=spec.get("routing"), routing_stats=spec.get("routing_stats"),
+                           routing=spec.get("routing", "top_k"), routing_stats=spec.get("routing_stats"),
                            score=spec.get("score"), batch_size=p.eval_batch_size, mc_items_per_domain=p.mc_items,
                            max_tokens=p.eval_tokens, json_out=w.results / json_name, log=None, progress=True)
         w.record(f"eval_{name}", time.perf_counter() - t0)

@@ -178,11 +178,12 @@ class ModelScorer(Scorer):
                         name: str | None = None, routing: str | None = None,
                         routing_stats: Mapping | None = None, score: Mapping | None = None) -> "ModelScorer":
         """Load any model checkpoint (plain, merged, or a run directory's ``model/``) with
-        ``merge.load``, which never reads an excluded expert's arrays of a merged model. Domain
-        routing without ``routing_stats`` uses the ones a merged model carries (its kept experts')."""
+        ``merge.load``, which never reads an excluded expert's arrays of a merged model. ``routing``
+        None is :func:`default_routing`; domain routing without ``routing_stats`` uses the ones a
+        merged model carries (its kept experts')."""
         config, params = load_model(path, include=include, exclude=exclude, top_k=top_k)
-        if routing == "domain" and routing_stats is None:
-            routing_stats = checkpoint_routing_stats(path, config.names)
+        if routing_stats is None:
+            routing, routing_stats = default_routing(path, config, routing)
         return cls(config, params, name=name or default_name(path, include, exclude), routing=routing,
                    routing_stats=routing_stats, score=score)
 
@@ -357,6 +358,20 @@ def load_model(path: str | os.PathLike, *, include=None, exclude=None, top_k=Non
         raise ValueError(f"{path} is an expert deliverable: it holds only the owner's trained slot. Evaluate "
                          "its run directory (or WORKDIR/model), or the merged model")
     return merge.load(d, include=include, exclude=exclude, top_k=top_k)
+
+
+def default_routing(path: str | os.PathLike, config: ModelConfig, routing: str | None = None
+                    ) -> tuple[str | None, dict | None]:
+    """``(routing mode, routing stats)`` a checkpoint is run with when ``routing`` is not given: domain
+    routing when it carries routing stats for every active expert (merged models made with them; the
+    ablations pick it, README "Routing ablations"), else the config's own routing. Given ``domain``,
+    the stats it carries (None if it has none)."""
+    if routing not in (None, "domain") or not config.is_moe:
+        return routing, None
+    stats = checkpoint_routing_stats(path, config.names)
+    if routing is None and (stats is None or set(config.names) - set(stats) or "public" not in config.names):
+        return None, None
+    return "domain", stats
 
 
 def checkpoint_routing_stats(path: str | os.PathLike, names: Sequence[str]) -> dict | None:

@@ -523,3 +523,23 @@ def test_cosine_router_scores(merged_with_stats, tmp_path):
     assert not np.allclose(np.asarray(cos), np.asarray(eval_lib.ModelScorer.from_checkpoint(ab).logprobs(batch)))
     with pytest.raises(hf.HFFormatError, match="router_score='cosine'"):
         hf.to_hf(cfg.replace(router_score="cosine"), params, tmp_path / "hf")
+
+
+def test_default_routing_is_domain_when_every_expert_carries_stats(merged_with_stats, world, tmp_path):
+    from flexmoe_jax import eval as eval_lib
+
+    abc, _ = merged_with_stats
+    assert eval_lib.ModelScorer.from_checkpoint(abc).router is not None  # domain routing by default
+    assert eval_lib.ModelScorer.from_checkpoint(abc, routing="top_k").router is None
+    # Without public no domain routing: the config's own routing.
+    assert eval_lib.ModelScorer.from_checkpoint(abc, exclude=["public"]).router is None
+    # A merge lacking some expert's stats keeps the config's routing by default.
+    bare = merge.merge(world.anchor_path, deliverables(world, ("a",)), tmp_path / "bare",
+                       public_router=world.public_row, routing_stats={})
+    assert sorted(merge.read_routing_stats(bare, ("public", "a"))) == ["a", "public"]  # found beside them
+    shutil.rmtree(bare / merge.STATS_DIR)
+    m = json.loads((bare / merge.MANIFEST_NAME).read_text())
+    for e in m["experts"]:
+        e.pop("routing_stats", None)
+    (bare / merge.MANIFEST_NAME).write_text(json.dumps(m))
+    assert eval_lib.ModelScorer.from_checkpoint(bare).router is None
