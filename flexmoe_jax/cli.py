@@ -298,6 +298,15 @@ def _cmd_train_expert(args) -> None:
     _write_routing_stats(rc, name, result["config"].vocab_size, args.out)
 
 
+def _cmd_train_dense(args) -> None:
+    name = args.name or args.task.split(".")[-1]
+    bindings = ['RunConfig.phase="dense"', f'RunConfig.anchor="{args.anchor}"', f'RunConfig.task="{args.task}"',
+                f'RunConfig.expert_name="{name}"']
+    if args.data_dir:
+        bindings.append(f'RunConfig.data_dir="{args.data_dir}"')
+    _train_from_gin(["phase/dense.gin", *args.gin_file], bindings + list(args.gin_param), args.out)
+
+
 def _write_routing_stats(rc, name: str, vocab_size: int, out) -> None:
     """The owner's token counts for domain routing, OUT/routing_stats.npz, counted in the owner's own
     process from its own data (aggregate counts, no text; see flexmoe_jax.routing)."""
@@ -365,6 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
     x.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
     x.set_defaults(fn=_cmd_train_expert)
+
+    y = sub.add_parser("train-dense", help="one owner's dense expert: the whole anchor continued on its own data",
+                       description="The paper's dense experts (its soup, BTM and BTX baselines are built from "
+                                   "them): every parameter of the anchor trains on the owner's data only, in the "
+                                   "owner's process, with expert training's recipe (phase/dense.gin).")
+    y.add_argument("--anchor", required=True, help="the public dense model checkpoint (or an anchor kit)")
+    y.add_argument("--task", required=True, help="this owner's seqio task, e.g. flexmix_mini.math")
+    y.add_argument("--out", required=True, help="run directory; the dense expert lands in OUT/model")
+    y.add_argument("--name", default=None, help="the dense expert's name (default: the task's last component)")
+    y.add_argument("--data_dir", default=None, help="data directory (default: RunConfig.data_dir)")
+    y.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
+    y.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
+    y.set_defaults(fn=_cmd_train_dense)
 
     k = sub.add_parser("anchor-kit", help="publish an anchor with its public router row and public routing stats",
                        description="What every owner trains against (flexmoe_jax.anchor_kit): the anchor, one "

@@ -40,7 +40,9 @@ from tqdm import tqdm
 from flexmoe_jax import baselines, checkpoint, expert, flops, model, optim, train
 from flexmoe_jax.config import ModelConfig
 
-PHASES = ("pretrain", "expert", "router_tune")
+# "dense": an owner continues pretraining the whole dense anchor on its own data (the paper's dense
+# experts, from which its soup, BTM and BTX baselines are built).
+PHASES = ("pretrain", "expert", "dense", "router_tune")
 
 
 class TrainingError(RuntimeError):
@@ -95,6 +97,8 @@ class RunConfig:
         if self.phase == "expert" and (not self.anchor or not self.expert_name):
             raise ValueError("expert training needs RunConfig.anchor (the public checkpoint) and "
                              "RunConfig.expert_name (this owner's domain)")
+        if self.phase == "dense" and not self.anchor:
+            raise ValueError("dense expert training needs RunConfig.anchor (the public checkpoint it continues)")
         from flexmoe_jax.router_init import METHODS
 
         if self.router_init not in METHODS:
@@ -209,7 +213,7 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
             raise ValueError("pretraining needs a ModelConfig")
         return config, jax.device_get(model.init(config, rc.seed)), {}
     kit = None
-    if rc.phase == "expert":
+    if rc.phase in ("expert", "dense"):
         from flexmoe_jax import anchor_kit
 
         if anchor_kit.is_kit(rc.anchor):  # the builder's kit: its anchor, public row and router-init method
@@ -263,11 +267,14 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
         if init_info:
             provenance["router_init_info"] = init_info
         return cfg, params, provenance
+    if rc.phase == "dense":
+        provenance["dense_expert"] = rc.expert_name or rc.task.split(".")[-1]
     return anchor_config, jax.device_get(anchor_params), provenance
 
 
 def split_for(phase: str) -> optim.Split:
-    return {"pretrain": optim.ALL, "expert": expert.TRAINABLE, "router_tune": optim.ROUTER_ONLY}[phase]
+    return {"pretrain": optim.ALL, "expert": expert.TRAINABLE, "dense": optim.ALL,
+            "router_tune": optim.ROUTER_ONLY}[phase]
 
 
 def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,

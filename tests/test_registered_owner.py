@@ -149,10 +149,11 @@ def world(small_data_dir, tmp_path_factory):
     lap("merge")
 
     # Evaluation on the owner's held-out text: public, the owner's own model, merged (top_k, domain).
+    # Routing is named explicitly: a merged model carrying every expert's stats defaults to domain.
     results = root / "results.json"
     common = ["--data_dir", data_dir, "--tasks", OWNER, "--mc_items", "0", "--json", results]
-    _ok(_start("eval", "--ckpt", anchor, runs[OWNER], merged, "--name", "public", "own", "merged_top_k", *common),
-        "eval")
+    _ok(_start("eval", "--ckpt", anchor, runs[OWNER], merged, "--name", "public", "own", "merged_top_k",
+               "--routing", "top_k", *common), "eval --routing top_k")
     _ok(_start("eval", "--ckpt", merged, "--name", "merged_domain", "--routing", "domain", *common),
         "eval --routing domain")
     lap("eval")

@@ -211,3 +211,22 @@ def test_routing_loss_teaches_the_router_owner_vs_public(data_dir, tmp_path):
     assert measured[1.0]["route_ce"] < measured[0.0]["route_ce"] - 0.005, measured
     assert measured[1.0]["route_acc"] > measured[0.0]["route_acc"], measured
     assert abs(measured[1.0]["ce"] / measured[0.0]["ce"] - 1) < 0.01, measured
+
+
+def test_train_dense_continues_the_whole_anchor(data_dir, tmp_path):
+    """The paper's dense expert: every anchor parameter trains on the owner's data; a dense model comes out,
+    tied to its anchor by fingerprint."""
+    assert cli.main(_args(data_dir, tmp_path / "anchor", "RunConfig.steps=2", "RunConfig.checkpoint_every=2")) == 0
+    anchor = str(tmp_path / "anchor" / "model")
+    assert cli.main(["train-dense", "--anchor", anchor, "--task", "flexmix_mini.humor", "--data_dir", data_dir,
+                     "--out", str(tmp_path / "dense"), "--gin_param", "RunConfig.steps=3", "--gin_param",
+                     "RunConfig.seq_len=64", "--gin_param", "RunConfig.batch_size=8", "--gin_param",
+                     "OptimConfig.warmup_steps=1"]) == 0
+    cfg, _ = checkpoint.load(str(tmp_path / "dense" / "model"))
+    acfg, aparams = checkpoint.load(anchor)
+    assert not cfg.is_moe and cfg == acfg
+    meta = checkpoint.load_metadata(str(tmp_path / "dense" / "model"))
+    assert meta["phase"] == "dense" and meta["dense_expert"] == "humor" and meta["task"] == "flexmix_mini.humor"
+    assert meta["anchor_fingerprint"] == expert.fingerprint(acfg, aparams)
+    a, d = _leaves(anchor), _leaves(str(tmp_path / "dense" / "model"))
+    assert sorted(a) == sorted(d) and all(not np.array_equal(a[k], d[k]) for k in a if not k.endswith("norm"))
