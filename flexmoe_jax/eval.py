@@ -282,14 +282,17 @@ def soup(models: Sequence[tuple[ModelConfig, model.Params]],
 
 # -- BTM ensemble -------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("top_k",))
+@functools.partial(jax.jit, static_argnames=("top_k", "mean"))
 def btm_combine(member_logprobs: jax.Array, segment_ids: jax.Array, log_prior: jax.Array,
-                top_k: int | None = None) -> jax.Array:
+                top_k: int | None = None, temperature: float = 1.0, mean: bool = False) -> jax.Array:
     """Mix M members' per-token log-probs [M, B, S] into the BTM ensemble's [B, S].
 
     Member m's weight at token t is ``softmax_m(log_prior_m + sum of m's log-probs of the tokens
     before t in t's segment)``: the posterior over members given the segment so far. Only earlier
     tokens of the same segment (a run of equal non-zero ``segment_ids``) enter a token's weights.
+    ``mean=True, temperature=T`` is the paper's form: ``softmax_m(-NLL_m / T)`` with NLL the mean
+    negative log-likelihood of the context (uniform before any context); ``top_k`` keeps the k
+    heaviest members, renormalized.
     """
     valid = segment_ids > 0
     lp = jnp.where(valid[None], member_logprobs.astype(jnp.float32), 0.0)
@@ -300,7 +303,10 @@ def btm_combine(member_logprobs: jax.Array, segment_ids: jax.Array, log_prior: j
                              axis=1)
     seg_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # first position of t's segment
     at_start = jnp.take_along_axis(before, jnp.broadcast_to(seg_start[None], before.shape), axis=-1)
-    logw = log_prior[:, None, None] + (before - at_start)  # [M, B, S]
+    context = before - at_start  # [M, B, S] log-likelihood of the segment before t
+    if mean:
+        context = context / jnp.maximum(idx - seg_start, 1)[None].astype(jnp.float32)
+    logw = log_prior[:, None, None] + context / temperature
     m = logw.shape[0]
     if top_k is not None and top_k < m:
         kth = jax.lax.top_k(jnp.moveaxis(logw, 0, -1), top_k)[0][..., -1]
@@ -314,7 +320,7 @@ class BTMScorer(Scorer):
     """Branch-Train-Merge ensemble of member scorers (see the module docstring and :func:`btm_combine`)."""
 
     def __init__(self, members: Sequence[Scorer], prior: Sequence[float] | None = None,
-                 top_k: int | None = None, name: str = "btm"):
+                 top_k: int | None = None, name: str = "btm", temperature: float = 1.0, mean: bool = False):
         members = list(members)
         if not members:
             raise ValueError("a BTM ensemble needs at least one member")
@@ -325,7 +331,10 @@ class BTMScorer(Scorer):
             raise ValueError(f"the BTM prior needs {len(members)} positive numbers, got {prior}")
         if top_k is not None and not 1 <= top_k <= len(members):
             raise ValueError(f"BTM top_k={top_k} must be between 1 and the {len(members)} members")
+        if not temperature > 0:
+            raise ValueError(f"BTM temperature must be positive, got {temperature}")
         self.members, self.top_k, self.name = members, top_k, name
+        self.temperature, self.mean = float(temperature), bool(mean)
         self.log_prior = jnp.asarray(np.log(p / p.sum()), jnp.float32)
         self.vocab_size = members[0].vocab_size
         self.max_seq_len = min(m.max_seq_len for m in members)
@@ -333,7 +342,7 @@ class BTMScorer(Scorer):
     def logprobs(self, batch: Batch) -> jax.Array:
         lps = jnp.stack([m.logprobs(batch) for m in self.members])
         segs = jnp.asarray(batch["decoder_segment_ids"], jnp.int32)
-        return btm_combine(lps, segs, self.log_prior, self.top_k)
+        return btm_combine(lps, segs, self.log_prior, self.top_k, self.temperature, self.mean)
 
 
 # -- loading ------------------------------------------------------------------
@@ -410,13 +419,15 @@ def soup_scorer(anchor: Any, experts: Sequence[Any], *, include_public: bool = T
 
 
 def btm_scorer(anchor: Any, experts: Sequence[Any], *, include_public: bool = True,
-               prior: Sequence[float] | None = None, top_k: int | None = None, name: str = "btm") -> BTMScorer:
+               prior: Sequence[float] | None = None, top_k: int | None = None, name: str = "btm",
+               temperature: float = 1.0, mean: bool = False) -> BTMScorer:
     """The BTM baseline as a scorer: the public anchor (unless ``include_public=False``) and each
-    owner's 2-expert model as members. Arguments as in :func:`soup_scorer`."""
+    expert (an owner's 2-expert model, or the paper's dense expert) as members; ``top_k`` /
+    ``temperature`` / ``mean`` as in :func:`btm_combine`. Arguments as in :func:`soup_scorer`."""
     pool = ([anchor] if include_public else []) + list(experts)
     members = [m if isinstance(m, Scorer) else ModelScorer(*_as_model(m), name=f"btm_member_{i}")
                for i, m in enumerate(pool)]
-    return BTMScorer(members, prior=prior, top_k=top_k, name=name)
+    return BTMScorer(members, prior=prior, top_k=top_k, name=name, temperature=temperature, mean=mean)
 
 
 # ----------------------------------------------------------------------------

@@ -134,6 +134,16 @@ def test_btm_single_member_causality_and_bayes_identity(anchor, data_dir):
     ctx = np.stack([np.array([lps[m, rr, :tt][segs[rr, :tt] == segs[rr, tt]].sum() for rr, tt in zip(r, t)])
                     for m in range(3)])
     np.testing.assert_allclose(top1[r, t], lps[np.argmax(ctx, 0), r, t], atol=1e-4)
+    # The paper's form: weights softmax(-mean NLL of the context / T) over the top-2, renormalized.
+    paper = ev.BTMScorer(members, top_k=2, temperature=0.5, mean=True).token_logprobs(batch)
+    n = np.array([((segs[rr, :tt] == segs[rr, tt])).sum() for rr, tt in zip(r, t)])
+    logits = ctx / n / 0.5
+    want = []
+    for i in range(len(r)):
+        keep = np.argsort(-logits[:, i])[:2]
+        w = np.exp(logits[keep, i] - logits[keep, i].max())
+        want.append(np.log(np.sum(w / w.sum() * np.exp(lps[keep, r[i], t[i]]))))
+    np.testing.assert_allclose(paper[r, t], want, atol=1e-4)
 
 
 def test_cached_scorer_reuses_equal_batches_only(anchor, data_dir):
