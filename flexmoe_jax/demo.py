@@ -38,6 +38,8 @@ from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.demo_report import findings, findings_text, write_report  # noqa: F401 (the demo's API)
 
 RESULTS = "results"
+# The paper-form BTM's temperature on the mean NLL of the context (fixed, not tuned on results).
+BTM_TEMPERATURE = 0.1
 PLAN_FILE = "demo_plan.json"
 
 
@@ -288,7 +290,8 @@ def _expert_command(w: Workdir, anchor: Path, domain: str, variant: str = "", ex
     if variant == "replay":
         binds.append(f"RunConfig.public_replay={p.public_replay}")
     binds += list(extra)
-    cmd = [sys.executable, "-m", "flexmoe_jax.cli", "train-expert", "--anchor", str(anchor),
+    command = "train-dense" if variant == "dense" else "train-expert"  # dense: the paper's dense experts
+    cmd = [sys.executable, "-m", "flexmoe_jax.cli", command, "--anchor", str(anchor),
            "--task", f"flexmix_mini.{domain}", "--name", domain, "--out", str(w.expert(domain, variant)),
            "--data_dir", str(w.owner_data(domain))]
     for b in binds:
@@ -341,7 +344,7 @@ def train_experts(w: Workdir, anchor: Path, jobs: list[tuple[str, str]], paralle
     def label(job):
         return job[0] + (f" ({job[1]})" if job[1] else "")
 
-    todo = [j for j in jobs if not (_complete(where(j) / "model") and (where(j) / "expert").is_dir())]
+    todo = [j for j in jobs if not (_complete(where(j) / "model") and (j[1] == "dense" or (where(j) / "expert").is_dir()))]
     # Every compiled program goes to the persistent cache (default: only those over 1 s), so the
     # dozens of small ones each owner process compiles on its core are compiled once, not per owner.
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -510,7 +513,9 @@ def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int) -> dict[str,
 
     one = spent("expert", p.expert_steps)
     experts = plus(*[one] * n_owners)
-    rows = {"public": plus(), "expert (one owner)": one, "soup": experts, "btm": experts, "flexolmo": experts,
+    dense = plus(*[spent("anchor", p.expert_steps)] * n_owners)  # a dense expert's step is the anchor's
+    rows = {"public": plus(), "expert (one owner)": one, "soup": dense, "btm": dense,
+            "soup_flexolmo_experts": experts, "btm_all": experts, "flexolmo": experts,
             "flexolmo_cal": experts, "flexolmo_rt": plus(experts, spent("router_tune", p.router_tune_steps)),
             "flexolmo_replay": experts, "btx": plus(experts, spent("btx", p.btx_steps)),
             "unrestricted": spent("unrestricted", unrestricted_steps)}
@@ -650,9 +655,10 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
         anchor = train_anchor(w)
     with _Phase(w, "experts"):
         share_public_rows(w, domains)
-        trained = train_experts(w, anchor, [(d, v) for v in ("", "replay") for d in domains], parallel)
+        trained = train_experts(w, anchor, [(d, v) for v in ("", "replay", "dense") for d in domains], parallel)
         experts = {d: trained[d, ""] for d in domains}
         experts_replay = {d: trained[d, "replay"] for d in domains}
+        dense = {d: trained[d, "dense"] for d in domains}
     with _Phase(w, "merge"):
         merged = merge_experts(w, anchor, experts)
         merged_nobias = merge_experts(w, anchor, experts, keep_bias=False)
@@ -678,9 +684,18 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
 
     models: dict[str, dict] = {"public": {"model": lambda: member("public", anchor)}}
     models.update({f"expert_{d}": {"model": lambda d=d: member(f"expert_{d}", experts[d])} for d in domains})
-    models["soup"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(experts.values()))}
+    models.update({f"dense_{d}": {"model": lambda d=d: member(f"dense_{d}", dense[d])} for d in domains})
+    # The paper's baselines, from the dense experts: a uniform soup (public model included) and BTM
+    # over {public, dense experts} weighted by softmax(-mean NLL of the context / T), top-2.
+    models["soup"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(dense.values()))}
     models["btm"] = {"model": lambda: eval_lib.btm_scorer(member("public", anchor),
-                                                          [member(f"expert_{d}", experts[d]) for d in domains])}
+                                                          [member(f"dense_{d}", dense[d]) for d in domains],
+                                                          top_k=w.plan.top_k, temperature=BTM_TEMPERATURE,
+                                                          mean=True)}
+    # Informative variants built from the owners' 2-expert FlexOlmo models instead (not the paper's).
+    models["soup_flexolmo_experts"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(experts.values()))}
+    models["btm_all"] = {"model": lambda: eval_lib.btm_scorer(member("public", anchor),
+                                                              [member(f"expert_{d}", experts[d]) for d in domains])}
     models["btx"] = {"model": btx}
     models["unrestricted"] = {"model": unrestricted}
     models["flexolmo"] = {"model": merged}

@@ -12,8 +12,12 @@ import os
 from pathlib import Path
 
 # Baselines and variants FlexOlmo is compared against, in report order.
-COMPARED = ("public", "soup", "btm", "btx", "unrestricted", "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3",
-            "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay", "flexolmo_domain")
+# "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
+# 2-expert models (BTM over every member), informative variants that are not the paper's.
+COMPARED = ("public", "soup", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all", "flexolmo_nobias",
+            "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay",
+            "flexolmo_domain")
+MAIN_PLOT = ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_domain")
 
 
 def findings(results: dict, domains: list[str], routing: dict | None = None, docs: dict | None = None) -> dict:
@@ -183,7 +187,7 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
 
     f = findings(results, domains, routing, docs)
     _write_json(w.results / "findings.json", f)
-    main = [m for m in ("public", *COMPARED[1:6], "flexolmo", *COMPARED[6:]) if m in results]
+    main = [m for m in MAIN_PLOT if m in results]
     eval_lib.plot({m: results[m] for m in main}, w.results / "baselines.png")
     eval_lib.plot({m: results[m] for m in ["public", *[f"expert_{d}" for d in domains], "flexolmo"]
                    if m in results}, w.results / "experts.png")
@@ -203,6 +207,11 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
              "its own data; merged top-2, router biases kept",
              f"- flexolmo_replay: the same owners, each also replaying public data ({p.public_replay:.0%} of its "
              "training rows; RunConfig.public_replay), merged the same way",
+             f"- dense_<domain>: each owner's dense expert (the whole anchor, {p.expert_steps} steps on its own data, "
+             "flexmoe train-dense); soup: their uniform average with the public model; btm: the public model and "
+             "the dense experts, weights softmax(-mean NLL of the context / T) over the top-2, renormalized (the "
+             "paper's baselines); soup_flexolmo_experts / btm_all: the same from the owners' 2-expert models, BTM "
+             "over every member (not the paper's)",
              f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX {p.btx_steps} steps on all data; "
              f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k}, same training FLOPs as all owners",
              f"- evaluation: {sample}; the same documents for every model, for bits per byte, routing and "

@@ -21,10 +21,18 @@ def test_quick_demo_outputs(quick_demo):
     for png in ("baselines.png", "experts.png", "opt_out.png"):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((res / "results.json").read_text())
-    expected = {"public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_nobias", "flexolmo_top1",
-                "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_replay",
-                "flexolmo_rt", *[f"expert_{d}" for d in DOMAINS], *[f"flexolmo_minus_{d}" for d in DOMAINS]}
+    expected = {"public", "soup", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all", "flexolmo",
+                "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90",
+                "flexolmo_replay", "flexolmo_rt", "flexolmo_domain", *[f"expert_{d}" for d in DOMAINS],
+                *[f"dense_{d}" for d in DOMAINS], *[f"flexolmo_minus_{d}" for d in DOMAINS]}
     assert expected <= set(results)
+    # Each dense expert is a whole dense model continued on its owner's data only.
+    from flexmoe_jax import checkpoint
+
+    for d in DOMAINS:
+        meta = checkpoint.load_metadata(str(quick_demo["dir"] / "experts_dense" / d / "model"))
+        assert meta["phase"] == "dense" and meta["task"] == f"flexmix_mini.{d}"
+        assert not checkpoint.load_config(str(quick_demo["dir"] / "experts_dense" / d / "model")).is_moe
     for name, per in results.items():
         for d in [*DOMAINS, "public"]:
             assert 0 < per[d]["bpb"] < 20, (name, d)
