@@ -9,8 +9,10 @@ spent on their experts together. Two baselines need parameters of their own:
   data with top-k routing and every parameter trainable. With ``top_k=2`` it touches as many
   parameters per token as an owner's 2-expert model, so equal FLOPs means equal tokens: the sum of
   the owners' training tokens.
-- **BTX**: the merged FlexOlmo, then every parameter trained jointly on all data; it needs no new
-  parameters, only the extra steps, which :func:`training_flops` charges to it.
+- **BTX** (:func:`btx_init`, the paper's): the dense experts' FFNs (and the public model's) become one
+  MoE's experts, every other tensor the average of the dense models, then trained on public data
+  only. The demo's ``btx_alldata`` (the merged FlexOlmo trained on all data, closed data included)
+  breaks the data restriction and is kept as an informative variant.
 
 FLOPs are estimated as 6 x active parameters (top-k experts, embedding lookup excluded) plus the
 attention score/value matmuls, per token: the trainer's ``mfu_6n``, logged beside the compiled
@@ -20,7 +22,9 @@ gradients of frozen parameters).
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+from flax import traverse_util
 
 from flexmoe_jax import model
 from flexmoe_jax.config import ModelConfig
@@ -63,3 +67,31 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 def training_flops(config: ModelConfig, steps: int, batch_size: int, seq_len: int) -> float:
     """Total training FLOPs of ``steps`` steps of ``batch_size`` x ``seq_len`` tokens."""
     return flops_per_token(config, seq_len) * steps * batch_size * seq_len
+
+
+def btx_init(anchor_config: ModelConfig, anchor_params: model.Params, dense: dict[str, model.Params], top_k: int,
+             seed: int = 0) -> tuple[ModelConfig, model.Params]:
+    """Branch-Train-MiX's starting point (the paper's BTX baseline): the public model's FFN and each
+    dense expert's FFN become the experts (``public``, then ``dense`` in order) of one MoE, every other
+    tensor is the average of the public model and the dense experts, and the router is random."""
+    if anchor_config.is_moe:
+        raise ValueError("BTX starts from the dense public model (num_experts=0)")
+    if not dense:
+        raise ValueError("BTX needs at least one dense expert")
+    members = [anchor_params, *dense.values()]
+    for name, p in dense.items():
+        model.check_params(anchor_config, p, f"dense expert {name!r}")
+    n = 1 + len(dense)
+    config = anchor_config.replace(num_experts=n, top_k=min(top_k, n), expert_names=("public", *dense),
+                                   expert_bias=False)
+    flat = [traverse_util.flatten_dict(jax.device_get(p), sep="/") for p in members]
+    shared = {k: (sum(np.asarray(f[k], np.float32) for f in flat) / n).astype(np.asarray(flat[0][k]).dtype)
+              for k in flat[0] if not k.startswith("layers/mlp/")}
+    params = traverse_util.unflatten_dict(shared, sep="/")
+    moe = {k: np.stack([np.asarray(f[f"layers/mlp/{k}"]) for f in flat], axis=1) for k in ("gate", "up", "down")}
+    rng = np.random.default_rng(seed)
+    L, d = anchor_config.n_layers, anchor_config.d_model
+    moe["router"] = (rng.standard_normal((L, n, d)) * anchor_config.init_std).astype(moe["gate"].dtype)
+    params["layers"]["moe"] = moe
+    model.check_params(config, params, "BTX params")
+    return config, params

@@ -445,8 +445,25 @@ def tune_router(w: Workdir, merged: Path) -> Path:
     return out / "model"
 
 
-def train_btx(w: Workdir, merged: Path) -> Path:
-    """BTX: the merged model, then every parameter trained jointly on all data."""
+def train_btx(w: Workdir, anchor: Path, dense: dict[str, Path]) -> Path:
+    """BTX as in the paper: the public model's and the dense experts' FFNs as one MoE's experts, the rest
+    averaged (:func:`flexmoe_jax.baselines.btx_init`), then trained on public data only."""
+    from flexmoe_jax import baselines, checkpoint, data, trainer
+
+    out = w.root / "btx_public"
+    if not _complete(out / "model"):
+        p = w.plan
+        a_config, a_params = checkpoint.load(anchor)
+        config, params = baselines.btx_init(a_config, a_params, {d: checkpoint.load(run / "model")[1]
+                                                                 for d, run in dense.items()}, p.top_k)
+        rc = _run_config(w, phase="pretrain", task=data.PUBLIC_MIXTURE, steps=p.btx_steps)
+        trainer.run(out, config, rc, _optim(p.btx_steps, 0.0, p.peak_lr), params=params)
+    return out / "model"
+
+
+def train_btx_alldata(w: Workdir, merged: Path) -> Path:
+    """The merged FlexOlmo, then every parameter trained jointly on all data (closed data included:
+    breaks the data restriction; an informative variant, not the paper's BTX)."""
     from flexmoe_jax import data, merge, trainer
 
     out = w.root / "btx"
@@ -517,7 +534,8 @@ def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int) -> dict[str,
     rows = {"public": plus(), "expert (one owner)": one, "soup": dense, "btm": dense,
             "soup_flexolmo_experts": experts, "btm_all": experts, "flexolmo": experts,
             "flexolmo_cal": experts, "flexolmo_rt": plus(experts, spent("router_tune", p.router_tune_steps)),
-            "flexolmo_replay": experts, "btx": plus(experts, spent("btx", p.btx_steps)),
+            "flexolmo_replay": experts, "btx": plus(dense, spent("btx", p.btx_steps)),
+            "btx_alldata": plus(experts, spent("btx", p.btx_steps)),
             "unrestricted": spent("unrestricted", unrestricted_steps)}
     anchor = spent("anchor", p.anchor_steps)
     return {k: {"beyond_anchor": v["compiled"], "total": anchor["compiled"] + v["compiled"],
@@ -669,7 +687,8 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     with _Phase(w, "router_tune"):
         rt = tune_router(w, merged)
     with _Phase(w, "btx"):
-        btx = train_btx(w, merged)
+        btx = train_btx(w, anchor, dense)
+        btx_alldata = train_btx_alldata(w, merged)
     with _Phase(w, "unrestricted"):
         unrestricted, u_steps = train_unrestricted(w, anchor, len(domains))
 
@@ -697,6 +716,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     models["btm_all"] = {"model": lambda: eval_lib.btm_scorer(member("public", anchor),
                                                               [member(f"expert_{d}", experts[d]) for d in domains])}
     models["btx"] = {"model": btx}
+    models["btx_alldata"] = {"model": btx_alldata}
     models["unrestricted"] = {"model": unrestricted}
     models["flexolmo"] = {"model": merged}
     models["flexolmo_nobias"] = {"model": merged_nobias}
@@ -714,7 +734,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     with _Phase(w, "routing"):
         routes = routing_all(w, {m: models[m] for m in ("flexolmo", "flexolmo_top1", "flexolmo_cal",
                                                           "flexolmo_rt", "flexolmo_replay", "flexolmo_domain",
-                                                          "btx")})
+                                                          "btx", "btx_alldata")})
     with _Phase(w, "privacy"):
         priv = privacy_check(w, experts, merged)
     flops = flops_table(w, len(domains), u_steps)

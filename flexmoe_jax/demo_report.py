@@ -14,7 +14,8 @@ from pathlib import Path
 # Baselines and variants FlexOlmo is compared against, in report order.
 # "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
 # 2-expert models (BTM over every member), informative variants that are not the paper's.
-COMPARED = ("public", "soup", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all", "flexolmo_nobias",
+COMPARED = ("public", "soup", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all", "btx_alldata",
+            "flexolmo_nobias",
             "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay",
             "flexolmo_domain")
 MAIN_PLOT = ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_domain")
@@ -212,7 +213,9 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
              "the dense experts, weights softmax(-mean NLL of the context / T) over the top-2, renormalized (the "
              "paper's baselines); soup_flexolmo_experts / btm_all: the same from the owners' 2-expert models, BTM "
              "over every member (not the paper's)",
-             f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX {p.btx_steps} steps on all data; "
+             f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX: the public and dense experts' "
+             f"FFNs as one MoE, the rest averaged, {p.btx_steps} steps on public data only (the paper's); btx_alldata: "
+             f"the merged FlexOlmo, {p.btx_steps} steps on all data (breaks the data restriction); "
              f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k}, same training FLOPs as all owners",
              f"- evaluation: {sample}; the same documents for every model, for bits per byte, routing and "
              f"{p.mc_items} multiple-choice items per domain; bits per byte are the sampled documents' summed NLL "

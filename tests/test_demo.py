@@ -21,7 +21,8 @@ def test_quick_demo_outputs(quick_demo):
     for png in ("baselines.png", "experts.png", "opt_out.png"):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((res / "results.json").read_text())
-    expected = {"public", "soup", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all", "flexolmo",
+    expected = {"public", "soup", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all", "btx_alldata",
+                "flexolmo",
                 "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90",
                 "flexolmo_replay", "flexolmo_rt", "flexolmo_domain", *[f"expert_{d}" for d in DOMAINS],
                 *[f"dense_{d}" for d in DOMAINS], *[f"flexolmo_minus_{d}" for d in DOMAINS]}

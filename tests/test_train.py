@@ -206,3 +206,19 @@ def test_bias_start_and_own_learning_rate(anchor, scale):
     assert not np.array_equal(router, ep["layers"]["moe"]["router"][:, 1:2])  # the rows still train
     with pytest.raises(ValueError, match="bias_lr_scale"):
         optim.OptimConfig(bias_lr_scale=-1.0)
+
+
+def test_btx_init_stacks_dense_ffns_and_averages_the_rest(anchor):
+    """The paper's BTX start: public + dense experts' FFNs as experts, every other tensor averaged."""
+    from flexmoe_jax import baselines
+
+    cfg, p = anchor
+    d1 = jax.tree.map(lambda x: np.asarray(x) + 0.01, p)
+    d2 = jax.tree.map(lambda x: np.asarray(x) - 0.03, p)
+    bcfg, bp = baselines.btx_init(cfg, p, {"a": d1, "b": d2}, top_k=2)
+    assert bcfg.names == ("public", "a", "b") and bcfg.top_k == 2 and not bcfg.expert_bias
+    for k in ("gate", "up", "down"):
+        for slot, src in enumerate((p, d1, d2)):
+            np.testing.assert_array_equal(bp["layers"]["moe"][k][:, slot], src["layers"]["mlp"][k])
+    np.testing.assert_allclose(bp["embed"], np.asarray(p["embed"]) - 0.02 / 3, atol=1e-6)
+    assert np.asarray(model.forward(bcfg, bp, np.arange(3, 19)[None])).shape[-1] == cfg.vocab_size
