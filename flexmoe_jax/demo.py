@@ -475,18 +475,24 @@ def train_btx_alldata(w: Workdir, merged: Path) -> Path:
     return out / "model"
 
 
-def train_unrestricted(w: Workdir, anchor: Path, n_owners: int) -> tuple[Path, int]:
-    """The anchor upcycled to ``unrestricted_experts`` experts, trained jointly on all data for the
-    training FLOPs all owners spent together (compiled counts, see :func:`step_flops`)."""
+def train_unrestricted(w: Workdir, anchor: Path, n_owners: int, equal: str = "flops") -> tuple[Path, int]:
+    """The anchor upcycled to ``unrestricted_experts`` experts, trained jointly on all data, at the
+    paper's two budgets: ``equal="flops"``, the training FLOPs all owners spent together (compiled
+    counts, see :func:`step_flops`); ``equal="data"``, as many tokens as all owners together."""
     from flexmoe_jax import baselines, checkpoint, data, trainer
 
     p = w.plan
     a_config, a_params = checkpoint.load(anchor)
     config, params = baselines.upcycle(a_config, a_params, p.unrestricted_experts, p.top_k)
     per_step = step_flops(w, n_owners)
-    steps = max(1, round(p.expert_steps * n_owners * per_step["expert"]["compiled"]
-                         / per_step["unrestricted"]["compiled"]))
-    out = w.root / "unrestricted"
+    if equal == "flops":
+        steps = max(1, round(p.expert_steps * n_owners * per_step["expert"]["compiled"]
+                             / per_step["unrestricted"]["compiled"]))
+    elif equal == "data":
+        steps = p.expert_steps * n_owners  # the same batch shape: the same tokens
+    else:
+        raise ValueError(f"equal must be 'flops' or 'data', got {equal!r}")
+    out = w.root / ("unrestricted" if equal == "flops" else "unrestricted_equal_data")
     if not _complete(out / "model"):
         rc = _run_config(w, phase="pretrain", task=data.ALL_MIXTURE, steps=steps)
         trainer.run(out, config, rc, _optim(steps, 0.0, p.peak_lr), params=params)
@@ -516,7 +522,7 @@ def step_flops(w: Workdir, n_owners: int) -> dict[str, dict]:
     return out
 
 
-def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int) -> dict[str, dict]:
+def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int, unrestricted_data_steps: int) -> dict[str, dict]:
     """Training FLOPs of each model beyond the shared anchor, and in total, by the compiled count
     (``compiled``) and by 6N (``estimate_6n``); ``vs_flexolmo`` compares compiled counts."""
     p = w.plan
@@ -536,7 +542,8 @@ def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int) -> dict[str,
             "flexolmo_cal": experts, "flexolmo_rt": plus(experts, spent("router_tune", p.router_tune_steps)),
             "flexolmo_replay": experts, "btx": plus(dense, spent("btx", p.btx_steps)),
             "btx_alldata": plus(experts, spent("btx", p.btx_steps)),
-            "unrestricted": spent("unrestricted", unrestricted_steps)}
+            "unrestricted": spent("unrestricted", unrestricted_steps),
+            "unrestricted_equal_data": spent("unrestricted", unrestricted_data_steps)}
     anchor = spent("anchor", p.anchor_steps)
     return {k: {"beyond_anchor": v["compiled"], "total": anchor["compiled"] + v["compiled"],
                 "beyond_anchor_6n": v["estimate_6n"], "total_6n": anchor["estimate_6n"] + v["estimate_6n"],
@@ -691,6 +698,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
         btx_alldata = train_btx_alldata(w, merged)
     with _Phase(w, "unrestricted"):
         unrestricted, u_steps = train_unrestricted(w, anchor, len(domains))
+        unrestricted_data, ud_steps = train_unrestricted(w, anchor, len(domains), equal="data")
 
     # One cached scorer per owner model (and the public one): BTM then reuses the log-probs their
     # own rows just computed on the same batches instead of running six models again.
@@ -718,6 +726,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     models["btx"] = {"model": btx}
     models["btx_alldata"] = {"model": btx_alldata}
     models["unrestricted"] = {"model": unrestricted}
+    models["unrestricted_equal_data"] = {"model": unrestricted_data}
     models["flexolmo"] = {"model": merged}
     models["flexolmo_nobias"] = {"model": merged_nobias}
     models["flexolmo_top1"] = {"model": merged, "top_k": 1}
@@ -737,7 +746,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
                                                           "btx", "btx_alldata")})
     with _Phase(w, "privacy"):
         priv = privacy_check(w, experts, merged)
-    flops = flops_table(w, len(domains), u_steps)
+    flops = flops_table(w, len(domains), u_steps, ud_steps)
     docs_file = eval_lib.docs_path(w.results / "results.json")
     docs = json.loads(docs_file.read_text()) if docs_file.exists() else None
     report = write_report(w, results, domains, flops, priv, routes, docs)

@@ -14,7 +14,8 @@ from pathlib import Path
 # Baselines and variants FlexOlmo is compared against, in report order.
 # "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
 # 2-expert models (BTM over every member), informative variants that are not the paper's.
-COMPARED = ("public", "soup", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all", "btx_alldata",
+COMPARED = ("public", "soup", "btm", "btx", "unrestricted", "unrestricted_equal_data", "soup_flexolmo_experts",
+            "btm_all", "btx_alldata",
             "flexolmo_nobias",
             "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay",
             "flexolmo_domain")
@@ -175,6 +176,41 @@ def interval_table(f: dict, domains: list[str]) -> list[str]:
     return rows
 
 
+# The paper's Table 1 grouping of the results table.
+GROUPS = (("Public model", ("public",)),
+          ("Individual experts (each owner's own model; the paper's dense experts)", ("expert_", "dense_")),
+          ("Prior merging methods (the paper's: soup, btm, btx; variants not the paper's after them)",
+           ("soup", "btm", "btx", "soup_flexolmo_experts", "btm_all", "btx_alldata")),
+          ("Unrestricted MoE (trained on all data jointly: breaks the data restriction)",
+           ("unrestricted", "unrestricted_equal_data")),
+          ("FlexOlmo variants", ("flexolmo",)))
+
+
+def grouped_tables(results: dict) -> list[str]:
+    """Bits per byte in the paper's Table 1 groups (every model in exactly one group), best of each
+    column in bold."""
+    from flexmoe_jax import eval as eval_lib
+
+    cols = eval_lib._columns(results)
+    best = {c: min(r[c]["bpb"] for r in results.values() if c in r) for c in cols}
+    out = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    left = dict(results)
+    for title, members in GROUPS:
+        names = [m for m in results if m in left and (m in members or any(
+            m.startswith(p) for p in members if p.endswith("_") or p == "flexolmo"))]
+        if not names:
+            continue
+        out.append(f"| **{title}** |" + " |" * len(cols))
+        for m in names:
+            left.pop(m)
+            cells = [("**{:.4f}**" if results[m][c]["bpb"] == best[c] else "{:.4f}").format(results[m][c]["bpb"])
+                     if c in results[m] else "–" for c in cols]
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+    for m in left:
+        out.append(f"| {m} | " + " | ".join(f"{results[m][c]['bpb']:.4f}" if c in results[m] else "–" for c in cols) + " |")
+    return out + [""]
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -216,7 +252,9 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
              f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX: the public and dense experts' "
              f"FFNs as one MoE, the rest averaged, {p.btx_steps} steps on public data only (the paper's); btx_alldata: "
              f"the merged FlexOlmo, {p.btx_steps} steps on all data (breaks the data restriction); "
-             f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k}, same training FLOPs as all owners",
+             f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k} trained jointly on all data at the "
+             "paper's two budgets: the owners' total training FLOPs (unrestricted), and their total tokens, about 2x "
+             "the FLOPs (unrestricted_equal_data)",
              f"- evaluation: {sample}; the same documents for every model, for bits per byte, routing and "
              f"{p.mc_items} multiple-choice items per domain; bits per byte are the sampled documents' summed NLL "
              "over their UTF-8 bytes; intervals are 95% bootstrap intervals over documents, paired between models",
@@ -229,7 +267,9 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
         lines += ["## Each model's bpb relative to FlexOlmo's, paired 95% intervals", "",
                   "(bpb_model - bpb_flexolmo) / bpb_flexolmo. Positive: FlexOlmo is better. (ns): the interval "
                   "contains 0.", "", *table, ""]
-    lines += ["## Results", "", eval_lib.results_table(results), "## Training FLOPs", "",
+    lines += ["## Results", "", "Bits per byte (lower is better), grouped as the paper's Table 1:", "",
+              *grouped_tables(results), "Every model, with multiple choice:", "", eval_lib.results_table(results),
+              "## Training FLOPs", "",
               "Counted by XLA in each phase's compiled training step (matmuls, through loops; see "
               "flexmoe_jax/flops.py) times its steps; the 6N estimate (6 x active parameters per token, "
               "plus attention) beside it. An owner's expert step skips the frozen public slot's weight "

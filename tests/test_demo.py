@@ -21,7 +21,8 @@ def test_quick_demo_outputs(quick_demo):
     for png in ("baselines.png", "experts.png", "opt_out.png"):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((res / "results.json").read_text())
-    expected = {"public", "soup", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all", "btx_alldata",
+    expected = {"public", "soup", "btm", "btx", "unrestricted", "unrestricted_equal_data", "soup_flexolmo_experts",
+                "btm_all", "btx_alldata",
                 "flexolmo",
                 "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90",
                 "flexolmo_replay", "flexolmo_rt", "flexolmo_domain", *[f"expert_{d}" for d in DOMAINS],
@@ -39,6 +40,7 @@ def test_quick_demo_outputs(quick_demo):
             assert 0 < per[d]["bpb"] < 20, (name, d)
     report = (res / "results.md").read_text()
     assert "## Findings" in report and "flexolmo_minus_code" in report and "Training-data extraction" in report
+    assert "**Prior merging methods" in report and "**Unrestricted MoE" in report  # the paper's Table 1 groups
     privacy = json.loads((res / "privacy.json").read_text())
     for name, per in privacy.items():  # train documents are ones the owner's run trained on
         for d, splits in per.items():
