@@ -148,9 +148,9 @@ def summarize(base: dict, results: dict, routes: dict, domains: list[str], names
             "public_share_of_public": rt.get("public", {}).get("picked", {}).get("public"),
             "bpb": {d: bpb(r, d) for d in [*domains, "public"]},
         }
+    baselines = ("soup", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all", "btx_alldata")
     return {"reference": {"flexolmo_top_k": avg(flex), "oracle": oracle_avg, "public_model_public": bpb(public, "public"),
-                          "btm": avg(base["btm"]) if "btm" in base else None,
-                          "soup": avg(base["soup"]) if "soup" in base else None},
+                          **{b: avg(base[b]) for b in baselines if b in base}},
             "domains": domains, "rows": rows}
 
 
@@ -168,9 +168,9 @@ def table(summary: dict) -> str:
                      f"{min(r['gain_kept'].values()):.0%} | {own} | {ct} | {pp} |")
     ref = summary["reference"]
     lines.append("")
+    others = [k for k in ref if k not in ("flexolmo_top_k", "oracle", "public_model_public")]
     lines.append(f"Reference (closed-domain average bpb): FlexOlmo top-k {ref['flexolmo_top_k']:.4f}, oracle "
-                 f"(each owner's own model) {ref['oracle']:.4f}"
-                 + (f", BTM {ref['btm']:.4f}" if ref["btm"] else "") + (f", soup {ref['soup']:.4f}" if ref["soup"] else "")
+                 f"(each owner's own model) {ref['oracle']:.4f}" + "".join(f", {k} {ref[k]:.4f}" for k in others)
                  + f"; public model on public {ref['public_model_public']:.4f}.")
     for name, b in (summary.get("learned_bias") or {}).items():
         if b:

@@ -33,7 +33,7 @@ def test_summary_measures_and_table(tmp_path):
     ablations.write(tmp_path, s)
     md = (tmp_path / "ablations.md").read_text()
     assert "| hidden/bias/domain | 2.5500 | 94% | +2.0% | 90% | 70%, 95% | 90% | 100% |" in md
-    assert "BTM 2.6000" in md and "code -0.250" in md
+    assert "btm 2.6000" in md and "code -0.250" in md
     assert json.loads((tmp_path / "ablations.json").read_text())["rows"]["hidden/bias/domain"]["own_share"]
     assert (tmp_path / "ablations.png").stat().st_size > 0
 
