@@ -288,23 +288,38 @@ def _cmd_train(args) -> None:
     _train_from_gin(args.gin_file, args.gin_param, args.workdir)
 
 
-def _cmd_train_expert(args) -> None:
+def _owner_parser(sub, command: str, fn, *, help: str, lands: str, description: str | None = None) -> None:
+    """A command one owner runs on its own machine against the anchor (train-expert, train-dense)."""
+    x = sub.add_parser(command, help=help, description=description)
+    x.add_argument("--anchor", required=True,
+                   help="the public dense model checkpoint, or the builder's anchor kit (flexmoe anchor-kit)")
+    x.add_argument("--task", required=True, help="this owner's seqio task, e.g. flexmix_mini.math")
+    x.add_argument("--out", required=True, help=f"run directory; {lands}")
+    x.add_argument("--name", default=None, help="the expert's name (default: the task's last component)")
+    x.add_argument("--data_dir", default=None, help="data directory (default: RunConfig.data_dir)")
+    x.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
+    x.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
+    x.set_defaults(fn=fn)
+
+
+def _train_owner(args, phase: str):
+    """Run an owner's phase from its gin file with the command line's anchor, task, name and data."""
     name = args.name or args.task.split(".")[-1]
-    bindings = ['RunConfig.phase="expert"', f'RunConfig.anchor="{args.anchor}"',
+    bindings = [f'RunConfig.phase="{phase}"', f'RunConfig.anchor="{args.anchor}"',
                 f'RunConfig.task="{args.task}"', f'RunConfig.expert_name="{name}"']
     if args.data_dir:
         bindings.append(f'RunConfig.data_dir="{args.data_dir}"')
-    rc, result = _train_from_gin(["phase/expert.gin", *args.gin_file], bindings + list(args.gin_param), args.out)
+    rc, result = _train_from_gin([f"phase/{phase}.gin", *args.gin_file], bindings + list(args.gin_param), args.out)
+    return name, rc, result
+
+
+def _cmd_train_expert(args) -> None:
+    name, rc, result = _train_owner(args, "expert")
     _write_routing_stats(rc, name, result["config"].vocab_size, args.out)
 
 
 def _cmd_train_dense(args) -> None:
-    name = args.name or args.task.split(".")[-1]
-    bindings = ['RunConfig.phase="dense"', f'RunConfig.anchor="{args.anchor}"', f'RunConfig.task="{args.task}"',
-                f'RunConfig.expert_name="{name}"']
-    if args.data_dir:
-        bindings.append(f'RunConfig.data_dir="{args.data_dir}"')
-    _train_from_gin(["phase/dense.gin", *args.gin_file], bindings + list(args.gin_param), args.out)
+    _train_owner(args, "dense")
 
 
 def _write_routing_stats(rc, name: str, vocab_size: int, out) -> None:
@@ -365,28 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", required=True, help="run directory: resumable state, metrics, final model")
     t.set_defaults(fn=_cmd_train)
 
-    x = sub.add_parser("train-expert", help="one owner's coordinated independent expert training")
-    x.add_argument("--anchor", required=True, help="the public dense model checkpoint")
-    x.add_argument("--task", required=True, help="this owner's seqio task, e.g. flexmix_mini.math")
-    x.add_argument("--out", required=True, help="run directory; the expert lands in OUT/model")
-    x.add_argument("--name", default=None, help="the expert's name (default: the task's last component)")
-    x.add_argument("--data_dir", default=None, help="data directory (default: RunConfig.data_dir)")
-    x.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
-    x.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
-    x.set_defaults(fn=_cmd_train_expert)
-
-    y = sub.add_parser("train-dense", help="one owner's dense expert: the whole anchor continued on its own data",
-                       description="The paper's dense experts (its soup, BTM and BTX baselines are built from "
-                                   "them): every parameter of the anchor trains on the owner's data only, in the "
-                                   "owner's process, with expert training's recipe (phase/dense.gin).")
-    y.add_argument("--anchor", required=True, help="the public dense model checkpoint (or an anchor kit)")
-    y.add_argument("--task", required=True, help="this owner's seqio task, e.g. flexmix_mini.math")
-    y.add_argument("--out", required=True, help="run directory; the dense expert lands in OUT/model")
-    y.add_argument("--name", default=None, help="the dense expert's name (default: the task's last component)")
-    y.add_argument("--data_dir", default=None, help="data directory (default: RunConfig.data_dir)")
-    y.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
-    y.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
-    y.set_defaults(fn=_cmd_train_dense)
+    _owner_parser(sub, "train-expert", _cmd_train_expert, help="one owner's coordinated independent expert training",
+                  lands="the expert lands in OUT/model, its deliverable in OUT/expert")
+    _owner_parser(sub, "train-dense", _cmd_train_dense,
+                  help="one owner's dense expert: the whole anchor continued on its own data",
+                  description="The paper's dense experts (its soup, BTM and BTX baselines are built from them): "
+                              "every parameter of the anchor trains on the owner's data only, in the owner's "
+                              "process, with expert training's recipe (phase/dense.gin).",
+                  lands="the dense expert lands in OUT/model")
 
     k = sub.add_parser("anchor-kit", help="publish an anchor with its public router row and public routing stats",
                        description="What every owner trains against (flexmoe_jax.anchor_kit): the anchor, one "

@@ -914,18 +914,26 @@ def results_table(results: Mapping[str, Mapping[str, dict]]) -> str:
     return "\n".join(out)
 
 
-def plot(results: Mapping[str, Mapping[str, dict]], path: str | os.PathLike) -> Path:
-    """A PNG of per-domain bits per byte per model (grouped bars), plus MC accuracy if measured."""
+def plot(results: Mapping[str, Mapping[str, dict]], path: str | os.PathLike, relative_to: str | None = None) -> Path:
+    """A PNG of per-domain bits per byte per model (grouped bars), plus MC accuracy if measured (with
+    binomial standard-error bars: a handful of items per domain is noise, and the bars say so).
+    ``relative_to``: plot each model's relative bpb change against that model instead (a 5% difference
+    is then visible); that model itself is left out."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     if not results:
         raise ValueError("no results to plot")
     cols = _columns(results)
-    models = list(results)
-    panels = [("bpb", "bits per byte (lower is better)")]
+    base = results.get(relative_to) if relative_to is not None else None
+    if relative_to is not None and base is None:
+        raise ValueError(f"cannot plot relative to {relative_to!r}: it is not among the results {list(results)}")
+    models = [m for m in results if m != relative_to]
+    panels = [("bpb", "bits per byte (lower is better)" if base is None else
+               f"bits per byte, relative change vs {relative_to} (lower is better)")]
     if any(per.get(d, {}).get("mc_acc") is not None for per in results.values() for d in cols):
         panels.append(("mc_acc", "multiple-choice accuracy"))
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.2 * len(cols) * max(1, len(models)) ** 0.5 + 2),
@@ -936,8 +944,17 @@ def plot(results: Mapping[str, Mapping[str, dict]], path: str | os.PathLike) -> 
     for ax, (key, title) in zip(axes[:, 0], panels):
         for i, m in enumerate(models):
             vals = [results[m].get(d, {}).get(key) for d in cols]
+            if key == "bpb" and base is not None:
+                vals = [None if v is None or d not in base else v / base[d]["bpb"] - 1 for v, d in zip(vals, cols)]
+            err = None
+            if key == "mc_acc":  # binomial standard error over the domain's items
+                n = [results[m].get(d, {}).get("mc_items") or 0 for d in cols]
+                err = [np.sqrt(v * (1 - v) / k) if v is not None and k else np.nan for v, k in zip(vals, n)]
             ax.bar(x + (i - (len(models) - 1) / 2) * width, [np.nan if v is None else v for v in vals], width,
-                   label=m, color=colors(i % colors.N))
+                   label=m, color=colors(i % colors.N), yerr=err, capsize=2 if err else 0)
+        if key == "bpb" and base is not None:
+            ax.axhline(0, color="k", lw=0.8)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
         ax.set_xticks(x, cols)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)

@@ -60,7 +60,9 @@ def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, name: str,
 
 
 def fingerprint(config: ModelConfig, params: model.Params) -> str:
-    """sha256 of the config and every parameter's path, dtype, shape and bytes."""
+    """sha256 of the config (without :data:`INFERENCE_FIELDS`, how a model routes at inference, so
+    fingerprints recorded before those fields existed still match) and every parameter's path,
+    dtype, shape and bytes."""
     desc = {k: v for k, v in config.to_dict().items() if k not in INFERENCE_FIELDS}
     h = hashlib.sha256(json.dumps(desc, sort_keys=True).encode())
     for path, leaf in sorted(optim.flatten(params).items()):

@@ -34,6 +34,9 @@ def test_quick_demo_outputs(quick_demo):
     for d in DOMAINS:
         meta = checkpoint.load_metadata(str(quick_demo["dir"] / "experts_dense" / d / "model"))
         assert meta["phase"] == "dense" and meta["task"] == f"flexmix_mini.{d}"
+        # ... trained in its own process on its own data directory only (no other owner's data).
+        assert f"owners/{d}/data" in meta["gin_config"] and not any(
+            f"owners/{o}/data" in meta["gin_config"] for o in DOMAINS if o != d)
         assert not checkpoint.load_config(str(quick_demo["dir"] / "experts_dense" / d / "model")).is_moe
     for name, per in results.items():
         for d in [*DOMAINS, "public"]:

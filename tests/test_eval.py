@@ -134,6 +134,13 @@ def test_btm_single_member_causality_and_bayes_identity(anchor, data_dir):
     ctx = np.stack([np.array([lps[m, rr, :tt][segs[rr, :tt] == segs[rr, tt]].sum() for rr, tt in zip(r, t)])
                     for m in range(3)])
     np.testing.assert_allclose(top1[r, t], lps[np.argmax(ctx, 0), r, t], atol=1e-4)
+    # The paper's form with one member is that member; with every member and T = 1 it is the
+    # posterior form on each segment's first token (both uniform there).
+    np.testing.assert_array_equal(ev.BTMScorer(members[1:2], temperature=0.1, mean=True).token_logprobs(batch),
+                                  members[1].token_logprobs(batch))
+    first_tok = np.nonzero(first & (segs > 0))
+    np.testing.assert_allclose(ev.BTMScorer(members, temperature=1.0, mean=True).token_logprobs(batch)[first_tok],
+                               base[first_tok], atol=1e-6)
     # The paper's form: weights softmax(-mean NLL of the context / T) over the top-2, renormalized.
     paper = ev.BTMScorer(members, top_k=2, temperature=0.5, mean=True).token_logprobs(batch)
     n = np.array([((segs[rr, :tt] == segs[rr, tt])).sum() for rr, tt in zip(r, t)])

@@ -119,6 +119,7 @@ def test_fingerprint_detects_any_change(anchor):
     q["final_norm"][3] += 1e-7
     assert expert.fingerprint(cfg, q) != f
     assert expert.fingerprint(cfg.replace(rope_theta=10000.0), p) != f
+    assert expert.fingerprint(cfg.replace(routing="public_plus"), p) == f  # how it routes, not what it is
     # The documented formula (what earlier checkpoints recorded): hashing a copy-free view gives the
     # same digest, for float32, bfloat16 and non-contiguous (transposed) arrays alike.
     import hashlib
@@ -126,7 +127,10 @@ def test_fingerprint_detects_any_change(anchor):
 
     for tree in (p, jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), p),
                  jax.tree.map(lambda x: np.asarray(x).T, p)):
-        h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+        from flexmoe_jax.config import INFERENCE_FIELDS
+
+        desc = {k: v for k, v in cfg.to_dict().items() if k not in INFERENCE_FIELDS}  # as before they existed
+        h = hashlib.sha256(json.dumps(desc, sort_keys=True).encode())
         for path, leaf in sorted(optim.flatten(tree).items()):
             arr = np.asarray(leaf)
             h.update(f"{path}|{arr.dtype}|{arr.shape}".encode())
