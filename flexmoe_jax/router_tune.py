@@ -148,7 +148,9 @@ def tune(ckpt, out, data_dir, *, gin_files: Sequence[str] = (), gin_params: Sequ
     sp = data.sentencepiece(data_dir)
     texts = public_pool(data_dir, pool)
     proxy, report = select_proxy(config, jax.device_get(params), texts, sp.encode, per_expert, public)
-    key = hashlib.sha256(json.dumps([os.path.abspath(ckpt), list(config.names), per_expert, public, pool,
+    # Named by what it holds, not where the checkpoint lives: the name seeds the batch order, so the same
+    # model and settings tune the same way in any directory.
+    key = hashlib.sha256(json.dumps([list(config.names), per_expert, public, pool,
                                      hashlib.sha256("\x00".join(proxy).encode()).hexdigest()]).encode())
     task = f"router_proxy_{key.hexdigest()[:12]}"
     proxy_file = out / "proxy.jsonl"
