@@ -417,3 +417,27 @@ def test_share_packed_rows_links_equal_datasets_only(small_data_dir, tmp_path):
         assert not (layout.cache_dir(owner2) / "packed" / wordnet).exists()
     finally:
         (src / "meta.json").write_text(json.dumps(meta))
+
+
+def test_packed_cache_publication_tolerates_a_race(tmp_path):
+    """Two processes packing the same rows: a complete cache with the same key is kept, a stale one is
+    replaced whole, and nothing half-deleted is ever in place."""
+    import json as _json
+
+    from flexmoe_jax.data import tasks
+
+    def make(path, key, marker):
+        path.mkdir(parents=True)
+        (path / "meta.json").write_text(_json.dumps({"key": key}))
+        (path / "x.npy").write_text(marker)
+
+    d = tmp_path / "train-L64"
+    make(tmp_path / "a.tmp1", "k", "first")
+    tasks._publish_cache(tmp_path / "a.tmp1", d, "k")
+    assert (d / "x.npy").read_text() == "first" and not (tmp_path / "a.tmp1").exists()
+    make(tmp_path / "a.tmp2", "k", "second")  # lost the race: the published one stays
+    tasks._publish_cache(tmp_path / "a.tmp2", d, "k")
+    assert (d / "x.npy").read_text() == "first" and not (tmp_path / "a.tmp2").exists()
+    make(tmp_path / "a.tmp3", "k2", "newer")  # new content: the stale cache is replaced whole
+    tasks._publish_cache(tmp_path / "a.tmp3", d, "k2")
+    assert (d / "x.npy").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["train-L64"]

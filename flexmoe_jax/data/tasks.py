@@ -250,9 +250,35 @@ def packed_rows(name: str, split: str, seq_len: int, data_dir) -> dict[str, np.n
         for f in FEATURES:
             np.save(tmp / f"{f}.npy", rows[f])
         (tmp / "meta.json").write_text(json.dumps({"key": key, "rows": int(len(rows[FEATURES[0]]))}))
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
+        _publish_cache(tmp, d, key)
     return rows
+
+
+def _publish_cache(tmp: Path, d: Path, key: str) -> None:
+    """Move a finished cache directory into place. Two processes packing the same rows may race: a
+    complete cache with the same key is kept (ours is dropped), a stale one is first renamed aside (so
+    no reader ever sees a half-deleted directory), and losing the final rename is not an error."""
+    def current() -> bool:
+        try:
+            return json.loads((d / "meta.json").read_text()).get("key") == key
+        except (OSError, ValueError):
+            return False
+
+    if not current():
+        if d.exists():
+            aside = d.with_name(d.name + f".old{os.getpid()}")
+            try:
+                os.replace(d, aside)
+            except OSError:
+                aside = None
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.replace(tmp, d)
+            return
+        except OSError:  # another process published first
+            pass
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def share_packed_rows(src_dir, dst_dir, names: Sequence[str], split: str, seq_len: int) -> list[str]:
