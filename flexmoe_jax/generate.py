@@ -72,7 +72,7 @@ def _pick(logits, key, temperature, top_p, greedy: bool):
 def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature, top_p, eos_id, table=None, *,
                   keep, max_new_tokens: int, greedy: bool, use_cache: bool, public: int = 0):
     """tokens [B, P] left-padded, lengths [B] -> (out [B, N], n_generated [B], gate_sum [B, E], counts [B, E]).
-    ``table`` [E, V]: domain routing's unigram log-probs (:mod:`flexmoe_jax.routing`), public slot ``public``."""
+    ``table``: domain routing's models (:class:`flexmoe_jax.routing.Tables`), public slot ``public``."""
     if keep is not None:
         params = model._take_experts(params, keep)
     b, p = tokens.shape
@@ -95,7 +95,9 @@ def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature
 
     dom0 = jnp.zeros((b, e), jnp.float32)
     if table is not None:
-        dom0 = jnp.sum(jnp.where(((tokens > 0) & (seg_all[:, :p] > 0))[..., None], table.T[tokens], 0.0), axis=1)
+        prev0 = jnp.where(pos_all[:, :p] > 0, jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1], 0)
+        dom0 = jnp.sum(jnp.where(((tokens > 0) & (seg_all[:, :p] > 0))[..., None],
+                                 routing_lib.token_ll(table, prev0, tokens), 0.0), axis=1)
     if use_cache:
         cache = model.init_cache(config, b, m)
         bias = None if table is None else routing_lib.route_bias(table, public, tokens, pos_all[:, :p], seg_all[:, :p])
@@ -111,17 +113,17 @@ def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature
     g0, c0 = gates_of(aux, p - 1)
     tok0 = _pick(last, jax.random.fold_in(key, 0), temperature, top_p, greedy)
     out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok0)
-    carry = (jnp.int32(1), state, tok0, out, tok0 == eos_id, g0, c0, jnp.ones((b,), jnp.int32), dom0)
+    carry = (jnp.int32(1), state, tok0, out, tok0 == eos_id, g0, c0, jnp.ones((b,), jnp.int32), dom0, tokens[:, -1])
 
     def cond(c):
         t, _, _, _, done, *_ = c
         return (t < n) & ~jnp.all(done)
 
     def body(c):
-        t, state, prev, out, done, gsum, cnt, ngen, dom = c
+        t, state, prev, out, done, gsum, cnt, ngen, dom, before = c  # before: the token ahead of prev
         slot = p + t - 1  # where the previous token goes
         if table is not None:
-            dom = dom + jnp.where((prev > 0)[:, None], table.T[prev], 0.0)
+            dom = dom + jnp.where((prev > 0)[:, None], routing_lib.token_ll(table, before, prev), 0.0)
         if use_cache:
             pos = jax.lax.dynamic_slice_in_dim(pos_all, slot, 1, axis=1)
             logits, aux, state = model.decode_apply(config, params, state, prev[:, None], pos,
@@ -139,9 +141,9 @@ def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)
         gsum = gsum + jnp.where(live[:, None], g, 0.0)
         cnt = cnt + jnp.where(live[:, None], gc, 0)
-        return (t + 1, state, tok, out, done | (live & (tok == eos_id)), gsum, cnt, ngen + live, dom)
+        return (t + 1, state, tok, out, done | (live & (tok == eos_id)), gsum, cnt, ngen + live, dom, prev)
 
-    _, _, _, out, _, gsum, cnt, ngen, _ = jax.lax.while_loop(cond, body, carry)
+    _, _, _, out, _, gsum, cnt, ngen, _, _ = jax.lax.while_loop(cond, body, carry)
     return out, ngen, gsum, cnt
 
 

@@ -793,7 +793,7 @@ def _copy_stats(src: tuple[Path, set | None], name: str, tmp: Path, config: Mode
         raise MergeError(f"routing stats {path} for {name!r} count {stats.counts.shape[0]} token ids, more than "
                          f"the anchor's vocabulary ({config.vocab_size}): count with the anchor's tokenizer")
     rel = f"{STATS_DIR}/{name}.npz"
-    routing.Stats(name, stats.counts, stats.source).save(tmp / rel)
+    dataclasses.replace(stats, name=name).save(tmp / rel)
     return {"file": rel, "sha256": hashlib.sha256((tmp / rel).read_bytes()).hexdigest(), "tokens": stats.tokens,
             "source": stats.source, "copied_from": str(path)}
 

@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,8 @@ MODES = (*ROUTINGS, "domain")
 STATS_FILE = "routing_stats.npz"  # what `flexmoe train-expert` writes next to its expert
 PUBLIC = "public"
 ALPHA = 0.5  # add-half (Jeffreys) smoothing of the unigram counts
+MU = 10.0  # Dirichlet prior strength of the bigram model on its unigram model (fixed, not tuned)
+HASH_BITS = 20  # the device table holds bigram counts in 2^20 hashed buckets per expert
 _OFF = -1e9  # router-logit bias of an expert a token may not use: softmax weight exactly 0
 
 
@@ -53,6 +55,9 @@ class Stats:
     name: str
     counts: np.ndarray
     source: dict
+    # Bigram counts (optional): sorted pair ids ``prev * V + cur`` of consecutive tokens and their counts.
+    pairs: np.ndarray | None = None
+    pair_counts: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
@@ -64,8 +69,11 @@ class Stats:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as f:
+            extra = {} if self.pairs is None else {"pairs": self.pairs.astype(np.int64),
+                                                   "pair_counts": self.pair_counts.astype(np.int64)}
             np.savez(f, counts=self.counts.astype(np.int64),
-                     meta=np.frombuffer(json.dumps({"name": self.name, "source": self.source}).encode(), np.uint8))
+                     meta=np.frombuffer(json.dumps({"name": self.name, "source": self.source}).encode(), np.uint8),
+                     **extra)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -77,11 +85,13 @@ class Stats:
             with np.load(path) as z:
                 meta = json.loads(z["meta"].tobytes().decode())
                 counts = z["counts"]
+                pairs = z["pairs"] if "pairs" in z.files else None
+                pair_counts = z["pair_counts"] if "pair_counts" in z.files else None
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"{path} is not a routing-stats file ({e}); write one with `flexmoe routing-stats`") from e
         if counts.ndim != 1 or (counts < 0).any():
             raise ValueError(f"{path}: counts must be a non-negative vector, got shape {counts.shape}")
-        return cls(meta["name"], counts, meta["source"])
+        return cls(meta["name"], counts, meta["source"], pairs, pair_counts)
 
 
 def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train", seq_len: int = 128,
@@ -96,7 +106,9 @@ def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train",
         vocab_size = data.vocabulary(data_dir).vocab_size
 
     s = sample_lib.draw(data_dir, task, split, seq_len, max_tokens, 0)
-    ids = s.rows["decoder_target_tokens"][s.rows["decoder_loss_weights"] > 0]
+    real = s.rows["decoder_loss_weights"] > 0
+    ids = s.rows["decoder_target_tokens"][real]
+    prev = s.rows["decoder_input_tokens"][real]
     if ids.size == 0:
         raise ValueError(f"{task} split {split!r} in {data_dir} has no tokens to count")
     if int(ids.max()) >= vocab_size:
@@ -105,7 +117,9 @@ def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train",
     card = Path(data_dir) / "card.json"
     source = {"task": task, "split": split, "documents": s.num_docs, "tokens": int(ids.size),
               "data_card_sha256": hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None}
-    return Stats(name, np.bincount(ids, minlength=vocab_size).astype(np.int64), source)
+    pairs, pair_counts = np.unique(prev[prev > 0].astype(np.int64) * vocab_size + ids[prev > 0], return_counts=True)
+    return Stats(name, np.bincount(ids, minlength=vocab_size).astype(np.int64), {**source, "vocab_size": vocab_size},
+                 pairs, pair_counts.astype(np.int64))
 
 
 def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int, alpha: float = ALPHA) -> np.ndarray:
@@ -125,13 +139,43 @@ def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int,
     return np.log(c / c.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def domain_of(table: jax.Array, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """[B, S] int32: the expert whose unigram model (``table`` [E, V] log-probs) best explains each
-    token's segment so far (``inputs`` [B, S]; ``positions`` restart at 0 with each segment; padding
-    and the BOS id 0 count for nothing)."""
+class Tables(NamedTuple):
+    """A domain router's models on the device: ``uni`` [E, V] smoothed unigram log-probs; with bigrams
+    also ``counts`` [E, V] unigram counts and ``bigrams`` [E, 2^HASH_BITS] hashed pair counts."""
+
+    uni: jax.Array
+    counts: jax.Array | None = None
+    bigrams: jax.Array | None = None
+
+
+def _pair_hash(prev, cur, vocab_size: int, xp=jnp):
+    """Bucket of the pair (prev, cur), the same in numpy (``xp=np``) and on the device."""
+    if xp is np:
+        ids = (prev.astype(np.uint64) * vocab_size + cur.astype(np.uint64)) & 0xFFFFFFFF
+        return (((ids * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - HASH_BITS)).astype(np.int64)
+    ids = prev.astype(jnp.uint32) * jnp.uint32(vocab_size) + cur.astype(jnp.uint32)  # wraps mod 2^32
+    return ((ids * jnp.uint32(0x9E3779B1)) >> (32 - HASH_BITS)).astype(jnp.int32)
+
+
+def token_ll(tables: Tables, prev: jax.Array, cur: jax.Array) -> jax.Array:
+    """[..., E] each expert's log-probability of token ``cur`` after ``prev`` (0: none, the unigram model).
+    Bigrams: ``(c(prev, cur) + MU p(cur)) / (c(prev) + MU)``, Dirichlet-smoothed on the unigram model."""
+    uni = tables.uni.T[cur]
+    if tables.bigrams is None:
+        return uni
+    c = jnp.take(tables.bigrams, _pair_hash(prev, cur, tables.uni.shape[1]), axis=1)  # [E, ...]
+    bi = jnp.log(jnp.moveaxis(c, 0, -1) + MU * jnp.exp(uni)) - jnp.log(tables.counts.T[prev] + MU)
+    return jnp.where((prev > 0)[..., None], bi, uni)
+
+
+def domain_of(tables: Tables, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[B, S] int32: the expert whose model (:class:`Tables`) best explains each token's segment so far
+    (``inputs`` [B, S]; ``positions`` restart at 0 with each segment; padding and the BOS id 0 count
+    for nothing)."""
     from flexmoe_jax.moe import segment_cumsum
 
-    ll = jnp.where((inputs > 0)[..., None], table.T[inputs], 0.0)  # [B, S, E]
+    prev = jnp.where(positions > 0, jnp.pad(inputs, ((0, 0), (1, 0)))[:, :-1], 0)
+    ll = jnp.where((inputs > 0)[..., None], token_ll(tables, prev, inputs), 0.0)  # [B, S, E]
     return jnp.argmax(segment_cumsum(ll, positions, segment_ids), axis=-1).astype(jnp.int32)
 
 
@@ -142,26 +186,41 @@ def allowed_bias(domain: jax.Array, num_experts: int, public: int) -> jax.Array:
     return jnp.where((e == public) | (e == domain[..., None]), 0.0, _OFF).astype(jnp.float32)
 
 
-def route_bias(table: jax.Array, public: int, inputs: jax.Array, positions: jax.Array,
+def route_bias(tables: Tables, public: int, inputs: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> jax.Array:
     """[B, S, E] router-logit bias of domain routing (:func:`allowed_bias` of :func:`domain_of`)."""
-    return allowed_bias(domain_of(table, inputs, positions, segment_ids), table.shape[0], public)
+    return allowed_bias(domain_of(tables, inputs, positions, segment_ids), tables.uni.shape[0], public)
 
 
 @dataclasses.dataclass(frozen=True)
 class DomainRouter:
     """Domain routing for a model whose experts are ``names``: the stats table and the public slot."""
 
-    table: jax.Array  # [E, V] float32 log-probs, on the device once
+    table: Tables  # on the device once
     public: int
     names: tuple[str, ...]
 
     @classmethod
     def build(cls, stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int,
               alpha: float = ALPHA) -> "DomainRouter":
+        """Bigram models when every expert's stats have pairs counted with this vocabulary, else unigram."""
         if PUBLIC not in names:
             raise ValueError(f"domain routing needs the {PUBLIC!r} expert active; this model has {list(names)}")
-        return cls(jnp.asarray(log_probs(stats, names, vocab_size, alpha)), list(names).index(PUBLIC), tuple(names))
+        uni = log_probs(stats, names, vocab_size, alpha)
+        tables = Tables(jnp.asarray(uni))
+        if all(stats[n].pairs is not None and stats[n].source.get("vocab_size") == vocab_size for n in names):
+            counts = np.zeros((len(names), vocab_size), np.float32)
+            bigrams = np.zeros((len(names), 1 << HASH_BITS), np.float32)
+            for e, n in enumerate(names):
+                counts[e, : stats[n].counts.shape[0]] = stats[n].counts
+                prev, cur = np.divmod(stats[n].pairs, vocab_size)
+                np.add.at(bigrams[e], _pair_hash(prev, cur, vocab_size, np), stats[n].pair_counts)
+            tables = Tables(tables.uni, jnp.asarray(counts), jnp.asarray(bigrams))
+        return cls(tables, list(names).index(PUBLIC), tuple(names))
+
+    @property
+    def order(self) -> int:
+        return 1 if self.table.bigrams is None else 2
 
     def bias(self, inputs, positions, segment_ids) -> jax.Array:
         return _route_bias_jit(self.table, self.public, inputs, positions, segment_ids)

@@ -281,13 +281,16 @@ def test_routing_modes_generate_as_forward_on_each_prefix(moe, mode):
     cfg, p = moe
     stats = None
     if mode == "domain":
-        stats = {}
+        stats = {}  # bigram models (pair counts), so the running sums need the token before each one
+        rng = np.random.default_rng(0)
         for i, n in enumerate(NAMES):
             counts = np.ones(cfg.vocab_size, np.int64)
             counts[i::4] += 50
-            stats[n] = routing.Stats(n, counts, {})
+            pairs, pc = np.unique(rng.integers(0, cfg.vocab_size ** 2, size=3000), return_counts=True)
+            stats[n] = routing.Stats(n, counts, {"vocab_size": cfg.vocab_size}, pairs, pc)
     out = generate.generate(cfg, p, PROMPTS, max_new_tokens=NEW, eos_id=None, routing=mode, routing_stats=stats)
     run_cfg, router = routing.resolve(cfg, mode, stats)
+    assert router is None or router.order == 2
     assert run_cfg.routing == ("top_k" if mode == "domain" else mode)
     width = max(map(len, PROMPTS)) + NEW  # right padding: every mode is causal, so it changes nothing earlier
     step = jax.jit(lambda x, pos, seg, bias: model.apply(run_cfg, p, x, pos, seg, route_bias=bias)[0])

@@ -34,12 +34,46 @@ def test_decision_is_causal_and_restarts_with_each_segment():
     positions[2] = np.arange(24)
     inputs[:, 10] = 0  # a BOS in front of the second segment counts for nothing
     segs = np.where(np.arange(24) < 10, 1, 2)[None].repeat(3, 0).astype(np.int32)
-    got = np.asarray(routing.domain_of(jnp.asarray(table), inputs, positions, segs))
+    got = np.asarray(routing.domain_of(routing.Tables(jnp.asarray(table)), inputs, positions, segs))
     np.testing.assert_array_equal(got, _brute_force(table, inputs, positions))
     changed = inputs.copy()
     changed[:, 17:] = rng.integers(1, 16, size=(3, 7))
-    again = np.asarray(routing.domain_of(jnp.asarray(table), changed, positions, segs))
+    again = np.asarray(routing.domain_of(routing.Tables(jnp.asarray(table)), changed, positions, segs))
     np.testing.assert_array_equal(again[:, :17], got[:, :17])  # no token sees the future
+
+
+def test_bigram_decisions_match_a_direct_computation():
+    """With pair counts, each token's log-likelihood is (c(prev, cur) + MU p(cur)) / (c(prev) + MU) after a
+    previous token of its segment (unigram at the segment's first token); the argmax is causal."""
+    rng = np.random.default_rng(1)
+    V, names = 16, ("public", "a", "b")
+    stats = {}
+    for n in names:
+        toks = rng.integers(1, V, size=400)
+        ids = toks[:-1].astype(np.int64) * V + toks[1:]
+        pairs, pc = np.unique(ids, return_counts=True)
+        stats[n] = routing.Stats(n, np.bincount(toks, minlength=V).astype(np.int64), {"vocab_size": V}, pairs, pc)
+    router = routing.DomainRouter.build(stats, names, V)
+    assert router.order == 2
+    inputs = rng.integers(1, V, size=(2, 20)).astype(np.int32)
+    positions = np.concatenate([np.arange(8), np.arange(12)])[None].repeat(2, 0).astype(np.int32)
+    segs = np.where(np.arange(20) < 8, 1, 2)[None].repeat(2, 0).astype(np.int32)
+    got = np.asarray(routing.domain_of(router.table, inputs, positions, segs))
+    uni = routing.log_probs(stats, names, V)
+    for r in range(2):
+        cum = np.zeros(3)
+        for t in range(20):
+            prev = inputs[r, t - 1] if positions[r, t] > 0 else 0
+            cur = inputs[r, t]
+            ll = []
+            for e, n in enumerate(names):
+                if prev:
+                    c = dict(zip(stats[n].pairs.tolist(), stats[n].pair_counts.tolist())).get(int(prev) * V + int(cur), 0)
+                    ll.append(np.log((c + routing.MU * np.exp(uni[e, cur])) / (stats[n].counts[prev] + routing.MU)))
+                else:
+                    ll.append(uni[e, cur])
+            cum = (cum if positions[r, t] > 0 else 0) + np.array(ll)
+            assert got[r, t] == int(np.argmax(cum)), (r, t)
 
 
 @pytest.fixture(scope="module")
