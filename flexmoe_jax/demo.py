@@ -78,6 +78,8 @@ class Plan:
     rt_public: int = 128
     rt_pool: int = 1024
     calibration_batches: int = 8
+    # weighted soup: Adam steps on the mixing weights, one public validation batch each
+    soup_weight_steps: int = 32
     # evaluation
     eval_batch_size: int = 16
     mc_items: int = 20
@@ -94,7 +96,7 @@ class Plan:
 QUICK = Plan(mode="quick", max_docs_per_domain=80, vocab_size=512, d_model=64, n_layers=2, n_heads=4,
              mlp_hidden=128, max_seq_len=128, batch_size=8, seq_len=64, anchor_steps=60, expert_steps=20,
              btx_steps=10, router_tune_steps=10, rt_per_expert=8, rt_public=16, rt_pool=64,
-             calibration_batches=2, eval_batch_size=16, mc_items=5, privacy_docs=4)
+             calibration_batches=2, soup_weight_steps=8, eval_batch_size=16, mc_items=5, privacy_docs=4)
 # Sized for about 30 minutes on 2 CPU cores (measured phase by phase: results/timing.json).
 FULL = Plan(mode="full", max_docs_per_domain=None, vocab_size=4096, d_model=192, n_layers=4, n_heads=3,
             mlp_hidden=512, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=200, expert_steps=32,
@@ -413,6 +415,24 @@ def public_routing_stats(w: Workdir) -> Path:
     return f
 
 
+def soup_weights(w: Workdir, anchor: Path, dense: dict[str, Path]) -> list[float]:
+    """The weighted soup's weights over {public, dense experts}, fit on public validation batches
+    (the builder holds public data only); kept in ``results/soup_weights.json``."""
+    from flexmoe_jax import data, eval as eval_lib, soup_weights as sw
+
+    f = w.results / "soup_weights.json"
+    members = ["public", *dense]
+    if f.exists() and json.loads(f.read_text()).get("members") == members:
+        return json.loads(f.read_text())["weights"]
+    data.register_tasks(w.data)
+    p = w.plan
+    batches = data.batches(data.PUBLIC_MIXTURE, "validation", p.batch_size, p.seq_len, w.data, seed=11)
+    weights, report = sw.fit([eval_lib.load_model(anchor)] + [eval_lib.load_model(dense[d]) for d in dense],
+                             batches, steps=p.soup_weight_steps)
+    _write_json(f, {"members": members, **report})
+    return report["weights"]
+
+
 def calibrate(w: Workdir, merged: Path, quantile: float | None = None) -> Path:
     """Public-data bias calibration of the merged router: each expert's mean margin over the
     public expert (or its ``quantile``) on public text brought to <= 0."""
@@ -715,6 +735,10 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     # The paper's baselines, from the dense experts: a uniform soup (public model included) and BTM
     # over {public, dense experts} weighted by softmax(-mean NLL of the context / T), top-2.
     models["soup"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(dense.values()))}
+    # The weighted soup: mixing weights fit on public validation text only (soup_weights.py).
+    models["soup_weighted"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(dense.values()),
+                                                                     weights=soup_weights(w, anchor, dense),
+                                                                     name="soup_weighted")}
     models["btm"] = {"model": lambda: eval_lib.btm_scorer(member("public", anchor),
                                                           [member(f"dense_{d}", dense[d]) for d in domains],
                                                           top_k=w.plan.top_k, temperature=BTM_TEMPERATURE,

@@ -14,7 +14,7 @@ from pathlib import Path
 # Baselines and variants FlexOlmo is compared against, in report order.
 # "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
 # 2-expert models (BTM over every member), informative variants that are not the paper's.
-COMPARED = ("public", "soup", "btm", "btx", "unrestricted", "unrestricted_equal_data", "soup_flexolmo_experts",
+COMPARED = ("public", "soup", "soup_weighted", "btm", "btx", "unrestricted", "unrestricted_equal_data", "soup_flexolmo_experts",
             "btm_all", "btx_alldata",
             "flexolmo_nobias",
             "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay",
@@ -181,7 +181,7 @@ GROUPS = (("Public model", ("public",)),
           ("Individual experts (each owner's own model; the paper's dense experts)", ("expert_", "dense_")),
           ("Prior merging methods (the paper's: soup, btm, btx; after them variants that are not the paper's; "
            "btx_alldata trains on closed data: breaks the data restriction)",
-           ("soup", "btm", "btx", "soup_flexolmo_experts", "btm_all", "btx_alldata")),
+           ("soup", "soup_weighted", "btm", "btx", "soup_flexolmo_experts", "btm_all", "btx_alldata")),
           ("Unrestricted MoE (trained on all data jointly: breaks the data restriction)",
            ("unrestricted", "unrestricted_equal_data")),
           ("FlexOlmo variants", ("flexolmo",)))
@@ -235,6 +235,11 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
                    if m in results}, w.results / "opt_out.png")
     p = w.plan
     timing = w.timing()
+    sw_file = w.results / "soup_weights.json"
+    sw = json.loads(sw_file.read_text()) if sw_file.exists() else None
+    soup_w = ("weights " + ", ".join(f"{m} {x:.3f}" for m, x in zip(sw["members"], sw["weights"])) +
+              f"; {sw['steps']} Adam steps; held-out public loss {sw['heldout_loss_uniform']:.4f} uniform -> "
+              f"{sw['heldout_loss_fitted']:.4f} fitted" if sw else "not run")
     sample = ("every document of each held-out test split" if p.eval_tokens is None else
               f"whole documents of each held-out test split drawn with a fixed seed up to {p.eval_tokens:,} "
               "tokens per domain (a mixture's sources in proportion)")
@@ -248,7 +253,8 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
              f"- flexolmo_replay: the same owners, each also replaying public data ({p.public_replay:.0%} of its "
              "training rows; RunConfig.public_replay), merged the same way",
              f"- dense_<domain>: each owner's dense expert (the whole anchor, {p.expert_steps} steps on its own data, "
-             "flexmoe train-dense); soup: their uniform average with the public model; btm: the public model and "
+             "flexmoe train-dense); soup: their uniform average with the public model; soup_weighted: the same "
+             f"average with mixing weights fit on public validation text only ({soup_w}); btm: the public model and "
              "the dense experts, weights softmax(-mean NLL of the context / T) over the top-2, renormalized (the "
              "paper's baselines); soup_flexolmo_experts / btm_all: the same from the owners' 2-expert models, BTM "
              "over every member (not the paper's)",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -111,6 +112,41 @@ def initialize_if_multiprocess(coordinator_address: str | None = None,
                                cluster_detection_method="deactivate",
                                initialization_timeout=initialization_timeout)
     return True
+
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+_INSTALL = {"tpu": "pip install 'flexmoe_jax[tpu]' (JAX's TPU build, libtpu)",
+            "gpu": "pip install 'flexmoe_jax[cuda]' (JAX's CUDA 12 plugin) on a node with NVIDIA drivers"}
+
+
+def devices_line() -> str:
+    """One line saying what JAX sees: count and kind of devices, local ones, this process's rank."""
+    devs = jax.devices()
+    kinds = sorted({d.device_kind for d in devs})
+    return (f"JAX devices: {len(devs)} x {jax.default_backend()} ({', '.join(kinds)}), "
+            f"{jax.local_device_count()} local; process {jax.process_index()} of {jax.process_count()}")
+
+
+def check_platform(platform: str | None, allow_cpu: bool = False) -> str:
+    """Print :func:`devices_line`; refuse to go on when ``platform`` was asked for and JAX runs elsewhere.
+
+    ``platform`` None: no expectation (prints only). Asked for ``gpu``/``tpu`` but JAX sees only the
+    host CPU (the accelerator build is missing, or the chips are busy): a ValueError saying what to
+    install, unless ``allow_cpu`` (then a warning). Returns the backend JAX uses.
+    """
+    if platform is not None and platform not in PLATFORMS:
+        raise ValueError(f"--platform must be one of {PLATFORMS}, got {platform!r}")
+    backend = jax.default_backend()
+    print(devices_line(), file=sys.stderr, flush=True)
+    if platform in (None, backend):
+        return backend
+    if backend == "cpu" and allow_cpu:
+        log.warning("asked for %s but JAX sees only CPU devices; continuing on CPU (--allow_cpu)", platform)
+        return backend
+    fix = _INSTALL.get(platform, "")
+    raise ValueError(f"asked for --platform {platform} but JAX runs on {backend} "
+                     f"({jax.device_count()} device(s)); {fix + ', or ' if fix else ''}pass --allow_cpu to train on "
+                     "the CPU anyway")
 
 
 def host_local_to_global(batch: Any, mesh: Mesh, spec: P | Any = None) -> Any:

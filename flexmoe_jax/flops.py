@@ -191,18 +191,15 @@ def expert_config(anchor: ModelConfig, name: str = "expert") -> ModelConfig:
     return anchor.replace(num_experts=2, top_k=2, expert_names=("public", name), expert_bias=True)
 
 
-def train_step_flops(config: ModelConfig, phase: str, batch_size: int, seq_len: int, *, grad_accum: int = 1,
-                     mesh: Mesh | tuple[int, ...] | None = None, ocfg: Any = None, loss_cfg: Any = None) -> dict:
-    """FLOPs of one training step of ``phase``, compiled as :func:`flexmoe_jax.trainer.run` compiles it.
+def compile_train_step(config: ModelConfig, phase: str, batch_size: int, seq_len: int, *, grad_accum: int = 1,
+                       mesh: Mesh | tuple[int, ...] | None = None, ocfg: Any = None, loss_cfg: Any = None):
+    """(compiled step, trained config, mesh): ``phase``'s training step as :func:`flexmoe_jax.trainer.run`
+    compiles it, on abstract inputs (nothing is initialized or run) placed with the trainer's shardings.
 
-    The step is built on abstract inputs (nothing is initialized or run) and compiled. ``config`` is
-    the trained model; a dense one in the ``"expert"`` phase is upcycled first. ``mesh``: a Mesh, a
-    ``RunConfig.mesh`` shape, or None for one device. Returns per step: ``compiled`` (matmul FLOPs of
-    the compiled program, summed over the mesh's devices; a lower bound if ``dynamic_loops``, see
-    :class:`Flops`), ``estimate_6n`` (:func:`flexmoe_jax.baselines.flops_per_token` x tokens),
-    ``dynamic_loops``, ``dynamic_flops`` and ``devices``.
+    ``config`` is the trained model; a dense one in the ``"expert"`` phase is upcycled first. ``mesh``:
+    a Mesh (of any devices, e.g. a TPU topology's), a ``RunConfig.mesh`` shape, or None for one device.
     """
-    from flexmoe_jax import baselines, model, optim, train, trainer
+    from flexmoe_jax import model, optim, train, trainer
     from flexmoe_jax.sharding import make_mesh
 
     if phase not in trainer.PHASES:
@@ -232,7 +229,21 @@ def train_step_flops(config: ModelConfig, phase: str, batch_size: int, seq_len: 
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=train.batch_sharding(mesh))
              for k, v in jax.eval_shape(train.lm_batch, rows).items()}
     step = trainer.jit_step(config, tx, loss_cfg or train.LossConfig(), grad_accum, mesh)
-    counted = compiled_flops(step.lower(state, frozen, batch).compile())
+    return step.lower(state, frozen, batch).compile(), config, mesh
+
+
+def train_step_flops(config: ModelConfig, phase: str, batch_size: int, seq_len: int, **kw) -> dict:
+    """FLOPs of one training step of ``phase`` (:func:`compile_train_step`, same arguments).
+
+    Returns per step: ``compiled`` (matmul FLOPs of the compiled program, summed over the mesh's
+    devices; a lower bound if ``dynamic_loops``, see :class:`Flops`), ``estimate_6n``
+    (:func:`flexmoe_jax.baselines.flops_per_token` x tokens), ``dynamic_loops``, ``dynamic_flops``
+    and ``devices``.
+    """
+    from flexmoe_jax import baselines
+
+    compiled, config, mesh = compile_train_step(config, phase, batch_size, seq_len, **kw)
+    counted = compiled_flops(compiled)
     n = mesh.devices.size
     return {"compiled": counted.flops * n, "dynamic_loops": counted.dynamic_loops,
             "dynamic_flops": counted.dynamic_flops * n, "devices": n,

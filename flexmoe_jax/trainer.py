@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from flexmoe_jax import baselines, checkpoint, expert, flops, model, optim, train
+from flexmoe_jax import array_store, baselines, checkpoint, expert, flops, model, optim, train
 from flexmoe_jax.config import ModelConfig
 
 # "dense": an owner continues pretraining the whole dense anchor on its own data (the paper's dense
@@ -160,7 +160,10 @@ def _manager(workdir: Path, rc: RunConfig):
     # "N.orbax-checkpoint-tmp" directory; never restored from, and removed here on the next run.
     options = ocp.CheckpointManagerOptions(max_to_keep=rc.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(workdir / "state", options=options)
+    # The state's arrays carry a crc32c per chunk, checked when a resume reads them (array_store).
+    return ocp.CheckpointManager(workdir / "state", options=options,
+                                 item_handlers={"state": array_store.pytree_handler(),
+                                                "data": ocp.JsonCheckpointHandler()})
 
 
 def _last_complete_step(state_dir: Path) -> int | None:
@@ -338,8 +341,16 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
         import orbax.checkpoint as ocp
 
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = mngr.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        try:
+            restored = mngr.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=abstract,
+                                             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+                data=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - a damaged state must not be trained on; say which
+            err = array_store.state_error(e, state_dir / str(latest))
+            if err is None:
+                raise
+            raise err from e
         state = restored["state"]
         # The data position is process 0's; every process reads its own rows of the same global batch.
         batches = data.batches_from_state({**restored["data"], "shard_index": jax.process_index(),
@@ -401,7 +412,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
         if done % rc.checkpoint_every == 0 or done == rc.steps:
             import orbax.checkpoint as ocp
 
-            saving(mngr.save, done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+            saving(mngr.save, done, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                             data=ocp.args.JsonSave(batches.state())))
         bar.update()
     bar.close()

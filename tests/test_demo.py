@@ -21,13 +21,18 @@ def test_quick_demo_outputs(quick_demo):
     for png in ("baselines.png", "experts.png", "opt_out.png"):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((res / "results.json").read_text())
-    expected = {"public", "soup", "btm", "btx", "unrestricted", "unrestricted_equal_data", "soup_flexolmo_experts",
+    expected = {"public", "soup", "soup_weighted", "btm", "btx", "unrestricted", "unrestricted_equal_data", "soup_flexolmo_experts",
                 "btm_all", "btx_alldata",
                 "flexolmo",
                 "flexolmo_nobias", "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90",
                 "flexolmo_replay", "flexolmo_rt", "flexolmo_domain", *[f"expert_{d}" for d in DOMAINS],
                 *[f"dense_{d}" for d in DOMAINS], *[f"flexolmo_minus_{d}" for d in DOMAINS]}
     assert expected <= set(results)
+    # The weighted soup's weights: one per member (public first), fit on public data, summing to 1.
+    sw = json.loads((res / "soup_weights.json").read_text())
+    assert sw["members"] == ["public", *DOMAINS] and len(sw["weights"]) == len(DOMAINS) + 1
+    assert abs(sum(sw["weights"]) - 1) < 1e-5 and min(sw["weights"]) >= 0
+    assert results["soup_weighted"]["average"]["bpb"] != results["soup"]["average"]["bpb"]
     # Each dense expert is a whole dense model continued on its owner's data only.
     from flexmoe_jax import checkpoint
 
