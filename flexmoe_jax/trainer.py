@@ -446,22 +446,18 @@ def _card_hash(data_dir: str) -> str | None:
     return hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None
 
 
-_PEAK: list[float] = []
+@functools.cache
+def measured_peak_flops(dtype: str = "float32", n: int = 1024) -> float:
+    """Matmul FLOP/s of this machine (an n^3 jitted matmul in ``dtype``), measured once (for MFU)."""
+    import jax.numpy as jnp
 
-
-def measured_peak_flops() -> float:
-    """Matmul FLOP/s of this machine, measured once (for the MFU estimate)."""
-    if not _PEAK:
-        import jax.numpy as jnp
-
-        a = jnp.ones((1024, 1024), jnp.float32)
-        f = jax.jit(lambda x: x @ x)
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(5):
         f(a).block_until_ready()
-        t = time.perf_counter()
-        for _ in range(5):
-            f(a).block_until_ready()
-        _PEAK.append(5 * 2 * 1024 ** 3 / (time.perf_counter() - t))
-    return _PEAK[0]
+    return 5 * 2 * n ** 3 / (time.perf_counter() - t)
 
 
 def _flops_metadata(step_flops: dict) -> dict:

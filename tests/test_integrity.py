@@ -105,7 +105,9 @@ def test_damaged_anchor_is_refused_by_every_reader(demo, tmp_path, capsys, how):
                                 "--samples", 1), anchor)
     rc, _ = run(capsys, "verify", anchor)
     assert rc == 2
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    from flexmoe_jax.sharding import make_mesh
+
+    mesh = make_mesh(1, 2, 2, 1, devices=jax.devices()[:4])
     with pytest.raises(checkpoint.IntegrityError) as e:
         checkpoint.load(anchor, mesh=mesh)
     assert e.value.arrays and str(anchor) in str(e.value)
@@ -137,7 +139,9 @@ def test_damaged_merged_model_deliverable_and_dense_expert(demo, tmp_path, capsy
 
 def test_damaged_anchor_kit(demo, tmp_path, capsys):
     kit = tmp_path / "kit"
-    rc, err = run(capsys, "anchor-kit", "--anchor", demo / "anchor" / "model", "--data_dir", demo / "data",
+    # The kit hard-links its anchor's files: build it from a copy, so damaging it spares the demo's.
+    anchor = copy(demo / "anchor" / "model", tmp_path / "anchor")
+    rc, err = run(capsys, "anchor-kit", "--anchor", anchor, "--data_dir", demo / "data",
                   "--out", kit, "--router_init", "zeros")
     assert rc == 0, err
     assert verify.verify(kit).ok
