@@ -493,7 +493,7 @@ def _writer(workdir: Path):
     try:
         from clu import metric_writers
 
-        tb = metric_writers.create_default_writer(str(workdir / "tb"), just_logging=jax.process_index() > 0)
+        tb = metric_writers.create_default_writer(str(workdir / "tb"))
     except ImportError as e:  # metrics still go to metrics.jsonl
         tqdm.write(f"flexmoe: no TensorBoard event files ({e}); pip install clu tensorboard")
 

@@ -328,7 +328,8 @@ def test_integrity_errors_name_the_expert_and_the_fix(world, tmp_path):
     shutil.copytree(a, cut)
     data = max((p for p in (cut / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
-    fails(checkpoint.CheckpointError, r"expert 'a' .*cut\): cannot read the arrays .*cut short", experts=[cut])
+    fails(checkpoint.IntegrityError, r"expert 'a' .*cut\): .*failed the integrity check \(damaged, cut short",
+          experts=[cut])
 
     assert not out.exists() and no_leftovers(out)
 

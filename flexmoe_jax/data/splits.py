@@ -158,7 +158,6 @@ def assign_splits(unique: dict[str, Doc]) -> dict[str, list[tuple[str, Doc]]]:
 
 # ------------------------------------------------------------------------------ decontamination
 _WORD = re.compile(r"\w+")
-_MASK = (1 << 64) - 1
 
 
 def _word_hashes(text: str, cache: dict[str, int]) -> np.ndarray:

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-SPM_FILE = "spm.model"
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 
@@ -105,7 +104,3 @@ def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
         raise ValueError("bits_per_byte needs a positive byte count")
     return float(nll_nats) / (math.log(2) * n_bytes)
 
-
-def bpb_from_mean_loss(mean_loss_nats: float, bytes_per_token: float) -> float:
-    """Mean per-token loss (nats) -> bits per byte, given the split's bytes per token."""
-    return float(mean_loss_nats) / (math.log(2) * bytes_per_token)
