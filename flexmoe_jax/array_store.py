@@ -21,7 +21,6 @@ fix; :func:`damaged_arrays` reads arrays one by one to list every damaged one (`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import io
@@ -181,50 +180,73 @@ def restore(directory: str | Path, args: Any, what: str | None = None) -> Any:
     # unawaited ("Exception ignored in: <coroutine ...>"). That is noise under the one error that
     # matters, so Python's stderr is held while reading: replayed if the read succeeds, dropped with
     # the noise if it fails (and file descriptor 2, which C++ writes to, is muted while it settles).
-    hook = sys.unraisablehook
-    sys.unraisablehook = _quiet_coroutines(hook)
-    real, held = sys.stderr, io.StringIO()
-    sys.stderr = held
-    try:
+    with _Quiet() as quiet:
         try:
             return ocp.PyTreeCheckpointer().restore(directory, args=args)
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - tensorstore/Orbax raise many kinds; what matters is which array
-            held = None
-            with _fd2_muted():
-                _settle()
-                if _is_damage(e):
-                    err: CheckpointError = _damage_error(e, what, directory, _failing(directory, e))
-                else:
-                    err = CheckpointError(f"{what}: cannot read the arrays in {directory} (files missing or "
-                                          f"unreadable; re-copy them from the source): {type(e).__name__}: "
-                                          f"{' '.join(str(e).split())[:300]}")
-        with _fd2_muted():
-            gc.collect()
+            quiet.failed()
             _settle()
-    finally:
-        sys.stderr = real
-        sys.unraisablehook = hook
-        if held is not None and held.getvalue():
-            real.write(held.getvalue())
+            if _is_damage(e):
+                err: CheckpointError = _damage_error(e, what, directory, _failing(directory, e))
+            else:
+                err = CheckpointError(f"{what}: cannot read the arrays in {directory} (files missing or "
+                                      f"unreadable; re-copy them from the source): {type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:300]}")
+        gc.collect()
+        _settle()
     raise err
 
 
-@contextlib.contextmanager
-def _fd2_muted():
-    """File descriptor 2 to /dev/null (C++ threads write there directly), Python's stderr flushed first."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+class _Quiet:
+    """The noise filter around reads, shared by every thread reading at once (a merge reads several
+    checkpoints in parallel): the first reader in swaps Python's stderr for a buffer and installs a
+    hook that drops unawaited-coroutine reports, the last one out puts both back and replays the
+    buffer unless some read failed. After a failure, file descriptor 2 (which C++ threads write to
+    directly) is muted until the last reader leaves."""
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved: tuple = ()
+    _buffer: io.StringIO | None = None
+    _failed = False
+    _fd: tuple = ()
+
+    def __enter__(self) -> "_Quiet":
+        with _Quiet._lock:
+            if _Quiet._depth == 0:
+                _Quiet._saved = (sys.stderr, sys.unraisablehook)
+                _Quiet._buffer, _Quiet._failed, _Quiet._fd = io.StringIO(), False, ()
+                sys.stderr = _Quiet._buffer
+                sys.unraisablehook = _quiet_coroutines(_Quiet._saved[1])
+            _Quiet._depth += 1
+        return self
+
+    def failed(self) -> None:
+        with _Quiet._lock:
+            _Quiet._failed = True
+            if not _Quiet._fd:
+                _Quiet._saved[0].flush()
+                saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                _Quiet._fd = (saved, null)
+
+    def __exit__(self, *exc) -> None:
+        with _Quiet._lock:
+            _Quiet._depth -= 1
+            if _Quiet._depth:
+                return
+            real, hook = _Quiet._saved
+            sys.stderr, sys.unraisablehook = real, hook
+            if _Quiet._fd:
+                saved, null = _Quiet._fd
+                os.dup2(saved, 2)
+                os.close(saved)
+                os.close(null)
+            if not _Quiet._failed and _Quiet._buffer.getvalue():
+                real.write(_Quiet._buffer.getvalue())
+            _Quiet._buffer, _Quiet._fd = None, ()
 
 
 def _settle(timeout: float = 2.0) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from flexmoe_jax import checkpoint, model
+from flexmoe_jax import array_store, checkpoint, model
 from flexmoe_jax.config import tiny
 from flexmoe_jax.sharding import make_mesh
 
@@ -133,7 +133,7 @@ def test_large_arrays_are_written_in_bounded_data_files(tmp_path, monkeypatch):
         return sum(1 for p in d.rglob("*") if p.is_file() and p.parent.name == "d")
 
     checkpoint.write_arrays(tmp_path / "default", x)
-    monkeypatch.setattr(checkpoint, "DATA_FILE_BYTES", 64 << 10)
+    monkeypatch.setattr(array_store, "DATA_FILE_BYTES", 64 << 10)
     checkpoint.write_arrays(tmp_path / "small", x)
     assert data_files(tmp_path / "small") >= data_files(tmp_path / "default") + 8
     for d in ("default", "small"):
@@ -190,7 +190,7 @@ def _boom(*args, **kwargs):
 def test_failed_save_keeps_previous_checkpoint(tmp_path, moe_params, monkeypatch, where):
     path = tmp_path / "c"
     checkpoint.save(path, MOE, moe_params, metadata={"v": "old"})
-    target = {"orbax": (ocp.PyTreeCheckpointer, "save"), "fsync": (checkpoint, "_fsync_tree"),
+    target = {"orbax": (ocp.Checkpointer, "save"), "fsync": (checkpoint, "_fsync_tree"),
               "swap": (checkpoint, "_exchange")}[where]
     monkeypatch.setattr(*target, _boom)
     with pytest.raises(RuntimeError, match="simulated"):

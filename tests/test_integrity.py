@@ -207,3 +207,31 @@ def test_verify_names_every_damaged_array_and_rejects_non_checkpoints(tmp_path, 
     (tmp_path / "empty").mkdir()
     rc, err = run(capsys, "verify", tmp_path / "empty")
     assert rc == 2 and "no flexmoe arrays" in err
+
+
+def test_concurrent_reads_put_stderr_back(tmp_path):
+    """Reads hold stderr while they run (to drop the noise of a failed read); several at once, some
+    failing, must leave Python's stderr, the unraisable hook and file descriptor 2 as they were."""
+    import sys
+    import threading
+
+    cfg = tiny()
+    good = checkpoint.save(tmp_path / "good", cfg, model.init(cfg, 0))
+    bad = copy(good, tmp_path / "bad")
+    damage(bad)
+    before = (sys.stderr, sys.unraisablehook, os.fstat(2).st_ino)
+    errors: list = []
+
+    def read(path):
+        try:
+            array_store.read_arrays(path / checkpoint.PARAMS_DIR)
+        except checkpoint.IntegrityError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=(p,)) for p in (good, bad, good, bad, good)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 2 and all(e.arrays for e in errors)
+    assert (sys.stderr, sys.unraisablehook, os.fstat(2).st_ino) == before
