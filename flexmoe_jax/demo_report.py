@@ -8,6 +8,7 @@ sizes), its per-document scores (paired bootstrap intervals, :mod:`flexmoe_jax.e
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -149,14 +150,21 @@ def findings_text(f: dict, domains: list[str]) -> list[str]:
 
 
 def sample_table(results: dict) -> list[str]:
-    """What every model was scored on: per domain, the sample's documents, tokens and bytes."""
-    per = next(iter(results.values()))
-    rows = ["| domain | documents | tokens | bytes | of the test split (documents / tokens) |", "|---|---:|---:|---:|---|"]
-    for d, r in per.items():
+    """What every model was scored on: per domain, the sample's documents, tokens and bytes; the
+    public model's 95% interval as +-% of its bpb, and the documents a +-1% interval would need at
+    that spread (the half-width shrinks as 1/sqrt(documents))."""
+    model = "public" if "public" in results else next(iter(results))
+    rows = ["| domain | documents | tokens | bytes | of the test split (documents / tokens) "
+            f"| {model} bpb +-95% | documents for +-1% |", "|---|---:|---:|---:|---|---:|---:|"]
+    for d, r in results[model].items():
         s = r.get("sample") if isinstance(r, dict) else None
-        if s:
-            whole = "all" if s["whole_split"] else f"{s['docs']}/{s['split_docs']} / {s['tokens']}/{s['split_tokens']}"
-            rows.append(f"| {d} | {s['docs']} | {s['tokens']:,} | {s['bytes']:,} | {whole} |")
+        if not s:
+            continue
+        whole = "all" if s["whole_split"] else f"{s['docs']}/{s['split_docs']} / {s['tokens']}/{s['split_tokens']}"
+        half = (r["bpb_ci"][1] - r["bpb_ci"][0]) / 2 / r["bpb"] if r.get("bpb_ci") else None
+        spread = (f"{half:.1%} | {math.ceil(round(s['docs'] * (half / 0.01) ** 2, 6)):,}" if half is not None
+                  else "- | -")
+        rows.append(f"| {d} | {s['docs']} | {s['tokens']:,} | {s['bytes']:,} | {whole} | {spread} |")
     return rows
 
 

@@ -183,3 +183,17 @@ def test_cpu_slots_split_the_cpus_into_disjoint_sets(monkeypatch):
     assert demo.cpu_slots(6) is None  # more processes than CPUs: no pinning
     monkeypatch.setattr(demo.shutil, "which", lambda name: None)
     assert demo.cpu_slots(2) is None  # no taskset on this machine
+
+
+def test_sample_table_reports_the_spread_and_documents_for_one_percent():
+    from flexmoe_jax import demo_report
+
+    size = {"docs": 10, "tokens": 500, "bytes": 1500, "whole_split": True}
+    results = {"public": {"code": {"bpb": 2.0, "bpb_ci": [1.96, 2.04], "sample": size},
+                          "average": {"bpb": 2.0}},
+               "other": {"code": {"bpb": 1.0, "bpb_ci": [0.5, 1.5], "sample": size}}}
+    rows = demo_report.sample_table(results)
+    assert "public bpb +-95%" in rows[0]
+    # +-2% from 10 documents: +-1% needs 10 * 2**2 = 40
+    assert rows[2] == "| code | 10 | 500 | 1,500 | all | 2.0% | 40 |"
+    assert len(rows) == 3

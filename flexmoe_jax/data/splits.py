@@ -87,15 +87,27 @@ def _quotas(total: int | None, minimum: int) -> dict[str, int | None]:
     return {"train": max(minimum, total - sum(small.values())), **small}
 
 
+SHARE = "share"  # test_bytes: the test split's usual share of max_bytes
+
+
+def _byte_quotas(max_bytes: int | None, test_bytes: int | None | str) -> dict[str, int | None]:
+    """Byte quota per split; ``test_bytes`` (bytes, or None for every test document) replaces the
+    test split's share when given. Train and validation quotas never depend on it."""
+    q = _quotas(max_bytes, 1)
+    if test_bytes != SHARE:
+        q["test"] = test_bytes
+    return q
+
+
 def select(docs: Iterable[Doc], max_docs: int | None = None, max_bytes: int | None = None,
-           exclude: "NgramIndex | None" = None) -> Selection:
+           exclude: "NgramIndex | None" = None, test_bytes: int | None | str = SHARE) -> Selection:
     """Dedup, split by hash, then fill each split's quota in hash order (skipping contaminated docs)."""
     stats: dict[str, int] = {"candidates": 0, "empty": 0, "duplicates": 0, "contaminated": 0}
     unique = dedup(docs, stats)
     by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
     for h in unique:
         by_split[split_of(h)].append(h)
-    doc_q, byte_q = _quotas(max_docs, 1), _quotas(max_bytes, 1)
+    doc_q, byte_q = _quotas(max_docs, 1), _byte_quotas(max_bytes, test_bytes)
     out: dict[str, list[tuple[str, Doc]]] = {}
     for s in SPLITS:
         taken, nbytes = [], 0
@@ -114,14 +126,17 @@ def select(docs: Iterable[Doc], max_docs: int | None = None, max_bytes: int | No
     return Selection(out, stats)
 
 
-def select_generated(generate, max_docs: int | None, max_bytes: int | None) -> Selection:
+def select_generated(generate, max_docs: int | None, max_bytes: int | None,
+                     test_bytes: int | str = SHARE) -> Selection:
     """Selection for generated corpora (math): ``generate(split, n_docs, n_bytes)`` yields docs.
 
     Each split is generated from its own seeds, so the split quotas are met without generating 20x
     more than needed; exact duplicates within and across splits (train first) are still removed.
     """
     stats: dict[str, int] = {"candidates": 0, "empty": 0, "duplicates": 0, "contaminated": 0}
-    doc_q, byte_q = _quotas(max_docs, 1), _quotas(max_bytes, 1)
+    if test_bytes is None:
+        raise ValueError("a generated corpus has no 'every test document': give test_bytes in bytes")
+    doc_q, byte_q = _quotas(max_docs, 1), _byte_quotas(max_bytes, test_bytes)
     seen: set[str] = set()
     out = {}
     for s in SPLITS:
