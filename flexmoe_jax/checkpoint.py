@@ -38,7 +38,8 @@ Why this shape:
   :mod:`flexmoe_jax.merge`) keeps its checksums in its manifest; :func:`load` reads it
   through ``merge.load``.
 
-Only local (POSIX) paths are supported: the atomic rename needs a real filesystem.
+On object storage (``gs://``, no rename) the same guarantee comes from generations and a pointer
+(see ``_writing_generation``).
 Orbax and jax are imported inside the functions so ``import flexmoe_jax.checkpoint``
 stays cheap (``flexmoe info`` only reads JSON).
 """
@@ -52,10 +53,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
+from flexmoe_jax import storage
 from flexmoe_jax.array_store import (DATA_FILE_BYTES, CheckpointError, IntegrityError, read_arrays,  # noqa: F401
                                      write_arrays)
 from flexmoe_jax.config import ModelConfig
@@ -190,8 +193,9 @@ def io_fix(code: int | None, where: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------
 
 def _abs(path: str | os.PathLike) -> Path:
-    # abspath (not resolve) so a symlinked checkpoint is replaced at the link's location.
-    return Path(os.path.abspath(os.fspath(path)))
+    # abspath (not resolve) so a symlinked checkpoint is replaced at the link's location; an
+    # object-storage URL stays one (an etils.epath.Path).
+    return storage.resolve(path)
 
 
 def _tmp_path(path: Path) -> Path:
@@ -246,9 +250,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=True))
-        f.write("\n")
+    path.write_text((obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=True)) + "\n")
 
 
 def _remove(path: Path) -> None:
@@ -317,6 +319,92 @@ def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from orbax.checkpoint import multihost
         multihost.sync_global_processes(f"flexmoe_checkpoint:{name}")
+
+
+# ----------------------------------------------------------------------------
+# Object storage: no rename, so a checkpoint is a pointer to its current generation
+# ----------------------------------------------------------------------------
+# gs://b/ckpt/flexmoe_checkpoint.json   the marker plus "generation": "g000002" (the pointer)
+# gs://b/ckpt/g000002/...               the complete checkpoint, marker included
+# A save writes the next generation in full, then replaces the pointer (one object write, which GCS
+# and S3 publish all at once), then deletes the older generations. A crash at any point leaves the
+# pointer naming a complete generation (or no pointer, and nothing that loads).
+
+_GENERATION = re.compile(r"^g\d{6}$")
+
+
+def _pointed_generation(path: Path) -> str | None:
+    """The generation ``path``'s pointer names; "" for a marker without one (a generation itself, or
+    a local checkpoint copied up as it is); None when there is no marker."""
+    pointer = path / MARKER_NAME
+    if not pointer.exists():
+        return None
+    try:
+        gen = json.loads(pointer.read_text()).get("generation", "")
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{pointer} is not a valid checkpoint marker; the checkpoint is damaged") from None
+    if gen != "" and not (isinstance(gen, str) and _GENERATION.match(gen)):
+        raise CheckpointError(f"{pointer} names no valid generation ({gen!r}); the checkpoint is damaged")
+    return gen
+
+
+def _current_generation_dir(path: Path) -> Path:
+    gen = _pointed_generation(path)
+    if gen is None:
+        entries = sorted(e.name for e in path.iterdir()) if path.exists() else []
+        if not entries:
+            raise FileNotFoundError(f"no checkpoint at {path}: nothing is stored there")
+        if all(_GENERATION.match(e) for e in entries):
+            raise FileNotFoundError(f"no checkpoint at {path}: a save to it was interrupted before it "
+                                    f"completed (only the unpublished {entries} exist)")
+        raise CheckpointError(f"{path} is not a flexmoe checkpoint (no {MARKER_NAME}); it contains {entries[:8]}")
+    d = path / gen if gen else path
+    _warn_if_uncoded(d)
+    return d
+
+
+@contextlib.contextmanager
+def _writing_generation(path: Path, kind: str) -> Iterator[Path]:
+    """:func:`writing` on object storage: fill the next generation, then move the pointer to it."""
+    primary = _is_primary()
+    _barrier("prepared")
+    # Every process reads the same state before anyone writes (no process writes before "created").
+    current = _pointed_generation(path)
+    entries = [e.name for e in path.iterdir()] if path.exists() else []
+    if current is None:
+        alien = [e for e in entries if not _GENERATION.match(e)]
+        if alien:
+            raise FileExistsError(f"refusing to overwrite {path}: it is not a flexmoe checkpoint (no "
+                                  f"{MARKER_NAME}; it holds {sorted(alien)[:8]}); choose another path")
+    if current == "":
+        raise FileExistsError(f"refusing to replace {path}: it is a checkpoint copied up without generations; "
+                              "save to another path, or remove it first")
+    # A new name every time, past any generation an interrupted save left: an object name is never
+    # reused, so no reader can see a half-rewritten generation.
+    gen = f"g{max([int(e[1:]) for e in entries if _GENERATION.match(e)], default=0) + 1:06d}"
+    tmp = path / gen
+    _barrier("created")
+    try:
+        yield tmp
+        if primary:
+            marker = {"format": FORMAT, "version": VERSION, "kind": kind, "integrity": INTEGRITY}
+            _write_json(tmp / MARKER_NAME, marker)
+            storage.write_json(path / MARKER_NAME, {**marker, "generation": gen})
+    except BaseException:
+        if primary:
+            try:
+                storage.remove_tree(tmp)
+            except OSError as e:
+                log.warning("could not remove the unpublished %s: %s", tmp, e)
+        raise
+    if primary:
+        for e in path.iterdir():
+            if _GENERATION.match(e.name) and e.name != gen:
+                try:
+                    storage.remove_tree(e)
+                except OSError as err:  # the new one is published; an old one left over only costs space
+                    log.warning("could not remove the replaced %s: %s", e, err)
+    _barrier("published")
 
 
 # ----------------------------------------------------------------------------
@@ -396,6 +484,10 @@ def writing(path: str | os.PathLike, kind: str = "model") -> Iterator[Path]:
     path = _abs(path)
     if path.name in ("", ".", ".."):
         raise ValueError(f"cannot save a checkpoint at {path}: give a directory name")
+    if storage.is_remote(path):
+        with _writing_generation(path, kind) as tmp:
+            yield tmp
+        return
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save to {path}: parent directory {path.parent} does not exist")
     primary = _is_primary()
@@ -532,6 +624,8 @@ def recorded_checksums(path: str | os.PathLike) -> dict[str, dict[str, Any]] | N
 def _checkpoint_dir(path: str | os.PathLike) -> Path:
     """The directory to read for ``path``, or a clear error saying what is wrong with it."""
     p = _abs(path)
+    if storage.is_remote(p):
+        return _current_generation_dir(p)
     if p.is_dir() and _is_ours(p):
         _warn_if_uncoded(p)
         return p
@@ -563,19 +657,19 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p} is not a flexmoe checkpoint (no {MARKER_NAME}); it contains {entries[:8]}")
 
 
-_WARNED_UNCODED: set[Path] = set()
+_WARNED_UNCODED: set[str] = set()
 
 
 def _warn_if_uncoded(d: Path) -> None:
     """One warning per checkpoint written before integrity codes: damage to it cannot be detected."""
-    if d in _WARNED_UNCODED:
+    if str(d) in _WARNED_UNCODED:
         return
     try:
         coded = json.loads((d / MARKER_NAME).read_text()).get("integrity") == INTEGRITY
     except (OSError, ValueError, AttributeError):
         return  # _read_config reports a damaged marker
     if not coded:
-        _WARNED_UNCODED.add(d)
+        _WARNED_UNCODED.add(str(d))
         log.warning("%s was written before checkpoints carried integrity codes: damage to its arrays cannot be "
                     "detected; load it and save it again with this version to add them", d)
 

@@ -7,6 +7,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs decides at import whether to ask GCS's control plane for a bucket's layout (gRPC the local
+# emulator does not serve; see tests/gcs_emulator.py).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import jax  # noqa: E402
 
@@ -59,3 +62,22 @@ def quick_demo(tmp_path_factory, demo_env):
         pytest.skip(f"corpora not installed: {r.stderr.strip()[-300:]}")
     assert r.returncode == 0, f"demo --quick failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return {"dir": work, "stdout": r.stdout, "seconds": time.perf_counter() - t}
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A local GCS emulator for the session; this process's clients point at it (tests/gcs_emulator.py)."""
+    import gcs_emulator
+
+    if not gcs_emulator.available():
+        pytest.skip("gcp-storage-emulator / gcsfs not installed (pip install -e '.[test]')")
+    emu = gcs_emulator.start()
+    saved = {k: os.environ.get(k) for k in emu.env}
+    os.environ.update(emu.env)
+    yield emu
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    emu.stop()
