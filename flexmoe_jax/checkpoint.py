@@ -657,6 +657,11 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p} is not a flexmoe checkpoint (no {MARKER_NAME}); it contains {entries[:8]}")
 
 
+def directory(path: str | os.PathLike) -> Path:
+    """Where a checkpoint's files are: ``path`` itself locally, its current generation on object storage."""
+    return _checkpoint_dir(path)
+
+
 _WARNED_UNCODED: set[str] = set()
 
 

@@ -87,7 +87,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from flexmoe_jax import checkpoint, model
+from flexmoe_jax import checkpoint, model, storage
 from flexmoe_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def _resolve(arg: str | os.PathLike) -> _Input:
     """A deliverable dir, a run dir (``WORKDIR/expert`` preferred, else ``WORKDIR/model``) or a full model."""
     from flexmoe_jax import expert
 
-    p = Path(os.path.abspath(os.fspath(arg)))
+    p = storage.resolve(arg)
     hint = ("give the expert's deliverable (WORKDIR/expert, written by flexmoe train-expert), its run "
             "directory WORKDIR, or its full model WORKDIR/model")
     if not p.exists():
@@ -173,7 +173,7 @@ def _resolve(arg: str | os.PathLike) -> _Input:
                          f"model/ inside; {hint}")
     k = checkpoint.kind(target)
     if k == expert.DELIVERABLE_KIND:
-        f = target / expert.MANIFEST_NAME
+        f = checkpoint.directory(target) / expert.MANIFEST_NAME
         try:
             manifest = json.loads(f.read_text())
             config = ModelConfig.from_dict(manifest["expert_config"])
@@ -203,9 +203,9 @@ def _resolve(arg: str | os.PathLike) -> _Input:
 
 def _check_out(out: Path, anchor: Any, inputs: list[_Input], public_router: Any = None) -> None:
     """The output must not overlap an input: publishing it would replace or delete that input."""
-    inside = [Path(os.path.abspath(os.fspath(anchor)))] if not isinstance(anchor, tuple) else []
+    inside = [storage.resolve(anchor)] if not isinstance(anchor, tuple) else []
     if isinstance(public_router, (str, os.PathLike)) and public_router != "zeros":
-        inside.append(Path(os.path.abspath(os.fspath(public_router))))
+        inside.append(storage.resolve(public_router))
     for inp in inputs:
         inside += [inp.path] + ([inp.model_path] if inp.model_path else [])
     for p in inside:
@@ -231,7 +231,7 @@ def _router_row0(source: Any, L: int, d: int, dtype) -> tuple[np.ndarray, str]:
     if isinstance(source, str) and source == "zeros":
         return np.zeros((L, d), dtype), "zeros"
     if isinstance(source, (str, os.PathLike)):
-        p = Path(os.path.abspath(os.fspath(source)))
+        p = storage.resolve(source)
         if not _is_flexmoe(p) and _is_flexmoe(p / "model"):
             p = p / "model"
         if not p.exists():
@@ -243,7 +243,8 @@ def _router_row0(source: Any, L: int, d: int, dtype) -> tuple[np.ndarray, str]:
                              "give a 2-expert model, a run directory, a merged model, or 'zeros'")
         if checkpoint.kind(p) == checkpoint.MERGED_KIND:
             m = read_manifest(p)
-            tree = checkpoint.read_arrays(p / m["experts"][0]["dir"], what=f"public_router {source}")
+            tree = checkpoint.read_arrays(checkpoint.directory(p) / m["experts"][0]["dir"],
+                                          what=f"public_router {source}")
             row = np.asarray(tree["layers"]["moe"]["router"])[:, 0]
         else:
             row = np.asarray(checkpoint.load_subtree(p, "layers/moe/router")["layers"]["moe"]["router"])[:, 0]
@@ -320,7 +321,7 @@ def _load_slot(inp: _Input, anchor_config: ModelConfig, dtype: np.dtype,
     where = f"expert {inp.name!r} ({inp.path})"
     if inp.is_deliverable:
         recorded = checkpoint.recorded_checksums(inp.path)
-        tree = checkpoint.read_arrays(inp.path / checkpoint.PARAMS_DIR, what=where)
+        tree = checkpoint.read_arrays(checkpoint.directory(inp.path) / checkpoint.PARAMS_DIR, what=where)
         flat = _flat(tree)
         if recorded is None:
             log.warning("%s has no recorded checksums (written by an older flexmoe_jax): a damaged array "
@@ -337,7 +338,7 @@ def _load_slot(inp: _Input, anchor_config: ModelConfig, dtype: np.dtype,
         slot = {k.rsplit("/", 1)[1]: v for k, v in flat.items()}
         sums = {k.rsplit("/", 1)[1]: v for k, v in sums.items()} if sums else None
     else:
-        tree = checkpoint.read_arrays(inp.path / checkpoint.PARAMS_DIR, what=where)
+        tree = checkpoint.read_arrays(checkpoint.directory(inp.path) / checkpoint.PARAMS_DIR, what=where)
         slot, sums = _model_slot(inp, tree, anchor_sums, where)
         del tree
     missing = [k for k in ("gate", "up", "down", "router") if k not in slot]
@@ -510,7 +511,7 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
         experts = [experts]
     if not experts:
         raise MergeError("give at least one expert to merge")
-    out_path = Path(os.path.abspath(os.fspath(out)))
+    out_path = storage.resolve(out)
 
     # 1. Resolve and check everything that needs only JSON.
     inputs = [_resolve(e) for e in experts]
@@ -548,7 +549,7 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
     else:
         anchor_config = checkpoint.load_config(anchor)
         anchor_params = None
-        anchor_desc = {"path": os.path.abspath(os.fspath(anchor))}
+        anchor_desc = {"path": str(storage.resolve(anchor))}
         if kit is not None:
             anchor_desc["kit"] = {"path": str(kit.path), "id": kit.kit_id, "router_init": kit.meta["router_init"]}
     if anchor_config.is_moe:
@@ -582,7 +583,7 @@ def merge(anchor: str | os.PathLike | tuple[ModelConfig, model.Params], experts:
     t = time.perf_counter()
     if anchor_params is None:
         what, error = f"arrays of anchor {anchor_desc['path']}", checkpoint.CheckpointError
-        anchor_params = checkpoint.read_arrays(Path(anchor_desc["path"]) / checkpoint.PARAMS_DIR,
+        anchor_params = checkpoint.read_arrays(checkpoint.directory(anchor_desc["path"]) / checkpoint.PARAMS_DIR,
                                                what=f"anchor {anchor_desc['path']}")
     else:
         import jax
@@ -805,7 +806,7 @@ def read_routing_stats(path: str | os.PathLike, names: Sequence[str]) -> dict:
 
     from flexmoe_jax import routing
 
-    d = checkpoint._checkpoint_dir(path)
+    d = checkpoint.directory(path)
     if checkpoint.kind(d) != checkpoint.MERGED_KIND:
         return {}
     out = {}
@@ -832,7 +833,7 @@ def read_routing_stats(path: str | os.PathLike, names: Sequence[str]) -> dict:
 
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of a merged model (anchor, each expert's own manifest, checksums)."""
-    d = checkpoint._checkpoint_dir(path)
+    d = checkpoint.directory(path)
     f = d / MANIFEST_NAME
     if checkpoint.kind(d) != checkpoint.MERGED_KIND:
         raise checkpoint.CheckpointError(f"{d} is not a merged model (kind {checkpoint.kind(d)!r})")
@@ -923,7 +924,7 @@ def load(path: str | os.PathLike, *, include: Sequence[str | int] | None = None,
         config, params = model.select_experts(config, params, keep, top_k=top_k)
         return config, _place(config, jax.tree.map(np.asarray, params), mesh, shardings)
 
-    d = checkpoint._checkpoint_dir(path)
+    d = checkpoint.directory(path)
     full = checkpoint.load_config(d)
     manifest = read_manifest(d)
     entries = manifest["experts"]

@@ -92,3 +92,42 @@ def test_refuses_to_overwrite_what_is_not_a_checkpoint(bucket):
         checkpoint.load(f"{bucket}/notes")
     with pytest.raises(FileNotFoundError, match="nothing is stored there"):
         checkpoint.load(f"{bucket}/missing")
+
+
+# ----------------------------------------------------------------------------
+# Merge: experts read from gs://, the merged model written to gs://, opt-out at load
+# ----------------------------------------------------------------------------
+
+def test_merge_from_and_to_object_storage_with_opt_out(bucket, tmp_path):
+    import types
+
+    import test_merge as tm
+
+    from flexmoe_jax import expert, merge
+
+    root = epath.Path(bucket) / "owners"
+    anchor = jax.device_get(model.init(tm.CFG, 0))
+    checkpoint.save(root / "anchor", tm.CFG, anchor)
+    fp = expert.fingerprint(tm.CFG, anchor)
+    public_row = np.random.default_rng(99).standard_normal((tm.L, tm.D)).astype(np.float32)
+    owners = {n: tm.make_owner(root, anchor, fp, n, public_row, seed) for seed, n in enumerate(tm.NAMES)}
+    world = types.SimpleNamespace(anchor=anchor, public_row=public_row, owners=owners)
+
+    abc = merge.merge(root / "anchor", [root / n / "expert" for n in tm.NAMES], f"{bucket}/abc",
+                      public_router=public_row, progress=False)
+    assert str(abc) == f"{bucket}/abc"
+    want_cfg, want = tm.reference(world, tm.NAMES)
+    cfg, params = merge.load(abc)
+    assert cfg.expert_names == want_cfg.expert_names
+    tm.assert_same(params, want)
+    # Opt-out from object storage equals the merge without that expert, written locally from the same inputs.
+    ab = merge.merge(root / "anchor", [root / n / "expert" for n in ("a", "b")], tmp_path / "ab",
+                     public_router=public_row, progress=False)
+    cfg_x, p_x = merge.load(abc, exclude=["c"])
+    cfg_ab, p_ab = merge.load(ab)
+    assert cfg_x.to_dict() == cfg_ab.to_dict()
+    np.testing.assert_array_equal(tm.logits(cfg_x, p_x), tm.logits(cfg_ab, p_ab))
+    # A run directory on gs:// (WORKDIR/expert + WORKDIR/model) resolves as it does locally.
+    run_merge = merge.merge(root / "anchor", [root / "a"], f"{bucket}/a_only", public_router=public_row,
+                            progress=False)
+    tm.assert_same(merge.load(run_merge)[1], tm.reference(world, ("a",))[1])
