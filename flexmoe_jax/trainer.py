@@ -27,7 +27,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from flexmoe_jax import array_store, baselines, checkpoint, expert, flops, model, optim, train
+from flexmoe_jax import array_store, baselines, checkpoint, expert, flops, model, optim, storage, train
 from flexmoe_jax.config import ModelConfig
 
 # "dense": an owner continues pretraining the whole dense anchor on its own data (the paper's dense
@@ -167,9 +166,10 @@ def _manager(workdir: Path, rc: RunConfig):
 
 
 def _last_complete_step(state_dir: Path) -> int | None:
-    # Orbax finalizes a step by renaming its temporary directory to the bare step number.
-    steps = [int(p.name) for p in state_dir.iterdir() if p.name.isdigit()] if state_dir.is_dir() else []
-    return max(steps, default=None)
+    # Orbax's finalized steps: renamed from their temporary name locally, marked commit_success.txt on gs://.
+    import orbax.checkpoint as ocp
+
+    return max(ocp.utils.checkpoint_steps(state_dir), default=None)
 
 
 def _remove_partial_steps(state_dir: Path) -> None:
@@ -177,7 +177,10 @@ def _remove_partial_steps(state_dir: Path) -> None:
     def remove() -> bool:
         partial = list(state_dir.glob("*.orbax-checkpoint-tmp*"))
         for tmp in partial:
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                storage.remove_tree(tmp)
+            except OSError:
+                pass
         return bool(partial)
 
     checkpoint.remove_leftovers(remove)
@@ -231,7 +234,7 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
             raise ValueError(f"the configured model differs from the anchor {rc.anchor}: "
                              + ", ".join(f"{k}={a} vs anchor {b}" for k, (a, b) in diff.items())
                              + "; drop the ModelConfig settings (the anchor defines the model) or use the right anchor")
-    provenance = {"anchor": os.path.abspath(rc.anchor),
+    provenance = {"anchor": str(storage.resolve(rc.anchor)),
                   "anchor_fingerprint": expert.fingerprint(anchor_config, anchor_params)}
     if kit is not None:
         if provenance["anchor_fingerprint"] != kit.meta["anchor_fingerprint"]:
@@ -290,7 +293,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     """
     from flexmoe_jax import data
 
-    workdir = Path(workdir)
+    workdir = storage.resolve(workdir)  # a local directory or gs://...
     workdir.mkdir(parents=True, exist_ok=True)
     loss_cfg = loss_cfg or train.LossConfig()
     if loss_cfg.route_weight < 0:
@@ -442,7 +445,7 @@ def _card_hash(data_dir: str) -> str | None:
     """sha256 of the data card the expert was trained with (None if the data dir has none)."""
     import hashlib
 
-    card = Path(data_dir) / "card.json"
+    card = storage.resolve(data_dir) / "card.json"
     return hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None
 
 
@@ -485,22 +488,36 @@ def _scalars(metrics, ocfg, step, steps_per_s, step_flops, config) -> dict:
 
 
 def _writer(workdir: Path):
-    """TensorBoard event files (clu) plus a JSON-lines log that needs nothing to read."""
+    """TensorBoard event files (clu) plus a JSON-lines log that needs nothing to read.
+
+    Object storage has no append: there the log is rewritten whole (one object write) each time."""
     path = workdir / "metrics.jsonl"
     if jax.process_index() > 0:  # process 0 writes the logs of a multi-process run
         return lambda step, scalars: None
+    remote = storage.is_remote(workdir)
     tb = None
-    try:
-        from clu import metric_writers
+    if remote and os.environ.get("STORAGE_EMULATOR_HOST"):
+        # clu writes event files through TensorFlow's GCS client, which cannot be pointed at an emulator.
+        tqdm.write("flexmoe: no TensorBoard event files under a GCS emulator (TensorFlow's GCS client "
+                   "always talks to storage.googleapis.com); metrics go to metrics.jsonl")
+    else:
+        try:
+            from clu import metric_writers
 
-        tb = metric_writers.create_default_writer(str(workdir / "tb"))
-    except ImportError as e:  # metrics still go to metrics.jsonl
-        tqdm.write(f"flexmoe: no TensorBoard event files ({e}); pip install clu tensorboard")
+            tb = metric_writers.create_default_writer(str(workdir / "tb"))
+        except ImportError as e:  # metrics still go to metrics.jsonl
+            tqdm.write(f"flexmoe: no TensorBoard event files ({e}); pip install clu tensorboard")
+    logged = [path.read_text()] if remote and path.exists() else []
 
     def write(step: int, scalars: dict) -> None:
+        line = json.dumps({"step": step, **scalars}) + "\n"
         try:
-            with open(path, "a") as f:
-                f.write(json.dumps({"step": step, **scalars}) + "\n")
+            if remote:
+                logged.append(line)
+                storage.write_text(path, "".join(logged))
+            else:
+                with open(path, "a") as f:
+                    f.write(line)
         except OSError as e:
             raise TrainingError(f"cannot write {path}: {e.strerror or e}. To fix: "
                                 f"{checkpoint.io_fix(e.errno, workdir)}, then rerun the same command to resume "

@@ -45,12 +45,8 @@ def start(timeout: float = 30.0) -> Emulator:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # The emulator serves one request at a time (http.server.HTTPServer); TensorStore keeps several
-    # connections open and times out waiting, then retries writes the emulator has already applied
-    # (it ignores ifGenerationMatch), which breaks OCDBT's manifest updates. Threaded, it keeps up.
-    launcher = ("import sys, http.server as h; h.HTTPServer = h.ThreadingHTTPServer; "
-                "from gcp_storage_emulator.__main__ import main; main(sys.argv[1:])")
-    cmd = [sys.executable, "-c", launcher,
+    # gcs_emulator_server.py: the emulator plus the generation headers and preconditions TensorStore needs.
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator_server.py"),
            "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", BUCKET]
     log = open(os.environ.get("FLEXMOE_GCS_EMULATOR_LOG", os.devnull), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

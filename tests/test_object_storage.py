@@ -131,3 +131,53 @@ def test_merge_from_and_to_object_storage_with_opt_out(bucket, tmp_path):
     run_merge = merge.merge(root / "anchor", [root / "a"], f"{bucket}/a_only", public_router=public_row,
                             progress=False)
     tm.assert_same(merge.load(run_merge)[1], tm.reference(world, ("a",))[1])
+
+
+# ----------------------------------------------------------------------------
+# Training with the work directory on gs://: SIGKILL, rerun, resume bit-identical
+# ----------------------------------------------------------------------------
+
+def test_training_workdir_on_gs_resumes_after_sigkill(data_dir, bucket, tmp_path, gcs):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import orbax.checkpoint as ocp
+    import test_trainer as tt
+
+    from flexmoe_jax import cli
+
+    total = 24
+    steps = [f"RunConfig.steps={total}", "RunConfig.checkpoint_every=4", "RunConfig.log_every=1"]
+    assert cli.main(tt._args(data_dir, tmp_path / "straight", *steps)) == 0
+
+    killed = f"{bucket}/killed"
+    cmd = [sys.executable, "-m", "flexmoe_jax.cli", *tt._args(data_dir, killed, *steps)]
+    env = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = epath.Path(killed) / "state"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ocp.utils.checkpoint_steps(state):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    resume_at = max(ocp.utils.checkpoint_steps(state))
+    assert 0 < resume_at < total
+    assert not (epath.Path(killed) / "model").exists()
+    before = [json.loads(x)["step"] for x in (epath.Path(killed) / "metrics.jsonl").read_text().splitlines()]
+    assert before == list(range(1, len(before) + 1)) and resume_at <= len(before) < total
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    after = [json.loads(x)["step"] for x in (epath.Path(killed) / "metrics.jsonl").read_text().splitlines()]
+    # The rerun started at the saved step K (not at 0): rows K+1.. follow the killed run's rows.
+    assert after[:len(before)] == before and after[len(before):] == list(range(resume_at + 1, total + 1))
+    a, b = tt._leaves(tmp_path / "straight" / "model"), tt._leaves(f"{killed}/model")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
