@@ -99,6 +99,14 @@ def main(out_path: str) -> None:
         "loss": float(loss),
         "grad_norm": float(norm),
     }
+    save_to = os.environ.get("FLEXMOE_MP_SAVE")
+    if save_to:  # every process writes its own shards of one checkpoint (local path or gs://)
+        from flexmoe_jax import checkpoint
+
+        checkpoint.save(save_to, cfg, params, metadata={"writers": nproc})
+        _, back = checkpoint.load(save_to, mesh=mesh)
+        result["reloaded_equal"] = all(bool(jax.numpy.array_equal(a, b)) for a, b in
+                                       zip(jax.tree.leaves(params), jax.tree.leaves(back)))
     with open(out_path + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(out_path + ".tmp", out_path)

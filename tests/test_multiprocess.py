@@ -57,14 +57,14 @@ def _worker_env(port: int, process_id: int) -> dict[str, str]:
     return env
 
 
-def _run_workers(tmp_path, while_waiting=lambda: None) -> list[dict]:
-    """Run the workers; call ``while_waiting()`` once they are launched."""
+def _run_workers(tmp_path, while_waiting=lambda: None, env: dict | None = None) -> list[dict]:
+    """Run the workers (``env`` added to theirs); call ``while_waiting()`` once they are launched."""
     port = _free_port()
     procs, outs, logs = [], [], []
     for pid in range(NUM_PROCESSES):
         out = tmp_path / f"result_{pid}.json"
         log = open(tmp_path / f"worker_{pid}.log", "w+")
-        procs.append(subprocess.Popen([sys.executable, WORKER, str(out)], env=_worker_env(port, pid),
+        procs.append(subprocess.Popen([sys.executable, WORKER, str(out)], env={**_worker_env(port, pid), **(env or {})},
                                       stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
         outs.append(out)
         logs.append(log)
@@ -196,3 +196,20 @@ def test_host_local_to_global_single_process():
     out = distributed.host_local_to_global(batch, mesh, {"tokens": P("data"), "weights": P()})
     assert {s.data.shape for s in out["tokens"].addressable_shards} == {(4, 4)}
     assert {s.data.shape for s in out["weights"].addressable_shards} == {(8, 4)}
+
+
+def test_two_processes_write_one_checkpoint_to_gcs(tmp_path, gcs):
+    """Both processes write their shards of one checkpoint to the same gs:// path (the emulator's);
+    it reads back equal on their mesh and, here, as one process, equals the single-process init."""
+    import gcs_emulator
+
+    from flexmoe_jax import checkpoint
+
+    url = f"gs://{gcs_emulator.BUCKET}/multiprocess/ckpt"
+    results = _run_workers(tmp_path, env={**gcs.env, "FLEXMOE_MP_SAVE": url})
+    assert all(r["reloaded_equal"] for r in results)
+    cfg, params = checkpoint.load(url)
+    assert cfg == worker.make_config() and checkpoint.load_metadata(url) == {"writers": 2}
+    want = model.init(cfg, 0)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
