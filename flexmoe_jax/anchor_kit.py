@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flexmoe_jax import checkpoint, expert, router_init, routing
+from flexmoe_jax import checkpoint, expert, router_init, routing, storage
 from flexmoe_jax.config import ModelConfig
 
 KIND = "anchor_kit"
@@ -125,7 +125,7 @@ def build(anchor: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
                 "anchor_source": os.path.abspath(os.fspath(anchor)), "router_init": settings,
                 "files": {f: _sha256(tmp / f) for f in files}}
         (tmp / KIT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return Path(os.path.abspath(os.fspath(out)))
+    return storage.resolve(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +173,7 @@ class Kit:
 
 def open_kit(path: str | os.PathLike) -> Kit:
     """Open ``path`` and check every file against ``kit.json`` (a damaged kit is refused)."""
-    p = Path(os.path.abspath(os.fspath(path)))
+    p = storage.resolve(path)
     if not is_kit(p):
         raise checkpoint.CheckpointError(f"{p} is not an anchor kit (no {KIT_FILE}); build one with "
                                          "`flexmoe anchor-kit`")

@@ -66,13 +66,13 @@ def _cmd_info(args) -> None:
 
 
 def _cmd_merge(args) -> None:
-    from flexmoe_jax import checkpoint, merge
+    from flexmoe_jax import checkpoint, merge, storage
 
     out = merge.merge(args.anchor, args.expert, args.out, top_k=args.top_k, names=args.names,
                       keep_bias=not args.drop_bias, public_router=args.public_router, progress=True,
                       routing_stats=_name_files(args.routing_stats, "--routing_stats"), routing=args.routing)
     cfg = checkpoint.load_config(out)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    size = sum(storage.size(f) for f in storage.files(out))
     print(f"merged experts [{', '.join(cfg.names)}], top-{cfg.top_k}, bias {merge.read_manifest(out)['bias']} "
           f"({cfg.num_params():,} params, {size / 1e6:.1f} MB) -> {out}")
 

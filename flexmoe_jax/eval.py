@@ -80,7 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexmoe_jax import model
+from flexmoe_jax import model, storage
 from flexmoe_jax import routing as routing_lib
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.evaluation import bootstrap
@@ -351,7 +351,7 @@ def _model_dir(path: str | os.PathLike) -> Path:
     """A checkpoint directory, or a run directory's ``model/``."""
     from flexmoe_jax import checkpoint
 
-    p = Path(os.path.abspath(os.fspath(path)))
+    p = storage.resolve(path)
     if not (p / checkpoint.MARKER_NAME).is_file() and (p / "model" / checkpoint.MARKER_NAME).is_file():
         return p / "model"
     return p
@@ -392,7 +392,7 @@ def checkpoint_routing_stats(path: str | os.PathLike, names: Sequence[str]) -> d
 
 def default_name(path: str | os.PathLike, include=None, exclude=None) -> str:
     """A model's results name from its path (``.../humor/model`` -> ``humor``), plus its opt-in/out."""
-    p = Path(os.path.abspath(os.fspath(path)))
+    p = storage.resolve(path)
     name = p.parent.name if p.name in ("model", "expert") else p.name
     if exclude:
         name += "_minus_" + "_".join(str(x) for x in exclude)

@@ -85,3 +85,19 @@ def remove_tree(path: AnyPath) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
+
+
+def files(root: AnyPath) -> list[AnyPath]:
+    """Every file under ``root``, recursively (object storage refuses ``**`` globs: listed level by level)."""
+    if not is_remote(root):
+        return [p for p in Path(root).rglob("*") if p.is_file()]
+    out, todo = [], [root]
+    while todo:
+        for p in todo.pop().iterdir():
+            (todo if p.is_dir() else out).append(p)
+    return out
+
+
+def size(path: AnyPath) -> int:
+    """Bytes of one file."""
+    return path.stat().st_size if not is_remote(path) else path.stat().length

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from flexmoe_jax import array_store, checkpoint
+from flexmoe_jax import array_store, checkpoint, storage
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ class Report:
 def _array_dirs(root: Path) -> list[Path]:
     """Every Orbax PyTree directory under ``root`` (it holds a ``_METADATA`` file)."""
     found = [root] if (root / "_METADATA").is_file() else []
-    return found + sorted(p.parent for p in root.rglob("_METADATA") if p.parent != root
+    return found + sorted(p.parent for p in storage.files(root) if p.name == "_METADATA" and p.parent != root
                           and not any(part.endswith(("tmp", "-tmp")) or ".orbax-checkpoint-tmp" in part
                                       for part in p.parent.relative_to(root).parts))
 
@@ -82,7 +82,9 @@ def _recorded(root: Path) -> dict[Path, dict]:
 
 def verify(path: str | Path) -> Report:
     """Read back every array under ``path``; a :class:`Report` of what is damaged."""
-    root = Path(path).absolute()
+    root = storage.resolve(path)
+    if storage.is_remote(root) and (root / checkpoint.MARKER_NAME).is_file():
+        root = checkpoint.directory(root)  # object storage: the pointer's current generation
     if not root.exists():
         raise FileNotFoundError(f"nothing to verify at {root}: it does not exist")
     dirs = _array_dirs(root)

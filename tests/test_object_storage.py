@@ -98,12 +98,13 @@ def test_refuses_to_overwrite_what_is_not_a_checkpoint(bucket):
 # Merge: experts read from gs://, the merged model written to gs://, opt-out at load
 # ----------------------------------------------------------------------------
 
-def test_merge_from_and_to_object_storage_with_opt_out(bucket, tmp_path):
+def _owners_on_gcs(bucket):
+    """test_merge's owners (anchor, deliverables, run directories), written straight to gs://."""
     import types
 
     import test_merge as tm
 
-    from flexmoe_jax import expert, merge
+    from flexmoe_jax import expert
 
     root = epath.Path(bucket) / "owners"
     anchor = jax.device_get(model.init(tm.CFG, 0))
@@ -111,7 +112,16 @@ def test_merge_from_and_to_object_storage_with_opt_out(bucket, tmp_path):
     fp = expert.fingerprint(tm.CFG, anchor)
     public_row = np.random.default_rng(99).standard_normal((tm.L, tm.D)).astype(np.float32)
     owners = {n: tm.make_owner(root, anchor, fp, n, public_row, seed) for seed, n in enumerate(tm.NAMES)}
-    world = types.SimpleNamespace(anchor=anchor, public_row=public_row, owners=owners)
+    return root, types.SimpleNamespace(anchor=anchor, public_row=public_row, owners=owners)
+
+
+def test_merge_from_and_to_object_storage_with_opt_out(bucket, tmp_path):
+    import test_merge as tm
+
+    from flexmoe_jax import merge
+
+    root, world = _owners_on_gcs(bucket)
+    public_row = world.public_row
 
     abc = merge.merge(root / "anchor", [root / n / "expert" for n in tm.NAMES], f"{bucket}/abc",
                       public_router=public_row, progress=False)
@@ -131,6 +141,25 @@ def test_merge_from_and_to_object_storage_with_opt_out(bucket, tmp_path):
     run_merge = merge.merge(root / "anchor", [root / "a"], f"{bucket}/a_only", public_router=public_row,
                             progress=False)
     tm.assert_same(merge.load(run_merge)[1], tm.reference(world, ("a",))[1])
+
+
+def test_cli_on_object_storage(bucket, data_dir, tmp_path, capsys):
+    """merge, info, verify and eval --exclude, every path a gs:// URL."""
+    from flexmoe_jax import cli
+
+    root, _ = _owners_on_gcs(bucket)
+    out = f"{bucket}/merged"
+    assert cli.main(["merge", "--anchor", str(root / "anchor"), "--expert", *(str(root / n) for n in "abc"),
+                     "--out", out, "--public_router", "zeros"]) == 0
+    assert cli.main(["info", out]) == 0
+    assert "public" in capsys.readouterr().out
+    assert cli.main(["verify", out, str(root / "a" / "expert")]) == 0
+    assert capsys.readouterr().out.count("ok gs://") == 2
+    results = tmp_path / "r.json"
+    assert cli.main(["eval", "--ckpt", out, "--name", "without_c", "--exclude", "c", "--data_dir", data_dir,
+                     "--tasks", "flexmix_mini.humor", "--max_tokens", "512", "--json", str(results)]) == 0
+    r = json.loads(results.read_text())
+    assert np.isfinite(r["without_c"]["humor"]["bpb"])
 
 
 # ----------------------------------------------------------------------------
