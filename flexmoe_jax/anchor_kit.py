@@ -51,7 +51,18 @@ KIT_FILE = "kit.json"
 METHODS = ("hidden", "embedder", "minilm", "zeros", "random")
 
 
+def _local_only(path: str | os.PathLike) -> None:
+    if storage.is_remote(path):
+        raise ValueError(f"anchor kit {path}: kits are built and read on local paths only (the kit links the "
+                         "anchor's files in place); copy it to a local directory, e.g. gsutil -m cp -r, and give that")
+
+
 def is_kit(path: str | os.PathLike) -> bool:
+    if storage.is_remote(path):
+        p = storage.resolve(path)
+        if (p / KIT_FILE).is_file() or any((g / KIT_FILE).is_file() for g in p.glob("g[0-9]*")):
+            _local_only(path)
+        return False
     p = Path(os.fspath(path))
     return (p / KIT_FILE).is_file() and (p / checkpoint.MARKER_NAME).is_file()
 
@@ -78,6 +89,7 @@ def build(anchor: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
           method: str = "hidden", public_task: str = "flexmix_mini.public", seq_len: int = 128,
           num_batches: int = 8, num_docs: int = 256, seed: int = 0) -> Path:
     """Publish the kit of ``anchor`` at ``out`` (atomically); public data of ``data_dir`` only."""
+    _local_only(out)
     from flexmoe_jax import data
 
     if method not in METHODS:

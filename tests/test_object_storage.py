@@ -210,3 +210,14 @@ def test_training_workdir_on_gs_resumes_after_sigkill(data_dir, bucket, tmp_path
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_anchor_kits_on_object_storage_are_refused_clearly(bucket):
+    from flexmoe_jax import anchor_kit
+
+    with pytest.raises(ValueError, match="local paths only"):
+        anchor_kit.build("anchor", "data", f"{bucket}/kit")
+    (epath.Path(bucket) / "kit" / anchor_kit.KIT_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="copy it to a local directory"):
+        anchor_kit.is_kit(f"{bucket}/kit")
+    assert not anchor_kit.is_kit(f"{bucket}/plain")
