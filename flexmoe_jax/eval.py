@@ -961,8 +961,13 @@ def plot(results: Mapping[str, Mapping[str, dict]], path: str | os.PathLike, rel
     # Outside the axes, so no bar is hidden behind it.
     axes[0, 0].legend(fontsize="small", ncol=max(1, len(models) // 12 + 1), loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    path = Path(path)
+    path = storage.resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(path):  # one object write: published whole
+        with path.open("wb") as f:
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return path
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")  # keep the legend outside the axes in the image
     plt.close(fig)
@@ -972,14 +977,12 @@ def plot(results: Mapping[str, Mapping[str, dict]], path: str | os.PathLike, rel
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def docs_path(json_out: str | os.PathLike) -> Path:
     """Where :func:`main_eval` keeps the per-document scores beside ``json_out`` (``x.json`` -> ``x.docs.json``)."""
-    p = Path(json_out)
+    p = storage.resolve(json_out)
     return p.with_name(p.stem + ".docs.json")
 
 
@@ -1028,9 +1031,9 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
     if not entries:
         raise ValueError("no models to evaluate")
     prior: dict = {}
-    if json_out is not None and update and Path(json_out).exists():
+    if json_out is not None and update and storage.resolve(json_out).exists():
         try:
-            prior = json.loads(Path(json_out).read_text())
+            prior = json.loads(storage.resolve(json_out).read_text())
         except ValueError as e:
             raise ValueError(f"{json_out} is not a results JSON file ({e}); remove it or pass another --json") from None
         if not isinstance(prior, dict):
@@ -1055,11 +1058,11 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
         for n, r in new.items():
             docs[n] = {d: {k: v[k] for k in PER_DOC} for d, v in r.items() if "doc_nll" in v}
         _write_json_atomic(docs_file, docs)
-        _write_json_atomic(Path(json_out), everything)
+        _write_json_atomic(storage.resolve(json_out), everything)
     table = results_table(everything)
     if table_out is not None:
-        Path(table_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(table_out).write_text(table + "\n")
+        storage.resolve(table_out).parent.mkdir(parents=True, exist_ok=True)
+        storage.write_text(storage.resolve(table_out), table + "\n")
     if plot_out is not None:
         plot(everything, plot_out)
     if log is not None:

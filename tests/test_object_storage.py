@@ -155,11 +155,15 @@ def test_cli_on_object_storage(bucket, data_dir, tmp_path, capsys):
     assert "public" in capsys.readouterr().out
     assert cli.main(["verify", out, str(root / "a" / "expert")]) == 0
     assert capsys.readouterr().out.count("ok gs://") == 2
-    results = tmp_path / "r.json"
+    results = epath.Path(bucket) / "eval" / "r.json"
     assert cli.main(["eval", "--ckpt", out, "--name", "without_c", "--exclude", "c", "--data_dir", data_dir,
-                     "--tasks", "flexmix_mini.humor", "--max_tokens", "512", "--json", str(results)]) == 0
+                     "--tasks", "flexmix_mini.humor", "--max_tokens", "512", "--json", str(results),
+                     "--table", f"{bucket}/eval/r.md", "--plot", f"{bucket}/eval/r.png"]) == 0
     r = json.loads(results.read_text())
     assert np.isfinite(r["without_c"]["humor"]["bpb"])
+    assert "without_c" in (epath.Path(bucket) / "eval" / "r.md").read_text()
+    assert (epath.Path(bucket) / "eval" / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert "without_c" in json.loads((epath.Path(bucket) / "eval" / "r.docs.json").read_text())
 
 
 # ----------------------------------------------------------------------------
