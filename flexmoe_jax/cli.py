@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from flexmoe_jax import storage
 from pathlib import Path
 
 
@@ -98,8 +100,6 @@ def _format_attribution(a: dict) -> str:
 
 
 def _cmd_generate(args) -> None:
-    import json
-
     from flexmoe_jax import checkpoint, data, generate, merge
 
     if any(not p.strip() for p in args.prompt):
@@ -146,11 +146,7 @@ def _cmd_generate(args) -> None:
         print(r["completion"])
         print(f"--- experts: {_format_attribution(r['attribution'])}")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        storage.write_json(args.json, results, sort_keys=False)
         print(f"wrote {args.json}", file=sys.stderr)
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from flexmoe_jax import storage
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.demo_report import findings, findings_text, write_report  # noqa: F401 (the demo's API)
 
@@ -156,9 +157,7 @@ class Workdir:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    storage.write_json(path, obj, sort_keys=False)
 
 
 def _complete(model_dir: Path) -> bool:

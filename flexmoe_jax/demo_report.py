@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from flexmoe_jax import storage
 
 # Baselines and variants FlexOlmo is compared against, in report order.
 # "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
@@ -221,9 +222,7 @@ def grouped_tables(results: dict) -> list[str]:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    storage.write_json(path, obj, sort_keys=False)
 
 
 def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dict | None,

@@ -976,8 +976,7 @@ def plot(results: Mapping[str, Mapping[str, dict]], path: str | os.PathLike, rel
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage.write_text(path, json.dumps(obj, indent=2) + "\n")
+    storage.write_json(path, obj, sort_keys=False)
 
 
 def docs_path(json_out: str | os.PathLike) -> Path:

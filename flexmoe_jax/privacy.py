@@ -47,7 +47,6 @@ document differ and the whole check is reproducible from ``seed``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import zlib
@@ -56,6 +55,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from flexmoe_jax import storage
 from flexmoe_jax.config import ModelConfig
 
 DEFAULT_PREFIX_LEN = 32
@@ -425,9 +425,4 @@ def markdown(results: Mapping[str, Mapping[str, Mapping[str, dict]]]) -> str:
 
 def write_json(path, results: Mapping) -> Path:
     """Write results as JSON atomically (a half-written file never appears under ``path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return storage.write_json(path, results, sort_keys=False)

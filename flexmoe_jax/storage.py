@@ -69,9 +69,13 @@ def write_text(path: AnyPath, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: AnyPath, obj: Any) -> None:
-    """:func:`write_text` of ``obj`` as indented, key-sorted JSON (a str is written as it is)."""
-    write_text(path, (obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=True)) + "\n")
+def write_json(path: str | os.PathLike | AnyPath, obj: Any, *, sort_keys: bool = True) -> AnyPath:
+    """:func:`write_text` of ``obj`` as indented JSON (a str is written as it is), creating the parent
+    directory; the one JSON writer of the project. Returns the resolved path."""
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, (obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=sort_keys)) + "\n")
+    return path
 
 
 def remove_tree(path: AnyPath) -> None:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from flexmoe_jax import storage
 from flexmoe_jax.data import layout as L
 from flexmoe_jax.data import sources as S
 from flexmoe_jax.data import splits
@@ -61,11 +62,7 @@ def read_manifest(data_dir) -> dict:
 
 
 def write_json_atomic(path, obj, sort_keys: bool = True) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
-    os.replace(tmp, path)
+    storage.write_json(path, obj, sort_keys=sort_keys)
 
 
 def config_args(config: str, max_docs: int | None, max_bytes: int | None, seed: int) -> dict:
