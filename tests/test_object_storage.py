@@ -225,3 +225,10 @@ def test_anchor_kits_on_object_storage_are_refused_clearly(bucket):
     with pytest.raises(ValueError, match="copy it to a local directory"):
         anchor_kit.is_kit(f"{bucket}/kit")
     assert not anchor_kit.is_kit(f"{bucket}/plain")
+
+
+def test_data_dir_on_object_storage_is_refused_with_the_fix():
+    from flexmoe_jax import data
+
+    with pytest.raises(ValueError, match="must be a local path.*gsutil -m cp -r gs://b/data"):
+        data.register_tasks("gs://b/data")

@@ -12,8 +12,18 @@ PUBLIC_MIXTURE = "flexmix_mini.public"
 ALL_MIXTURE = "flexmix_mini.all"
 
 
+def root(data_dir) -> Path:
+    """``data_dir`` as a local path. The tokenizer (SentencePiece) and the prepared files are read from
+    a local disk: a bucket URL is refused with the fix (the data directory is small; copy it once)."""
+    if str(data_dir).startswith(("gs://", "s3://")):
+        raise ValueError(f"--data_dir {data_dir}: the data directory must be a local path (SentencePiece and "
+                         f"the prepared dataset files are read locally); copy it to each worker first, e.g. "
+                         f"gsutil -m cp -r {data_dir} /tmp/flexmix_data, and pass that")
+    return Path(data_dir)
+
+
 def tfds_dir(data_dir) -> Path:
-    return Path(data_dir) / "tfds"
+    return root(data_dir) / "tfds"
 
 
 def dataset_dir(data_dir, name: str, config: str) -> Path:
@@ -30,12 +40,12 @@ def tfds_name(name: str, config: str) -> str:
 
 
 def tokenizer_path(data_dir) -> Path:
-    return Path(data_dir) / "tokenizer" / "spm.model"
+    return root(data_dir) / "tokenizer" / "spm.model"
 
 
 def owners_dir(data_dir) -> Path:
-    return Path(data_dir) / "owners"
+    return root(data_dir) / "owners"
 
 
 def cache_dir(data_dir) -> Path:
-    return Path(data_dir) / "cache"
+    return root(data_dir) / "cache"

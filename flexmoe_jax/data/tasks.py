@@ -152,7 +152,7 @@ def register_tasks(data_dir) -> list[str]:
     from flexmoe_jax.data import card as C
     from flexmoe_jax.data import pipeline
 
-    data_dir = Path(data_dir).resolve()
+    data_dir = L.root(data_dir).resolve()
     manifest = pipeline.read_manifest(data_dir)
     names = []
     built = [c for c in S.CONFIGS if c in manifest.get("configs", {})
