@@ -3,14 +3,15 @@
 #
 #   launch/tpu_train.sh --tpu NAME --zone ZONE --accelerator v5p-64 [--version tpu-ubuntu2204-base] \
 #       [--project P] [--ref HEAD] [--allow_cpu] [--dry-run] \
-#       -- --gin_file phase/pretrain.gin --gin_file mesh/tpu_v5p_64.gin --workdir /mnt/disks/persist/run
+#       -- --gin_file phase/pretrain.gin --gin_file mesh/tpu_v5p_64.gin --workdir gs://BUCKET/runs/anchor
 #
 # Ships this checkout's commit (--ref, default HEAD; uncommitted changes are not shipped) to every
 # worker as a `git archive` tarball, installs it there with the `tpu` extra (JAX's TPU build) into a
 # venv made once per slice (~/flexmoe_jax/venv), then runs the same `flexmoe train --platform tpu`
 # on all workers, each joining one jax.distributed job (FLEXMOE_DISTRIBUTED=auto). Everything after
-# `--` goes to `flexmoe train` unchanged; the workdir must be one path every worker sees (a bucket
-# mount or shared disk). --dry-run prints every step instead of running it.
+# `--` goes to `flexmoe train` unchanged; the workdir must be one path every worker sees: a gs://
+# URL (checkpoints land in the bucket) or a shared disk; RunConfig.data_dir is a local directory on
+# every worker. --dry-run prints every step instead of running it.
 set -euo pipefail
 TPU="" ZONE="" ACCEL="v5p-64" VERSION="tpu-ubuntu2204-base" PROJECT="" REF="HEAD" DRY=0 ALLOW_CPU=""
 usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
