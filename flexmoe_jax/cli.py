@@ -122,12 +122,9 @@ def _cmd_generate(args) -> None:
         raise CommandError(f"the tokenizer in {args.data_dir} has {vocab.get_piece_size()} pieces but the model's "
                            f"vocab is {full.vocab_size}: use the data directory the model was trained with")
 
-    def slots(names):  # "2" names slot 2 unless an expert is literally called "2"
-        return None if names is None else [int(n) if n.isdigit() and n not in full.names else n for n in names]
-
     # merge.load reads only the kept experts of a merged checkpoint (excluded ones are never opened).
-    config, params = merge.load(args.ckpt, include=slots(args.include), exclude=slots(args.exclude),
-                                top_k=args.top_k)
+    # --include/--exclude take expert names, as in every command (slot numbers are for the Python API).
+    config, params = merge.load(args.ckpt, include=args.include, exclude=args.exclude, top_k=args.top_k)
     excluded = [n for n in full.names if n not in config.names] if full.is_moe else []
     print(f"generating up to {args.max_new_tokens} tokens for {len(args.prompt)} prompt(s) "
           f"(compiling first; {'greedy' if args.temperature == 0 else f'temperature {args.temperature}, top_p {args.top_p}'})",

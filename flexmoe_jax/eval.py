@@ -80,7 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexmoe_jax import model, storage
+from flexmoe_jax import model, selection, storage
 from flexmoe_jax import routing as routing_lib
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.evaluation import bootstrap
@@ -150,7 +150,7 @@ def _device_batch(batch: Batch) -> tuple[jax.Array, ...]:
 class ModelScorer(Scorer):
     """One (config, params) model: dense, MoE, optionally with only ``active_experts`` kept.
 
-    Opt-out slices the expert axis once here (``model.select_experts``: routing then softmaxes
+    Opt-out slices the expert axis once here (:mod:`flexmoe_jax.selection`: routing then softmaxes
     over the kept experts only, top-k capped), so every batch runs the smaller model.
     ``routing`` (:data:`flexmoe_jax.routing.MODES`; default the config's own) picks the routing
     mode; ``domain`` needs ``routing_stats`` ({expert name: :class:`flexmoe_jax.routing.Stats`}) for
@@ -162,12 +162,7 @@ class ModelScorer(Scorer):
                  name: str = "model", routing: str | None = None, routing_stats: Mapping | None = None,
                  score: Mapping | None = None):
         model.check_params(config, params)
-        if active_experts is not None:
-            config, params = model.select_experts(config, params, active_experts, top_k=top_k)
-        elif top_k is not None:
-            if not config.is_moe:
-                raise ValueError(f"top_k={top_k} given for a dense model (num_experts=0), which has no router")
-            config, params = model.select_experts(config, params, list(range(config.num_experts)), top_k=top_k)
+        config, params = selection.select(config, params, include=active_experts, top_k=top_k)
         config, self.router = routing_lib.resolve(config, routing, routing_stats, name, score)
         self.config, self.params, self.name = config, params, name
         self.vocab_size, self.max_seq_len = config.vocab_size, config.max_seq_len
@@ -1043,7 +1038,7 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
         if isinstance(m, Scorer):
             scorer = m
         elif isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], ModelConfig):
-            scorer = ModelScorer(*_select(m, include, exclude, top_k), name=name, routing=routing,
+            scorer = ModelScorer(*selection.select(*m, include, exclude, top_k), name=name, routing=routing,
                                  routing_stats=routing_stats, score=score)
         else:
             scorer = ModelScorer.from_checkpoint(m, include=include, exclude=exclude, top_k=top_k, name=name,
@@ -1069,17 +1064,3 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
     return new
 
 
-def _select(m: tuple[ModelConfig, model.Params], include, exclude, top_k) -> tuple[ModelConfig, model.Params]:
-    """In-memory opt-in/opt-out with ``merge.load``'s rules (include or exclude, not both)."""
-    from flexmoe_jax import merge
-
-    config, params = m
-    if include is not None and exclude is not None:
-        raise ValueError("give include or exclude, not both")
-    if exclude is not None:
-        return merge.exclude(config, params, exclude, top_k=top_k)
-    if include is not None:
-        return merge.include(config, params, include, top_k=top_k)
-    if top_k is not None:
-        return model.select_experts(config, params, list(range(config.num_experts)), top_k=top_k)
-    return config, params

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexmoe_jax import model
+from flexmoe_jax import model, selection
 from flexmoe_jax import routing as routing_lib
 from flexmoe_jax.config import ModelConfig
 
@@ -73,8 +73,7 @@ def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature
                   keep, max_new_tokens: int, greedy: bool, use_cache: bool, public: int = 0):
     """tokens [B, P] left-padded, lengths [B] -> (out [B, N], n_generated [B], gate_sum [B, E], counts [B, E]).
     ``table``: domain routing's models (:class:`flexmoe_jax.routing.Tables`), public slot ``public``."""
-    if keep is not None:
-        params = model._take_experts(params, keep)
+    params = selection.take(params, keep)
     b, p = tokens.shape
     n = max_new_tokens
     m = p + n - 1  # slots ever fed to the model: the prompt and every generated token but the last
@@ -195,7 +194,7 @@ def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequen
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     model.check_params(config, params)
-    run_config, keep = model._run_config(config, active_experts, top_k)
+    run_config, keep = selection.plan(config, include=active_experts, top_k=top_k)
     run_config, router = routing_lib.resolve(run_config, routing, routing_stats, score=score)
 
     tokens = np.zeros((len(rows), longest), np.int32)  # left padding (pad id 0, segment 0)

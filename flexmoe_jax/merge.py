@@ -87,7 +87,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from flexmoe_jax import checkpoint, model, storage
+from flexmoe_jax import checkpoint, model, selection, storage
 from flexmoe_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -110,25 +110,16 @@ class MergeError(ValueError):
 # Opt-in / opt-out on params in memory
 # ----------------------------------------------------------------------------
 
-def exclude(config: ModelConfig, params: model.Params, names: Sequence[str | int],
+def exclude(config: ModelConfig, params: model.Params, names: Sequence[str | int] | str,
             top_k: int | None = None) -> tuple[ModelConfig, model.Params]:
-    """Physically remove the named experts (names or slot indices).
-
-    Returns a new (config, params) with E - len(names) experts; top-k is capped at
-    the number left unless ``top_k`` is given. Unknown names, duplicates and
-    removing every expert are errors.
-    """
-    drop = model.resolve_experts(config, names)
-    keep = [i for i in range(config.num_experts) if i not in drop]
-    if not keep:
-        raise ValueError(f"cannot exclude every expert {list(config.names)}; keep at least one")
-    return model.select_experts(config, params, keep, top_k=top_k)
+    """Physically remove the named experts (names or slot indices; see :mod:`flexmoe_jax.selection`)."""
+    return selection.select(config, params, exclude=names, top_k=top_k)
 
 
-def include(config: ModelConfig, params: model.Params, names: Sequence[str | int],
+def include(config: ModelConfig, params: model.Params, names: Sequence[str | int] | str,
             top_k: int | None = None) -> tuple[ModelConfig, model.Params]:
     """Keep only the named experts (the opt-in form of :func:`exclude`)."""
-    return model.select_experts(config, params, names, top_k=top_k)
+    return selection.select(config, params, include=names, top_k=top_k)
 
 
 # ----------------------------------------------------------------------------
@@ -849,31 +840,6 @@ def read_manifest(path: str | os.PathLike) -> dict:
                                          "damaged") from None
 
 
-def _kept(config: ModelConfig, include, exclude) -> tuple[int, ...]:
-    if include is not None and exclude is not None:
-        raise ValueError("give include or exclude, not both")
-    if isinstance(include, (str, int)):
-        include = [include]
-    if isinstance(exclude, (str, int)):
-        exclude = [exclude]
-    if include is not None:
-        return model.resolve_experts(config, include)
-    drop = model.resolve_experts(config, exclude) if exclude else ()
-    keep = tuple(i for i in range(config.num_experts) if i not in drop)
-    if not keep:
-        raise ValueError(f"cannot exclude every expert {list(config.names)}; keep at least one")
-    return keep
-
-
-def _subset_config(config: ModelConfig, keep: tuple[int, ...], top_k: int | None) -> ModelConfig:
-    # The same rule as model.select_experts: an explicit top_k must fit; the stored one is capped.
-    if top_k is not None and not 1 <= top_k <= len(keep):
-        raise ValueError(f"top_k={top_k} must be between 1 and the {len(keep)} active experts "
-                         f"{[config.names[i] for i in keep]}")
-    k = top_k if top_k is not None else min(config.top_k, len(keep))
-    return config.replace(num_experts=len(keep), top_k=k, expert_names=tuple(config.names[i] for i in keep))
-
-
 def _place(config: ModelConfig, params: model.Params, mesh, shardings) -> model.Params:
     """Host arrays -> jax.Arrays in the final layout (works for multi-host shardings too)."""
     import jax
@@ -919,9 +885,7 @@ def load(path: str | os.PathLike, *, include: Sequence[str | int] | None = None,
             return config, _place(config, jax.tree.map(np.asarray, params), mesh, shardings)
         if not config.is_moe:
             raise ValueError(f"{path} is a dense model (num_experts=0): there are no experts to include or exclude")
-        keep = _kept(config, include, exclude) if (include is not None or exclude is not None) \
-            else tuple(range(config.num_experts))
-        config, params = model.select_experts(config, params, keep, top_k=top_k)
+        config, params = selection.select(config, params, include, exclude, top_k)
         return config, _place(config, jax.tree.map(np.asarray, params), mesh, shardings)
 
     d = checkpoint.directory(path)
@@ -932,9 +896,9 @@ def load(path: str | os.PathLike, *, include: Sequence[str | int] | None = None,
         raise checkpoint.CheckpointError(f"{d}: {MANIFEST_NAME} lists experts {[e.get('name') for e in entries]} "
                                          f"but {checkpoint.CONFIG_NAME} has {list(full.names)}; the checkpoint "
                                          "is damaged")
-    keep = _kept(full, include, exclude) if (include is not None or exclude is not None) \
-        else tuple(range(full.num_experts))
-    config = _subset_config(full, keep, top_k)
+    keep = selection.kept(full, include, exclude)
+    config = selection.selected_config(full, keep, top_k)
+    keep = keep if keep is not None else tuple(range(full.num_experts))
 
     def read(sub: str, recorded: dict, what: str) -> Any:
         tree = checkpoint.read_arrays(d / sub, what=what)

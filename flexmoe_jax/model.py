@@ -43,6 +43,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from flexmoe_jax import moe as moe_lib
+from flexmoe_jax import selection
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.sharding import LOGICAL_RULES, constrain, tree_shardings
 
@@ -406,57 +407,10 @@ def check_params(config: ModelConfig, params: Params, what: str = "params") -> N
 # Opt-in / opt-out of experts
 # ----------------------------------------------------------------------------
 
-def resolve_experts(config: ModelConfig, experts: Sequence[str | int]) -> tuple[int, ...]:
-    """Expert names or slot indices -> sorted, unique slot indices (clear errors otherwise)."""
-    if not config.is_moe:
-        raise ValueError("this is a dense model (num_experts=0): there are no experts to select")
-    names = config.names
-    out = []
-    for item in experts:
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            if not 0 <= item < len(names):
-                raise ValueError(f"expert index {item} is out of range: this model has experts 0..{len(names) - 1} {list(names)}")
-            out.append(int(item))
-        elif isinstance(item, str):
-            if item not in names:
-                raise ValueError(f"unknown expert {item!r}; this model's experts are {list(names)}")
-            out.append(names.index(item))
-        else:
-            raise TypeError(f"experts are named by str or int, got {item!r}")
-    if len(set(out)) != len(out):
-        raise ValueError(f"expert listed twice in {list(experts)}")
-    if not out:
-        raise ValueError(f"at least one expert must stay active; this model's experts are {list(names)}")
-    return tuple(sorted(out))
-
-
-def _take_experts(params: Params, keep: tuple[int, ...]) -> Params:
-    idx = np.asarray(keep)
-    layers = dict(params["layers"])
-    layers["moe"] = {name: jnp.take(w, idx, axis=1) for name, w in layers["moe"].items()}
-    return {**params, "layers": layers}
-
-
 def select_experts(config: ModelConfig, params: Params, keep: Sequence[str | int],
                    top_k: int | None = None) -> tuple[ModelConfig, Params]:
-    """Keep only the listed experts: slice the expert axis, renumber, cap top-k.
-
-    Routing then softmaxes over the kept experts only, exactly as if the others
-    had never been merged. An explicit ``top_k`` larger than what is kept is an
-    error; the config's own top-k is capped (the reference's opt-out rule).
-    """
-    keep = resolve_experts(config, keep)
-    new_config = _select_config(config, keep, top_k)
-    return new_config, _take_experts(params, keep)
-
-
-def _select_config(config: ModelConfig, keep: tuple[int, ...], top_k: int | None) -> ModelConfig:
-    if top_k is not None and top_k > len(keep):
-        raise ValueError(f"top_k={top_k} is larger than the {len(keep)} active experts "
-                         f"{[config.names[i] for i in keep]}; lower top_k or activate more experts")
-    k = top_k if top_k is not None else min(config.top_k, len(keep))
-    return config.replace(num_experts=len(keep), top_k=k,
-                          expert_names=tuple(config.names[i] for i in keep))
+    """Keep only the listed experts (names or slots); the rule is :mod:`flexmoe_jax.selection`'s."""
+    return selection.select(config, params, include=keep, top_k=top_k)
 
 
 # ----------------------------------------------------------------------------
@@ -493,8 +447,7 @@ def ffn_inputs(config: ModelConfig, params: Params, tokens: jax.Array, positions
 
 @functools.partial(jax.jit, static_argnames=("config", "keep", "mesh"))
 def _forward_jit(config, params, tokens, positions, segment_ids, keep, mesh):
-    if keep is not None:
-        params = _take_experts(params, keep)
+    params = selection.take(params, keep)
     logits, aux = apply(config, params, tokens, positions, segment_ids, mesh)
     return logits, summarize_aux(logits, aux)
 
@@ -539,15 +492,7 @@ def forward(config: ModelConfig, params: Params, tokens: Any, *,
     """
     check_tokens(config, tokens)
     check_params(config, params)
-    keep = None
-    run_config = config
-    if active_experts is not None:
-        keep = resolve_experts(config, active_experts)
-        run_config = _select_config(config, keep, top_k)
-    elif top_k is not None:
-        if not config.is_moe or not 1 <= top_k <= config.num_experts:
-            raise ValueError(f"top_k={top_k} must be between 1 and the {config.num_experts} experts")
-        run_config = config.replace(top_k=top_k)
+    run_config, keep = selection.plan(config, include=active_experts, top_k=top_k)
     tokens = jnp.asarray(tokens, jnp.int32)
     logits, aux = _forward_jit(run_config, params, tokens,
                                None if positions is None else jnp.asarray(positions, jnp.int32),
@@ -605,8 +550,7 @@ def decode_apply(config: ModelConfig, params: Params, cache: Cache, tokens: jax.
 
 @functools.partial(jax.jit, static_argnames=("config", "keep"))
 def _decode_jit(config, params, cache, tokens, positions, segment_ids, keep):
-    if keep is not None:
-        params = _take_experts(params, keep)
+    params = selection.take(params, keep)
     return decode_apply(config, params, cache, tokens, positions, segment_ids)
 
 
@@ -631,20 +575,8 @@ def decode_step(config: ModelConfig, params: Params, cache: Cache, tokens: Any, 
     if not isinstance(cache["index"], jax.core.Tracer) and int(cache["index"]) + s > m[1]:
         raise ValueError(f"the cache holds {m[1]} tokens and {int(cache['index'])} are used; "
                          f"{s} more do not fit (make the cache with a larger max_len)")
-    run_config, keep = _run_config(config, active_experts, top_k)
+    run_config, keep = selection.plan(config, include=active_experts, top_k=top_k)
     logits, aux, cache = _decode_jit(run_config, params, cache, jnp.asarray(tokens, jnp.int32),
                                      None if positions is None else jnp.asarray(positions, jnp.int32),
                                      None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32), keep)
     return (logits, aux, cache) if return_aux else (logits, cache)
-
-
-def _run_config(config: ModelConfig, active_experts, top_k) -> tuple[ModelConfig, tuple[int, ...] | None]:
-    """The config a call runs with and the kept expert slots (None: all), as :func:`forward` resolves them."""
-    if active_experts is not None:
-        keep = resolve_experts(config, active_experts)
-        return _select_config(config, keep, top_k), keep
-    if top_k is not None:
-        if not config.is_moe or not 1 <= top_k <= config.num_experts:
-            raise ValueError(f"top_k={top_k} must be between 1 and the {config.num_experts} experts")
-        return config.replace(top_k=top_k), None
-    return config, None

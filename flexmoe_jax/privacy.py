@@ -55,7 +55,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from flexmoe_jax import storage
+from flexmoe_jax import selection, storage
 from flexmoe_jax.config import ModelConfig
 
 DEFAULT_PREFIX_LEN = 32
@@ -205,7 +205,7 @@ def _load(m: Any, include, exclude) -> tuple[ModelConfig, Any]:
     from flexmoe_jax import eval as eval_lib
 
     if isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], ModelConfig):
-        return eval_lib._select(m, include, exclude, None)
+        return selection.select(*m, include, exclude)
     if isinstance(m, (str, os.PathLike)):
         return eval_lib.load_model(m, include=include, exclude=exclude)
     raise ValueError(f"a model must be a checkpoint / run directory path or a (config, params) tuple, "
