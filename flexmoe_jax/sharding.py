@@ -19,12 +19,16 @@ Changing the parallelism layout means changing this table, never the model.
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # Mesh axes that split the batch, major to minor. ``expert`` is the minor one so
@@ -90,23 +94,34 @@ def logical_to_spec(axes: Sequence[str | None] | None,
     return nn.logical_to_mesh_axes(tuple(axes), rules)
 
 
-def _drop_indivisible(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """Replicate any dim that the mesh axes assigned to it do not divide.
+def _drop_indivisible(spec: P, shape: Sequence[int], mesh: Mesh, axes: Sequence[str | None] | None = None) -> P:
+    """Replicate any dim that the mesh axes assigned to it do not divide, with a warning (once each).
 
     A tiny test model (4 heads) on a tensor axis of 8 would otherwise fail to
     lower; a real model is always divisible and keeps its sharding.
     """
     out = []
-    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    logical = tuple(axes or ()) + (None,) * len(shape)
+    for i, (dim, entry) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
         size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
-        out.append(entry if size and dim % size == 0 else None)
+        divides = bool(size) and dim % size == 0
+        if not divides:
+            _warn_replicated(logical[i], dim, tuple(names), size)
+        out.append(entry if divides else None)
     return P(*out)
+
+
+@functools.cache
+def _warn_replicated(logical: str | None, dim: int, names: tuple[str, ...], size: int) -> None:
+    log.warning("mesh axes %s (%d devices) do not divide dimension %s of size %d: it is replicated on them "
+                "instead of split (more memory per device); pick a mesh whose axes divide it",
+                "x".join(names), size, repr(logical) if logical else "", dim)
 
 
 def named_sharding(mesh: Mesh, axes: Sequence[str | None] | None, shape: Sequence[int],
                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> NamedSharding:
-    return NamedSharding(mesh, _drop_indivisible(logical_to_spec(axes, rules), shape, mesh))
+    return NamedSharding(mesh, _drop_indivisible(logical_to_spec(axes, rules), shape, mesh, axes))
 
 
 def split_axes(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int],

@@ -339,3 +339,18 @@ def test_experts_indivisible_by_the_expert_axis_still_match():
     assert tuple(shardings["layers"]["moe"]["gate"].spec)[1] is None
     params = jax.tree.map(jax.device_put, host_params(cfg), shardings)
     check_against_reference(cfg, mesh, params)
+
+
+def test_a_mesh_that_cannot_split_a_dimension_warns_once(caplog):
+    import logging
+
+    from flexmoe_jax import sharding
+
+    sharding._warn_replicated.cache_clear()
+    mesh = make_mesh(1, 1, 1, 8)
+    with caplog.at_level(logging.WARNING, logger="flexmoe_jax.sharding"):
+        s1 = sharding.named_sharding(mesh, ("embed", "mlp"), (16, 4))
+        s2 = sharding.named_sharding(mesh, ("embed", "mlp"), (16, 4))
+    assert s1.spec == s2.spec and s1.spec[1] is None  # mlp replicated, embed keeps its (size-1) axis
+    warned = [r.getMessage() for r in caplog.records if "do not divide" in r.getMessage()]
+    assert len(warned) == 1 and "'mlp' of size 4" in warned[0] and "tensor (8 devices)" in warned[0]
