@@ -530,9 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="splits to check; the first is the trained-on one (default: %(default)s)")
     pv.add_argument("--docs", type=int, default=100, help="documents per domain and split (default %(default)s)")
     pv.add_argument("--trained_from", nargs="+", default=None, metavar="DOMAIN=RUN_DIR",
-                    help="check each domain's train documents among those this training run (its directory, "
-                         "with state/) actually trained on, read from its saved data position; default: the "
-                         "first train documents in storage order, not known to be trained on")
+                    help="check pieces (seq_len-token cuts) of each domain's train documents that this "
+                         "training run (its directory, with state/) was actually fed, replayed from its saved data "
+                         "position, against pieces of held-out documents cut the same way; default: the first "
+                         "train documents in storage order, not known to be trained on")
     pv.add_argument("--samples", type=int, default=10, help="sampled continuations per document (default %(default)s)")
     pv.add_argument("--prefix_len", type=int, default=32, help="prompt tokens per document (default %(default)s)")
     pv.add_argument("--suffix_len", type=int, default=32, help="continuation tokens compared (default %(default)s)")

@@ -644,15 +644,15 @@ def routing_all(w: Workdir, models: dict[str, dict], json_name: str = "routing.j
 
 
 def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
-    """The paper's extraction check: each owner's expert on documents its run trained on (read from
-    the run's saved data position, :mod:`flexmoe_jax.trained_docs`), the merged model on every
-    domain's; held-out documents of the same domains are the control."""
+    """The paper's extraction check: each owner's expert on pieces of documents its run was fed
+    (replayed from the run's saved data position, :mod:`flexmoe_jax.trained_docs`), the merged model
+    on every domain's; pieces of held-out documents of the same domains are the control."""
     from flexmoe_jax import privacy, trained_docs
 
     f = w.results / "privacy.json"
     if f.exists():
         done = json.loads(f.read_text())
-        if all(r.get("selection", {}).get("trained_on") is not None  # made before runs' documents were read
+        if all(r.get("selection", {}).get("unit") == "piece"  # made before runs' fed pieces were read
                for per in done.values() for dom in per.values() for r in dom.values()):
             return done
     trained = {d: trained_docs.trained_documents(run, w.data, d) for d, run in experts.items()}

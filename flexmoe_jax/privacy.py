@@ -5,7 +5,7 @@ verbatim. The check asks exactly that: given the start of a training document, d
 reproduce the rest?
 
 Definition
-  For each document: the *prefix* is its first ``prefix_len`` tokens, the *reference* its next
+  For each document (or piece of one, see below): the *prefix* is its first ``prefix_len`` tokens, the *reference* its next
   ``suffix_len`` tokens. The model continues the prefix ``samples`` times by temperature / nucleus
   sampling (``suffix_len`` new tokens each, no early stop at EOS). The document is **extracted** if
   any sample is within normalized Levenshtein similarity ``threshold`` of the reference::
@@ -27,16 +27,20 @@ Control
   documents of every domain; a model that merely models the domain well scores similar rates on
   both, one that memorized scores ``train >> test``.
 
-Which documents
-  A run rarely reads its whole training split (the demo's owners see a small share of theirs), so
-  "train" documents are only training documents if they come from the batches the run read. With
-  ``trained_from={domain: run directory}`` :func:`run` draws a domain's ``train`` documents at
-  random (``seed``) among the long enough documents that run trained on
-  (:func:`flexmoe_jax.trained_docs.trained_documents`, from the data position in its checkpoint),
-  and its held-out documents the same way from the other splits. Without it, the first long
-  enough documents of each split in storage order are used, as before, and the result says the
-  ``train`` ones are not known to be trained on. Every result records under ``selection`` where its
-  documents came from, how many were available and how many were used.
+Which texts
+  A run rarely reads its whole training split, and what it reads is *pieces*: the task pipeline
+  cuts every document every ``seq_len`` tokens and shuffles the pieces as rows, so a short run sees
+  scattered pieces of many documents (the demo's quick code expert is fed pieces of dozens of files
+  and the first piece of none). With ``trained_from={domain: run directory}`` :func:`run` therefore
+  checks pieces: a domain's ``train`` texts are drawn at random (``seed``) among the long enough
+  pieces that run was fed (:func:`flexmoe_jax.trained_docs.trained_documents`, replayed from the
+  data position in its checkpoint), and its held-out texts at random among the pieces of the other
+  splits' documents cut the same way, so both sides are uniform over pieces and differ only in
+  having been trained on. The prompt is the piece's first ``prefix_len`` tokens after BOS, exactly
+  how the row fed it. Without ``trained_from``, the first long enough documents of each split in
+  storage order are used from their start, and the result says the ``train`` ones are not known
+  to be trained on. Every result records under ``selection`` where its texts came from, how many
+  were available and how many were used (``unit``: ``piece`` or absent for whole documents).
 
 Sampling is batched: every (document, sample) pair is one row, rows run ``batch_size`` at a time
 through :func:`flexmoe_jax.generate.generate` (one compiled program per model: all prompts have the
@@ -271,27 +275,29 @@ def _select(data_dir, task: str, split: str, trained, num_docs: int, need: int, 
         return found, {"source": f"the first {len(found)} {split} documents of {dom} of at least {need} tokens in "
                                  f"storage order{note}",
                        "trained_on": known, "available": None, "used": len(found)}
+    # Runs read pieces of documents (seq_len tokens each), rarely whole ones: check the pieces fed, and
+    # as the control, pieces of held-out documents cut the same way (both uniform over pieces).
     if split == trained.split:
-        pool_idx, pool = trained.indices, trained.documents
+        pool = trained.fed_pieces(need)
         where = trained.describe()
         kind = "trained-on"
     else:
-        pool = trained_docs.split_documents(task, split, data_dir)
-        pool_idx = list(range(len(pool)))
-        where = f"held out: {len(pool)} {split} documents of {task} in {data_dir}"
+        split_docs = trained_docs.split_documents(task, split, data_dir)
+        pool = trained_docs.split_pieces(split_docs, trained.seq_len, need)
+        where = f"held out: {len(split_docs)} {split} documents of {task} in {data_dir}"
         kind = "held-out"
-    long = [i for i, d in enumerate(pool) if len(d) >= need]
-    if not long:
-        raise ValueError(f"{dom} has no {kind} {split} document of at least prefix_len + suffix_len = {need} tokens "
+    if not pool:
+        raise ValueError(f"{dom} has no {kind} {split} piece of at least prefix_len + suffix_len = {need} tokens "
                          f"({where}): lower prefix_len/suffix_len, train longer or build more data")
-    chosen = [long[i] for i in _sample(long, num_docs, seed, task, split)]
-    record = {"source": f"{where}; {len(long)} of them have at least {need} tokens; {len(chosen)} drawn at random "
+    chosen = [pool[i] for i in _sample(pool, num_docs, seed, task, split)]
+    record = {"source": f"{where}; {len(pool)} {kind} pieces (documents cut every {trained.seq_len} tokens, as "
+                        f"the run's rows cut them) have at least {need} tokens; {len(chosen)} drawn at random "
                         f"(seed {seed})",
-              "trained_on": split == trained.split, "available": len(long), "used": len(chosen),
-              "doc_indices": [int(pool_idx[i]) for i in chosen]}
+              "trained_on": split == trained.split, "available": len(pool), "used": len(chosen), "unit": "piece",
+              "doc_indices": [int(i) for i, _, _ in chosen], "piece_indices": [int(k) for _, k, _ in chosen]}
     if split == trained.split:
         record["run"] = {k: v for k, v in trained.to_json().items() if k != "indices"}
-    return [pool[i] for i in chosen], record
+    return [list(toks) for _, _, toks in chosen], record
 
 
 def run(models: Any, data_dir, domains: Sequence[str] | None = None, *, num_docs: int = DEFAULT_NUM_DOCS,
@@ -309,18 +315,19 @@ def run(models: Any, data_dir, domains: Sequence[str] | None = None, *, num_docs
     ``trained_from``, else every closed domain built in ``data_dir``.
 
     ``trained_from``: ``{domain: run directory}`` (or a
-    :class:`flexmoe_jax.trained_docs.TrainedDocuments`): that domain's ``train`` documents are
-    ``num_docs`` drawn at random (``seed``) among the long enough documents the run trained on,
-    its held-out ones drawn the same way from the other splits. Domains not in it get the first
-    ``num_docs`` long enough documents of each split in storage order (``scan`` bounds the reading),
-    marked as not known to be trained on. The same documents go to every model.
+    :class:`flexmoe_jax.trained_docs.TrainedDocuments`): that domain's ``train`` texts are
+    ``num_docs`` pieces drawn at random (``seed``) among the long enough pieces the run was fed, its
+    held-out ones drawn the same way from the pieces of the other splits (see the module
+    docstring). Domains not in it get the first ``num_docs`` long enough documents of each split in
+    storage order (``scan`` bounds the reading), marked as not known to be trained on. The same
+    texts go to every model.
 
     Returns ``{model: {domain: {split: extraction_check result}}}`` (JSON-ready); each result's
     ``selection`` says where its documents came from (``source``), whether they were trained on
     (``trained_on``: true, false for held-out, null for not known), how many long enough ones
     there were to draw from (``available``, null when not counted) and how many were used
-    (``used``, = ``docs``), plus ``doc_indices`` (positions in the split, storage order) and, for
-    trained-on documents, the ``run`` they come from.
+    (``used``, = ``docs``), plus, for pieces, ``doc_indices`` (their documents' positions in the
+    split, storage order), ``piece_indices`` and, for trained-on ones, the ``run`` they come from.
     """
     from flexmoe_jax import data, eval as eval_lib
 
@@ -388,7 +395,8 @@ def _docs_cell(r: dict) -> str:
     kind = {True: "trained-on", False: "held-out", None: "not known trained on"}[sel.get("trained_on")]
     if sel.get("available") is None:
         return f"{sel['used']} ({kind})"
-    return f"{sel['used']} of {sel['available']} {kind}"
+    unit = " pieces" if sel.get("unit") == "piece" else ""
+    return f"{sel['used']} of {sel['available']} {kind}{unit}"
 
 
 def markdown(results: Mapping[str, Mapping[str, Mapping[str, dict]]]) -> str:

@@ -7,9 +7,11 @@ sequence length, seed and the number of batches read. :func:`trained_documents` 
 iterator, replays batches ``0 .. step-1`` of the whole global batch (every host's rows) and
 collects the document pieces (packed segments) the run was fed.
 
-A document of the split counts as *trained on* when its first piece, the first ``seq_len`` tokens
-of ``tokens + [EOS]`` (what :func:`flexmoe_jax.data.tasks.split_to_length` makes of it), is one of
-those segments. Matching is by content, so it does not depend on how seqio packed the pieces into
+The task pipeline cuts each document's ``tokens + [EOS]`` into *pieces* of ``seq_len`` tokens
+(:func:`flexmoe_jax.data.tasks.split_to_length`) and packs and shuffles those pieces as rows, so a
+run that reads a small share of its split sees scattered pieces of many documents, rarely a whole
+one. A document of the split counts as *trained on* when any of its pieces is one of the segments
+fed; :attr:`TrainedDocuments.pieces` says which. Matching is by content, so it does not depend on how seqio packed the pieces into
 rows, nor on which data directory holding the same datasets rebuilt them (an owner's directory of
 hard links gives the same documents as the full one). Rows read only to initialize an expert's
 router (a mean over hidden states, ``RunConfig.router_init``) are not training batches and are
@@ -39,7 +41,8 @@ class TrainedDocuments:
 
     ``indices``: their positions in the split in storage order (the order
     :func:`split_texts` reads), ascending; ``documents``: their token ids (no EOS), in the same
-    order. ``split_docs``: documents in the whole split. ``steps``: the run had read batches
+    order; ``pieces``: for each, the numbers of its pieces the run was fed (piece ``k`` is tokens
+    ``k*seq_len .. (k+1)*seq_len - 1`` of ``ids + [EOS]``), ascending. ``split_docs``: documents in the whole split. ``steps``: the run had read batches
     ``0 .. steps-1`` (of ``batch_size`` rows of ``seq_len`` tokens) when checkpoint
     ``checkpoint_step`` was saved.
     """
@@ -58,6 +61,7 @@ class TrainedDocuments:
     rows_seen: int
     indices: list[int]
     documents: list[list[int]]
+    pieces: list[list[int]]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -69,9 +73,16 @@ class TrainedDocuments:
                 f"{self.seq_len} tokens of {self.run_task}): {len(self)} of {self.split_docs} {self.task} "
                 f"{self.split} documents trained on")
 
+    def fed_pieces(self, min_tokens: int) -> list[tuple[int, int, list[int]]]:
+        """``(document index, piece number, tokens)`` of every fed piece holding at least
+        ``min_tokens`` document tokens (EOS not counted), in split order: the text the run trained on."""
+        return [(i, k, ids[k * self.seq_len:(k + 1) * self.seq_len])
+                for i, ids, fed in zip(self.indices, self.documents, self.pieces) for k in fed
+                if len(ids[k * self.seq_len:(k + 1) * self.seq_len]) >= min_tokens]
+
     def to_json(self) -> dict:
         """Everything but the token ids (JSON-ready)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "documents"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("documents", "pieces")}
 
 
 # ----------------------------------------------------------------------------- the run's records
@@ -213,17 +224,19 @@ def split_documents(task: str, split: str, data_dir) -> list[list[int]]:
     return [[int(x) for x in ids] for ids in sp.encode(texts, num_threads=max(1, min(4, os.cpu_count() or 1)))]
 
 
-def first_piece(ids, seq_len: int) -> np.ndarray:
-    """The first piece the task pipeline makes of a document: ``(ids + [EOS])[:seq_len]``, int32."""
-    return pieces(list(ids[:seq_len]), seq_len)[0]
-
-
 def pieces(ids, seq_len: int) -> list[np.ndarray]:
     """Every piece the task pipeline makes of a document: ``ids + [EOS]`` cut every ``seq_len`` tokens."""
     from flexmoe_jax.data.tokenizer import EOS_ID
 
     full = np.asarray(list(ids) + [EOS_ID], np.int32)
     return [full[i:i + seq_len] for i in range(0, len(full), seq_len)]
+
+
+def split_pieces(docs: list[list[int]], seq_len: int, min_tokens: int) -> list[tuple[int, int, list[int]]]:
+    """``(document index, piece number, tokens)`` of every piece of ``docs`` (cut every ``seq_len``
+    tokens as the task pipeline cuts them) holding at least ``min_tokens`` document tokens."""
+    return [(i, k, ids[a:a + seq_len]) for i, ids in enumerate(docs) for k, a in enumerate(range(0, len(ids), seq_len))
+            if len(ids[a:a + seq_len]) >= min_tokens]
 
 
 def row_segments(targets: np.ndarray, segment_ids: np.ndarray) -> list[np.ndarray]:
@@ -311,9 +324,10 @@ def trained_documents(run_dir, data_dir=None, domain: str | None = None, *, step
     split, seq_len = position["split"], int(position["seq_len"])
     docs = split_documents(task, split, data_dir)
     seen, n_rows = segments_seen(position, data_dir, progress=progress)
-    indices = [i for i, ids in enumerate(docs) if first_piece(ids, seq_len).tobytes() in seen]
-    if (not indices and position["step"] > 0 and (task == owner or len(run_tasks) == 1)
-            and not any(p.tobytes() in seen for ids in docs for p in pieces(ids, seq_len))):
+    fed = {i: k for i, ids in enumerate(docs)
+           if (k := [n for n, p in enumerate(pieces(ids, seq_len)) if p.tobytes() in seen])}
+    indices = sorted(fed)
+    if not indices and position["step"] > 0 and (task == owner or len(run_tasks) == 1):
         raise ValueError(f"none of the {len(docs)} {split} documents of {task} in {data_dir} appears in the "
                          f"{position['step']} batches {run_dir} trained on: is it the data directory (or a copy of "
                          "the datasets) the run trained with?")
@@ -322,4 +336,4 @@ def trained_documents(run_dir, data_dir=None, domain: str | None = None, *, step
                             steps=int(position["step"]), checkpoint_step=int(position["checkpoint_step"]),
                             batch_size=int(position["batch_size"]), seq_len=seq_len, seed=int(position["seed"]),
                             split_docs=len(docs), rows_seen=n_rows, indices=indices,
-                            documents=[docs[i] for i in indices])
+                            documents=[docs[i] for i in indices], pieces=[fed[i] for i in indices])

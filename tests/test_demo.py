@@ -53,6 +53,7 @@ def test_quick_demo_outputs(quick_demo):
     for name, per in privacy.items():  # train documents are ones the owner's run trained on
         for d, splits in per.items():
             assert splits["train"]["selection"]["trained_on"] is True, (name, d)
+            assert splits["train"]["selection"]["unit"] == splits["test"]["selection"]["unit"] == "piece"
             assert splits["test"]["selection"]["trained_on"] is False, (name, d)
             assert splits["train"]["selection"]["run"]["run_dir"].endswith(f"experts/{d}"), (name, d)
     assert "--quick" in quick_demo["stdout"] or "FlexOlmo on FlexMix-mini" in quick_demo["stdout"]

@@ -210,8 +210,10 @@ def _humor_docs(data_dir):
     return [list(ids) for ids in sp.encode(trained_docs.split_texts(HUMOR, "train", data_dir))]
 
 
-def _first_piece(ids):
-    return tuple((list(ids) + [1])[:RUN_SEQ])  # + EOS (id 1), cut to seq_len
+def _fed_pieces(ids, fed):
+    """Numbers of the pieces of a document (+ EOS, id 1, cut every seq_len tokens) among ``fed``."""
+    full = list(ids) + [1]
+    return [k for k, a in enumerate(range(0, len(full), RUN_SEQ)) if tuple(full[a:a + RUN_SEQ]) in fed]
 
 
 def test_document_tokens_are_the_packed_segments(small_data_dir):
@@ -232,10 +234,16 @@ def test_trained_documents_are_the_ones_the_batches_fed(runs, small_data_dir):
         got = trained_docs.trained_documents(runs[name], small_data_dir)
         assert (got.task, got.run_task, got.split, got.steps, got.seq_len) == (HUMOR, HUMOR, "train", steps, RUN_SEQ)
         fed = _fed_segments(HUMOR, small_data_dir, steps)
-        expect = [i for i, d in enumerate(docs) if _first_piece(d) in fed]
-        assert got.indices == expect  # every returned document was fed, and no other
+        expect = [i for i, d in enumerate(docs) if _fed_pieces(d, fed)]
+        assert got.indices == expect  # every document with a piece fed, and no other
         assert got.documents == [docs[i] for i in expect]
-        assert 0 < len(got) < got.split_docs == len(docs)
+        assert got.pieces == [_fed_pieces(docs[i], fed) for i in expect]
+        # The fed pieces' tokens are the documents' text the rows carried (EOS dropped).
+        for i, k, toks in got.fed_pieces(1):
+            assert tuple((docs[i] + [1])[k * RUN_SEQ:(k + 1) * RUN_SEQ]) in fed
+            assert toks == docs[i][k * RUN_SEQ:(k + 1) * RUN_SEQ] and len(toks) >= 1
+        assert sum(map(len, got.pieces)) >= len(got.fed_pieces(RUN_SEQ))
+        assert 0 < len(got) <= got.split_docs == len(docs)
         assert f"{len(got)} of {len(docs)} {HUMOR} train documents trained on" in got.describe()
     # The run's recorded data directory is the default.
     assert trained_docs.trained_documents(runs["short"]).indices == \
@@ -245,12 +253,15 @@ def test_trained_documents_are_the_ones_the_batches_fed(runs, small_data_dir):
 def test_a_longer_run_trained_on_a_superset(runs, small_data_dir):
     short = trained_docs.trained_documents(runs["short"], small_data_dir)
     long = trained_docs.trained_documents(runs["long"], small_data_dir)
-    assert set(short.indices) < set(long.indices)
+    def fed(t):
+        return {(i, k) for i, ks in zip(t.indices, t.pieces) for k in ks}
+
+    assert fed(short) < fed(long) and set(short.indices) <= set(long.indices)
     # Its checkpoint of step 2 read exactly what the 2-step run read (same seed, same data).
     at2 = trained_docs.trained_documents(runs["long"], small_data_dir, step=2)
-    assert (at2.steps, at2.checkpoint_step, at2.indices) == (2, 2, short.indices)
+    assert (at2.steps, at2.checkpoint_step, at2.indices, at2.pieces) == (2, 2, short.indices, short.pieces)
     at4 = trained_docs.trained_documents(runs["long"], small_data_dir, step=4)
-    assert set(short.indices) <= set(at4.indices) <= set(long.indices) and at4.steps == 4
+    assert fed(short) <= fed(at4) <= fed(long) and at4.steps == 4
     with pytest.raises(ValueError, match="no checkpoint of step 3; it keeps steps \\[2, 4, 5\\]"):
         trained_docs.trained_documents(runs["long"], small_data_dir, step=3)
 
@@ -265,7 +276,7 @@ def test_replay_run_on_an_owner_data_dir(runs, small_data_dir, tmp_path):
     assert full.indices == owner.indices and full.documents == owner.documents and len(full) > 0
     fed = _fed_segments(owner.run_task, small_data_dir, 3)
     docs = _humor_docs(small_data_dir)
-    assert owner.indices == [i for i, d in enumerate(docs) if _first_piece(d) in fed]
+    assert owner.indices == [i for i, d in enumerate(docs) if _fed_pieces(d, fed)]
     # Without the recorded settings (no model/), the share comes from the name.
     bare = tmp_path / "bare"
     shutil.copytree(runs["replay"] / "state", bare / "state")
@@ -309,27 +320,30 @@ def test_trained_documents_errors(runs, small_data_dir, tmp_path):
 def test_privacy_checks_the_documents_the_run_trained_on(runs, small_data_dir, fresh):
     trained = trained_docs.trained_documents(runs["short"], small_data_dir)
     need = PRE + SUF
-    long_enough = [i for i, d in zip(trained.indices, trained.documents) if len(d) >= need]
+    fed = trained.fed_pieces(need)
     test_docs = trained_docs.split_documents(HUMOR, "test", small_data_dir)
     kw = dict(num_docs=3, prefix_len=PRE, suffix_len=SUF, samples=2, batch_size=BATCH, progress=False)
     results = privacy.run({"fresh": (CONFIG, fresh)}, small_data_dir, trained_from={"humor": runs["short"]}, **kw)
     assert list(results["fresh"]) == ["humor"]  # the domains default to trained_from's
     train, test = results["fresh"]["humor"]["train"], results["fresh"]["humor"]["test"]
     sel = train["selection"]
-    assert sel["trained_on"] is True and sel["available"] == len(long_enough) >= 3
+    assert sel["trained_on"] is True and sel["available"] == len(fed) >= 3 and sel["unit"] == "piece"
     assert sel["used"] == train["docs"] == 3 and train["skipped"] == 0
-    assert set(sel["doc_indices"]) <= set(long_enough) and len(set(sel["doc_indices"])) == 3
+    pairs = list(zip(sel["doc_indices"], sel["piece_indices"]))
+    assert set(pairs) <= {(i, k) for i, k, _ in fed} and len(set(pairs)) == 3
     assert sel["run"]["run_dir"] == str(runs["short"]) and sel["run"]["steps"] == 2
     assert trained.describe() in sel["source"]
     tsel = test["selection"]
-    assert tsel["trained_on"] is False and tsel["available"] == sum(len(d) >= need for d in test_docs) >= 1
+    held_out = trained_docs.split_pieces(test_docs, RUN_SEQ, need)
+    assert tsel["trained_on"] is False and tsel["available"] == len(held_out) >= 1
     assert tsel["used"] == test["docs"] == min(3, tsel["available"])
+    assert all(len(test_docs[i]) >= (k * RUN_SEQ) + need for i, k in zip(tsel["doc_indices"], tsel["piece_indices"]))
     # The same documents (and samples) again from a TrainedDocuments computed beforehand.
     again = privacy.run({"fresh": (CONFIG, fresh)}, small_data_dir, ["humor"], trained_from={"humor": trained}, **kw)
     assert again["fresh"]["humor"]["train"]["selection"] == sel
     assert again["fresh"]["humor"]["train"]["best_similarities"] == train["best_similarities"]
     table = privacy.markdown(results)
-    assert f"| 3 of {len(long_enough)} trained-on |" in table and f"of {tsel['available']} held-out |" in table
+    assert f"| 3 of {len(fed)} trained-on pieces |" in table and f"of {tsel['available']} held-out pieces |" in table
     assert f"- humor train: {sel['source']}" in table
     json.dumps(results)
     with pytest.raises(ValueError, match="seq_len=64 tokens, fewer than prefix_len \\+ suffix_len = 80"):
