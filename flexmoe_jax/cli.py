@@ -627,7 +627,9 @@ def _close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (data pipeline only) is chatty
+    from flexmoe_jax import tf_quiet
+
+    tf_quiet.install()  # TensorFlow (the data pipeline's engine) prints C++ lines on import
     args = build_parser().parse_args(argv)
     try:
         status = args.fn(args)

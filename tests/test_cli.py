@@ -68,3 +68,20 @@ def test_demo_checks_quick(tmp_path):
         assert r["hf"]["transformers_max_abs_diff"] < 1e-4
     cfg, _ = hf.from_hf(os.path.join(work, "hf"))
     assert cfg.names == ("public", "code", "math", "literature")
+
+
+def test_commands_mute_tensorflow_start_up_lines():
+    """TensorFlow's C++ lines on import (absl pre-init, cudart stubs, CPU features) do not reach a
+    command's stderr, while TensorFlow still works and a Python error from the import would show."""
+    code = ("import os\n"
+            "from flexmoe_jax import tf_quiet\n"
+            "os.environ.pop('TF_CPP_MIN_LOG_LEVEL', None)\n"
+            "tf_quiet.install()\n"
+            "import tensorflow as tf\n"
+            "print(int(tf.constant(2) + 1), list(tf.data.Dataset.range(2).as_numpy_iterator()))\n"
+            "import sys; print('after', file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0].startswith("3 ")
+    assert r.stderr.strip() == "after", r.stderr  # stderr works again, and carried nothing else
