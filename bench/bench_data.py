@@ -85,8 +85,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import optax
 
-    from flexmoe_jax import config as C
-    from flexmoe_jax import model
+    from flexmoe_jax import config as C, model
 
     results = []
     for label, bindings in [("tiny dense", []),

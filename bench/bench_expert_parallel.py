@@ -86,7 +86,8 @@ def main() -> None:
     tokens = 8 * args.tokens_per_device
     dtype = jnp.bfloat16
     expert_bytes = 3 * d * h * jnp.dtype(dtype).itemsize
-    print(f"# one MoE layer, training step (fwd + bwd); {e} experts top-{k}, d_model {d}, hidden {h}, {dtype.__name__}, "
+    print(f"# one MoE layer, training step (fwd + bwd); {e} experts top-{k}, d_model {d}, hidden {h}, "
+          f"{dtype.__name__}, "
           f"{tokens} tokens ({args.tokens_per_device} per device), 8 devices; jax {jax.__version__}")
     print(f"# one expert's weights: {expert_bytes / 2**20:,.0f} MiB; per-device numbers from the compiled program")
     print()

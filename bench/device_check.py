@@ -11,7 +11,8 @@ Rows, all in one process, interleaved round by round (ratios are what to read):
 
 MFU: FLOPs per second over the device's peak; for the train steps the compiled step's matmul FLOPs
 (``flexmoe_jax.flops``, XLA's program; exact for the 2-expert dense dispatch), for the forward rows
-the useful work (2 x active parameters + attention per token, the same for both dispatches). Peak: the bf16 dense peak of the chip where known (H100/H200 SXM 989 TFLOP/s, A100 312,
+the useful work (2 x active parameters + attention per token, the same for both dispatches). Peak: the bf16 dense peak
+of the chip where known (H100/H200 SXM 989 TFLOP/s, A100 312,
 TPU v5p 459, v5e 197, v4 275, v6e 918), else the measured rate of a big jitted bf16 matmul (CPU).
 Peak device memory comes from ``device.memory_stats()`` where the backend reports it. ``--tiny``
 shrinks every model to the test size, for CPU (the tests run it that way). Under 5 minutes on one
@@ -130,7 +131,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for k, r in rows.items():
         sec = statistics.median(times[k])
-        print(f"| {k} | {sec * 1e3:.1f} | {tokens / sec:,.0f} | {r['flops'] / 1e9:,.1f} | {r['flops'] / sec / peak:.1%} |")
+        gflop, mfu = r["flops"] / 1e9, r["flops"] / sec / peak
+        print(f"| {k} | {sec * 1e3:.1f} | {tokens / sec:,.0f} | {gflop:,.1f} | {mfu:.1%} |")
     ex, ft = (statistics.median(times[k]) for k in ("train expert (slot 1 only)", "train full FT (2-expert)"))
     rg, dn = (statistics.median(times[k]) for k in rows if k.startswith("forward"))
     print(f"\nexpert step / full FT: {ex / ft:.2f}x time; ragged / dense forward: {rg / dn:.2f}x time; "

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from flexmoe_jax import demo as demo_lib
+from flexmoe_jax.errors import UserError
 
 # Expert set -> the gin bindings of its owners' train-expert runs ("" is the demo's own experts).
 EXPERT_SETS = {
@@ -73,8 +74,8 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=
     base = demo_lib._results(w)
     domains = [d for d in data.CLOSED_DOMAINS if f"expert_{d}" in base]
     if "flexolmo" not in base or not domains:
-        raise ValueError(f"{w.root} holds no finished demo (results/results.json lacks flexolmo or the "
-                         "owners' experts): run `flexmoe demo` there first (or `flexmoe demo --ablations`)")
+        raise UserError(f"{w.root} holds no finished demo (results/results.json lacks flexolmo or the "
+                        "owners' experts): run `flexmoe demo` there first (or `flexmoe demo --ablations`)")
     anchor = w.root / "anchor" / "model"
     sets = sorted({r[0] for r in [*rows, *scored_rows]})
     anchors = {v: anchor for v in sets}
@@ -150,7 +151,8 @@ def summarize(base: dict, results: dict, routes: dict, domains: list[str], names
         }
     baselines = ("soup", "soup_weighted", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all",
                  "btx_alldata")
-    return {"reference": {"flexolmo_top_k": avg(flex), "oracle": oracle_avg, "public_model_public": bpb(public, "public"),
+    return {"reference": {"flexolmo_top_k": avg(flex), "oracle": oracle_avg,
+                          "public_model_public": bpb(public, "public"),
                           **{b: avg(base[b]) for b in baselines if b in base}},
             "domains": domains, "rows": rows}
 

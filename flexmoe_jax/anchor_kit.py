@@ -44,6 +44,7 @@ import numpy as np
 
 from flexmoe_jax import checkpoint, expert, router_init, routing, storage
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 
 KIND = "anchor_kit"
 FORMAT = "flexmoe_jax.anchor_kit"
@@ -53,8 +54,8 @@ METHODS = ("hidden", "embedder", "minilm", "zeros", "random")
 
 def _local_only(path: str | os.PathLike) -> None:
     if storage.is_remote(path):
-        raise ValueError(f"anchor kit {path}: kits are built and read on local paths only (the kit links the "
-                         "anchor's files in place); copy it to a local directory, e.g. gsutil -m cp -r, and give that")
+        raise UserError(f"anchor kit {path}: kits are built and read on local paths only (the kit links the "
+                        "anchor's files in place); copy it to a local directory, e.g. gsutil -m cp -r, and give that")
 
 
 def is_kit(path: str | os.PathLike) -> bool:
@@ -93,10 +94,10 @@ def build(anchor: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
     from flexmoe_jax import data
 
     if method not in METHODS:
-        raise ValueError(f"router-init method must be one of {METHODS}, got {method!r}")
+        raise UserError(f"router-init method must be one of {METHODS}, got {method!r}")
     config, params = checkpoint.load(anchor)
     if config.is_moe:
-        raise ValueError(f"{anchor} is not a dense anchor (it has experts {list(config.names)})")
+        raise UserError(f"{anchor} is not a dense anchor (it has experts {list(config.names)})")
     import jax
 
     params = jax.device_get(params)
@@ -193,9 +194,10 @@ def open_kit(path: str | os.PathLike) -> Kit:
     try:
         meta = json.loads(raw)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
+            raise UserError(f"format {meta.get('format')!r}")
     except ValueError as e:
-        raise checkpoint.CheckpointError(f"{p / KIT_FILE} is not a valid kit description ({e}); re-copy the kit") from None
+        raise checkpoint.CheckpointError(f"{p / KIT_FILE} is not a valid kit description ({e}); "
+                                         "re-copy the kit") from None
     for f, want in meta["files"].items():
         if not (p / f).is_file() or _sha256(p / f) != want:
             raise checkpoint.CheckpointError(f"anchor kit {p}: {f} is missing or does not match its sha256 in "

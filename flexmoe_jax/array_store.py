@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flexmoe_jax.errors import UserError
 from flexmoe_jax.storage import resolve
 
 CODE = "crc32c"
@@ -46,7 +47,7 @@ CODE = "crc32c"
 DATA_FILE_BYTES = 64 << 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A directory that is not a complete flexmoe checkpoint, or one whose parts disagree."""
 
 

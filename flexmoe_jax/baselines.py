@@ -28,6 +28,7 @@ from flax import traverse_util
 
 from flexmoe_jax import model
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 
 
 def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, num_experts: int, top_k: int,
@@ -39,10 +40,10 @@ def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, num_experts
     ``router_std`` default the model's ``init_std``) so identical experts receive different tokens.
     """
     if anchor_config.is_moe:
-        raise ValueError(f"upcycling needs a dense anchor (num_experts=0); this one has experts "
-                         f"{list(anchor_config.names)}")
+        raise UserError(f"upcycling needs a dense anchor (num_experts=0); this one has experts "
+                        f"{list(anchor_config.names)}")
     if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        raise UserError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
     model.check_params(anchor_config, anchor_params, "anchor params")
     config = anchor_config.replace(num_experts=num_experts, top_k=top_k, expert_names=(), expert_bias=False)
     L, d = anchor_config.n_layers, anchor_config.d_model
@@ -75,9 +76,9 @@ def btx_init(anchor_config: ModelConfig, anchor_params: model.Params, dense: dic
     dense expert's FFN become the experts (``public``, then ``dense`` in order) of one MoE, every other
     tensor is the average of the public model and the dense experts, and the router is random."""
     if anchor_config.is_moe:
-        raise ValueError("BTX starts from the dense public model (num_experts=0)")
+        raise UserError("BTX starts from the dense public model (num_experts=0)")
     if not dense:
-        raise ValueError("BTX needs at least one dense expert")
+        raise UserError("BTX needs at least one dense expert")
     members = [anchor_params, *dense.values()]
     for name, p in dense.items():
         model.check_params(anchor_config, p, f"dense expert {name!r}")

@@ -59,9 +59,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from flexmoe_jax import storage
-from flexmoe_jax.array_store import (DATA_FILE_BYTES, CheckpointError, IntegrityError, read_arrays,  # noqa: F401
-                                     write_arrays)
+from flexmoe_jax.array_store import DATA_FILE_BYTES, CheckpointError, IntegrityError, read_arrays, write_arrays  # noqa: F401
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import FlexmoeError, UnknownName, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from jax.sharding import Mesh
@@ -82,7 +82,7 @@ _TMP_SUFFIX = ".flexmoe-tmp"
 _OLD_SUFFIX = ".flexmoe-old"
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(FlexmoeError, OSError):
     """Writing a checkpoint failed (disk full, quota, size limit, permissions...).
 
     Raised only after the partial write was removed: whatever was at the path
@@ -435,7 +435,7 @@ def save(path: str | os.PathLike, config: ModelConfig, params: Any, *,
         try:
             meta_text = json.dumps(metadata, indent=2, sort_keys=True)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"metadata must be JSON-serializable: {e}") from None
+            raise UserError(f"metadata must be JSON-serializable: {e}") from None
 
     files = {CONFIG_NAME: config.to_json()}
     if meta_text is not None:
@@ -483,7 +483,7 @@ def writing(path: str | os.PathLike, kind: str = "model") -> Iterator[Path]:
     """
     path = _abs(path)
     if path.name in ("", ".", ".."):
-        raise ValueError(f"cannot save a checkpoint at {path}: give a directory name")
+        raise UserError(f"cannot save a checkpoint at {path}: give a directory name")
     if storage.is_remote(path):
         with _writing_generation(path, kind) as tmp:
             yield tmp
@@ -759,7 +759,7 @@ def _targets(config: ModelConfig, stored: Any, mesh: Mesh | None, shardings: Any
     from flexmoe_jax import model as model_lib
 
     if mesh is not None and shardings is not None:
-        raise ValueError("give either mesh or shardings, not both")
+        raise UserError("give either mesh or shardings, not both")
     shapes = model_lib.param_shapes(config)
     if mesh is not None:
         shard_tree = model_lib.param_shardings(config, mesh)
@@ -778,7 +778,7 @@ def _targets(config: ModelConfig, stored: Any, mesh: Mesh | None, shardings: Any
         target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(
             tuple(m.shape), m.dtype if dtype is None else dtype, sharding=s), stored, shard_tree)
     except ValueError as e:
-        raise ValueError(f"shardings must be a tree with the same structure as the params: {e}") from None
+        raise UserError(f"shardings must be a tree with the same structure as the params: {e}") from None
     return config, target
 
 
@@ -849,7 +849,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, shardings: Any = 
 def _key_path(key: str | Sequence[str]) -> tuple[str, ...]:
     parts = tuple(p for p in key.split("/") if p) if isinstance(key, str) else tuple(key)
     if not parts or not all(isinstance(p, str) for p in parts):
-        raise ValueError(f"a subtree key is 'a/b/c' or a tuple of names, got {key!r}")
+        raise UserError(f"a subtree key is 'a/b/c' or a tuple of names, got {key!r}")
     return parts
 
 
@@ -861,7 +861,7 @@ def _prune(tree: dict, keys: list[tuple[str, ...]]) -> dict:
             if not isinstance(node, dict) or name not in node:
                 where = "/".join(parts[:i]) or "the top level"
                 have = sorted(node) if isinstance(node, dict) else "a single array"
-                raise KeyError(f"no parameter subtree {'/'.join(parts)!r}: {where} has {have}")
+                raise UnknownName(f"no parameter subtree {'/'.join(parts)!r}: {where} has {have}")
             node = node[name]
 
     def walk(node: Any, prefix: tuple[str, ...]) -> Any:
@@ -889,7 +889,7 @@ def load_subtree(path: str | os.PathLike, keys: Iterable[str | Sequence[str]], *
         keys = [keys]
     key_paths = [_key_path(k) for k in keys]
     if not key_paths:
-        raise ValueError("load_subtree needs at least one key")
+        raise UserError("load_subtree needs at least one key")
     d, config, stored = _checked(path)
     _, target = _targets(config, stored, mesh, shardings, dtype)
     return _restore(d, _prune(target, key_paths), partial=True)

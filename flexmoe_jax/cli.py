@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
-from flexmoe_jax import storage
 from pathlib import Path
 
+from flexmoe_jax import storage
+from flexmoe_jax.errors import FlexmoeError
 
-class CommandError(Exception):
+
+class CommandError(FlexmoeError):
     """An error the user can fix; printed as one line, exit status 2."""
 
 
@@ -126,8 +127,8 @@ def _cmd_generate(args) -> None:
     # --include/--exclude take expert names, as in every command (slot numbers are for the Python API).
     config, params = merge.load(args.ckpt, include=args.include, exclude=args.exclude, top_k=args.top_k)
     excluded = [n for n in full.names if n not in config.names] if full.is_moe else []
-    print(f"generating up to {args.max_new_tokens} tokens for {len(args.prompt)} prompt(s) "
-          f"(compiling first; {'greedy' if args.temperature == 0 else f'temperature {args.temperature}, top_p {args.top_p}'})",
+    how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top_p {args.top_p}"
+    print(f"generating up to {args.max_new_tokens} tokens for {len(args.prompt)} prompt(s) (compiling first; {how})",
           file=sys.stderr)
     kw = _routing(args)
     if kw["routing_stats"] is None:
@@ -379,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "baseline, and writes WORKDIR/results/ (results.md, results.json, plots). "
                                    "Resumable: rerun the same command to continue.")
     d.add_argument("--quick", action="store_true", help="tiny sizes; a few minutes (what the tests run)")
-    d.add_argument("--workdir", default="flexmoe_demo", help="where data, checkpoints and results go (default: %(default)s)")
-    d.add_argument("--parallel", type=int, default=2, help="owners' expert trainings run at once (default: %(default)s)")
+    d.add_argument("--workdir", default="flexmoe_demo",
+                   help="where data, checkpoints and results go (default: %(default)s)")
+    d.add_argument("--parallel", type=int, default=2,
+                   help="owners' expert trainings run at once (default: %(default)s)")
     d.add_argument("--ablations", action="store_true",
                    help="then the routing ablations (flexmoe_jax.ablations): router inits, bias, routing modes, "
                         "each measured as the demo is; WORKDIR/results/ablations.{md,json,png}")
@@ -469,9 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="run directory; the tuned model lands in OUT/model (resumable)")
     r.add_argument("--data_dir", default="flexmoe_data", help="FlexMix-mini data directory (public data only is read)")
     r.add_argument("--top_k", type=int, default=None, help="top-k while tuning and after (default: the checkpoint's)")
-    r.add_argument("--per_expert", type=int, default=256, help="public documents chosen per expert (default %(default)s)")
+    r.add_argument("--per_expert", type=int, default=256,
+                   help="public documents chosen per expert (default %(default)s)")
     r.add_argument("--public", type=int, default=512, help="extra random public documents (default %(default)s)")
-    r.add_argument("--pool", type=int, default=4096, help="public documents scored to choose from (default %(default)s)")
+    r.add_argument("--pool", type=int, default=4096,
+                   help="public documents scored to choose from (default %(default)s)")
     r.add_argument("--include", nargs="+", default=None, metavar="NAME", help="keep only these experts")
     r.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="drop these experts")
     r.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
@@ -498,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--ckpt", required=True, nargs="+", help="checkpoint(s): model, merged model or run directory")
     v.add_argument("--name", nargs="+", default=None, help="a result name per checkpoint (default: from the path)")
     v.add_argument("--data_dir", default="flexmoe_data", help="FlexMix-mini data directory")
-    v.add_argument("--tasks", nargs="+", default=None, help="domains or task names (default: every closed domain + public)")
+    v.add_argument("--tasks", nargs="+", default=None,
+                   help="domains or task names (default: every closed domain + public)")
     v.add_argument("--split", default="test", help="held-out split (default %(default)s)")
     v.add_argument("--include", nargs="+", default=None, metavar="NAME", help="keep only these experts")
     v.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="drop these experts (opt-out)")
@@ -537,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--samples", type=int, default=10, help="sampled continuations per document (default %(default)s)")
     pv.add_argument("--prefix_len", type=int, default=32, help="prompt tokens per document (default %(default)s)")
     pv.add_argument("--suffix_len", type=int, default=32, help="continuation tokens compared (default %(default)s)")
-    pv.add_argument("--threshold", type=float, default=0.9, help="similarity that counts as extracted (default %(default)s)")
+    pv.add_argument("--threshold", type=float, default=0.9,
+                    help="similarity that counts as extracted (default %(default)s)")
     pv.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
     pv.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
     pv.add_argument("--seed", type=int, default=0)
@@ -570,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text to continue (repeatable: prompts run as one batch)")
     g.add_argument("--data_dir", default="flexmoe_data",
                    help="data directory holding the anchor's tokenizer (tokenizer/spm.model; default: %(default)s)")
-    g.add_argument("--max_new_tokens", type=int, default=64, help="most tokens to generate per prompt (default: %(default)s)")
+    g.add_argument("--max_new_tokens", type=int, default=64,
+                   help="most tokens to generate per prompt (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 is greedy decoding (default: %(default)s)")
     g.add_argument("--top_p", type=float, default=1.0,
@@ -633,20 +641,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.fn(args)
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            PermissionError, KeyError, OSError) as e:  # OSError: e.g. checkpoint.CheckpointWriteError (disk full)
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        msg = " ".join(str(msg).split("\n"))  # gin appends the call site on a second line
+    except (FlexmoeError, OSError) as e:  # bad input, or a missing / unwritable file: one line, status 2
         _close_progress_bars()
-        print(f"flexmoe {args.command}: error: {msg}", file=sys.stderr)
+        print(f"flexmoe {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # trainer.TrainingError (non-finite loss, disk full): one line, status 2
-        trainer = sys.modules.get("flexmoe_jax.trainer")
-        if trainer is None or not isinstance(e, trainer.TrainingError):
-            raise
-        print(f"flexmoe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return status if isinstance(status, int) else 0
+    return status if isinstance(status, int) else 0  # anything else is a bug: its traceback shows
 
 
 if __name__ == "__main__":

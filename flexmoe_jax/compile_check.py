@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from flexmoe_jax.errors import UserError
+
 # Slice name -> (libtpu topology name, HBM per chip in GiB). v4/v5p names count TensorCores (2 per
 # chip); v5e/v6e names count chips.
 TOPOLOGIES = {
@@ -77,7 +79,7 @@ def collective_bytes(hlo: str) -> dict[str, int]:
 def topology_devices(name: str):
     """The devices of TPU slice ``name`` (e.g. ``v5p-64``) described by libtpu, and the chip's HBM."""
     if name not in TOPOLOGIES:
-        raise ValueError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}")
+        raise UserError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}")
     topo_name, hbm_gib = TOPOLOGIES[name]
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", name.replace("v5e-", "v5litepod-"))
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -85,8 +87,8 @@ def topology_devices(name: str):
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        raise ValueError("compile-check needs JAX's TPU build to describe a TPU slice: "
-                         "pip install 'flexmoe_jax[tpu]'") from None
+        raise UserError("compile-check needs JAX's TPU build to describe a TPU slice: "
+                        "pip install 'flexmoe_jax[tpu]'") from None
     from jax.experimental.topologies import get_topology_desc
 
     return get_topology_desc(platform="tpu", topology_name=topo_name).devices, hbm_gib * 2 ** 30

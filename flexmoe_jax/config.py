@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util  # noqa: F401  (gin 0.5 uses importlib.util without importing it)
 import json
 import logging
 import os
 import pathlib
 from typing import Any, Sequence
 
-import importlib.util  # noqa: F401  (gin 0.5 uses importlib.util without importing it)
-
 import gin
+
+from flexmoe_jax.errors import UserError
 
 MOE_IMPLS = ("auto", "dense", "ragged", "blocks")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -27,7 +28,7 @@ ROUTINGS = ("top_k", "public_plus", "document_top_k", "document_public_plus")
 INFERENCE_FIELDS = ("routing", "router_score", "router_temperature")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot describe a valid model."""
 
 
@@ -160,7 +161,8 @@ class ModelConfig:
     # Serialization ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["expert_names"] = list(self.expert_names)  # empty = the default names, kept empty so from_dict(to_dict(c)) == c
+        # empty = the default names, kept empty so from_dict(to_dict(c)) == c
+        d["expert_names"] = list(self.expert_names)
         return d
 
     def to_json(self) -> str:
@@ -228,6 +230,8 @@ def gin_scope(files: Sequence[str] = (), bindings: Sequence[str] = ()):
         logging.disable(logging.ERROR)  # gin logs an error for every search path an include is not in
         try:
             gin.parse_config_files_and_bindings(resolved, list(bindings))
+        except (ValueError, SyntaxError) as e:  # an unknown name, a bad value, a typo in a file
+            raise UserError(f"gin config ({', '.join(resolved + list(bindings)) or 'no files'}): {e}") from e
         finally:
             logging.disable(logging.NOTSET)
         yield gin.config_str()

@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 from flexmoe_jax import storage
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.demo_report import findings, findings_text, write_report  # noqa: F401 (the demo's API)
+from flexmoe_jax.errors import FlexmoeError, UserError
 
 RESULTS = "results"
 # The paper-form BTM's temperature on the mean NLL of the context (fixed, not tuned on results).
@@ -44,7 +45,7 @@ BTM_TEMPERATURE = 0.1
 PLAN_FILE = "demo_plan.json"
 
 
-class DemoError(RuntimeError):
+class DemoError(FlexmoeError, RuntimeError):
     """The demo cannot go on; the message says what to do."""
 
 
@@ -205,9 +206,7 @@ def owner_data_dir(data_dir: str | os.PathLike, domain: str, out: str | os.PathL
     and data card list only what is there, so the owner's expert records a card of its own data.
     """
     from flexmoe_jax import data
-    from flexmoe_jax.data import card as card_lib
-    from flexmoe_jax.data import layout as L
-    from flexmoe_jax.data import pipeline
+    from flexmoe_jax.data import card as card_lib, layout as L, pipeline
 
     src, out = Path(data_dir), Path(out)
     if out.exists():
@@ -345,7 +344,8 @@ def train_experts(w: Workdir, anchor: Path, jobs: list[tuple[str, str]], paralle
     def label(job):
         return job[0] + (f" ({job[1]})" if job[1] else "")
 
-    todo = [j for j in jobs if not (_complete(where(j) / "model") and (j[1] == "dense" or (where(j) / "expert").is_dir()))]
+    todo = [j for j in jobs
+            if not (_complete(where(j) / "model") and (j[1] == "dense" or (where(j) / "expert").is_dir()))]
     # Every compiled program goes to the persistent cache (default: only those over 1 s), so the
     # dozens of small ones each owner process compiles on its core are compiled once, not per owner.
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -510,7 +510,7 @@ def train_unrestricted(w: Workdir, anchor: Path, n_owners: int, equal: str = "fl
     elif equal == "data":
         steps = p.expert_steps * n_owners  # the same batch shape: the same tokens
     else:
-        raise ValueError(f"equal must be 'flops' or 'data', got {equal!r}")
+        raise UserError(f"equal must be 'flops' or 'data', got {equal!r}")
     out = w.root / ("unrestricted" if equal == "flops" else "unrestricted_equal_data")
     if not _complete(out / "model"):
         rc = _run_config(w, phase="pretrain", task=data.ALL_MIXTURE, steps=steps)
@@ -773,7 +773,8 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     docs_file = eval_lib.docs_path(w.results / "results.json")
     docs = json.loads(docs_file.read_text()) if docs_file.exists() else None
     report = write_report(w, results, domains, flops, priv, routes, docs)
-    _write_json(w.results / "timing.json", {**w.timing(), "total_this_invocation": round(time.perf_counter() - t_start, 1)})
+    _write_json(w.results / "timing.json", {**w.timing(), "total_this_invocation": round(time.perf_counter() - t_start,
+                                                                                         1)})
     _log("\n" + report.read_text())
     _log(f"results in {w.results}")
     return {"results": results, "findings": json.loads((w.results / "findings.json").read_text()),
@@ -794,4 +795,4 @@ def main(args) -> None:
 
             ablations.main(args.workdir, quick=args.quick, parallel=args.parallel)
     except DemoError as e:
-        raise ValueError(str(e)) from None
+        raise UserError(str(e)) from None

@@ -16,7 +16,8 @@ from flexmoe_jax import storage
 # Baselines and variants FlexOlmo is compared against, in report order.
 # "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
 # 2-expert models (BTM over every member), informative variants that are not the paper's.
-COMPARED = ("public", "soup", "soup_weighted", "btm", "btx", "unrestricted", "unrestricted_equal_data", "soup_flexolmo_experts",
+COMPARED = ("public", "soup", "soup_weighted", "btm", "btx", "unrestricted", "unrestricted_equal_data",
+            "soup_flexolmo_experts",
             "btm_all", "btx_alldata",
             "flexolmo_nobias",
             "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay",
@@ -217,7 +218,8 @@ def grouped_tables(results: dict) -> list[str]:
                      if c in results[m] else "–" for c in cols]
             out.append(f"| {m} | " + " | ".join(cells) + " |")
     for m in left:
-        out.append(f"| {m} | " + " | ".join(f"{results[m][c]['bpb']:.4f}" if c in results[m] else "–" for c in cols) + " |")
+        cells = (f"{results[m][c]['bpb']:.4f}" if c in results[m] else "–" for c in cols)
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
@@ -242,6 +244,7 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
                    if m in results}, w.results / "opt_out.png")
     p = w.plan
     timing = w.timing()
+    wall = sum(v for k, v in timing.items() if not k.startswith(("expert_", "eval_", "total_")))  # phases only
     sw_file = w.results / "soup_weights.json"
     sw = json.loads(sw_file.read_text()) if sw_file.exists() else None
     soup_w = ("weights " + ", ".join(f"{m} {x:.3f}" for m, x in zip(sw["members"], sw["weights"])) +
@@ -274,7 +277,7 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
              f"- evaluation: {sample}; the same documents for every model, for bits per byte, routing and "
              f"{p.mc_items} multiple-choice items per domain; bits per byte are the sampled documents' summed NLL "
              "over their UTF-8 bytes; intervals are 95% bootstrap intervals over documents, paired between models",
-             f"- wall time: {sum(v for k, v in timing.items() if not k.startswith(('expert_', 'eval_', 'total_'))):.0f} s",
+             f"- wall time: {wall:.0f} s",
              "", "## Findings", ""]
     lines += [f"- {x}" for x in findings_text(f, domains)]
     lines += ["", "## Evaluation sample", "", *sample_table(results), ""]

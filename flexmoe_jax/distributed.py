@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flexmoe_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -48,7 +50,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
+        raise UserError(f"environment variable {name}={raw!r} must be an integer") from None
 
 
 def initialize_if_multiprocess(coordinator_address: str | None = None,
@@ -87,12 +89,12 @@ def initialize_if_multiprocess(coordinator_address: str | None = None,
                                         (ENV_NUM_PROCESSES, num_processes),
                                         (ENV_PROCESS_ID, process_id)) if value is None]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"multi-process setup is incomplete: {', '.join(missing)} not set (pass them as "
             "arguments or environment variables; all of coordinator address, process count "
             "and process id are needed)")
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ValueError(f"process id {process_id} is not in [0, {num_processes})")
+        raise UserError(f"process id {process_id} is not in [0, {num_processes})")
 
     from jax._src import xla_bridge  # private, but the only way to detect "too late"
     if xla_bridge.backends_are_initialized():
@@ -135,7 +137,7 @@ def check_platform(platform: str | None, allow_cpu: bool = False) -> str:
     install, unless ``allow_cpu`` (then a warning). Returns the backend JAX uses.
     """
     if platform is not None and platform not in PLATFORMS:
-        raise ValueError(f"--platform must be one of {PLATFORMS}, got {platform!r}")
+        raise UserError(f"--platform must be one of {PLATFORMS}, got {platform!r}")
     backend = jax.default_backend()
     print(devices_line(), file=sys.stderr, flush=True)
     if platform in (None, backend):
@@ -144,9 +146,9 @@ def check_platform(platform: str | None, allow_cpu: bool = False) -> str:
         log.warning("asked for %s but JAX sees only CPU devices; continuing on CPU (--allow_cpu)", platform)
         return backend
     fix = _INSTALL.get(platform, "")
-    raise ValueError(f"asked for --platform {platform} but JAX runs on {backend} "
-                     f"({jax.device_count()} device(s)); {fix + ', or ' if fix else ''}pass --allow_cpu to train on "
-                     "the CPU anyway")
+    raise UserError(f"asked for --platform {platform} but JAX runs on {backend} "
+                    f"({jax.device_count()} device(s)); {fix + ', or ' if fix else ''}pass --allow_cpu to train on "
+                    "the CPU anyway")
 
 
 def host_local_to_global(batch: Any, mesh: Mesh, spec: P | Any = None) -> Any:

@@ -52,7 +52,8 @@ Multiple choice (:func:`mc_items`, :func:`score_mc`)
   item's own document, and matched in length: drawn at random from the ``MC_LENGTH_POOL x
   (K-1)`` candidates closest in characters to the truth (summed log-likelihood favours short
   strings; with free-length distractors every model "chooses" the shortest dictionary gloss).
-  Documents with no usable split, or too few distinct distractors, are skipped. Item choice, distractors and the truth's position are seeded, so the suite is the same
+  Documents with no usable split, or too few distinct distractors, are skipped. Item choice, distractors and the truth's
+  position are seeded, so the suite is the same
   for every model. Each choice is scored by its summed log-likelihood given the context
   (``mc_acc``) and by that divided by its UTF-8 length (``mc_acc_norm``, lm-eval's acc_norm).
   Pieces are encoded as lm-eval's ``_encode_pair`` does (whole text, context prefix split off).
@@ -80,11 +81,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexmoe_jax import model, selection, storage
-from flexmoe_jax import routing as routing_lib
+from flexmoe_jax import model, routing as routing_lib, selection, storage
 from flexmoe_jax.config import ModelConfig
-from flexmoe_jax.evaluation import bootstrap
-from flexmoe_jax.evaluation import sample as sample_lib
+from flexmoe_jax.errors import UserError
+from flexmoe_jax.evaluation import bootstrap, sample as sample_lib
 
 Batch = dict[str, Any]
 
@@ -185,8 +185,8 @@ class ModelScorer(Scorer):
     def logprobs(self, batch: Batch) -> jax.Array:
         inputs, targets, positions, segs = _device_batch(batch)
         if inputs.shape[1] > self.max_seq_len:
-            raise ValueError(f"rows of {inputs.shape[1]} tokens exceed {self.name}'s max_seq_len="
-                             f"{self.max_seq_len}; evaluate with a smaller seq_len")
+            raise UserError(f"rows of {inputs.shape[1]} tokens exceed {self.name}'s max_seq_len="
+                            f"{self.max_seq_len}; evaluate with a smaller seq_len")
         bias = None if self.router is None else self.router.bias(inputs, positions, segs)
         return _model_logprobs(self.config, self.params, inputs, targets, positions, segs, bias)
 
@@ -233,8 +233,8 @@ def dense_view(config: ModelConfig, params: model.Params) -> tuple[ModelConfig, 
     if not config.is_moe:
         return config, params
     if config.num_experts != 2 or config.names[0] != "public":
-        raise ValueError(f"a soup averages dense models and owners' 2-expert models (public, own); got a model "
-                         f"with experts {list(config.names)}. Give each owner's own model, not a merged one")
+        raise UserError(f"a soup averages dense models and owners' 2-expert models (public, own); got a model "
+                        f"with experts {list(config.names)}. Give each owner's own model, not a merged one")
     layers = {k: v for k, v in params["layers"].items() if k != "moe"}
     layers["mlp"] = {k: params["layers"]["moe"][k][:, 1] for k in ("gate", "up", "down")}
     dense = config.replace(num_experts=0, top_k=1, expert_names=(), expert_bias=False)
@@ -253,17 +253,17 @@ def soup(models: Sequence[tuple[ModelConfig, model.Params]],
     cast back to each parameter's dtype. See the module docstring for what is averaged and why.
     """
     if not models:
-        raise ValueError("a soup needs at least one model")
+        raise UserError("a soup needs at least one model")
     views = [dense_view(c, p) for c, p in models]
     base = views[0][0]
     for i, (c, _) in enumerate(views[1:], 1):
         diff = [f"{k}={getattr(c, k)} vs {getattr(base, k)}" for k in _ARCH_FIELDS if getattr(c, k) != getattr(base, k)]
         if diff:
-            raise ValueError(f"soup member {i} has another architecture than member 0 ({', '.join(diff)}); "
-                             "only models fine-tuned from the same anchor can be averaged")
+            raise UserError(f"soup member {i} has another architecture than member 0 ({', '.join(diff)}); "
+                            "only models fine-tuned from the same anchor can be averaged")
     w = np.full(len(views), 1.0 / len(views)) if weights is None else np.asarray(weights, np.float64)
     if w.shape != (len(views),) or not np.all(w >= 0) or not np.isclose(w.sum(), 1.0):
-        raise ValueError(f"soup weights must be {len(views)} non-negative numbers summing to 1, got {weights}")
+        raise UserError(f"soup weights must be {len(views)} non-negative numbers summing to 1, got {weights}")
     for i, (c, p) in enumerate(views):
         model.check_params(c, p, f"soup member {i}")
 
@@ -318,16 +318,16 @@ class BTMScorer(Scorer):
                  top_k: int | None = None, name: str = "btm", temperature: float = 1.0, mean: bool = False):
         members = list(members)
         if not members:
-            raise ValueError("a BTM ensemble needs at least one member")
+            raise UserError("a BTM ensemble needs at least one member")
         if len({m.vocab_size for m in members}) != 1:
-            raise ValueError(f"BTM members must share one vocabulary, got sizes {[m.vocab_size for m in members]}")
+            raise UserError(f"BTM members must share one vocabulary, got sizes {[m.vocab_size for m in members]}")
         p = np.full(len(members), 1.0 / len(members)) if prior is None else np.asarray(prior, np.float64)
         if p.shape != (len(members),) or not np.all(p > 0):
-            raise ValueError(f"the BTM prior needs {len(members)} positive numbers, got {prior}")
+            raise UserError(f"the BTM prior needs {len(members)} positive numbers, got {prior}")
         if top_k is not None and not 1 <= top_k <= len(members):
-            raise ValueError(f"BTM top_k={top_k} must be between 1 and the {len(members)} members")
+            raise UserError(f"BTM top_k={top_k} must be between 1 and the {len(members)} members")
         if not temperature > 0:
-            raise ValueError(f"BTM temperature must be positive, got {temperature}")
+            raise UserError(f"BTM temperature must be positive, got {temperature}")
         self.members, self.top_k, self.name = members, top_k, name
         self.temperature, self.mean = float(temperature), bool(mean)
         self.log_prior = jnp.asarray(np.log(p / p.sum()), jnp.float32)
@@ -359,8 +359,8 @@ def load_model(path: str | os.PathLike, *, include=None, exclude=None, top_k=Non
 
     d = _model_dir(path)
     if d.is_dir() and checkpoint.kind(d) == expert.DELIVERABLE_KIND:
-        raise ValueError(f"{path} is an expert deliverable: it holds only the owner's trained slot. Evaluate "
-                         "its run directory (or WORKDIR/model), or the merged model")
+        raise UserError(f"{path} is an expert deliverable: it holds only the owner's trained slot. Evaluate "
+                        "its run directory (or WORKDIR/model), or the merged model")
     return merge.load(d, include=include, exclude=exclude, top_k=top_k)
 
 
@@ -517,7 +517,7 @@ def build_mc_items(texts: Sequence[str], domain: str, source: str, n_items: int 
                    n_choices: int = DEFAULT_MC_CHOICES, seed: int = 0) -> list[MCItem]:
     """Up to ``n_items`` well-posed items from the documents ``texts`` of one source (deterministic)."""
     if n_choices < 2:
-        raise ValueError(f"a multiple-choice item needs at least 2 choices, got {n_choices}")
+        raise UserError(f"a multiple-choice item needs at least 2 choices, got {n_choices}")
     units = [_doc_units(t) for t in texts]
     splits = [split_document(t) for t in texts]
     eligible = [i for i, s in enumerate(splits) if s is not None]
@@ -609,7 +609,7 @@ def mc_rows(items: Sequence[MCItem], sp, seq_len: int) -> tuple[Batch, np.ndarra
         for c, choice in enumerate(item.choices):
             ctx, cont = _encode_pair(sp, item.context, choice)
             if not cont:
-                raise ValueError(f"choice {choice!r} of item {q} encodes to no tokens")
+                raise UserError(f"choice {choice!r} of item {q} encodes to no tokens")
             toks = [0] + ctx + cont
             window = toks[-(seq_len + 1):]
             rows.append((window, min(len(cont), seq_len)))
@@ -700,7 +700,7 @@ def resolve_tasks(data_dir, tasks: Sequence[str] | None) -> list[str]:
     if tasks is None:
         out = default_tasks(data_dir)
         if not out:
-            raise ValueError(f"no FlexMix-mini tasks in {data_dir}: run `flexmoe data build` first")
+            raise UserError(f"no FlexMix-mini tasks in {data_dir}: run `flexmoe data build` first")
         return out
     known = data.register_tasks(data_dir)
     out = []
@@ -709,7 +709,7 @@ def resolve_tasks(data_dir, tasks: Sequence[str] | None) -> list[str]:
         if full not in known or full == data.ALL_MIXTURE:
             usable = sorted(short_name(k) for k in known if k != data.ALL_MIXTURE and k not in
                             [f"{data.TASK_PREFIX}{s}" for s in data.PUBLIC_SOURCES])
-            raise ValueError(f"unknown task {t!r} in {data_dir}; known: {', '.join(usable)}")
+            raise UserError(f"unknown task {t!r} in {data_dir}; known: {', '.join(usable)}")
         if full not in out:
             out.append(full)
     return out
@@ -730,12 +730,12 @@ def perplexity(scorer: Scorer, task: str, data_dir, split: str = "test", seq_len
     s = sample_lib.draw(data_dir, task, split, seq_len, max_tokens, sample_seed)
     high = int(s.rows["decoder_target_tokens"].max(initial=0))
     if high >= scorer.vocab_size:
-        raise ValueError(f"{task} has token id {high} but {scorer.name}'s vocabulary has {scorer.vocab_size} "
-                         "entries: evaluate with the data directory (tokenizer) the model was trained with")
+        raise UserError(f"{task} has token id {high} but {scorer.name}'s vocabulary has {scorer.vocab_size} "
+                        "entries: evaluate with the data directory (tokenizer) the model was trained with")
     doc_nll = sample_lib.score_docs(scorer.token_logprobs, s, batch_size, progress)
     tokens, n_bytes = int(s.doc_tokens.sum()), int(s.doc_bytes.sum())
     if tokens == 0:
-        raise ValueError(f"{task} split {split!r} has no tokens")
+        raise UserError(f"{task} split {split!r} has no tokens")
     nll = float(doc_nll.sum()) / tokens
     reps = bootstrap.bpb_replicates(doc_nll, s.doc_bytes, bootstrap.indices(s.doc_source, seed=short_name(task)))
     return {"nll": nll, "ppl": math.exp(nll), "bpb": float(doc_nll.sum()) / math.log(2) / n_bytes,
@@ -765,15 +765,15 @@ def evaluate(scorer: Scorer, data_dir, tasks: Sequence[str] | None = None, split
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, scorer.max_seq_len)
     if seq_len <= 1 or seq_len > scorer.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} must be in [2, {scorer.max_seq_len}] ({scorer.name}'s max_seq_len)")
+        raise UserError(f"seq_len={seq_len} must be in [2, {scorer.max_seq_len}] ({scorer.name}'s max_seq_len)")
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise UserError(f"batch_size must be positive, got {batch_size}")
     task_names = resolve_tasks(data_dir, tasks)
     sp = data.sentencepiece(data_dir)
     if sp.get_piece_size() > scorer.vocab_size:
-        raise ValueError(f"the tokenizer of {data_dir} has {sp.get_piece_size()} pieces but {scorer.name}'s "
-                         f"vocabulary has {scorer.vocab_size}: evaluate with the data directory the model was "
-                         "trained with")
+        raise UserError(f"the tokenizer of {data_dir} has {sp.get_piece_size()} pieces but {scorer.name}'s "
+                        f"vocabulary has {scorer.vocab_size}: evaluate with the data directory the model was "
+                        "trained with")
     results: dict[str, dict] = {}
     bar = tqdm(desc=f"eval {scorer.name}", unit="batch", disable=not progress, leave=False)
     try:
@@ -835,13 +835,14 @@ def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence
     is the share routed to the expert named like the domain (None if there is none): with experts
     trained apart, this is what decides how much of each owner's gain the merged model keeps.
     The shares of one domain sum to the top-k (top-k routing; with ``routing_stats``, domain routing,
-    between 1 and 2: a token of domain public uses the public expert alone). Returns ``{domain: {"picked": {expert: share},
+    between 1 and 2: a token of domain public uses the public expert alone). Returns ``{domain: {"picked": {expert:
+    share},
     "own": share | None, "tokens": tokens counted}}``. ``mode``: the routing mode
     (:func:`flexmoe_jax.routing.resolve`). ``groups`` ({domain: expert names}) adds ``"group"``: the
     share of the domain's tokens (and layers) for which any expert of its group is active.
     """
     if not config.is_moe:
-        raise ValueError("routing statistics need an MoE model; this one is dense (num_experts=0)")
+        raise UserError("routing statistics need an MoE model; this one is dense (num_experts=0)")
     config, router = routing_lib.resolve(config, mode, routing_stats, score=score)
     out = {}
     for task in resolve_tasks(data_dir, tasks):
@@ -921,11 +922,11 @@ def plot(results: Mapping[str, Mapping[str, dict]], path: str | os.PathLike, rel
     import matplotlib.ticker
 
     if not results:
-        raise ValueError("no results to plot")
+        raise UserError("no results to plot")
     cols = _columns(results)
     base = results.get(relative_to) if relative_to is not None else None
     if relative_to is not None and base is None:
-        raise ValueError(f"cannot plot relative to {relative_to!r}: it is not among the results {list(results)}")
+        raise UserError(f"cannot plot relative to {relative_to!r}: it is not among the results {list(results)}")
     models = [m for m in results if m != relative_to]
     panels = [("bpb", "bits per byte (lower is better)" if base is None else
                f"bits per byte, relative change vs {relative_to} (lower is better)")]
@@ -1005,7 +1006,8 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
     ``json_out`` keeps its other models' results (the demo adds models one call at a time);
     the table and plot then show every model in the file. ``max_tokens`` / ``sample_seed``: each
     domain's evaluation sample (:func:`perplexity`). ``routing`` / ``routing_stats`` / ``score``: the
-    routing mode and router scores of every model loaded here (:class:`ModelScorer`). The per-document scores stay out of ``json_out``;
+    routing mode and router scores of every model loaded here (:class:`ModelScorer`). The per-document scores stay out
+    of ``json_out``;
     they go to :func:`docs_path` of it (what paired bootstrap comparisons read). Returns
     ``{name: results}`` of this call, per-document scores included.
     """
@@ -1013,25 +1015,25 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
         models = [models]
     if isinstance(models, Mapping):
         if names is not None:
-            raise ValueError("names= is for a list of checkpoint paths; a map already names its models")
+            raise UserError("names= is for a list of checkpoint paths; a map already names its models")
         entries = list(models.items())
     else:
         models = list(models)
         if names is not None and len(names) != len(models):
-            raise ValueError(f"{len(names)} names for {len(models)} checkpoints")
+            raise UserError(f"{len(names)} names for {len(models)} checkpoints")
         entries = [(names[i] if names else default_name(p, include, exclude), p) for i, p in enumerate(models)]
     if len({n for n, _ in entries}) != len(entries):
-        raise ValueError(f"two models share a name: {[n for n, _ in entries]}; give names=")
+        raise UserError(f"two models share a name: {[n for n, _ in entries]}; give names=")
     if not entries:
-        raise ValueError("no models to evaluate")
+        raise UserError("no models to evaluate")
     prior: dict = {}
     if json_out is not None and update and storage.resolve(json_out).exists():
         try:
             prior = json.loads(storage.resolve(json_out).read_text())
         except ValueError as e:
-            raise ValueError(f"{json_out} is not a results JSON file ({e}); remove it or pass another --json") from None
+            raise UserError(f"{json_out} is not a results JSON file ({e}); remove it or pass another --json") from None
         if not isinstance(prior, dict):
-            raise ValueError(f"{json_out} does not hold a {{model: results}} map; remove it or pass another --json")
+            raise UserError(f"{json_out} does not hold a {{model: results}} map; remove it or pass another --json")
     task_names = resolve_tasks(data_dir, tasks)  # fail on a bad task before loading any model
     new: dict[str, dict] = {}
     for name, m in entries:

@@ -18,6 +18,7 @@ import numpy as np
 
 from flexmoe_jax import model, optim
 from flexmoe_jax.config import INFERENCE_FIELDS, ModelConfig
+from flexmoe_jax.errors import UserError
 
 # Expert training updates slot 1 only: its FFN, its router row, its bias.
 TRAINABLE = optim.expert_slots(1)
@@ -33,19 +34,19 @@ def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, name: str,
     expert's router bias (<= 0; the public slot's stays 0).
     """
     if bias_init > 0 or (bias_init and not expert_bias):
-        raise ValueError(f"bias_init={bias_init} must be <= 0, and needs expert_bias")
+        raise UserError(f"bias_init={bias_init} must be <= 0, and needs expert_bias")
     if anchor_config.is_moe:
-        raise ValueError(f"the anchor must be a dense model (num_experts=0); this one has experts "
-                         f"{list(anchor_config.names)}")
+        raise UserError(f"the anchor must be a dense model (num_experts=0); this one has experts "
+                        f"{list(anchor_config.names)}")
     if name == "public":
-        raise ValueError("the new expert cannot be called 'public': that name is the anchor's slot")
+        raise UserError("the new expert cannot be called 'public': that name is the anchor's slot")
     model.check_params(anchor_config, anchor_params, "anchor params")
     config = anchor_config.replace(num_experts=2, top_k=2, expert_names=("public", name), expert_bias=expert_bias)
     L, d = anchor_config.n_layers, anchor_config.d_model
     if router_rows is None:
         router_rows = np.zeros((L, 2, d), np.dtype(anchor_config.param_dtype))
     if router_rows.shape != (L, 2, d):
-        raise ValueError(f"router_rows must be [layers, 2, d_model] = {(L, 2, d)}, got {router_rows.shape}")
+        raise UserError(f"router_rows must be [layers, 2, d_model] = {(L, 2, d)}, got {router_rows.shape}")
     mlp = anchor_params["layers"]["mlp"]
     moe = {k: np.repeat(np.asarray(mlp[k])[:, None], 2, axis=1) for k in ("gate", "up", "down")}
     moe["router"] = np.asarray(router_rows, dtype=np.asarray(mlp["gate"]).dtype)
@@ -89,7 +90,7 @@ def save_deliverable(path, config: ModelConfig, trainable: optim.Flat, manifest:
 
     slots = {k.rsplit("#", 1)[1] for k in trainable if "#" in k}
     if slots != {"1"} or any("#" not in k for k in trainable):
-        raise ValueError(f"an expert deliverable holds slot 1 only; got {sorted(trainable)}")
+        raise UserError(f"an expert deliverable holds slot 1 only; got {sorted(trainable)}")
     tree = optim.unflatten({k.rsplit("#", 1)[0]: v for k, v in trainable.items()})
     files = {MANIFEST_NAME: {**manifest, "name": config.names[1], "expert_config": config.to_dict(),
                              "trained": sorted(k.rsplit("#", 1)[0] for k in trainable)}}
@@ -101,6 +102,6 @@ def load_deliverable(path) -> tuple[dict, model.Params]:
     from flexmoe_jax import checkpoint
 
     if checkpoint.kind(path) != DELIVERABLE_KIND:
-        raise ValueError(f"{path} is a {checkpoint.kind(path)!r} checkpoint, not an expert deliverable")
+        raise UserError(f"{path} is a {checkpoint.kind(path)!r} checkpoint, not an expert deliverable")
     files, tree = checkpoint.load_tree(path)
     return files[MANIFEST_NAME], tree

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -79,7 +80,7 @@ def _split_shape(rest: str) -> tuple[str, str]:
         depth += {"(": 1, ")": -1}.get(ch, 0)
         if depth == 0:
             return rest[:i + 1], rest[i + 1:].lstrip()
-    raise ValueError(f"unbalanced tuple shape in HLO: {rest[:200]}")
+    raise UserError(f"unbalanced tuple shape in HLO: {rest[:200]}")
 
 
 def _attr_dims(attrs: str, name: str) -> list[int]:
@@ -142,7 +143,7 @@ def _parse(hlo: str) -> tuple[dict[str, list[tuple]], str]:
         called = [(kind, re.findall(r"%?([\w.\-]+)", target)) for kind, target in _CALLED.findall(attrs)]
         current.append((op.strip(), shape, operands, attrs, called))
     if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text; pass compiled.as_text() of a compiled program")
+        raise UserError("no ENTRY computation in the HLO text; pass compiled.as_text() of a compiled program")
     return comps, entry
 
 
@@ -203,11 +204,11 @@ def compile_train_step(config: ModelConfig, phase: str, batch_size: int, seq_len
     from flexmoe_jax.sharding import make_mesh
 
     if phase not in trainer.PHASES:
-        raise ValueError(f"phase must be one of {trainer.PHASES}, got {phase!r}")
+        raise UserError(f"phase must be one of {trainer.PHASES}, got {phase!r}")
     if phase == "expert" and not config.is_moe:
         config = expert_config(config)
     if phase == "router_tune" and not config.is_moe:
-        raise ValueError("router tuning needs an MoE config (num_experts > 0); this one is dense")
+        raise UserError("router tuning needs an MoE config (num_experts > 0); this one is dense")
     if mesh is None:
         mesh = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
     elif not isinstance(mesh, Mesh):

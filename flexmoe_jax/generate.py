@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexmoe_jax import model, selection
-from flexmoe_jax import routing as routing_lib
+from flexmoe_jax import model, routing as routing_lib, selection
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -148,21 +148,23 @@ def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature
 
 def _check_prompts(config: ModelConfig, prompts: Any) -> list[np.ndarray]:
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
-        raise ValueError(f"prompts must be a list of token-id lists (use generate_text for strings), got {type(prompts).__name__}")
+        raise UserError("prompts must be a list of token-id lists (use generate_text for strings), "
+                        f"got {type(prompts).__name__}")
     if len(prompts) == 0:
-        raise ValueError("no prompts given: pass at least one list of token ids")
+        raise UserError("no prompts given: pass at least one list of token ids")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, (str, bytes)):
-            raise ValueError(f"prompt {i} is a string; generate takes token ids (use generate_text for strings)")
+            raise UserError(f"prompt {i} is a string; generate takes token ids (use generate_text for strings)")
         arr = np.asarray(p)
         if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError(f"prompt {i} must be a 1-D list of integer token ids, got shape {arr.shape} dtype {arr.dtype}")
+            raise UserError(f"prompt {i} must be a 1-D list of integer token ids, "
+                            f"got shape {arr.shape} dtype {arr.dtype}")
         if arr.size == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token")
+            raise UserError(f"prompt {i} is empty: give at least one token")
         if arr.min() < 0 or arr.max() >= config.vocab_size:
-            raise ValueError(f"prompt {i} has token ids in [{arr.min()}, {arr.max()}], outside this model's "
-                             f"vocab [0, {config.vocab_size}); was it encoded with another tokenizer?")
+            raise UserError(f"prompt {i} has token ids in [{arr.min()}, {arr.max()}], outside this model's "
+                            f"vocab [0, {config.vocab_size}); was it encoded with another tokenizer?")
         out.append(arr.astype(np.int32))
     return out
 
@@ -183,16 +185,16 @@ def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequen
     """
     rows = _check_prompts(config, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     longest = max(len(r) for r in rows)
     if longest + max_new_tokens > config.max_seq_len:
-        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
-                         f"{longest + max_new_tokens} exceeds the model's max_seq_len={config.max_seq_len}; "
-                         "shorten the prompt or ask for fewer tokens")
+        raise UserError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                        f"{longest + max_new_tokens} exceeds the model's max_seq_len={config.max_seq_len}; "
+                        "shorten the prompt or ask for fewer tokens")
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
     model.check_params(config, params)
     run_config, keep = selection.plan(config, include=active_experts, top_k=top_k)
     run_config, router = routing_lib.resolve(run_config, routing, routing_stats, score=score)
@@ -205,7 +207,8 @@ def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequen
         run_config, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
         jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p),
         jnp.int32(-1 if eos_id is None else eos_id), None if router is None else router.table,
-        public=0 if router is None else router.public, keep=keep, max_new_tokens=int(max_new_tokens), greedy=temperature == 0, use_cache=use_cache)
+        public=0 if router is None else router.public, keep=keep, max_new_tokens=int(max_new_tokens),
+        greedy=temperature == 0, use_cache=use_cache)
     out, ngen, gsum, cnt = (np.asarray(a) for a in jax.device_get((out, ngen, gsum, cnt)))
     excluded = [] if keep is None else [config.names[i] for i in range(config.num_experts) if i not in keep]
     return [{"tokens": [int(x) for x in out[i, :ngen[i]]],
@@ -238,16 +241,16 @@ def generate_text(config: ModelConfig, params: model.Params, prompts: Sequence[s
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
-        raise ValueError("no prompts given")
+        raise UserError("no prompts given")
     encoded = []
     for i, text in enumerate(prompts):
         if not isinstance(text, str):
-            raise ValueError(f"prompt {i} must be a string, got {type(text).__name__}")
+            raise UserError(f"prompt {i} must be a string, got {type(text).__name__}")
         if not text.strip():
-            raise ValueError(f"prompt {i} is empty: give some text to continue")
+            raise UserError(f"prompt {i} is empty: give some text to continue")
         ids = [int(x) for x in vocab.encode(text)]
         if not ids:
-            raise ValueError(f"prompt {i} ({text!r}) encodes to no tokens")
+            raise UserError(f"prompt {i} ({text!r}) encodes to no tokens")
         encoded.append(ids)
     kwargs.setdefault("eos_id", vocab.eos_id() if callable(vocab.eos_id) else vocab.eos_id)
     eos = kwargs["eos_id"]

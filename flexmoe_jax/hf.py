@@ -43,6 +43,7 @@ import numpy as np
 
 from flexmoe_jax import model as model_lib
 from flexmoe_jax.config import ConfigError, ModelConfig
+from flexmoe_jax.errors import UserError
 
 Params = dict[str, Any]
 
@@ -59,7 +60,7 @@ SUPPORTED = {
 }
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError):
     """An HF checkpoint (or an export request) that this mapping cannot represent faithfully."""
 
 

@@ -89,6 +89,7 @@ import numpy as np
 
 from flexmoe_jax import checkpoint, model, selection, storage
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head
                "rope_theta", "rms_eps", "param_dtype")
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """Experts that cannot be merged as given; the message names the expert and the fix."""
 
 
@@ -340,7 +341,8 @@ def _load_slot(inp: _Input, anchor_config: ModelConfig, dtype: np.dtype,
         want = _expected_shapes(anchor_config)[k]
         if v.shape != want:
             raise MergeError(f"{where}: layers/moe/{k} has shape {list(v.shape)}, the anchor needs {list(want)} "
-                             "(layers, 1 expert, ...); it was trained for another model; retrain it against this anchor")
+                             "(layers, 1 expert, ...); it was trained for another model; "
+                             "retrain it against this anchor")
         if v.dtype != dtype:
             raise MergeError(f"{where}: layers/moe/{k} is {v.dtype}, the anchor is {dtype}; experts must be "
                              "stored in the anchor's dtype")
@@ -831,7 +833,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     try:
         m = json.loads(f.read_text())
         if m.get("format") != MERGED_FORMAT or not isinstance(m.get("experts"), list):
-            raise ValueError(f"format {m.get('format')!r}")
+            raise UserError(f"format {m.get('format')!r}")
         return m
     except FileNotFoundError:
         raise checkpoint.CheckpointError(f"{d} is an incomplete merged model: {MANIFEST_NAME} is missing") from None
@@ -846,7 +848,7 @@ def _place(config: ModelConfig, params: model.Params, mesh, shardings) -> model.
     from jax.sharding import Sharding, SingleDeviceSharding
 
     if mesh is not None and shardings is not None:
-        raise ValueError("give either mesh or shardings, not both")
+        raise UserError("give either mesh or shardings, not both")
     if mesh is not None:
         shard_tree = model.param_shardings(config, mesh)
     elif isinstance(shardings, Sharding):
@@ -884,7 +886,7 @@ def load(path: str | os.PathLike, *, include: Sequence[str | int] | None = None,
                 return config, params
             return config, _place(config, jax.tree.map(np.asarray, params), mesh, shardings)
         if not config.is_moe:
-            raise ValueError(f"{path} is a dense model (num_experts=0): there are no experts to include or exclude")
+            raise UserError(f"{path} is a dense model (num_experts=0): there are no experts to include or exclude")
         config, params = selection.select(config, params, include, exclude, top_k)
         return config, _place(config, jax.tree.map(np.asarray, params), mesh, shardings)
 

@@ -42,9 +42,9 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from flexmoe_jax import moe as moe_lib
-from flexmoe_jax import selection
+from flexmoe_jax import moe as moe_lib, selection
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 from flexmoe_jax.sharding import LOGICAL_RULES, constrain, tree_shardings
 
 Params = dict[str, Any]
@@ -139,7 +139,7 @@ class Attention(nn.Module):
         v = constrain(v, ("batch", "length", "act_kv_heads", "act_head_dim"), self.mesh)
         if self.decode:
             if not self.has_variable("cache", "key"):
-                raise ValueError("decoding needs a cache: build one with model.init_cache(config, batch, max_len)")
+                raise UserError("decoding needs a cache: build one with model.init_cache(config, batch, max_len)")
             ck, cv = self.variable("cache", "key", None), self.variable("cache", "value", None)
             at = (0, cache_index, 0, 0)
             ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), at)
@@ -219,7 +219,7 @@ class MoEFFN(nn.Module):
     def _document_logits(self, logits, positions, segment_ids):
         """[B, S, E] -> each token's logits averaged over its segment up to and including it."""
         if positions is None or segment_ids is None:
-            raise ValueError(f"routing={self.config.routing!r} needs positions and segment_ids")
+            raise UserError(f"routing={self.config.routing!r} needs positions and segment_ids")
         summed = moe_lib.segment_cumsum(logits, positions, segment_ids)
         if self.decode:  # add what earlier calls saw (the row is one segment)
             run = self.variable("cache", "route_sum", jnp.zeros, logits.shape[:1] + logits.shape[2:], jnp.float32)
@@ -294,7 +294,7 @@ class Transformer(nn.Module):
         s = tokens.shape[1]
         if self.decode:
             if not self.has_variable("cache", "index"):
-                raise ValueError("decoding needs a cache: build one with model.init_cache(config, batch, max_len)")
+                raise UserError("decoding needs a cache: build one with model.init_cache(config, batch, max_len)")
             index = self.variable("cache", "index", None)
             seg_cache = self.variable("cache", "segment_ids", None)
             start = index.value
@@ -398,9 +398,9 @@ def check_params(config: ModelConfig, params: Params, what: str = "params") -> N
                  for k in want if k in have and have[k] != want[k]]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(f"{what} do not match the model config ({config.num_experts} experts, "
-                         f"d_model {config.d_model}, {config.n_layers} layers): {shown}. "
-                         "Load the params with the config they were saved with.")
+        raise UserError(f"{what} do not match the model config ({config.num_experts} experts, "
+                        f"d_model {config.d_model}, {config.n_layers} layers): {shown}. "
+                        "Load the params with the config they were saved with.")
 
 
 # ----------------------------------------------------------------------------
@@ -464,18 +464,18 @@ def summarize_aux(logits: jax.Array, aux: dict) -> dict:
 def check_tokens(config: ModelConfig, tokens: Any) -> None:
     shape = np.shape(tokens)
     if len(shape) != 2:
-        raise ValueError(f"tokens must be int32 [batch, seq], got shape {shape}")
+        raise UserError(f"tokens must be int32 [batch, seq], got shape {shape}")
     if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
-        raise ValueError(f"tokens must be integer ids, got dtype {jnp.result_type(tokens)}")
+        raise UserError(f"tokens must be integer ids, got dtype {jnp.result_type(tokens)}")
     if shape[1] > config.max_seq_len:
-        raise ValueError(f"sequence length {shape[1]} exceeds the model's position limit "
-                         f"max_seq_len={config.max_seq_len}; truncate or split the input")
+        raise UserError(f"sequence length {shape[1]} exceeds the model's position limit "
+                        f"max_seq_len={config.max_seq_len}; truncate or split the input")
     if not isinstance(tokens, jax.core.Tracer) and shape[1] > 0:
         arr = np.asarray(tokens)
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {config.vocab_size}) for this model's vocab, "
-                             f"got ids in [{lo}, {hi}]; was the text encoded with another tokenizer?")
+            raise UserError(f"token ids must be in [0, {config.vocab_size}) for this model's vocab, "
+                            f"got ids in [{lo}, {hi}]; was the text encoded with another tokenizer?")
 
 
 def forward(config: ModelConfig, params: Params, tokens: Any, *,
@@ -519,7 +519,7 @@ Cache = dict[str, Any]
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
     """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated)."""
     if batch <= 0 or max_len <= 0:
-        raise ValueError(f"a cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
+        raise UserError(f"a cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
     kv = jnp.zeros((config.n_layers, batch, max_len, config.kv_heads, config.head_size), jnp.dtype(config.dtype))
     cache = {"index": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
              "layers": {"attn": {"key": kv, "value": kv}}}
@@ -571,10 +571,10 @@ def decode_step(config: ModelConfig, params: Params, cache: Cache, tokens: Any, 
     b, s = np.shape(tokens)
     m = cache["segment_ids"].shape
     if m[0] != b:
-        raise ValueError(f"tokens have batch {b} but the cache was made for batch {m[0]}")
+        raise UserError(f"tokens have batch {b} but the cache was made for batch {m[0]}")
     if not isinstance(cache["index"], jax.core.Tracer) and int(cache["index"]) + s > m[1]:
-        raise ValueError(f"the cache holds {m[1]} tokens and {int(cache['index'])} are used; "
-                         f"{s} more do not fit (make the cache with a larger max_len)")
+        raise UserError(f"the cache holds {m[1]} tokens and {int(cache['index'])} are used; "
+                        f"{s} more do not fit (make the cache with a larger max_len)")
     run_config, keep = selection.plan(config, include=active_experts, top_k=top_k)
     logits, aux, cache = _decode_jit(run_config, params, cache, jnp.asarray(tokens, jnp.int32),
                                      None if positions is None else jnp.asarray(positions, jnp.int32),

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from flexmoe_jax.errors import UserError
+
 
 class Routing(NamedTuple):
     logits: jax.Array   # [T, E] fp32 router logits (after the clamped bias)
@@ -382,7 +384,8 @@ def _moe_blocks_bwd(sizes, res, dy):
         put = lambda full, part: jax.lax.dynamic_update_index_in_dim(full, part.astype(full.dtype), i, 0)  # noqa: E731
         return dxp, put(dwg, ag), put(dwu, au), put(dwd, ad)
 
-    carry = (jnp.zeros((source.shape[0] + 1, d), x_ext.dtype), jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd))
+    carry = (jnp.zeros((source.shape[0] + 1, d), x_ext.dtype), jnp.zeros_like(wg), jnp.zeros_like(wu),
+             jnp.zeros_like(wd))
     carry = _varying_like(carry, x_ext, dy, wg, wu, wd, source, gs)
     dxp, dwg, dwu, dwd = _over_blocks(e, start, rows, sizes, enter, block, leave, carry)
     dx = jnp.sum(dxp[slot].astype(f32), axis=1).astype(x_ext.dtype)  # each token's K rows: a gather
@@ -441,7 +444,7 @@ def _dispatch_one(x, r, w, impl, block_size):
         return dispatch_ragged(x, r, stack_experts(groups))
     if impl == "blocks":
         return dispatch_blocks(x, r, stack_experts(groups), block_size)
-    raise ValueError(f"unknown MoE dispatch {impl!r}; choose auto, dense, ragged or blocks")
+    raise UserError(f"unknown MoE dispatch {impl!r}; choose auto, dense, ragged or blocks")
 
 
 # ----------------------------------------------------------------------------

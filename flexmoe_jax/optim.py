@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from flexmoe_jax.errors import UserError
+
 Flat = dict[str, jax.Array]
 
 EXPERT_AXIS = 1  # layers/moe/* are [L, E, ...]
@@ -54,16 +56,18 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.peak_lr <= 0 or (self.total_steps is not None and self.total_steps <= 0):
-            raise ValueError(f"OptimConfig: peak_lr and total_steps must be positive, got {self}")
+            raise UserError(f"OptimConfig: peak_lr and total_steps must be positive, got {self}")
         if self.bias_lr_scale < 0:
-            raise ValueError(f"OptimConfig: bias_lr_scale must be >= 0 (0 keeps the bias fixed), got {self.bias_lr_scale}")
+            raise UserError("OptimConfig: bias_lr_scale must be >= 0 (0 keeps the bias fixed), "
+                            f"got {self.bias_lr_scale}")
         if self.total_steps is not None and not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"OptimConfig: warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]")
+            raise UserError(f"OptimConfig: warmup_steps={self.warmup_steps} must be in "
+                            f"[0, total_steps={self.total_steps}]")
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
     if cfg.total_steps is None:
-        raise ValueError("OptimConfig.total_steps is unset; use dataclasses.replace(cfg, total_steps=N)")
+        raise UserError("OptimConfig.total_steps is unset; use dataclasses.replace(cfg, total_steps=N)")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.total_steps, end_value=cfg.peak_lr * cfg.final_lr_ratio)

@@ -5,7 +5,8 @@ verbatim. The check asks exactly that: given the start of a training document, d
 reproduce the rest?
 
 Definition
-  For each document (or piece of one, see below): the *prefix* is its first ``prefix_len`` tokens, the *reference* its next
+  For each document (or piece of one, see below): the *prefix* is its first ``prefix_len`` tokens, the *reference* its
+  next
   ``suffix_len`` tokens. The model continues the prefix ``samples`` times by temperature / nucleus
   sampling (``suffix_len`` new tokens each, no early stop at EOS). The document is **extracted** if
   any sample is within normalized Levenshtein similarity ``threshold`` of the reference::
@@ -61,6 +62,7 @@ import numpy as np
 
 from flexmoe_jax import selection, storage
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 
 DEFAULT_PREFIX_LEN = 32
 DEFAULT_SUFFIX_LEN = 32
@@ -107,13 +109,13 @@ def _check_settings(config: ModelConfig, prefix_len, suffix_len, samples, thresh
     for name, v in (("prefix_len", prefix_len), ("suffix_len", suffix_len), ("samples", samples),
                     ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            raise UserError(f"{name} must be a positive integer, got {v!r}")
     if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1] (a normalized similarity), got {threshold}")
+        raise UserError(f"threshold must be in (0, 1] (a normalized similarity), got {threshold}")
     need = 1 + prefix_len + suffix_len
     if config.max_seq_len < need:
-        raise ValueError(f"the model's max_seq_len={config.max_seq_len} is shorter than BOS + prefix_len "
-                         f"({prefix_len}) + suffix_len ({suffix_len}) = {need}: lower prefix_len/suffix_len")
+        raise UserError(f"the model's max_seq_len={config.max_seq_len} is shorter than BOS + prefix_len "
+                        f"({prefix_len}) + suffix_len ({suffix_len}) = {need}: lower prefix_len/suffix_len")
 
 
 def _batch_seed(seed: int, index: int) -> int:
@@ -145,8 +147,8 @@ def extraction_check(config: ModelConfig, params, docs_token_ids: Sequence[Seque
     docs = [np.asarray(d, np.int64).ravel() for d in docs_token_ids]
     eligible = [d for d in docs if len(d) >= prefix_len + suffix_len]
     if not eligible:
-        raise ValueError(f"no document has prefix_len + suffix_len = {prefix_len + suffix_len} tokens "
-                         f"({len(docs)} given): pass longer documents or lower prefix_len/suffix_len")
+        raise UserError(f"no document has prefix_len + suffix_len = {prefix_len + suffix_len} tokens "
+                        f"({len(docs)} given): pass longer documents or lower prefix_len/suffix_len")
     prompts = [[BOS_ID] + d[:prefix_len].tolist() for d in eligible]
     refs = [d[prefix_len:prefix_len + suffix_len] for d in eligible]
 
@@ -191,7 +193,7 @@ def load_documents(data_dir, domain: str, split: str, num_docs: int, min_tokens:
     from flexmoe_jax import data, eval as eval_lib, router_init
 
     if num_docs < 1:
-        raise ValueError(f"num_docs must be a positive integer, got {num_docs!r}")
+        raise UserError(f"num_docs must be a positive integer, got {num_docs!r}")
     (task,) = eval_lib.resolve_tasks(data_dir, [domain])
     sp = data.sentencepiece(data_dir)
     texts = router_init.documents(task, data_dir, scan or 10 * num_docs, split)
@@ -212,8 +214,8 @@ def _load(m: Any, include, exclude) -> tuple[ModelConfig, Any]:
         return selection.select(*m, include, exclude)
     if isinstance(m, (str, os.PathLike)):
         return eval_lib.load_model(m, include=include, exclude=exclude)
-    raise ValueError(f"a model must be a checkpoint / run directory path or a (config, params) tuple, "
-                     f"got {type(m).__name__}")
+    raise UserError(f"a model must be a checkpoint / run directory path or a (config, params) tuple, "
+                    f"got {type(m).__name__}")
 
 
 def _sample(pool: Sequence, k: int, seed: int, task: str, split: str) -> list[int]:
@@ -228,32 +230,32 @@ def _trained_sets(trained_from: Mapping, data_dir, tasks: Sequence[str], need: i
     from flexmoe_jax.data import layout as L
 
     if not isinstance(trained_from, Mapping):
-        raise ValueError(f"trained_from must map domains to run directories, got {type(trained_from).__name__}")
+        raise UserError(f"trained_from must map domains to run directories, got {type(trained_from).__name__}")
     out = {}
     for dom, src in trained_from.items():
         (task,) = eval_lib.resolve_tasks(data_dir, [dom])
         if task not in tasks:
-            raise ValueError(f"trained_from names domain {dom!r}, which is not among the domains checked "
-                             f"({', '.join(eval_lib.short_name(t) for t in tasks)})")
+            raise UserError(f"trained_from names domain {dom!r}, which is not among the domains checked "
+                            f"({', '.join(eval_lib.short_name(t) for t in tasks)})")
         if isinstance(src, trained_docs.TrainedDocuments):
             got = src
             if got.task != task:
-                raise ValueError(f"trained_from[{dom!r}] lists documents of {got.task}, not of {task}")
+                raise UserError(f"trained_from[{dom!r}] lists documents of {got.task}, not of {task}")
             tok = L.tokenizer_path(data_dir)
             if Path(got.data_dir).resolve() != Path(data_dir).resolve() and (
                     not L.tokenizer_path(got.data_dir).is_file()
                     or L.tokenizer_path(got.data_dir).read_bytes() != tok.read_bytes()):
-                raise ValueError(f"trained_from[{dom!r}] was tokenized with the tokenizer of {got.data_dir}, "
-                                 f"not the one of {data_dir}")
+                raise UserError(f"trained_from[{dom!r}] was tokenized with the tokenizer of {got.data_dir}, "
+                                f"not the one of {data_dir}")
         elif isinstance(src, (str, os.PathLike)):
             got = trained_docs.trained_documents(src, data_dir, task)
         else:
-            raise ValueError(f"trained_from[{dom!r}] must be a run directory or TrainedDocuments, "
-                             f"got {type(src).__name__}")
+            raise UserError(f"trained_from[{dom!r}] must be a run directory or TrainedDocuments, "
+                            f"got {type(src).__name__}")
         if got.seq_len < need:
-            raise ValueError(f"{got.run_dir} trained on rows of seq_len={got.seq_len} tokens, fewer than prefix_len "
-                             f"+ suffix_len = {need}: its model never saw a prefix and its reference in one row; "
-                             "lower prefix_len/suffix_len")
+            raise UserError(f"{got.run_dir} trained on rows of seq_len={got.seq_len} tokens, fewer than prefix_len "
+                            f"+ suffix_len = {need}: its model never saw a prefix and its reference in one row; "
+                            "lower prefix_len/suffix_len")
         out[task] = got
     return out
 
@@ -267,8 +269,8 @@ def _select(data_dir, task: str, split: str, trained, num_docs: int, need: int, 
     if trained is None:  # as before: the first long enough documents in storage order
         found = load_documents(data_dir, task, split, num_docs, need, scan)
         if not found:
-            raise ValueError(f"{dom} has no {split} document of at least prefix_len + suffix_len = {need} tokens "
-                             f"in {data_dir}: lower prefix_len/suffix_len or build more data")
+            raise UserError(f"{dom} has no {split} document of at least prefix_len + suffix_len = {need} tokens "
+                            f"in {data_dir}: lower prefix_len/suffix_len or build more data")
         known = None if split == "train" else False
         note = ("; not known to be trained on (pass trained_from to check the documents a run trained on)"
                 if known is None else "; held out (never in the training split)")
@@ -287,8 +289,8 @@ def _select(data_dir, task: str, split: str, trained, num_docs: int, need: int, 
         where = f"held out: {len(split_docs)} {split} documents of {task} in {data_dir}"
         kind = "held-out"
     if not pool:
-        raise ValueError(f"{dom} has no {kind} {split} piece of at least prefix_len + suffix_len = {need} tokens "
-                         f"({where}): lower prefix_len/suffix_len, train longer or build more data")
+        raise UserError(f"{dom} has no {kind} {split} piece of at least prefix_len + suffix_len = {need} tokens "
+                        f"({where}): lower prefix_len/suffix_len, train longer or build more data")
     chosen = [pool[i] for i in _sample(pool, num_docs, seed, task, split)]
     record = {"source": f"{where}; {len(pool)} {kind} pieces (documents cut every {trained.seq_len} tokens, as "
                         f"the run's rows cut them) have at least {need} tokens; {len(chosen)} drawn at random "
@@ -336,28 +338,28 @@ def run(models: Any, data_dir, domains: Sequence[str] | None = None, *, num_docs
     if not isinstance(models, Mapping):
         names = [eval_lib.default_name(p, include, exclude) for p in models]
         if len(set(names)) != len(names):
-            raise ValueError(f"two models share the name derived from their path: {names}; pass a {{name: path}} map")
+            raise UserError(f"two models share the name derived from their path: {names}; pass a {{name: path}} map")
         models = dict(zip(names, models))
     if not models:
-        raise ValueError("no models to check: pass {name: path or (config, params)}")
+        raise UserError("no models to check: pass {name: path or (config, params)}")
     if not splits:
-        raise ValueError("no splits to check: pass e.g. splits=('train', 'test')")
+        raise UserError("no splits to check: pass e.g. splits=('train', 'test')")
     if isinstance(splits, str) or any(s not in data.SPLITS for s in splits):
-        raise ValueError(f"splits must be a list of {', '.join(data.SPLITS)}, got {splits!r}")
+        raise UserError(f"splits must be a list of {', '.join(data.SPLITS)}, got {splits!r}")
     if domains is None and trained_from:
         domains = list(trained_from)
     if domains is None:
         known = set(data.register_tasks(data_dir))
         domains = [d for d in data.CLOSED_DOMAINS if f"{data.TASK_PREFIX}{d}" in known]
         if not domains:
-            raise ValueError(f"no closed domains built in {data_dir}: run `flexmoe data build` or pass domains")
+            raise UserError(f"no closed domains built in {data_dir}: run `flexmoe data build` or pass domains")
     elif isinstance(domains, str):
         domains = [domains]
     tasks = eval_lib.resolve_tasks(data_dir, domains)  # unknown domain -> ValueError, before any loading
     vocab = data.sentencepiece(data_dir).get_piece_size()
 
     if num_docs < 1:
-        raise ValueError(f"num_docs must be a positive integer, got {num_docs!r}")
+        raise UserError(f"num_docs must be a positive integer, got {num_docs!r}")
     need = prefix_len + suffix_len
     trained = _trained_sets(trained_from, data_dir, tasks, need) if trained_from else {}
 
@@ -372,8 +374,8 @@ def run(models: Any, data_dir, domains: Sequence[str] | None = None, *, num_docs
     for name, m in models.items():
         config, params = _load(m, include, exclude)
         if vocab > config.vocab_size:
-            raise ValueError(f"the tokenizer of {data_dir} has {vocab} pieces but {name}'s vocabulary has "
-                             f"{config.vocab_size}: use the data directory the model was trained with")
+            raise UserError(f"the tokenizer of {data_dir} has {vocab} pieces but {name}'s vocabulary has "
+                            f"{config.vocab_size}: use the data directory the model was trained with")
         results[name] = {}
         for task in tasks:
             dom = eval_lib.short_name(task)

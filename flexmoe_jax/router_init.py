@@ -53,6 +53,7 @@ import numpy as np
 
 from flexmoe_jax import model
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 
 METHODS = ("hidden", "minilm", "random", "zeros")
 
@@ -76,7 +77,7 @@ def mean_direction(config: ModelConfig, params: model.Params, batches: Iterable[
         total = part if total is None else total + part
         count += float(np.sum(batch["decoder_loss_weights"]))
     if total is None or count == 0:
-        raise ValueError("no tokens to average: the domain's batches are empty")
+        raise UserError("no tokens to average: the domain's batches are empty")
     return (total / count).astype(np.float32)
 
 
@@ -163,7 +164,7 @@ def fit_projection(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] | None 
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     n, e = x.shape
     if n < 3 or y.shape[0] != n or y.ndim != 3:
-        raise ValueError(f"need x [n>=3, e] and y [n, L, d], got {x.shape} and {y.shape}")
+        raise UserError(f"need x [n>=3, e] and y [n, L, d], got {x.shape} and {y.shape}")
     L, d = y.shape[1:]
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, (y - y_mean).reshape(n, L * d)
@@ -263,8 +264,8 @@ def embedder_rows(config: ModelConfig, params: model.Params, public_texts: Seque
     ``embed`` defaults to :func:`embedder`.
     """
     if len(public_texts) < 3 or not domain_texts:
-        raise ValueError(f"router_init='minilm' needs at least 3 public documents and 1 of the domain, "
-                         f"got {len(public_texts)} and {len(domain_texts)}")
+        raise UserError(f"router_init='minilm' needs at least 3 public documents and 1 of the domain, "
+                        f"got {len(public_texts)} and {len(domain_texts)}")
     embed = embed or embedder()
     x_pub, x_dom = embed(list(public_texts)), embed(list(domain_texts))
     y_pub = document_directions(config, params, [tokenize(t) for t in public_texts], seq_len)
@@ -299,12 +300,12 @@ def rows(method: str, config: ModelConfig, params: model.Params, public_batches=
         return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (L, 2, d)) * config.init_std, np.float32)
     if method == "hidden":
         if public_batches is None or domain_batches is None:
-            raise ValueError("router_init='hidden' needs batches of public and of the domain's data")
+            raise UserError("router_init='hidden' needs batches of public and of the domain's data")
         return np.stack([mean_direction(config, params, public_batches, num_batches),
                          mean_direction(config, params, domain_batches, num_batches)], axis=1)
     if method == "minilm":
         if data_dir is None or not public_task or not task:
-            raise ValueError("router_init='minilm' needs data_dir, public_task and task")
+            raise UserError("router_init='minilm' needs data_dir, public_task and task")
         embedder()  # fail early (missing package) before reading any data
         from flexmoe_jax import data
 
@@ -318,4 +319,4 @@ def rows(method: str, config: ModelConfig, params: model.Params, public_batches=
         if info is not None:
             info.update(fit)
         return out
-    raise ValueError(f"router_init must be one of {METHODS}, got {method!r}")
+    raise UserError(f"router_init must be one of {METHODS}, got {method!r}")

@@ -46,12 +46,13 @@ import numpy as np
 
 from flexmoe_jax import model
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 
 
 def _require_moe(config: ModelConfig, what: str) -> None:
     if not config.is_moe or config.num_experts < 2:
-        raise ValueError(f"{what} needs a merged MoE with at least 2 experts; this model has "
-                         f"{config.num_experts} (merge experts first: flexmoe merge)")
+        raise UserError(f"{what} needs a merged MoE with at least 2 experts; this model has "
+                        f"{config.num_experts} (merge experts first: flexmoe merge)")
 
 
 # ----------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def tune(ckpt, out, data_dir, *, gin_files: Sequence[str] = (), gin_params: Sequ
     _require_moe(config, "router tuning")
     if top_k is not None:
         if not 1 <= top_k <= config.num_experts:
-            raise ValueError(f"--top_k must be between 1 and the {config.num_experts} experts, got {top_k}")
+            raise UserError(f"--top_k must be between 1 and the {config.num_experts} experts, got {top_k}")
         config = config.replace(top_k=top_k)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,7 @@ def router_margins(config: ModelConfig, params: model.Params, batches: Iterable[
             total = part if total is None else total + part
         count += float(real.sum())
     if count == 0:
-        raise ValueError("no public tokens to calibrate on: the batches are empty")
+        raise UserError("no public tokens to calibrate on: the batches are empty")
     if quantile is not None:
         return np.quantile(np.concatenate(parts, axis=1).astype(np.float64), quantile, axis=1)
     return total / count
@@ -221,8 +222,8 @@ def calibrate_bias(config: ModelConfig, params: model.Params, batches: Iterable[
     """
     _require_moe(config, "calibration")
     if config.names[0] != "public":
-        raise ValueError(f"calibration measures margins over the public expert in slot 0; this model's "
-                         f"slot 0 is {config.names[0]!r}")
+        raise UserError(f"calibration measures margins over the public expert in slot 0; this model's "
+                        f"slot 0 is {config.names[0]!r}")
     batches = list(itertools.islice(batches, num_batches))  # the same calibration set every round
     params = jax.device_get(params)
     moe = dict(params["layers"]["moe"])

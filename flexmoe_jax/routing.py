@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexmoe_jax.config import ROUTINGS, ModelConfig
+from flexmoe_jax.errors import UserError
 
 MODES = (*ROUTINGS, "domain")
 STATS_FILE = "routing_stats.npz"  # what `flexmoe train-expert` writes next to its expert
@@ -91,9 +92,9 @@ class Stats:
                 pairs = z["pairs"] if "pairs" in z.files else None
                 pair_counts = z["pair_counts"] if "pair_counts" in z.files else None
         except (OSError, KeyError, ValueError) as e:
-            raise ValueError(f"{path} is not a routing-stats file ({e}); write one with `flexmoe routing-stats`") from e
+            raise UserError(f"{path} is not a routing-stats file ({e}); write one with `flexmoe routing-stats`") from e
         if counts.ndim != 1 or (counts < 0).any():
-            raise ValueError(f"{path}: counts must be a non-negative vector, got shape {counts.shape}")
+            raise UserError(f"{path}: counts must be a non-negative vector, got shape {counts.shape}")
         return cls(meta["name"], counts, meta["source"], pairs, pair_counts)
 
 
@@ -113,10 +114,10 @@ def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train",
     ids = s.rows["decoder_target_tokens"][real]
     prev = s.rows["decoder_input_tokens"][real]
     if ids.size == 0:
-        raise ValueError(f"{task} split {split!r} in {data_dir} has no tokens to count")
+        raise UserError(f"{task} split {split!r} in {data_dir} has no tokens to count")
     if int(ids.max()) >= vocab_size:
-        raise ValueError(f"{task} has token id {int(ids.max())} but the model's vocabulary has {vocab_size} "
-                         "entries: count with the data directory (tokenizer) the model was trained with")
+        raise UserError(f"{task} has token id {int(ids.max())} but the model's vocabulary has {vocab_size} "
+                        "entries: count with the data directory (tokenizer) the model was trained with")
     card = Path(data_dir) / "card.json"
     source = {"task": task, "split": split, "documents": s.num_docs, "tokens": int(ids.size),
               "data_card_sha256": hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None}
@@ -130,12 +131,12 @@ def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int,
     the model's ``vocab_size`` ids (ids past a tokenizer's own vocabulary were counted 0 times)."""
     missing = [n for n in names if n not in stats]
     if missing:
-        raise ValueError(f"domain routing needs routing stats for every active expert; missing {missing} "
-                         f"(have {sorted(stats)}): write them with `flexmoe routing-stats`")
+        raise UserError(f"domain routing needs routing stats for every active expert; missing {missing} "
+                        f"(have {sorted(stats)}): write them with `flexmoe routing-stats`")
     sizes = {n: stats[n].counts.shape[0] for n in names}
     if len(set(sizes.values())) != 1 or max(sizes.values()) > vocab_size:
-        raise ValueError(f"routing stats were counted with different vocabularies {sizes} or one larger than "
-                         f"the model's {vocab_size}: count every expert's data with the anchor's tokenizer")
+        raise UserError(f"routing stats were counted with different vocabularies {sizes} or one larger than "
+                        f"the model's {vocab_size}: count every expert's data with the anchor's tokenizer")
     c = np.zeros((len(names), vocab_size))
     c[:, : max(sizes.values())] = np.stack([stats[n].counts for n in names])
     c += alpha
@@ -208,7 +209,7 @@ class DomainRouter:
               alpha: float = ALPHA) -> "DomainRouter":
         """Bigram models when every expert's stats have pairs counted with this vocabulary, else unigram."""
         if PUBLIC not in names:
-            raise ValueError(f"domain routing needs the {PUBLIC!r} expert active; this model has {list(names)}")
+            raise UserError(f"domain routing needs the {PUBLIC!r} expert active; this model has {list(names)}")
         uni = log_probs(stats, names, vocab_size, alpha)
         tables = Tables(jnp.asarray(uni))
         if all(stats[n].pairs is not None and stats[n].source.get("vocab_size") == vocab_size for n in names):
@@ -238,7 +239,7 @@ def load_stats(paths: Sequence[str | os.PathLike]) -> dict[str, Stats]:
     for p in paths:
         s = Stats.load(p)
         if s.name in out:
-            raise ValueError(f"two routing-stats files for expert {s.name!r}: give one per expert")
+            raise UserError(f"two routing-stats files for expert {s.name!r}: give one per expert")
         out[s.name] = s
     return out
 
@@ -254,22 +255,22 @@ def resolve(config: ModelConfig, mode: str | None = None, stats: Mapping[str, St
     if score:
         unknown = set(score) - {"router_score", "router_temperature"}
         if unknown:
-            raise ValueError(f"unknown router-score settings {sorted(unknown)}")
+            raise UserError(f"unknown router-score settings {sorted(unknown)}")
         if not config.is_moe:
-            raise ValueError(f"router-score settings need an MoE model; {what} is dense (num_experts=0)")
+            raise UserError(f"router-score settings need an MoE model; {what} is dense (num_experts=0)")
         config = config.replace(**score)
     if mode is None:
         mode = "domain" if stats is not None else config.routing
     if mode not in MODES:
-        raise ValueError(f"routing must be one of {MODES}, got {mode!r}")
+        raise UserError(f"routing must be one of {MODES}, got {mode!r}")
     if mode != "top_k" and not config.is_moe:
-        raise ValueError(f"routing {mode!r} needs an MoE model; {what} is dense (num_experts=0)")
+        raise UserError(f"routing {mode!r} needs an MoE model; {what} is dense (num_experts=0)")
     if mode != "domain":
         if stats is not None:
-            raise ValueError(f"routing stats are for routing 'domain', not {mode!r}")
+            raise UserError(f"routing stats are for routing 'domain', not {mode!r}")
         return (config.replace(routing=mode) if config.is_moe else config), None
     if stats is None:
-        raise ValueError(f"domain routing of {what} needs routing stats for its experts {list(config.names)}: "
-                         "merge with them (flexmoe merge finds each expert's routing_stats.npz) or pass "
-                         "--routing_stats (flexmoe routing-stats writes them)")
+        raise UserError(f"domain routing of {what} needs routing stats for its experts {list(config.names)}: "
+                        "merge with them (flexmoe merge finds each expert's routing_stats.npz) or pass "
+                        "--routing_stats (flexmoe routing-stats writes them)")
     return config.replace(routing="top_k"), DomainRouter.build(stats, config.names, config.vocab_size)

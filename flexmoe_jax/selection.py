@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 
 Experts = Sequence[str | int] | str | int | None
 
@@ -35,42 +36,42 @@ def _as_list(experts: Experts) -> list | None:
 def resolve(config: ModelConfig, experts: Experts) -> tuple[int, ...]:
     """Expert names or slot indices -> sorted, unique slot indices (clear errors otherwise)."""
     if not config.is_moe:
-        raise ValueError("this is a dense model (num_experts=0): there are no experts to select")
+        raise UserError("this is a dense model (num_experts=0): there are no experts to select")
     names = config.names
     out = []
     for item in _as_list(experts) or []:
         if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
             if not 0 <= item < len(names):
-                raise ValueError(f"expert index {item} is out of range: this model has experts "
-                                 f"0..{len(names) - 1} {list(names)}")
+                raise UserError(f"expert index {item} is out of range: this model has experts "
+                                f"0..{len(names) - 1} {list(names)}")
             out.append(int(item))
         elif isinstance(item, str):
             if item not in names:
-                raise ValueError(f"unknown expert {item!r}; this model's experts are {list(names)}")
+                raise UserError(f"unknown expert {item!r}; this model's experts are {list(names)}")
             out.append(names.index(item))
         else:
             raise TypeError(f"experts are named by str or int, got {item!r}")
     if len(set(out)) != len(out):
-        raise ValueError(f"expert listed twice in {_as_list(experts)}")
+        raise UserError(f"expert listed twice in {_as_list(experts)}")
     if not out:
-        raise ValueError(f"at least one expert must stay active; this model's experts are {list(names)}")
+        raise UserError(f"at least one expert must stay active; this model's experts are {list(names)}")
     return tuple(sorted(out))
 
 
 def kept(config: ModelConfig, include: Experts = None, exclude: Experts = None) -> tuple[int, ...] | None:
     """The slots that stay active (None: every one, nothing was selected)."""
     if include is not None and exclude is not None:
-        raise ValueError("give include or exclude, not both")
+        raise UserError("give include or exclude, not both")
     if include is not None:
         return resolve(config, include)
     if exclude is None:
         return None
     if not config.is_moe:
-        raise ValueError("this is a dense model (num_experts=0): there are no experts to exclude")
+        raise UserError("this is a dense model (num_experts=0): there are no experts to exclude")
     drop = resolve(config, exclude) if _as_list(exclude) else ()
     keep = tuple(i for i in range(config.num_experts) if i not in drop)
     if not keep:
-        raise ValueError(f"cannot exclude every expert {list(config.names)}; keep at least one")
+        raise UserError(f"cannot exclude every expert {list(config.names)}; keep at least one")
     return keep
 
 
@@ -80,15 +81,15 @@ def selected_config(config: ModelConfig, keep: tuple[int, ...] | None, top_k: in
         if top_k is None:
             return config
         if not config.is_moe:
-            raise ValueError(f"top_k={top_k} given for a dense model (num_experts=0), which has no router")
+            raise UserError(f"top_k={top_k} given for a dense model (num_experts=0), which has no router")
         if not 1 <= top_k <= config.num_experts:
-            raise ValueError(f"top_k={top_k} must be between 1 and the {config.num_experts} experts")
+            raise UserError(f"top_k={top_k} must be between 1 and the {config.num_experts} experts")
         return config.replace(top_k=top_k)
     if top_k is not None and not 1 <= top_k <= len(keep):
         why = (f": top_k={top_k} is larger than the {len(keep)} active experts; lower top_k or activate more "
                "experts" if top_k > len(keep) else "")
-        raise ValueError(f"top_k={top_k} must be between 1 and the {len(keep)} active experts "
-                         f"{[config.names[i] for i in keep]}{why}")
+        raise UserError(f"top_k={top_k} must be between 1 and the {len(keep)} active experts "
+                        f"{[config.names[i] for i in keep]}{why}")
     k = top_k if top_k is not None else min(config.top_k, len(keep))
     return config.replace(num_experts=len(keep), top_k=k, expert_names=tuple(config.names[i] for i in keep))
 

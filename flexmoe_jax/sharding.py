@@ -28,6 +28,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flexmoe_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -78,7 +80,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
     devices = list(devices if devices is not None else jax.devices())
     need = int(np.prod(shape))
     if need != len(devices):
-        raise ValueError(
+        raise UserError(
             f"mesh {dict(zip(MESH_AXES, shape))} needs {need} devices but {len(devices)} are available; "
             "make data*fsdp*expert*tensor equal the device count (on CPU, set "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")

@@ -24,6 +24,7 @@ import optax
 
 from flexmoe_jax import model
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 
 
 def _stack(views: Sequence[tuple[ModelConfig, model.Params]]):
@@ -55,9 +56,9 @@ def fit(models: Sequence[tuple[ModelConfig, model.Params]], batches: Iterable[di
     from flexmoe_jax.eval import dense_view, soup
 
     if len(models) < 2:
-        raise ValueError(f"a weighted soup needs at least two members, got {len(models)}")
+        raise UserError(f"a weighted soup needs at least two members, got {len(models)}")
     if steps < 1:
-        raise ValueError(f"soup weight fitting needs steps >= 1, got {steps}")
+        raise UserError(f"soup weight fitting needs steps >= 1, got {steps}")
     soup(models)  # same architecture for every member, or a clear error naming the member
     views = [dense_view(c, p) for c, p in models]
     config = views[0][0]
@@ -66,8 +67,8 @@ def fit(models: Sequence[tuple[ModelConfig, model.Params]], batches: Iterable[di
     held = list(itertools.islice(it, num_eval_batches))
     train = list(itertools.islice(it, steps))
     if len(train) < steps or (num_eval_batches and len(held) < num_eval_batches):
-        raise ValueError(f"soup weight fitting needs {num_eval_batches + steps} public batches; the iterator "
-                         f"gave {len(held) + len(train)}. Use a repeating (training) batch iterator")
+        raise UserError(f"soup weight fitting needs {num_eval_batches + steps} public batches; the iterator "
+                        f"gave {len(held) + len(train)}. Use a repeating (training) batch iterator")
     opt = optax.adam(learning_rate)
 
     @jax.jit

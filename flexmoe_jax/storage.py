@@ -49,7 +49,8 @@ def _check_backend(url: str) -> None:
         try:
             import gcsfs  # noqa: F401
         except ImportError:
-            raise ImportError(f"{url}: gs:// paths need gcsfs; install it with pip install 'flexmoe_jax[gcs]'") from None
+            raise ImportError(f"{url}: gs:// paths need gcsfs; "
+                              "install it with pip install 'flexmoe_jax[gcs]'") from None
 
 
 def write_text(path: AnyPath, text: str) -> None:

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from flexmoe_jax import model, optim
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
 from flexmoe_jax.sharding import batch_spec
 
 Batch = dict[str, jax.Array]
@@ -70,7 +71,8 @@ def loss_and_metrics(config: ModelConfig, params: Any, batch: Batch, loss_cfg: L
         # Share of (layer, token) routing slots each expert takes, and its mean mixing weight.
         metrics["router_z"] = router_z
         metrics["expert_share"] = jnp.sum(chosen * w, axis=(0, 1, 2)) / jnp.maximum(jnp.sum(chosen * w), 1.0)
-        metrics["expert_gate"] = jnp.sum(gates * w, axis=(0, 1, 2)) / jnp.maximum(jnp.sum(chosen * w, axis=(0, 1, 2)), 1.0)
+        metrics["expert_gate"] = jnp.sum(gates * w, axis=(0, 1, 2)) / jnp.maximum(jnp.sum(chosen * w, axis=(0, 1, 2)),
+                                                                                  1.0)
         if "route_target" in batch and loss_cfg.route_weight > 0:
             logp = jax.nn.log_softmax(aux["router_logits"], axis=-1)  # [L, B, S, E]
             target = batch["route_target"]
@@ -102,7 +104,7 @@ def init_state(trainable: optim.Flat, tx: optax.GradientTransformation) -> Train
 def _microbatches(batch: Batch, grad_accum: int) -> Batch:
     def cut(x):
         if x.shape[0] % grad_accum:
-            raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={grad_accum}")
+            raise UserError(f"batch size {x.shape[0]} is not divisible by grad_accum={grad_accum}")
         return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
     return jax.tree.map(cut, batch)
 

@@ -11,7 +11,8 @@ The task pipeline cuts each document's ``tokens + [EOS]`` into *pieces* of ``seq
 (:func:`flexmoe_jax.data.tasks.split_to_length`) and packs and shuffles those pieces as rows, so a
 run that reads a small share of its split sees scattered pieces of many documents, rarely a whole
 one. A document of the split counts as *trained on* when any of its pieces is one of the segments
-fed; :attr:`TrainedDocuments.pieces` says which. Matching is by content, so it does not depend on how seqio packed the pieces into
+fed; :attr:`TrainedDocuments.pieces` says which. Matching is by content, so it does not depend on how seqio packed the
+pieces into
 rows, nor on which data directory holding the same datasets rebuilt them (an owner's directory of
 hard links gives the same documents as the full one). Rows read only to initialize an expert's
 router (a mean over hidden states, ``RunConfig.router_init``) are not training batches and are
@@ -34,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from flexmoe_jax.errors import UserError
+
 
 @dataclasses.dataclass
 class TrainedDocuments:
@@ -42,7 +45,8 @@ class TrainedDocuments:
     ``indices``: their positions in the split in storage order (the order
     :func:`split_texts` reads), ascending; ``documents``: their token ids (no EOS), in the same
     order; ``pieces``: for each, the numbers of its pieces the run was fed (piece ``k`` is tokens
-    ``k*seq_len .. (k+1)*seq_len - 1`` of ``ids + [EOS]``), ascending. ``split_docs``: documents in the whole split. ``steps``: the run had read batches
+    ``k*seq_len .. (k+1)*seq_len - 1`` of ``ids + [EOS]``), ascending. ``split_docs``: documents in the whole split.
+    ``steps``: the run had read batches
     ``0 .. steps-1`` (of ``batch_size`` rows of ``seq_len`` tokens) when checkpoint
     ``checkpoint_step`` was saved.
     """
@@ -90,13 +94,13 @@ class TrainedDocuments:
 def _state_dir(run_dir) -> Path:
     p = Path(os.fspath(run_dir))
     if not p.is_dir():
-        raise ValueError(f"{run_dir} is not a training run directory: it does not exist")
+        raise UserError(f"{run_dir} is not a training run directory: it does not exist")
     state = p / "state"
     if not state.is_dir():
         hint = (" (it looks like a saved model; pass the run directory above it)"
                 if (p / "config.json").is_file() and p.name in ("model", "expert") else "")
-        raise ValueError(f"{run_dir} is not a training run directory: it has no state/ (the checkpoints "
-                         f"`flexmoe train` / `flexmoe train-expert` write){hint}")
+        raise UserError(f"{run_dir} is not a training run directory: it has no state/ (the checkpoints "
+                        f"`flexmoe train` / `flexmoe train-expert` write){hint}")
     return state
 
 
@@ -110,22 +114,22 @@ def data_position(run_dir, step: int | None = None) -> dict:
     try:
         steps = list(mngr.all_steps())
         if not steps:
-            raise ValueError(f"{run_dir} has no complete checkpoint in {state}: the run saved no data position yet")
+            raise UserError(f"{run_dir} has no complete checkpoint in {state}: the run saved no data position yet")
         if step is None:
             step = max(steps)
         elif step not in steps:
-            raise ValueError(f"{run_dir} has no checkpoint of step {step}; it keeps steps {sorted(steps)}")
+            raise UserError(f"{run_dir} has no checkpoint of step {step}; it keeps steps {sorted(steps)}")
         if not (state / str(step) / "data").is_dir():
-            raise ValueError(f"{run_dir}'s checkpoint of step {step} has no saved data position (state/{step}/data/)")
+            raise UserError(f"{run_dir}'s checkpoint of step {step} has no saved data position (state/{step}/data/)")
         try:
             pos = mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
         except Exception as e:  # noqa: BLE001 - Orbax raises many kinds; the path is what helps
-            raise ValueError(f"cannot read the saved data position of {run_dir}, step {step}: {e}") from e
+            raise UserError(f"cannot read the saved data position of {run_dir}, step {step}: {e}") from e
     finally:
         mngr.close()
     need = {"name", "split", "batch_size", "seq_len", "seed", "step"}
     if not isinstance(pos, dict) or not need <= set(pos):
-        raise ValueError(f"{run_dir}'s checkpoint of step {step} has no valid data position: {pos!r}")
+        raise UserError(f"{run_dir}'s checkpoint of step {step} has no valid data position: {pos!r}")
     return {**pos, "checkpoint_step": int(step)}
 
 
@@ -169,9 +173,9 @@ def _register_run_task(name: str, data_dir, settings: dict) -> None:
     splits = [(t, p) for t, p in splits if t in known and p in known]
     if not splits or not pct.isdigit():
         missing = base.split("+") if at and "+" in base else [name]
-        raise ValueError(f"the run trained on '{name}', which {data_dir} does not hold (no task or mixture "
-                         f"{', '.join(repr(m) for m in missing if m not in known)}): pass the data directory "
-                         "the run trained with, or one with the same datasets")
+        raise UserError(f"the run trained on '{name}', which {data_dir} does not hold (no task or mixture "
+                        f"{', '.join(repr(m) for m in missing if m not in known)}): pass the data directory "
+                        "the run trained with, or one with the same datasets")
     task, public = splits[0]
     share = int(pct) / 100
     recorded = settings.get("public_replay")
@@ -180,7 +184,7 @@ def _register_run_task(name: str, data_dir, settings: dict) -> None:
         share = float(recorded)  # the exact share (the name keeps only whole percents)
     got = T.register_replay_mixture(task, public, share, data_dir)
     if got != name:  # cannot happen for a name register_replay_mixture made
-        raise ValueError(f"could not rebuild the run's mixture '{name}' (got '{got}')")
+        raise UserError(f"could not rebuild the run's mixture '{name}' (got '{got}')")
 
 
 # ----------------------------------------------------------------------------- documents
@@ -194,9 +198,9 @@ def split_texts(task: str, split: str, data_dir) -> list[str]:
     data.register_tasks(data_dir)
     t = seqio.get_mixture_or_task(task)
     if isinstance(t, seqio.Mixture):
-        raise ValueError(f"'{task}' is a mixture; pass one of its tasks: {', '.join(sorted(x.name for x in t.tasks))}")
+        raise UserError(f"'{task}' is a mixture; pass one of its tasks: {', '.join(sorted(x.name for x in t.tasks))}")
     if split not in t.splits:
-        raise ValueError(f"task '{task}' has no split '{split}' (it has {', '.join(t.splits)})")
+        raise UserError(f"task '{task}' has no split '{split}' (it has {', '.join(t.splits)})")
     loader = getattr(t.source, "tfds_dataset", None)
     ds = (loader.builder.as_dataset(split=split, shuffle_files=False) if loader is not None
           else t.source.get_dataset(split=split, shuffle=False))
@@ -278,14 +282,14 @@ def _resolve_domain(domain: str | None, run_tasks: list[str], owner_task: str | 
             return owner_task
         if len(run_tasks) == 1:
             return run_tasks[0]
-        raise ValueError(f"{run_dir} trained on the mixture '{run_task}' of {', '.join(run_tasks)}: pass domain= "
-                         "to say whose documents to find")
+        raise UserError(f"{run_dir} trained on the mixture '{run_task}' of {', '.join(run_tasks)}: pass domain= "
+                        "to say whose documents to find")
     for cand in (domain, f"{data.TASK_PREFIX}{domain}"):
         if cand in run_tasks:
             return cand
     short = [t[len(data.TASK_PREFIX):] if t.startswith(data.TASK_PREFIX) else t for t in run_tasks]
-    raise ValueError(f"{run_dir} never read domain '{domain}': it trained on '{run_task}' "
-                     f"(tasks {', '.join(short)}) in {data_dir}")
+    raise UserError(f"{run_dir} never read domain '{domain}': it trained on '{run_task}' "
+                    f"(tasks {', '.join(short)}) in {data_dir}")
 
 
 def trained_documents(run_dir, data_dir=None, domain: str | None = None, *, step: int | None = None,
@@ -308,9 +312,9 @@ def trained_documents(run_dir, data_dir=None, domain: str | None = None, *, step
     if data_dir is None:
         data_dir = settings.get("data_dir")
         if not data_dir:
-            raise ValueError(f"{run_dir} records no RunConfig.data_dir: pass data_dir")
+            raise UserError(f"{run_dir} records no RunConfig.data_dir: pass data_dir")
     if not Path(data_dir).is_dir():
-        raise ValueError(f"data directory {data_dir} does not exist")
+        raise UserError(f"data directory {data_dir} does not exist")
     run_task = position["name"]
     _register_run_task(run_task, data_dir, settings)
     provider = seqio.get_mixture_or_task(run_task)
@@ -328,9 +332,9 @@ def trained_documents(run_dir, data_dir=None, domain: str | None = None, *, step
            if (k := [n for n, p in enumerate(pieces(ids, seq_len)) if p.tobytes() in seen])}
     indices = sorted(fed)
     if not indices and position["step"] > 0 and (task == owner or len(run_tasks) == 1):
-        raise ValueError(f"none of the {len(docs)} {split} documents of {task} in {data_dir} appears in the "
-                         f"{position['step']} batches {run_dir} trained on: is it the data directory (or a copy of "
-                         "the datasets) the run trained with?")
+        raise UserError(f"none of the {len(docs)} {split} documents of {task} in {data_dir} appears in the "
+                        f"{position['step']} batches {run_dir} trained on: is it the data directory (or a copy of "
+                        "the datasets) the run trained with?")
     return TrainedDocuments(run_dir=os.path.abspath(run_dir), data_dir=os.path.abspath(data_dir), task=task,
                             split=split, run_task=run_task,
                             steps=int(position["step"]), checkpoint_step=int(position["checkpoint_step"]),

@@ -38,13 +38,14 @@ from tqdm import tqdm
 
 from flexmoe_jax import array_store, baselines, checkpoint, expert, flops, model, optim, storage, train
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import FlexmoeError, UserError
 
 # "dense": an owner continues pretraining the whole dense anchor on its own data (the paper's dense
 # experts, from which its soup, BTM and BTX baselines are built).
 PHASES = ("pretrain", "expert", "dense", "router_tune")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FlexmoeError, RuntimeError):
     """Training cannot continue (non-finite loss, disk full, incompatible resume state).
 
     ``flexmoe train`` prints it as one line and exits with status 2.
@@ -92,23 +93,24 @@ class RunConfig:
 
     def __post_init__(self):
         if self.phase not in PHASES:
-            raise ValueError(f"RunConfig.phase must be one of {PHASES}, got {self.phase!r}")
+            raise UserError(f"RunConfig.phase must be one of {PHASES}, got {self.phase!r}")
         if self.phase == "expert" and (not self.anchor or not self.expert_name):
-            raise ValueError("expert training needs RunConfig.anchor (the public checkpoint) and "
-                             "RunConfig.expert_name (this owner's domain)")
+            raise UserError("expert training needs RunConfig.anchor (the public checkpoint) and "
+                            "RunConfig.expert_name (this owner's domain)")
         if self.phase == "dense" and not self.anchor:
-            raise ValueError("dense expert training needs RunConfig.anchor (the public checkpoint it continues)")
+            raise UserError("dense expert training needs RunConfig.anchor (the public checkpoint it continues)")
         from flexmoe_jax.router_init import METHODS
 
         if self.router_init not in METHODS:
-            raise ValueError(f"RunConfig.router_init must be one of {METHODS}, got {self.router_init!r}")
+            raise UserError(f"RunConfig.router_init must be one of {METHODS}, got {self.router_init!r}")
         if self.bias_init > 0:
-            raise ValueError(f"RunConfig.bias_init must be <= 0 (the router clamps the bias to <= 0), got {self.bias_init}")
+            raise UserError("RunConfig.bias_init must be <= 0 (the router clamps the bias to <= 0), "
+                            f"got {self.bias_init}")
         if not 0 <= self.public_replay < 1:
-            raise ValueError(f"RunConfig.public_replay must be in [0, 1), got {self.public_replay}")
+            raise UserError(f"RunConfig.public_replay must be in [0, 1), got {self.public_replay}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"RunConfig.{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"RunConfig.{name} must be positive, got {getattr(self, name)}")
 
 
 def resolve_mesh(shape: tuple[int, ...]):
@@ -117,11 +119,11 @@ def resolve_mesh(shape: tuple[int, ...]):
     n = jax.device_count()
     shape = list(shape)
     if shape.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {tuple(shape)}")
+        raise UserError(f"at most one mesh axis may be -1, got {tuple(shape)}")
     if -1 in shape:
         rest = int(np.prod([s for s in shape if s != -1]))
         if n % rest:
-            raise ValueError(f"mesh {tuple(shape)} does not divide the {n} devices")
+            raise UserError(f"mesh {tuple(shape)} does not divide the {n} devices")
         shape[shape.index(-1)] = n // rest
     return make_mesh(*shape)
 
@@ -216,7 +218,7 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
     """(config, full params, provenance) for the phase."""
     if rc.phase == "pretrain":
         if config is None:
-            raise ValueError("pretraining needs a ModelConfig")
+            raise UserError("pretraining needs a ModelConfig")
         return config, jax.device_get(model.init(config, rc.seed)), {}
     kit = None
     if rc.phase in ("expert", "dense"):
@@ -231,15 +233,15 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
         diff = {k: (getattr(config, k), getattr(anchor_config, k)) for k in arch
                 if getattr(config, k) != getattr(anchor_config, k)}
         if diff:
-            raise ValueError(f"the configured model differs from the anchor {rc.anchor}: "
-                             + ", ".join(f"{k}={a} vs anchor {b}" for k, (a, b) in diff.items())
-                             + "; drop the ModelConfig settings (the anchor defines the model) or use the right anchor")
+            raise UserError(f"the configured model differs from the anchor {rc.anchor}: "
+                            + ", ".join(f"{k}={a} vs anchor {b}" for k, (a, b) in diff.items())
+                            + "; drop the ModelConfig settings (the anchor defines the model) or use the right anchor")
     provenance = {"anchor": str(storage.resolve(rc.anchor)),
                   "anchor_fingerprint": expert.fingerprint(anchor_config, anchor_params)}
     if kit is not None:
         if provenance["anchor_fingerprint"] != kit.meta["anchor_fingerprint"]:
-            raise ValueError(f"anchor kit {kit.path}: its model/ does not match the fingerprint in its kit.json; "
-                             "the kit is damaged (re-copy it from the model builder)")
+            raise UserError(f"anchor kit {kit.path}: its model/ does not match the fingerprint in its kit.json; "
+                            "the kit is damaged (re-copy it from the model builder)")
         provenance["anchor_kit"] = kit.kit_id
     if rc.phase == "expert":
         from flexmoe_jax import data, router_init
@@ -297,11 +299,11 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     workdir.mkdir(parents=True, exist_ok=True)
     loss_cfg = loss_cfg or train.LossConfig()
     if loss_cfg.route_weight < 0:
-        raise ValueError(f"LossConfig.route_weight must be >= 0, got {loss_cfg.route_weight}")
+        raise UserError(f"LossConfig.route_weight must be >= 0, got {loss_cfg.route_weight}")
     routed = loss_cfg.route_weight > 0
     if routed and (rc.phase != "expert" or rc.public_replay <= 0):
-        raise ValueError("LossConfig.route_weight > 0 trains the router to tell the owner's text from public text: "
-                         "it needs the expert phase with public replay (RunConfig.public_replay > 0)")
+        raise UserError("LossConfig.route_weight > 0 trains the router to tell the owner's text from public text: "
+                        "it needs the expert phase with public replay (RunConfig.public_replay > 0)")
     ocfg = ocfg or optim.OptimConfig()
     if ocfg.total_steps is None:
         ocfg = dataclasses.replace(ocfg, total_steps=rc.steps)
@@ -313,8 +315,9 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     mesh = resolve_mesh(rc.mesh)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if rc.batch_size % (replicas * rc.grad_accum):
-        raise ValueError(f"RunConfig.batch_size={rc.batch_size} must be divisible by grad_accum={rc.grad_accum} "
-                         f"x the {replicas} batch shards of mesh {dict(mesh.shape)}; change batch_size or RunConfig.mesh")
+        raise UserError(f"RunConfig.batch_size={rc.batch_size} must be divisible by grad_accum={rc.grad_accum} "
+                        f"x the {replicas} batch shards of mesh {dict(mesh.shape)}; "
+                        "change batch_size or RunConfig.mesh")
     trainable, frozen = place(config, trainable, mesh), place(config, frozen, mesh)
     state = jax.jit(lambda t: train.init_state(t, tx))(trainable)
     step_fn = jit_step(config, tx, loss_cfg, rc.grad_accum, mesh)
@@ -365,7 +368,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     batch_sharding = train.batch_sharding(mesh)
     batches.row_task = routed  # (a resumed iterator's saved state may predate row_task)
     if routed and rc.task not in batches.tasks:
-        raise ValueError(f"LossConfig.route_weight needs RunConfig.task to be one task, got {rc.task!r}")
+        raise UserError(f"LossConfig.route_weight needs RunConfig.task to be one task, got {rc.task!r}")
     own_task = batches.tasks.index(rc.task) if routed else None
 
     def next_batch():

@@ -18,6 +18,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+# Tests that read FlexMix-mini (built from the installed corpora) are marked by the fixtures they use.
+_CORPUS_FIXTURES = {"small_data_dir", "data_dir", "quick_demo", "small"}  # small: test_data's full build
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _CORPUS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.needs_corpora)
+
 
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory):

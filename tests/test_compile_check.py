@@ -71,4 +71,5 @@ def test_collective_bytes_reads_hlo_shapes():
     hlo = ("  %ag = bf16[8,1024]{1,0:T(8,128)} all-gather(%p), dimensions={0}\n"
            "  %ar = (f32[16]{0}, f32[4,4]{1,0}) all-reduce(%a, %b), to_apply=%add\n"
            "  %rs = f32[2,8]{1,0} reduce-scatter-start(%c), dimensions={0}\n")
-    assert collective_bytes(hlo) == {"all-gather": 8 * 1024 * 2, "all-reduce": (16 + 16) * 4, "reduce-scatter": 2 * 8 * 4}
+    assert collective_bytes(hlo) == {"all-gather": 8 * 1024 * 2, "all-reduce": (16 + 16) * 4,
+                                     "reduce-scatter": 2 * 8 * 4}

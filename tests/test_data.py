@@ -423,7 +423,8 @@ def test_share_packed_rows_links_equal_datasets_only(small_data_dir, tmp_path):
     wordnet, humor = "flexmix_mini.public_wordnet", "flexmix_mini.humor"
     D.register_tasks(small_data_dir)
     want = tasks.packed_rows(wordnet, "train", SEQ, small_data_dir)  # packed (or cached) in the source dir
-    assert tasks.share_packed_rows(small_data_dir, owner, [wordnet, humor], "train", SEQ) == [wordnet]  # humor: not packed there
+    shared = tasks.share_packed_rows(small_data_dir, owner, [wordnet, humor], "train", SEQ)
+    assert shared == [wordnet]  # humor: not packed there
     src = layout.cache_dir(small_data_dir) / "packed" / wordnet / f"train-L{SEQ}"
     dst = layout.cache_dir(owner) / "packed" / wordnet / f"train-L{SEQ}"
     assert all(os.path.samefile(src / f"{f}.npy", dst / f"{f}.npy") for f in tasks.FEATURES)  # links, not copies

@@ -202,7 +202,8 @@ def test_mc_items_are_well_formed_and_scorable(data_dir, anchor):
         if it.mode == "line":
             assert rest.startswith(truth) and rest[len(truth):].strip(" \t")[:1] in ("", "\n")
         else:
-            assert it.mode in ("sentence", "clause") and truth.startswith(" ") and rest.lstrip().startswith(truth.strip())
+            assert it.mode in ("sentence", "clause")
+            assert truth.startswith(" ") and rest.lstrip().startswith(truth.strip())
         for k, c in enumerate(it.choices):
             if k != it.label:
                 assert " ".join(c.split()) not in " ".join(doc.split())  # distractors come from elsewhere

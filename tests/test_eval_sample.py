@@ -6,8 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from flexmoe_jax import eval as ev
-from flexmoe_jax import expert, model
+from flexmoe_jax import eval as ev, expert, model
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.evaluation import bootstrap, sample
 

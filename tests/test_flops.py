@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from flexmoe_jax import checkpoint, expert, flops, model, optim, train, trainer

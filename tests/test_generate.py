@@ -157,7 +157,8 @@ def test_attribution_shares_and_opt_out(moe, greedy):
         assert sum(a["counts"].values()) == NEW * cfg.n_layers * cfg.top_k
     json.dumps(greedy)  # plain JSON
 
-    opted = generate.generate(cfg, p, PROMPTS, max_new_tokens=NEW, eos_id=None, active_experts=["public", "math", "news"])
+    opted = generate.generate(cfg, p, PROMPTS, max_new_tokens=NEW, eos_id=None,
+                              active_experts=["public", "math", "news"])
     c2, p2 = merge.exclude(cfg, p, ["code"])
     physical = generate.generate(c2, p2, PROMPTS, max_new_tokens=NEW, eos_id=None)
     for o, ph in zip(opted, physical):
@@ -258,7 +259,8 @@ def test_cli_generate(moe, tokenizer_dir, tmp_path, capsys):
     for bad, msg in [(["--exclude", "law"], "unknown expert 'law'"), (["--exclude", "1"], "unknown expert '1'"),
                      (["--max_new_tokens", "40"], "max_seq_len"),
                      (["--include", "public", "--exclude", "code"], "not both")]:
-        argv = ["generate", "--ckpt", ckpt, "--data_dir", tokenizer_dir, "--prompt", "hi", "--max_new_tokens", "4", *bad]
+        argv = ["generate", "--ckpt", ckpt, "--data_dir", tokenizer_dir, "--prompt", "hi", "--max_new_tokens", "4",
+                *bad]
         assert cli.main(argv + ["--json", str(tmp_path / "bad.json")]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("flexmoe generate: error:") and msg in err, err

@@ -18,7 +18,7 @@ def test_tpu_dry_run_ships_the_commit_installs_tpu_jax_and_trains_on_all_workers
     assert r.returncode == 0, r.stderr
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     steps = [line for line in r.stdout.splitlines() if not line.startswith("#")]
-    assert steps[0].startswith("git -C") and f"archive --format=tar.gz" in steps[0] and sha in steps[0]
+    assert steps[0].startswith("git -C") and "archive --format=tar.gz" in steps[0] and sha in steps[0]
     create, scp, install, train = steps[1:]
     assert create.startswith("gcloud compute tpus tpu-vm create fm --zone us-east5-a --accelerator-type v5p-64")
     assert "tpu-vm scp" in scp and f"flexmoe_jax-{sha[:12]}.tar.gz" in scp and "--worker=all" in scp

@@ -292,7 +292,8 @@ def test_integrity_errors_name_the_expert_and_the_fix(world, tmp_path):
     fails(merge.MergeError, r"two experts are named 'a'.*rename one with names=", experts=[a, tmp_path / "a_copy"])
     fails(merge.MergeError, "listed twice", experts=[a, world.root / "a"])
     fails(merge.MergeError, "named 'public'", names=["public"])
-    fails(FileNotFoundError, r"expert .*nope: no such directory; give the expert's deliverable", experts=[a, tmp_path / "nope"])
+    fails(FileNotFoundError, r"expert .*nope: no such directory; give the expert's deliverable",
+          experts=[a, tmp_path / "nope"])
     fails(merge.MergeError, "router row is in none of the inputs.*--public_router", public_router=None)
     for target in (a, world.anchor_path, world.root):  # publishing would replace or delete an input
         with pytest.raises(merge.MergeError, match="overlaps the input"):

@@ -204,7 +204,8 @@ def test_bad_tokens(moe):
 
 def test_params_that_disagree_with_config(moe):
     cfg, p = moe
-    with pytest.raises(ValueError, match=r"layers'\]\['moe'\]\['gate'\] has shape \(2, 4, 64, 96\), config wants \(2, 5, 64, 96\)"):
+    with pytest.raises(ValueError,
+                       match=r"layers'\]\['moe'\]\['gate'\] has shape \(2, 4, 64, 96\), config wants \(2, 5, 64, 96\)"):
         model.forward(cfg.replace(num_experts=5), p, _tokens(cfg))
     with pytest.raises(ValueError, match="missing"):
         model.forward(cfg.replace(expert_bias=True), p, _tokens(cfg))

@@ -17,12 +17,12 @@ import subprocess
 import sys
 import time
 
+import _mp_worker as worker
 import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import _mp_worker as worker
 from flexmoe_jax import distributed, model
 from flexmoe_jax.sharding import make_mesh
 
@@ -119,6 +119,7 @@ def _single_process_reference():
     return float(loss), float(norm)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_single_process(tmp_path):
     ref = []
     results = _run_workers(tmp_path, lambda: ref.extend(_single_process_reference()))
@@ -198,6 +199,7 @@ def test_host_local_to_global_single_process():
     assert {s.data.shape for s in out["weights"].addressable_shards} == {(8, 4)}
 
 
+@pytest.mark.multiprocess
 def test_two_processes_write_one_checkpoint_to_gcs(tmp_path, gcs):
     """Both processes write their shards of one checkpoint to the same gs:// path (the emulator's);
     it reads back equal on their mesh and, here, as one process, equals the single-process init."""

@@ -165,8 +165,7 @@ def world(small_data_dir, tmp_path_factory):
 
 
 def test_registered_owner_keeps_its_gain_after_merging(world):
-    from flexmoe_jax import eval as eval_lib
-    from flexmoe_jax import merge
+    from flexmoe_jax import eval as eval_lib, merge
 
     man = world["manifest"]
     assert man["task"] == OWNER and man["read"]["documents"] == len(world["docs"])
@@ -197,8 +196,7 @@ def test_registered_owner_keeps_its_gain_after_merging(world):
 
 def test_registered_owner_opt_out_is_exact(world):
     """Excluding the owner under domain routing is the merge made without it, bit for bit."""
-    from flexmoe_jax import data
-    from flexmoe_jax import eval as eval_lib
+    from flexmoe_jax import data, eval as eval_lib
 
     data.register_tasks(world["data_dir"])
     batch = next(iter(data.batches(OWNER, "test", 8, 64, world["data_dir"], seed=0)))

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexmoe_jax import eval as eval_lib
-from flexmoe_jax import merge, model, routing
+from flexmoe_jax import eval as eval_lib, merge, model, routing
 from flexmoe_jax.config import tiny
 
 NAMES = ("public", "a", "b")
@@ -68,7 +67,8 @@ def test_bigram_decisions_match_a_direct_computation():
             ll = []
             for e, n in enumerate(names):
                 if prev:
-                    c = dict(zip(stats[n].pairs.tolist(), stats[n].pair_counts.tolist())).get(int(prev) * V + int(cur), 0)
+                    c = dict(zip(stats[n].pairs.tolist(), stats[n].pair_counts.tolist())).get(int(prev) * V + int(cur),
+                                                                                              0)
                     ll.append(np.log((c + routing.MU * np.exp(uni[e, cur])) / (stats[n].counts[prev] + routing.MU)))
                 else:
                     ll.append(uni[e, cur])

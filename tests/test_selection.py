@@ -40,4 +40,5 @@ def test_in_memory_select_is_a_slice_of_the_expert_axis():
                                   np.asarray(params["layers"]["moe"]["gate"])[:, [0, 2, 3]])
     toks = np.arange(1, 9, dtype=np.int32)[None]
     np.testing.assert_array_equal(np.asarray(model.forward(cfg, p, toks)),
-                                  np.asarray(model.forward(CFG, params, toks, active_experts=["public", "code", "law"])))
+                                  np.asarray(model.forward(CFG, params, toks, active_experts=["public", "code",
+                                                                                              "law"])))

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flexmoe_jax import config as config_lib
-from flexmoe_jax import model, train
+from flexmoe_jax import config as config_lib, model, train
 from flexmoe_jax.sharding import MESH_AXES, batch_spec, make_mesh, named_sharding
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")

@@ -202,7 +202,8 @@ def test_routing_loss_teaches_the_router_owner_vs_public(data_dir, tmp_path):
     measured = {}
     for w in (0.0, 1.0):
         out = tmp_path / f"w{w}"
-        assert cli.main(["train-expert", *common, "--out", str(out), "--gin_param", f"LossConfig.route_weight={w}"]) == 0
+        assert cli.main(["train-expert", *common, "--out", str(out), "--gin_param",
+                         f"LossConfig.route_weight={w}"]) == 0
         log = [json.loads(line) for line in open(out / "metrics.jsonl")]
         assert ("route_acc" in log[-1]) == (w > 0)
         cfg, params = checkpoint.load(str(out / "model"))

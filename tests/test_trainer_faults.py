@@ -202,6 +202,7 @@ def _assert_losses_match(log: list[dict], ref: dict[int, dict], steps: list[int]
                                        err_msg=f"{what}: {key} at step {r['step']}")
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one_process(data_dir, reference, tmp_path):
     """`flexmoe train` as 2 processes x 4 CPU devices equals the 1-process run, uninterrupted and resumed."""
     ref_log = {r["step"]: r for r in _log(reference)}

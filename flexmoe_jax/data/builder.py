@@ -17,10 +17,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from flexmoe_jax.data import layout as _layout  # noqa: E402
-from flexmoe_jax.data import sources as _sources  # noqa: E402
-from flexmoe_jax.data import splits as _splits  # noqa: E402
+from flexmoe_jax.data import (
+    layout as _layout,  # noqa: E402
+    sources as _sources,  # noqa: E402
+    splits as _splits,  # noqa: E402
+)
 from flexmoe_jax.data.layout import FLEXMIX_NAME, OWNER_NAME, VERSION  # noqa: E402,F401
+from flexmoe_jax.errors import UserError
 
 _FEATURES = dict(text="text", id="id", source="source")
 
@@ -75,7 +78,7 @@ class FlexmixMini(_Quiet, tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # everything is local
         if self._selection_fn is None:
-            raise ValueError("FlexMix-mini is built with flexmoe_jax.data.build(), not tfds directly")
+            raise UserError("FlexMix-mini is built with flexmoe_jax.data.build(), not tfds directly")
         sel = self._selection_fn(self.builder_config.name)
         self.info.metadata.update({**self._extra_metadata, "selection": sel.stats})
         return {s: _examples(sel.splits[s]) for s in _splits.SPLITS}
@@ -106,7 +109,7 @@ class FlexmixOwner(_Quiet, tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager
         if self._selection is None:
-            raise ValueError("owner datasets are built with flexmoe_jax.data.register()")
+            raise UserError("owner datasets are built with flexmoe_jax.data.register()")
         self.info.metadata.update(self._extra_metadata)
         return {s: _examples(self._selection[s]) for s in _splits.SPLITS if self._selection[s]}
 

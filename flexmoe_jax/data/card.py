@@ -7,9 +7,7 @@ import datetime
 import json
 from pathlib import Path
 
-from flexmoe_jax.data import layout as L
-from flexmoe_jax.data import sources as S
-from flexmoe_jax.data import splits
+from flexmoe_jax.data import layout as L, sources as S, splits
 
 
 def compute(data_dir, configs, manifest: dict) -> dict:

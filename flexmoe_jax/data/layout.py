@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flexmoe_jax.errors import UserError
+
 VERSION = "1.0.0"
 FLEXMIX_NAME = "flexmix_mini"  # tfds builder name of FlexMix-mini
 OWNER_NAME = "flexmix_owner"  # tfds builder name of owners' data
@@ -16,9 +18,9 @@ def root(data_dir) -> Path:
     """``data_dir`` as a local path. The tokenizer (SentencePiece) and the prepared files are read from
     a local disk: a bucket URL is refused with the fix (the data directory is small; copy it once)."""
     if str(data_dir).startswith(("gs://", "s3://")):
-        raise ValueError(f"--data_dir {data_dir}: the data directory must be a local path (SentencePiece and "
-                         f"the prepared dataset files are read locally); copy it to each worker first, e.g. "
-                         f"gsutil -m cp -r {data_dir} /tmp/flexmix_data, and pass that")
+        raise UserError(f"--data_dir {data_dir}: the data directory must be a local path (SentencePiece and "
+                        f"the prepared dataset files are read locally); copy it to each worker first, e.g. "
+                        f"gsutil -m cp -r {data_dir} /tmp/flexmix_data, and pass that")
     return Path(data_dir)
 
 

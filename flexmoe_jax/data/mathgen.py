@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from flexmoe_jax.data.sources import Doc, SourceMissing
+from flexmoe_jax.errors import UserError
 
 PINS = {"mathematics-dataset": "1.0.1", "sympy": "1.5.1", "numpy": "1.23.5", "mpmath": "1.3.0",
         "absl-py": "2.5.1", "six": "1.17.0"}
@@ -199,7 +200,7 @@ class Generator:
 
     def docs(self, split: str, max_docs: int | None = None, max_bytes: int | None = None) -> Iterator[Doc]:
         if max_docs is None and max_bytes is None:
-            raise ValueError("math is generated: give max_docs or max_bytes")
+            raise UserError("math is generated: give max_docs or max_bytes")
         self._start()
         count = max_docs if max_docs is not None else 10 ** 9
         window = 2 * self.workers

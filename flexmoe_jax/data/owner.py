@@ -29,9 +29,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from flexmoe_jax.data import layout as L
-from flexmoe_jax.data import splits
+from flexmoe_jax.data import layout as L, splits
 from flexmoe_jax.data.sources import CONFIGS, Doc
+from flexmoe_jax.errors import UserError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -118,14 +118,14 @@ def check_name(name: str, data_dir) -> None:
 
     if name.startswith(L.TASK_PREFIX.rstrip(".")) or name in CONFIGS or name in (
             L.PUBLIC_MIXTURE, L.ALL_MIXTURE):
-        raise ValueError(f"name '{name}' clashes with FlexMix-mini's tasks; pick another name")
+        raise UserError(f"name '{name}' clashes with FlexMix-mini's tasks; pick another name")
     if not NAME_RE.match(name):
-        raise ValueError(f"invalid name '{name}': use lowercase letters, digits and '_', starting with a letter")
+        raise UserError(f"invalid name '{name}': use lowercase letters, digits and '_', starting with a letter")
     owners = tasks.owner_manifests(data_dir)
     if name not in owners and name not in tasks._REGISTERED:
         if tasks._clash(name):
-            raise ValueError(f"name '{name}' clashes with a seqio task or mixture already registered; "
-                             f"pick another name")
+            raise UserError(f"name '{name}' clashes with a seqio task or mixture already registered; "
+                            f"pick another name")
 
 
 def register(name: str, files, data_dir, format: str = "txt", text_key: str = "text", vocab=None,
@@ -136,7 +136,7 @@ def register(name: str, files, data_dir, format: str = "txt", text_key: str = "t
     """
     log = log or (lambda msg: print(msg, flush=True))
     if format not in ("txt", "jsonl"):
-        raise ValueError(f"--format must be txt or jsonl, not '{format}'")
+        raise UserError(f"--format must be txt or jsonl, not '{format}'")
     data_dir = Path(data_dir)
     check_name(name, data_dir)
     vocab_path = Path(vocab) if vocab else L.tokenizer_path(data_dir)
@@ -152,11 +152,11 @@ def register(name: str, files, data_dir, format: str = "txt", text_key: str = "t
     skipped = _skips(stats, text_key)
     if not docs:
         why = "; ".join(skipped) or "the files are empty"
-        raise ValueError(f"no documents found in {len(paths)} file(s) matching {shown}: {why}")
+        raise UserError(f"no documents found in {len(paths)} file(s) matching {shown}: {why}")
     dstats: dict[str, int] = {}
     unique = splits.dedup(docs, dstats)
     if not unique:
-        raise ValueError(f"all {len(docs)} document(s) are empty after normalization")
+        raise UserError(f"all {len(docs)} document(s) are empty after normalization")
     by_split = splits.assign_splits(unique)
     key = hashlib.sha256(json.dumps({"docs": sorted(unique), "vocab": hashlib.sha256(
         vocab_path.read_bytes()).hexdigest(), "format": 1}).encode()).hexdigest()[:16]
@@ -215,6 +215,7 @@ def _write_tfds(data_dir, name: str, by_split, key: str) -> None:
     from flexmoe_jax.data.tasks import _quiet_tf
     _quiet_tf()
     import tensorflow_datasets as tfds
+
     from flexmoe_jax.data import builder as B
 
     tfds.disable_progress_bar()

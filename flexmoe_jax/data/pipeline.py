@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from flexmoe_jax import storage
-from flexmoe_jax.data import layout as L
-from flexmoe_jax.data import sources as S
-from flexmoe_jax.data import splits
+from flexmoe_jax.data import layout as L, sources as S, splits
+from flexmoe_jax.errors import UserError
 
 FORMAT_VERSION = 1
 DEFAULT_VOCAB_SIZE = 8192
@@ -124,6 +123,7 @@ def build_config(data_dir, config: str, args: dict, tick=lambda n: None) -> dict
     """Build one FlexMix-mini config into DATA_DIR/tfds (replacing an older build); returns its stats."""
     _quiet_tf()
     import tensorflow_datasets as tfds
+
     from flexmoe_jax.data import builder as B
 
     tfds.disable_progress_bar()
@@ -143,6 +143,7 @@ def read_split_texts(data_dir, name: str, config: str, split: str) -> list[str]:
     """All document texts of one split of a prepared dataset, in storage order."""
     _quiet_tf()
     import tensorflow_datasets as tfds
+
     from flexmoe_jax.data import builder as B
 
     b = B.load_builder(data_dir, name, config)
@@ -172,11 +173,11 @@ def build(data_dir, domains: Sequence[str] | None = None, max_docs_per_domain: i
     """
     log = log or (lambda msg: print(msg, flush=True))
     if max_docs_per_domain is not None and max_docs_per_domain < 3:
-        raise ValueError("max_docs_per_domain must be at least 3 (one document per split)")
+        raise UserError("max_docs_per_domain must be at least 3 (one document per split)")
     if max_bytes_per_domain is not None and max_bytes_per_domain <= 0:
-        raise ValueError("max_bytes_per_domain must be positive")
+        raise UserError("max_bytes_per_domain must be positive")
     if vocab_size < 260:
-        raise ValueError("vocab_size must be at least 260 (256 byte-fallback pieces + specials)")
+        raise UserError("vocab_size must be at least 260 (256 byte-fallback pieces + specials)")
     configs = S.check_configs(list(domains) if domains else list(S.CONFIGS))
     configs = [c for c in S.CONFIGS if c in set(configs) | set(S.PUBLIC_SOURCES)]
     data_dir = Path(data_dir)

@@ -32,6 +32,8 @@ import sysconfig
 from pathlib import Path
 from typing import Callable, Iterator
 
+from flexmoe_jax.errors import FlexmoeError, UserError
+
 CLOSED_DOMAINS = ("code", "math", "literature", "humor", "techdocs")
 PUBLIC_SOURCES = ("public_gcide", "public_wordnet", "public_foldoc")
 CONFIGS = CLOSED_DOMAINS + PUBLIC_SOURCES
@@ -39,7 +41,7 @@ CONFIGS = CLOSED_DOMAINS + PUBLIC_SOURCES
 DECONTAMINATE_AGAINST = ("code", "literature", "humor", "techdocs")
 
 
-class SourceMissing(FileNotFoundError):
+class SourceMissing(FlexmoeError, FileNotFoundError):
     """A corpus is not installed; the message names the package that provides it."""
 
 
@@ -333,7 +335,7 @@ def check_configs(configs) -> list[str]:
         elif c in SOURCES:
             out.add(c)
         else:
-            raise ValueError(f"unknown FlexMix-mini domain '{c}'; choose from {', '.join(CONFIGS)} or public")
+            raise UserError(f"unknown FlexMix-mini domain '{c}'; choose from {', '.join(CONFIGS)} or public")
     return [c for c in CONFIGS if c in out]
 
 
@@ -395,6 +397,6 @@ def documents(config: str) -> Iterator[Doc]:
     """Every candidate document of an enumerable source, in a deterministic order."""
     src = SOURCES[config]
     if src.read is None:
-        raise ValueError(f"'{config}' is generated, not read; see flexmoe_jax.data.mathgen")
+        raise UserError(f"'{config}' is generated, not read; see flexmoe_jax.data.mathgen")
     src.locate()
     return src.read()

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from flexmoe_jax.data.sources import Doc
+from flexmoe_jax.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 SPLIT_PERCENT = {"train": 90, "validation": 5, "test": 5}
@@ -135,7 +136,7 @@ def select_generated(generate, max_docs: int | None, max_bytes: int | None,
     """
     stats: dict[str, int] = {"candidates": 0, "empty": 0, "duplicates": 0, "contaminated": 0}
     if test_bytes is None:
-        raise ValueError("a generated corpus has no 'every test document': give test_bytes in bytes")
+        raise UserError("a generated corpus has no 'every test document': give test_bytes in bytes")
     doc_q, byte_q = _quotas(max_docs, 1), _byte_quotas(max_bytes, test_bytes)
     seen: set[str] = set()
     out = {}

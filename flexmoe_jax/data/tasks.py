@@ -37,8 +37,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from flexmoe_jax.data import layout as L
-from flexmoe_jax.data import sources as S
+from flexmoe_jax.data import layout as L, sources as S
+from flexmoe_jax.errors import UserError
 
 FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
             "decoder_segment_ids", "decoder_positions")
@@ -123,7 +123,7 @@ def _add(kind: str, name: str, data_dir, key: str, spec: dict) -> None:
         seqio.TaskRegistry.remove(name)
         seqio.MixtureRegistry.remove(name)
     elif _clash(name):
-        raise ValueError(f"a seqio task or mixture named '{name}' is already registered in this process")
+        raise UserError(f"a seqio task or mixture named '{name}' is already registered in this process")
     if kind == "task":
         seqio.TaskRegistry.add(**spec)
     else:
@@ -149,8 +149,7 @@ def register_tasks(data_dir) -> list[str]:
     Returns the registered task and mixture names.
     """
     _quiet_tf()
-    from flexmoe_jax.data import card as C
-    from flexmoe_jax.data import pipeline
+    from flexmoe_jax.data import card as C, pipeline
 
     data_dir = L.root(data_dir).resolve()
     manifest = pipeline.read_manifest(data_dir)
@@ -192,7 +191,7 @@ def register_replay_mixture(task: str, public: str, public_share: float, data_di
     where the public expert should win (public data is public; no other owner's data enters).
     """
     if not 0 < public_share < 1:
-        raise ValueError(f"public_share must be between 0 and 1, got {public_share}")
+        raise UserError(f"public_share must be between 0 and 1, got {public_share}")
     register_tasks(data_dir)
     pub_tasks, pub_rates = _tasks_and_rates(public, data_dir)
     _tasks_and_rates(task, data_dir)  # fails clearly on an unknown task
@@ -211,8 +210,8 @@ def _provider(name: str, data_dir):
     try:
         return seqio.get_mixture_or_task(name)
     except ValueError:
-        raise ValueError(f"unknown task or mixture '{name}' in {data_dir}; known: "
-                         f"{', '.join(sorted(register_tasks(data_dir)))}") from None
+        raise UserError(f"unknown task or mixture '{name}' in {data_dir}; known: "
+                        f"{', '.join(sorted(register_tasks(data_dir)))}") from None
 
 
 def _tasks_and_rates(name: str, data_dir) -> tuple[list[str], np.ndarray]:
@@ -324,7 +323,7 @@ def _pack(name: str, split: str, seq_len: int) -> dict[str, np.ndarray]:
 
     task = seqio.get_mixture_or_task(name)
     if split not in task.splits:
-        raise ValueError(f"task '{name}' has no split '{split}' (it has {', '.join(task.splits)})")
+        raise UserError(f"task '{name}' has no split '{split}' (it has {', '.join(task.splits)})")
     ds = task.get_dataset({"targets": seq_len}, split=split, shuffle=False, num_epochs=1, use_cached=False,
                           seed=0)
     ds = seqio.DecoderFeatureConverter(pack=True)(ds, {"targets": seq_len})
@@ -333,7 +332,7 @@ def _pack(name: str, split: str, seq_len: int) -> dict[str, np.ndarray]:
         for f in FEATURES:
             parts[f].append(np.asarray(b[f], np.int32))
     if not parts[FEATURES[0]]:
-        raise ValueError(f"task '{name}' split '{split}' is empty")
+        raise UserError(f"task '{name}' split '{split}' is empty")
     return {f: np.concatenate(v) for f, v in parts.items()}
 
 
@@ -354,12 +353,12 @@ class Batches:
     def __init__(self, name: str, split: str, batch_size: int, seq_len: int, data_dir, seed: int = 0,
                  start_step: int = 0, shard_index: int = 0, num_shards: int = 1, row_task: bool = False):
         if batch_size <= 0 or seq_len <= 0:
-            raise ValueError("batch_size and seq_len must be positive")
+            raise UserError("batch_size and seq_len must be positive")
         if num_shards <= 0 or batch_size % num_shards or not 0 <= shard_index < num_shards:
-            raise ValueError(f"batch_size {batch_size} must split evenly into {num_shards} shards "
-                             f"and 0 <= shard_index < num_shards")
+            raise UserError(f"batch_size {batch_size} must split evenly into {num_shards} shards "
+                            f"and 0 <= shard_index < num_shards")
         if start_step < 0:
-            raise ValueError("start_step must be >= 0")
+            raise UserError("start_step must be >= 0")
         self.name, self.split, self.batch_size, self.seq_len = name, split, int(batch_size), int(seq_len)
         self.data_dir, self.seed = str(data_dir), int(seed)
         self.shard_index, self.num_shards = int(shard_index), int(num_shards)
@@ -504,7 +503,7 @@ def split_stats(name: str, split: str, data_dir) -> dict[str, int]:
             card = card or C.load(data_dir)
             row = card["configs"][t[len(L.TASK_PREFIX):]]["splits"].get(split)
         if row is None:
-            raise ValueError(f"task '{t}' has no split '{split}'")
+            raise UserError(f"task '{t}' has no split '{split}'")
         for k in out:
             out[k] += int(row[k])
     return out

@@ -4,7 +4,8 @@
 The tokenizer belongs to the public model: data owners never share data, so it cannot have seen
 theirs. Settings: BPE with ``byte_fallback`` (any UTF-8 text is representable, no ``<unk>`` in
 practice), identity normalization (but ``\r`` -> ``\n``) and no whitespace collapsing (code
-indentation survives, so ``decode(encode(text)) == text`` for any text without ``\r`` or U+2581), digits split, ``"\\n"`` as its own
+indentation survives, so ``decode(encode(text)) == text`` for any text without ``\r`` or U+2581), digits split,
+``"\\n"`` as its own
 piece, and the T5/seqio id convention: pad 0, eos 1, unk 2, no bos (the decoder's BOS is pad).
 
 Bits per byte: a model's summed negative log-likelihood (nats) over every token of a split,
@@ -20,6 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from flexmoe_jax.errors import UserError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
@@ -42,8 +45,8 @@ def train(texts: Iterable[str], out_path: str | os.PathLike, vocab_size: int, se
         try:
             _train(spm, lines, buf, vocab_size, rule, max_sentences)
         except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars"
-            raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): "
-                             f"{str(e).splitlines()[-1][-200:]}") from None
+            raise UserError(f"SentencePiece training failed (vocab_size={vocab_size}): "
+                            f"{str(e).splitlines()[-1][-200:]}") from None
     # The model records the rule file's (temporary) path: drop it so the same inputs give the same bytes.
     from sentencepiece import sentencepiece_model_pb2
 
@@ -101,6 +104,6 @@ def count_tokens(sp, texts: Sequence[str], add_eos: bool = True) -> list[int]:
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
     """Summed negative log-likelihood (nats) over all tokens of some text -> bits per UTF-8 byte."""
     if n_bytes <= 0:
-        raise ValueError("bits_per_byte needs a positive byte count")
+        raise UserError("bits_per_byte needs a positive byte count")
     return float(nll_nats) / (math.log(2) * n_bytes)
 

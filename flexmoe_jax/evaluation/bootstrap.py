@@ -16,6 +16,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from flexmoe_jax.errors import UserError
+
 N_BOOT = 1000
 LEVEL = 0.95
 
@@ -62,8 +64,8 @@ class Paired:
         for d, nll in doc_nll.items():
             if d in self.idx:
                 if len(nll) != len(self.bytes[d]):
-                    raise ValueError(f"{d}: {len(nll)} per-document scores for a sample of {len(self.bytes[d])} "
-                                     "documents; score every model on the same sample")
+                    raise UserError(f"{d}: {len(nll)} per-document scores for a sample of {len(self.bytes[d])} "
+                                    "documents; score every model on the same sample")
                 out[d] = bpb_replicates(nll, self.bytes[d], self.idx[d])
         if average_of:
             out["average"] = np.mean([out[d] for d in average_of], axis=0)

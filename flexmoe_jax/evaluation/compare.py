@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from flexmoe_jax.errors import UnknownName, UserError
 from flexmoe_jax.evaluation import bootstrap
 
 
@@ -17,7 +18,7 @@ class Comparison:
 
     def __init__(self, docs: Mapping[str, Mapping[str, dict]], closed: Sequence[str], n_boot: int = bootstrap.N_BOOT):
         if not docs:
-            raise ValueError("no per-document scores to compare: evaluate models with main_eval(json_out=...) first")
+            raise UserError("no per-document scores to compare: evaluate models with main_eval(json_out=...) first")
         first = next(iter(docs.values()))
         self.domains = list(first)
         self.closed = [d for d in closed if d in first]
@@ -27,7 +28,7 @@ class Comparison:
 
     def replicates(self, model: str) -> dict:
         if model not in self._docs:
-            raise KeyError(f"no per-document scores for {model!r}")
+            raise UnknownName(f"no per-document scores for {model!r}")
         if model not in self._reps:
             nll = {d: r["doc_nll"] for d, r in self._docs[model].items()}
             self._reps[model] = self.paired.bpb(nll, self.closed if all(d in nll for d in self.closed) else ())

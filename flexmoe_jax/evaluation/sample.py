@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from flexmoe_jax.errors import UserError
+
 FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
             "decoder_segment_ids", "decoder_positions")
 EOS_ID = 1
@@ -100,8 +102,7 @@ def score_docs(logprobs: Callable[[dict], np.ndarray], sample: Sample, batch_siz
 
 def sources(data_dir, task: str) -> list[tuple[str, str]]:
     """(tfds builder name, config) of every dataset behind a task or mixture name."""
-    from flexmoe_jax.data import layout as L
-    from flexmoe_jax.data import sources as S
+    from flexmoe_jax.data import layout as L, sources as S
 
     if task == L.PUBLIC_MIXTURE:
         return [(L.FLEXMIX_NAME, c) for c in S.PUBLIC_SOURCES if L.dataset_ready(data_dir, L.FLEXMIX_NAME, c)]
@@ -112,8 +113,7 @@ def sources(data_dir, task: str) -> list[tuple[str, str]]:
 
 def stamp(data_dir, task: str) -> tuple:
     """Modification times of the files that define a task's data (a rebuild changes them)."""
-    from flexmoe_jax.data import layout as L
-    from flexmoe_jax.data import pipeline
+    from flexmoe_jax.data import layout as L, pipeline
 
     d = Path(data_dir).resolve()
     return tuple(f.stat().st_mtime_ns if f.exists() else None
@@ -124,9 +124,9 @@ def draw(data_dir, task: str, split: str = "test", seq_len: int = 128, max_token
          seed: int = 0) -> Sample:
     """The evaluation sample of a task's split (see the module docstring); cached per process."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        raise UserError(f"seq_len must be at least 2, got {seq_len}")
     if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive token budget or None (the whole split), got {max_tokens}")
+        raise UserError(f"max_tokens must be a positive token budget or None (the whole split), got {max_tokens}")
     d = str(Path(data_dir).resolve())
     return _draw_cached(d, stamp(d, task), task, split, int(seq_len), max_tokens, int(seed))
 
@@ -144,7 +144,7 @@ def _draw_cached(data_dir: str, _stamp, task: str, split: str, seq_len: int, max
         ids = [list(x) + [EOS_ID] for x in sp.encode(texts)] if texts else []
         per_source.append((config, texts, ids))
     if not any(texts for _, texts, _ in per_source):
-        raise ValueError(f"{task} has no documents in its {split!r} split in {data_dir}")
+        raise UserError(f"{task} has no documents in its {split!r} split in {data_dir}")
     total = sum(len(x) for _, _, ids in per_source for x in ids)
     chosen = []  # (source number, index in split)
     for k, (config, texts, ids) in enumerate(per_source):
