@@ -1,7 +1,7 @@
 """Checkpoints, merges and training on object storage (gs://), against a local GCS emulator.
 
 Object storage has no rename: a checkpoint there is a pointer object naming its current generation
-(see ``checkpoint._writing_generation``). These tests check what the local tests check for the
+(see ``atomic_dir._writing_generation``). These tests check what the local tests check for the
 rename-based path: bit-identical round trips, replacement that never exposes a partial checkpoint,
 refusal to overwrite what is not ours, and clear errors.
 """
