@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexmoe_jax import model
-from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.config import ModelConfig, arch_diff
 from flexmoe_jax.errors import UserError
 from flexmoe_jax.evaluation.models import load_model
 from flexmoe_jax.evaluation.scorers import Batch, ModelScorer, Scorer
@@ -56,8 +56,6 @@ def dense_view(config: ModelConfig, params: model.Params) -> tuple[ModelConfig, 
     return dense, {**params, "layers": layers}
 
 
-_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_size", "mlp_hidden",
-                "rope_theta", "rms_eps", "param_dtype")
 
 
 def soup(models: Sequence[tuple[ModelConfig, model.Params]],
@@ -72,7 +70,7 @@ def soup(models: Sequence[tuple[ModelConfig, model.Params]],
     views = [dense_view(c, p) for c, p in models]
     base = views[0][0]
     for i, (c, _) in enumerate(views[1:], 1):
-        diff = [f"{k}={getattr(c, k)} vs {getattr(base, k)}" for k in _ARCH_FIELDS if getattr(c, k) != getattr(base, k)]
+        diff = [f"{k}={x} vs {y}" for k, (x, y) in arch_diff(c, base).items()]
         if diff:
             raise UserError(f"soup member {i} has another architecture than member 0 ({', '.join(diff)}); "
                             "only models fine-tuned from the same anchor can be averaged")
