@@ -170,6 +170,7 @@ def test_cli_on_object_storage(bucket, data_dir, tmp_path, capsys):
 # Training with the work directory on gs://: SIGKILL, rerun, resume bit-identical
 # ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_workdir_on_gs_resumes_after_sigkill(data_dir, bucket, tmp_path, gcs):
     import os
     import signal
