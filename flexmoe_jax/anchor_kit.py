@@ -127,7 +127,7 @@ def build(anchor: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
     stats = routing.fit(data_dir, public_task, routing.PUBLIC, seq_len=seq_len, vocab_size=config.vocab_size)
 
     with checkpoint.writing(out, kind=KIND) as tmp:
-        _link_tree(checkpoint._checkpoint_dir(anchor), tmp / "model")
+        _link_tree(checkpoint.directory(anchor), tmp / "model")
         np.save(tmp / "public_router.npy", np.asarray(row, np.float32))
         stats.save(tmp / routing.STATS_FILE)
         files = ["public_router.npy", routing.STATS_FILE]

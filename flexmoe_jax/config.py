@@ -26,6 +26,16 @@ REMAT_POLICIES = ("none", "full", "dots")
 ROUTINGS = ("top_k", "public_plus", "document_top_k", "document_public_plus")
 # How a model picks experts at inference, not what it is: left out of anchor fingerprints.
 INFERENCE_FIELDS = ("routing", "router_score", "router_temperature")
+# What must agree for two models' tensors to fit together (an anchor and its experts, a soup's
+# members): the shapes and the numerics of the shared layers, then the stored dtype.
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_size", "mlp_hidden",
+                "rope_theta", "rms_eps")
+ARCH_FIELDS = SHAPE_FIELDS + ("param_dtype",)
+
+
+def arch_diff(a: "ModelConfig", b: "ModelConfig", fields=ARCH_FIELDS) -> dict[str, tuple[Any, Any]]:
+    """``{field: (a's, b's)}`` for every field of ``fields`` where two configs differ."""
+    return {k: (getattr(a, k), getattr(b, k)) for k in fields if getattr(a, k) != getattr(b, k)}
 
 
 class ConfigError(UserError):

@@ -88,7 +88,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from flexmoe_jax import checkpoint, model, selection, storage
-from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.config import ModelConfig, arch_diff
 from flexmoe_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,6 @@ EXPERTS_DIR = "experts"
 STATS_DIR = "routing_stats"
 MERGED_FORMAT = "flexmoe_jax.merged"
 FFN_LEAVES = ("gate", "up", "down")
-# Fields that must agree between the anchor and every expert for their tensors to fit together.
-ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_size", "mlp_hidden",
-               "rope_theta", "rms_eps", "param_dtype")
 
 
 class MergeError(UserError):
@@ -207,8 +204,7 @@ def _check_out(out: Path, anchor: Any, inputs: list[_Input], public_router: Any 
 
 
 def _check_config(anchor_config: ModelConfig, inp: _Input) -> None:
-    diff = {k: (getattr(inp.config, k), getattr(anchor_config, k)) for k in ARCH_FIELDS
-            if getattr(inp.config, k) != getattr(anchor_config, k)}
+    diff = arch_diff(inp.config, anchor_config)
     if diff:
         raise MergeError(f"expert {inp.name!r} ({inp.arg}) has another architecture than the anchor: "
                          + ", ".join(f"{k}={a} vs anchor {b}" for k, (a, b) in diff.items())

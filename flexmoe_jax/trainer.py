@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flexmoe_jax import array_store, baselines, checkpoint, expert, flops, model, optim, storage, train
-from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.config import SHAPE_FIELDS, ModelConfig, arch_diff
 from flexmoe_jax.errors import FlexmoeError, UserError
 
 # "dense": an owner continues pretraining the whole dense anchor on its own data (the paper's dense
@@ -228,10 +228,7 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
             kit = anchor_kit.open_kit(rc.anchor)
     anchor_config, anchor_params = checkpoint.load(kit.anchor if kit else rc.anchor)
     if config is not None:
-        arch = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden",
-                "rope_theta", "rms_eps")
-        diff = {k: (getattr(config, k), getattr(anchor_config, k)) for k in arch
-                if getattr(config, k) != getattr(anchor_config, k)}
+        diff = arch_diff(config, anchor_config, SHAPE_FIELDS)
         if diff:
             raise UserError(f"the configured model differs from the anchor {rc.anchor}: "
                             + ", ".join(f"{k}={a} vs anchor {b}" for k, (a, b) in diff.items())

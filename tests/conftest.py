@@ -24,8 +24,11 @@ _CORPUS_FIXTURES = {"small_data_dir", "data_dir", "quick_demo", "small"}  # smal
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if _CORPUS_FIXTURES & set(getattr(item, "fixturenames", ())):
+        used = set(getattr(item, "fixturenames", ()))
+        if _CORPUS_FIXTURES & used:
             item.add_marker(pytest.mark.needs_corpora)
+        if "quick_demo" in used:  # the quick demo itself takes ~10 minutes on 2 cores
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ def _owner(anchor_arg, data_dir, out, *extra):
                                                "OptimConfig.warmup_steps=1", "RunConfig.log_every=1", *extra])]) == 0
 
 
+@pytest.mark.slow
 def test_owner_trains_against_the_kit_and_merge_checks_it(anchor, data_dir, tmp_path):
     root, anchor_path = anchor
     kit_dir = tmp_path / "kit"

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from flexmoe_jax import array_store, checkpoint, model
+from flexmoe_jax import array_store, atomic_dir, checkpoint, model
 from flexmoe_jax.config import tiny
 from flexmoe_jax.sharding import make_mesh
 
@@ -146,9 +146,9 @@ def test_fsync_tree_flushes_every_file_then_every_directory(tmp_path, monkeypatc
     for f in files:
         f.write_text("1")
     flushed = []  # appended from the flushing threads
-    monkeypatch.setattr(checkpoint, "_fsync_file", lambda p: flushed.append(("file", Path(p))))
-    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda p: flushed.append(("dir", Path(p))))
-    checkpoint._fsync_tree(tmp_path)
+    monkeypatch.setattr(atomic_dir, "_fsync_file", lambda p: flushed.append(("file", Path(p))))
+    monkeypatch.setattr(atomic_dir, "_fsync_dir", lambda p: flushed.append(("dir", Path(p))))
+    atomic_dir._fsync_tree(tmp_path)
     assert sorted(flushed[:3]) == sorted(("file", f) for f in files)
     assert sorted(flushed[3:]) == sorted(("dir", d) for d in (tmp_path, tmp_path / "a", tmp_path / "a" / "b"))
 
@@ -168,7 +168,7 @@ def test_overwrite_replaces_and_leaves_nothing_behind(tmp_path, moe_params):
 
 
 def test_overwrite_without_rename_exchange(tmp_path, moe_params, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic_dir, "_exchange", lambda a, b: False)
     path = tmp_path / "c"
     checkpoint.save(path, DENSE, random_params(DENSE))
     checkpoint.save(path, MOE, moe_params)
@@ -191,7 +191,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, moe_params, monkeypatch
     path = tmp_path / "c"
     checkpoint.save(path, MOE, moe_params, metadata={"v": "old"})
     target = {"orbax": (ocp.Checkpointer, "save"), "fsync": (checkpoint, "_fsync_tree"),
-              "swap": (checkpoint, "_exchange")}[where]
+              "swap": (atomic_dir, "_exchange")}[where]
     monkeypatch.setattr(*target, _boom)
     with pytest.raises(RuntimeError, match="simulated"):
         checkpoint.save(path, MOE, jax.tree.map(lambda x: x + 1, moe_params), metadata={"v": "new"})
@@ -205,7 +205,7 @@ CRASH_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     import jax
-    from flexmoe_jax import checkpoint, model
+    from flexmoe_jax import atomic_dir, checkpoint, model
     from flexmoe_jax.config import tiny
 
     path, stage = Path(sys.argv[1]), sys.argv[2]
@@ -214,7 +214,7 @@ CRASH_SCRIPT = textwrap.dedent("""
     if stage == "before_publish":
         checkpoint._fsync_tree = die
     elif stage == "between_renames":
-        checkpoint._exchange = lambda a, b: False
+        atomic_dir._exchange = lambda a, b: False
         real = os.rename
         def rename(src, dst):
             real(src, dst)

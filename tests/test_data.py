@@ -223,6 +223,7 @@ def _segments_ok(b):
     assert np.all(pos[cont] == prev_pos[cont] + 1)
 
 
+@pytest.mark.slow
 def test_tasks_packing_and_every_token_once(small):
     names = D.register_tasks(small["dir"])
     assert set(names) == {f"flexmix_mini.{c}" for c in D.CONFIGS} | {D.PUBLIC_MIXTURE, D.ALL_MIXTURE}

@@ -161,6 +161,7 @@ def test_trainer_logs_and_records_the_compiled_count(small_data_dir, tmp_path):
     assert m["mfu"] / m["mfu_6n"] == pytest.approx(expected["compiled"] / expected["estimate_6n"])
 
 
+@pytest.mark.slow
 def test_routed_step_counts_top_k_experts_per_token():
     """A top-2-of-4 MoE step costs what a 2-of-2 one does, whatever the dispatch (the router is charged
     top_k columns: two fewer here, 0.2% of the step)."""

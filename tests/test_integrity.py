@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -59,12 +60,15 @@ def run(capsys, *argv) -> tuple[int, str]:
     return rc, capsys.readouterr().err.strip()
 
 
+# A tqdm bar's counter and timer ("2/4 [00:02<00:02"), whatever its rate unit (step/s or s/step).
+_TQDM = re.compile(r"\d+/\d+ \[\d+:\d\d")
+
+
 def assert_integrity_error(rc: int, err: str, ckpt: Path) -> None:
     assert rc == 2, err
     # One line of its own (train commands first say what JAX sees; a progress bar may precede it):
     # no tracebacks from the reads still in flight.
-    lines = [line for line in err.splitlines() if not line.startswith("JAX devices:") and "it/s]" not in line
-             and "step/s" not in line]
+    lines = [line for line in err.splitlines() if not line.startswith("JAX devices:") and not _TQDM.search(line)]
     assert len(lines) == 1 and lines[0].startswith("flexmoe "), err
     assert "failed the integrity check" in err and str(ckpt) in err, err
     assert "re-copy" in err and " array " in err, err  # names the damaged array and the fix

@@ -81,6 +81,7 @@ def test_mesh_presets_split_their_phase_batch(phase, preset):
     assert rc.batch_size % (shards * rc.grad_accum) == 0, (phase, preset, rc.batch_size, rc.mesh)
 
 
+@pytest.mark.slow
 def test_device_check_runs_tiny_on_cpu():
     """bench/device_check.sh is what a session with a GPU or TPU runs; here it must run end to end."""
     import os

@@ -1,7 +1,7 @@
 """Checkpoints, merges and training on object storage (gs://), against a local GCS emulator.
 
 Object storage has no rename: a checkpoint there is a pointer object naming its current generation
-(see ``checkpoint._writing_generation``). These tests check what the local tests check for the
+(see ``atomic_dir._writing_generation``). These tests check what the local tests check for the
 rename-based path: bit-identical round trips, replacement that never exposes a partial checkpoint,
 refusal to overwrite what is not ours, and clear errors.
 """
@@ -170,6 +170,7 @@ def test_cli_on_object_storage(bucket, data_dir, tmp_path, capsys):
 # Training with the work directory on gs://: SIGKILL, rerun, resume bit-identical
 # ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_workdir_on_gs_resumes_after_sigkill(data_dir, bucket, tmp_path, gcs):
     import os
     import signal

@@ -10,12 +10,15 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from flexmoe_jax import checkpoint, model
 from flexmoe_jax.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_wheel_ships_gin_files_and_runs_a_tiny_expert(tmp_path, data_dir):
     wheels = tmp_path / "wheels"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",

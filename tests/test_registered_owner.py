@@ -164,6 +164,7 @@ def world(small_data_dir, tmp_path_factory):
             "results": json.loads(results.read_text()), "timing": timing}
 
 
+@pytest.mark.slow
 def test_registered_owner_keeps_its_gain_after_merging(world):
     from flexmoe_jax import eval as eval_lib, merge
 

@@ -144,6 +144,7 @@ def test_stats_file_round_trip_and_clear_errors(tmp_path, merged):
         routing.load_stats([tmp_path / "a.npz", tmp_path / "a.npz"])
 
 
+@pytest.mark.slow
 def test_routing_stats_and_domain_eval_from_the_command_line(small_data_dir, tmp_path):
     """An owner counts its own data, the builder the public data; eval routes by them."""
     from flexmoe_jax import checkpoint, data

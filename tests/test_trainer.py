@@ -98,6 +98,7 @@ def test_pretrain_then_expert(data_dir, tmp_path):
     np.testing.assert_allclose(model.forward(pcfg, pparams, toks), model.forward(acfg, aparams, toks), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigkill_resume_is_bit_identical(data_dir, tmp_path):
     """SIGKILL after a checkpoint, rerun the same command: it resumes from that step and ends bit-identical.
 

@@ -358,6 +358,7 @@ def _disk_driver(spec_path: str) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_last_checkpoint_and_resumes(data_dir, reference, tmp_path):
     from flexmoe_jax import model
     from flexmoe_jax.config import ModelConfig

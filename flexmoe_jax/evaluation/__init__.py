@@ -1,5 +1,5 @@
-"""Evaluation measurement: what is scored (:mod:`.sample`) and how sure we are of it (:mod:`.bootstrap`).
-
-The scorers, soup/BTM, multiple choice and reports still live in :mod:`flexmoe_jax.eval`; new
-evaluation code goes here, one concept per module.
+"""Evaluation, one concept per module: what is scored (:mod:`.sample`), by what (:mod:`.scorers`,
+:mod:`.ensembles`, :mod:`.models`), which measurements (:mod:`.perplexity`, :mod:`.multiple_choice`,
+:mod:`.expert_use`), how sure we are (:mod:`.bootstrap`, :mod:`.compare`) and how it is reported
+(:mod:`.report`). :mod:`flexmoe_jax.eval` gathers the public names in one namespace.
 """
