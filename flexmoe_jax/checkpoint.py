@@ -1,47 +1,13 @@
 """Checkpoints of ``(config, params)``: Orbax arrays plus the config, written atomically.
 
-A checkpoint is one directory::
-
-    path/
-      flexmoe_checkpoint.json   marker: what makes a directory "ours" (format name, version)
-      config.json               ModelConfig.to_json(): the shapes the arrays must have
-      metadata.json             optional free-form JSON from the caller (provenance, step, ...)
-      params/                   an Orbax PyTree checkpoint (OCDBT + tensorstore)
-      checksums.json            optional: sha256 of every stored array (see below)
-
-Why this shape:
-
-- The config travels with the arrays, so ``load(path)`` needs nothing else, and a
-  mismatch between them is caught (naming the tensor) before any array is read.
-- Orbax writes sharded ``jax.Array``s from every process in parallel and restores
-  them straight into any target sharding, so a checkpoint saved on one mesh loads
-  onto another (or onto one device) without a host-sized copy.
-- Orbax makes ``params/`` atomic on its own, but not the JSON beside it. So the
-  whole directory is built in a hidden sibling (same parent, same filesystem),
-  fsynced, and renamed into place. Replacing an existing checkpoint swaps the two
-  directories in one ``renameat2(RENAME_EXCHANGE)`` call on Linux; elsewhere the
-  old one is first renamed to a hidden ``.NAME.flexmoe-old`` sibling, which
-  :func:`load` falls back to and the next :func:`save` puts back if a crash
-  lands between the two renames. A crash at any point therefore leaves the old
-  or the new checkpoint complete and loadable, never a mix.
-
-- Every array chunk carries a crc32c that TensorStore checks on every read (zarr v3; see
-  :mod:`flexmoe_jax.array_store`), so a flipped bit, an overwritten byte or a cut file fails
-  the load with an :class:`IntegrityError` naming the checkpoint and the array, on any mesh,
-  before the data is used. The marker records it (``"integrity"``); a checkpoint written
-  before that loads with a one-line warning.
-- Checkpoints that travel between organizations (an owner's expert deliverable,
-  kind ``"expert"``) also record a sha256 of every array in ``checksums.json``, a
-  cryptographic hash for provenance (the merged model's manifest lists them), and loading
-  verifies it. Model checkpoints skip it by default (hashing a 7B model on save costs tens
-  of seconds; ``save(..., checksums=True)`` opts in). A merged model (kind ``"merged"``, see
-  :mod:`flexmoe_jax.merge`) keeps its checksums in its manifest; :func:`load` reads it
-  through ``merge.load``.
-
-On object storage (``gs://``, no rename) the same guarantee comes from generations and a pointer
-(:mod:`flexmoe_jax.atomic_dir`).
-Orbax and jax are imported inside the functions so ``import flexmoe_jax.checkpoint``
-stays cheap (``flexmoe info`` only reads JSON).
+A checkpoint is a directory holding ``flexmoe_checkpoint.json`` (the marker: format, version, kind,
+integrity), ``config.json``, optional ``metadata.json``, ``params/`` (Orbax, crc32c on every chunk)
+and optional ``checksums.json`` (sha256 of every array). :func:`save` / :func:`save_tree` /
+:func:`writing` write one (atomically: :mod:`flexmoe_jax.atomic_dir`); :func:`load`,
+:func:`load_tree`, :func:`load_subtree`, :func:`load_config`, :func:`load_metadata` read one onto any
+mesh, verifying what it records. A merged model (kind ``"merged"``) loads through ``merge.load``.
+Orbax and jax are imported inside the functions so ``import flexmoe_jax.checkpoint`` stays cheap.
+Why this shape, and the crash and integrity guarantees: docs/checkpoints.md.
 """
 
 from __future__ import annotations

@@ -1,75 +1,16 @@
 """Merging independently trained experts into one FlexOlmo, and taking experts out again.
 
-Expert tensors are stacked on the expert axis (axis 1 of every ``layers/moe``
-leaf, after the layer axis), so removing an expert is a slice of that axis and
-of the router rows; nothing else in the model changes. Routing then softmaxes
-over the remaining experts, exactly the reference's opt-out, with no retraining.
+- :func:`merge` (``flexmoe merge``): the anchor's shared tensors and public slot plus each owner's
+  slot-1 FFN, router row and bias, stacked on the expert axis in the order given; every input is
+  checked (anchor fingerprint, architecture, names, shapes, dtypes, checksums) before the output is
+  published atomically. Raises :class:`MergeError` naming the expert and the fix.
+- :func:`load`: a merged model with ``include`` / ``exclude`` applied at load (an excluded expert's
+  array directory is never opened); :func:`include` / :func:`exclude` do the same on params in memory.
+- :func:`read_manifest`, :func:`read_routing_stats`: the merged format's manifest and each kept
+  expert's token counts for domain routing.
 
-Merge (:func:`merge`, ``flexmoe merge``)
----------------------------------------
-Every shared tensor (embeddings, attention, norms, head) and expert slot 0
-("public") come from the dense anchor; each owner contributes its slot-1 FFN,
-its router row and its bias, stacked after the public slot in the order given.
-Every input is checked before the output is published (names, paths and
-configs before any array is read; arrays as they are read), each failure
-naming the expert and the fix: trained against another anchor (fingerprint), another
-architecture, shared tensors or public slot not bit-identical to the anchor
-(full-model inputs), duplicate names, missing directories, wrong shapes or
-dtypes, and arrays that are cut short or changed since the owner wrote them
-(checksums recorded in the deliverable).
-
-The learned bias. The reference merge drops it (an open question from its
-users, allenai/FlexOlmo#32). We keep it by default: each owner trained its
-FFN *together with* its bias, so keeping it means that the merged model with
-only ``public`` and expert ``a`` active computes exactly owner a's 2-expert
-model, bit for bit (tested). ``keep_bias=False`` (``--drop_bias``) reproduces
-the reference. The public slot's bias is 0 (it never trains), as is the bias of
-an expert trained without one; the merged config has ``expert_bias`` iff a
-bias is kept.
-
-The public router row. An expert deliverable holds only its owner's router
-row; row 0 (the public row) was set by the owner's router initialization and
-frozen. It is taken from inputs that carry it (a run directory's ``model/`` or
-a full 2-expert model; they must agree bit-exactly), is zeros when every
-expert was initialized with ``zeros``, or is given as ``public_router`` (an
-``[L, d]`` array, ``"zeros"``, or any 2-expert/merged checkpoint or run dir).
-
-On-disk layout of a merged model::
-
-    out/
-      flexmoe_checkpoint.json   marker, kind "merged"
-      config.json               the merged ModelConfig (all experts)
-      manifest.json             anchor fingerprint, each expert's own manifest,
-                                where its arrays are, a sha256 of every array
-      params/                   Orbax: every shared tensor (the anchor minus its FFN)
-      experts/000_public/       Orbax: {"layers": {"moe": {gate [L,1,d,h], up, down [L,1,h,d],
-      experts/001_<name>/               router [L,1,d], bias [L,1] (if kept)}}}, one per slot
-      ...
-      routing_stats/<name>.npz  optional: each expert's token counts for domain routing
-                                (flexmoe_jax.routing), sha256 in the manifest
-
-Routing stats. Domain routing needs every active expert's token counts. Merge
-carries them: an owner's ``routing_stats.npz`` (written by ``train-expert`` in
-its run directory, or next to / inside its deliverable) and the public one (the
-anchor directory's, or ``routing_stats={"public": FILE}``) are copied under the
-expert's merged name; :func:`read_routing_stats` returns the kept experts', so
-opt-out drops an expert's counts with its arrays.
-
-One array directory per expert is what makes opt-out at load cheap and
-verifiable: :func:`load` with ``exclude`` never opens an excluded expert's
-directory (a deleted or damaged one does not matter), and an owner's arrays
-can be removed for good by re-merging without it. The whole directory is
-written atomically (built in a hidden sibling and renamed into place; nothing
-is left behind on any error).
-
-Reads, checks and writes run side by side on worker threads, bounded by a byte
-budget. Trees are many and small in a small merge, so all of them are in flight
-at once and their fixed costs overlap. In a large one the anchor is written,
-hashed and freed before any expert is read, and the experts then stream through,
-as many at a time as the anchor's bytes allow: host memory peaks near the anchor
-plus Orbax's buffers, well under the output's size. The anchor's full shape check
-(a trace of the whole model, the largest fixed cost of a small merge) runs only
-when some input records no anchor fingerprint: a matching one proves the same.
+Why the bias is kept, where the public router row comes from, the on-disk layout and how reads
+and writes are scheduled: docs/merge.md.
 """
 
 from __future__ import annotations
