@@ -640,6 +640,10 @@ def main(argv: list[str] | None = None) -> int:
     tf_quiet.install()  # TensorFlow (the data pipeline's engine) prints C++ lines on import
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "data_dir", None) and args.command != "data" and storage.is_remote(args.data_dir):
+            from flexmoe_jax.data import staging
+
+            args.data_dir = staging.stage(args.data_dir, log=lambda m: print(m, file=sys.stderr))
         status = args.fn(args)
     except (FlexmoeError, OSError) as e:  # bad input, or a missing / unwritable file: one line, status 2
         _close_progress_bars()

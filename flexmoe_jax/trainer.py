@@ -292,6 +292,10 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     """
     from flexmoe_jax import data
 
+    if storage.is_remote(rc.data_dir):  # SentencePiece and tfds read it locally: one staged copy per machine
+        from flexmoe_jax.data import staging
+
+        rc = dataclasses.replace(rc, data_dir=staging.stage(rc.data_dir))
     workdir = storage.resolve(workdir)  # a local directory or gs://...
     workdir.mkdir(parents=True, exist_ok=True)
     loss_cfg = loss_cfg or train.LossConfig()

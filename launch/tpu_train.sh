@@ -10,8 +10,8 @@
 # venv made once per slice (~/flexmoe_jax/venv), then runs the same `flexmoe train --platform tpu`
 # on all workers, each joining one jax.distributed job (FLEXMOE_DISTRIBUTED=auto). Everything after
 # `--` goes to `flexmoe train` unchanged; the workdir must be one path every worker sees: a gs://
-# URL (checkpoints land in the bucket) or a shared disk; RunConfig.data_dir is a local directory on
-# every worker. --dry-run prints every step instead of running it.
+# URL (checkpoints land in the bucket) or a shared disk; RunConfig.data_dir may be a gs:// URL too
+# (each worker stages one local copy of it). --dry-run prints every step instead of running it.
 set -euo pipefail
 TPU="" ZONE="" ACCEL="v5p-64" VERSION="tpu-ubuntu2204-base" PROJECT="" REF="HEAD" DRY=0 ALLOW_CPU=""
 usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }

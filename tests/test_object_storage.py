@@ -233,3 +233,38 @@ def test_data_dir_on_object_storage_is_refused_with_the_fix():
 
     with pytest.raises(ValueError, match="must be a local path.*gsutil -m cp -r gs://b/data"):
         data.register_tasks("gs://b/data")
+
+
+def test_data_dir_in_a_bucket_is_staged_once_per_machine(bucket, data_dir, tmp_path, monkeypatch, capsys):
+    """A command given a gs:// --data_dir reads a local copy made once (same bytes, reused after),
+    and counts exactly what it counts from the local directory."""
+    from pathlib import Path
+
+    from flexmoe_jax import cli
+    from flexmoe_jax.data import staging
+
+    monkeypatch.setenv("FLEXMOE_DATA_CACHE", str(tmp_path / "cache"))
+    local = Path(data_dir)
+    names = sorted(str(f.relative_to(local)) for f in local.rglob("*") if f.is_file())
+    url = f"{bucket}/data"
+    for n in names:
+        (epath.Path(url) / n).parent.mkdir(parents=True, exist_ok=True)
+        (epath.Path(url) / n).write_bytes((local / n).read_bytes())
+    with pytest.raises(ValueError, match="no manifest.json there"):
+        staging.stage(f"{bucket}/nothing", log=None)
+
+    for where, out in ((url, tmp_path / "remote.npz"), (data_dir, tmp_path / "local.npz")):
+        assert cli.main(["routing-stats", "--data_dir", where, "--task", "flexmix_mini.humor", "--out", str(out)]) == 0
+    assert "staged gs://" in capsys.readouterr().err
+    remote, here = np.load(tmp_path / "remote.npz"), np.load(tmp_path / "local.npz")
+    assert sorted(remote.files) == sorted(here.files) and "counts" in here.files
+    for k in here.files:
+        if k != "meta":  # meta names the directory read
+            np.testing.assert_array_equal(remote[k], here[k])
+
+    (copy,) = (tmp_path / "cache").iterdir()  # one copy, published whole (no temporary left)
+    assert sorted(str(f.relative_to(copy)) for f in copy.rglob("*") if f.is_file()) == names
+    assert all((copy / n).read_bytes() == (local / n).read_bytes() for n in names)
+    stamp = (copy / "manifest.json").stat().st_mtime_ns
+    assert staging.stage(url, log=None) == str(copy)  # reused, not copied again
+    assert (copy / "manifest.json").stat().st_mtime_ns == stamp

@@ -16,11 +16,13 @@ ALL_MIXTURE = "flexmix_mini.all"
 
 def root(data_dir) -> Path:
     """``data_dir`` as a local path. The tokenizer (SentencePiece) and the prepared files are read from
-    a local disk: a bucket URL is refused with the fix (the data directory is small; copy it once)."""
+    a local disk: commands stage a bucket URL first (:mod:`flexmoe_jax.data.staging`); here one is
+    refused with the fix."""
     if str(data_dir).startswith(("gs://", "s3://")):
-        raise UserError(f"--data_dir {data_dir}: the data directory must be a local path (SentencePiece and "
-                        f"the prepared dataset files are read locally); copy it to each worker first, e.g. "
-                        f"gsutil -m cp -r {data_dir} /tmp/flexmix_data, and pass that")
+        raise UserError(f"--data_dir {data_dir}: the data directory must be a local path here (SentencePiece and "
+                        f"the prepared dataset files are read locally); stage it with "
+                        f"flexmoe_jax.data.staging.stage({str(data_dir)!r}) (commands do so themselves), or copy "
+                        f"it: gsutil -m cp -r {data_dir} /tmp/flexmix_data")
     return Path(data_dir)
 
 
