@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _ruff() -> list[str]:
-    exe = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    exe = str(Path(sys.executable).parent / "ruff")  # the test extra's pinned ruff, then any on PATH
+    if not Path(exe).exists():
+        exe = shutil.which("ruff") or exe
     if not Path(exe).exists():
         pytest.skip("ruff not installed (pip install -e '.[test]')")
     return [exe]
