@@ -1,0 +1,62 @@
+"""The ``flexmoe`` command line: :func:`build_parser` assembles one module per command group; :func:`main` runs one.
+
+Every command prints a one-line error and exits with status 2 on bad input (a FlexmoeError or an
+OSError); heavy imports happen inside the command so ``flexmoe --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flexmoe_jax import storage
+from flexmoe_jax.cli import demo, evaluation, generation, huggingface, inspection, merging, training
+from flexmoe_jax.cli.common import CommandError
+from flexmoe_jax.errors import FlexmoeError
+
+__all__ = ["CommandError", "build_parser", "main"]
+
+# In the order ``flexmoe --help`` lists their commands; ``data`` (flexmoe_jax.data_cli) comes last.
+_GROUPS = (demo, training, merging, evaluation, huggingface, generation, inspection)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flexmoe",
+        description="FlexOlmo-style mixture-of-experts in JAX: independently trained experts, "
+                    "merged, switchable at inference.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for group in _GROUPS:
+        group.add_parsers(sub)
+
+    from flexmoe_jax.data_cli import add_data_commands
+
+    add_data_commands(sub)
+    return p
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar a failed command left open, so its error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (2 for a user error, printed as one line)."""
+    from flexmoe_jax import tf_quiet
+
+    tf_quiet.install()  # TensorFlow (the data pipeline's engine) prints C++ lines on import
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "data_dir", None) and args.command != "data" and storage.is_remote(args.data_dir):
+            from flexmoe_jax.data import staging
+
+            args.data_dir = staging.stage(args.data_dir, log=lambda m: print(m, file=sys.stderr))
+        status = args.fn(args)
+    except (FlexmoeError, OSError) as e:  # bad input, or a missing / unwritable file: one line, status 2
+        _close_progress_bars()
+        print(f"flexmoe {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) else 0  # anything else is a bug: its traceback shows
