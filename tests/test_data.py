@@ -50,7 +50,7 @@ def small(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------ pure units
 def test_import_is_light():
-    code = ("import sys, flexmoe_jax, flexmoe_jax.data, flexmoe_jax.data_cli; "
+    code = ("import sys, flexmoe_jax, flexmoe_jax.data, flexmoe_jax.cli.data; "
             "print(any(m.split('.')[0] in ('tensorflow', 'seqio', 'tensorflow_datasets') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
@@ -375,7 +375,7 @@ def _cli(argv):
         if has_data:
             rc = cli.main(argv)
         else:
-            from flexmoe_jax.data_cli import add_data_commands
+            from flexmoe_jax.cli.data import add_data_commands
             p = argparse.ArgumentParser(prog="flexmoe")
             add_data_commands(p.add_subparsers(dest="command"))
             args = p.parse_args(argv)

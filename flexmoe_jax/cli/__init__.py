@@ -16,7 +16,7 @@ from flexmoe_jax.errors import FlexmoeError
 
 __all__ = ["CommandError", "build_parser", "main"]
 
-# In the order ``flexmoe --help`` lists their commands; ``data`` (flexmoe_jax.data_cli) comes last.
+# In the order ``flexmoe --help`` lists their commands; ``data`` (cli.data) comes last.
 _GROUPS = (demo, training, merging, evaluation, huggingface, generation, inspection)
 
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     for group in _GROUPS:
         group.add_parsers(sub)
 
-    from flexmoe_jax.data_cli import add_data_commands
+    from flexmoe_jax.cli.data import add_data_commands
 
     add_data_commands(sub)
     return p
