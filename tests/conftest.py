@@ -29,6 +29,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.needs_corpora)
         if "quick_demo" in used:  # the quick demo itself takes ~10 minutes on 2 cores
             item.add_marker(pytest.mark.slow)
+    if not getattr(config.option, "numprocesses", None):
+        return
+    # pytest-xdist (`-n 2 --dist loadgroup`, the README's command): the quick demo's users share one
+    # worker and start first (the longest group); every other file stays on one worker, so its module
+    # fixtures are built once.
+    for item in items:
+        demo = "quick_demo" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("quick_demo" if demo else item.nodeid.split("::")[0]))
+    items.sort(key=lambda it: "quick_demo" not in getattr(it, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session")
