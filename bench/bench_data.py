@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     import flexmoe_jax.data as D
-    from flexmoe_jax.data import layout, tasks
+    from flexmoe_jax.data import layout, packing
 
     t = time.perf_counter()
     build_kw = {} if args.full else {"max_docs_per_domain": 300, "vocab_size": 4096}
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     ntok = 0
     for n in task_list:
-        rows = tasks.packed_rows(n, "train", L, args.data_dir)
+        rows = packing.packed_rows(n, "train", L, args.data_dir)
         ntok += int(np.asarray(rows["decoder_loss_weights"]).sum())
     pack_s = time.perf_counter() - t
 

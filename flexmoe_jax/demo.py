@@ -274,11 +274,11 @@ def share_public_rows(w: Workdir, domains: list[str]) -> None:
     run already made (hard links; public data only, so nothing private moves), instead of every
     owner process packing the same public text again."""
     from flexmoe_jax import data
-    from flexmoe_jax.data import tasks
+    from flexmoe_jax.data import packing
 
     public = [f"{data.TASK_PREFIX}{c}" for c in data.PUBLIC_SOURCES]
     for d in domains:
-        tasks.share_packed_rows(w.data, w.owner_data(d), public, "train", w.plan.seq_len)
+        packing.share_packed_rows(w.data, w.owner_data(d), public, "train", w.plan.seq_len)
 
 
 def _expert_command(w: Workdir, anchor: Path, domain: str, variant: str = "", extra: Sequence[str] = ()) -> list[str]:

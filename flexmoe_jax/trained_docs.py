@@ -1,26 +1,10 @@
-"""Which documents a training run actually trained on, from the data position in its checkpoint.
+"""Which documents a training run actually trained on, replayed from the data position in its checkpoint.
 
-A run's training batches are a pure function of ``(seed, step)`` (:class:`flexmoe_jax.data.tasks.Batches`),
-and every checkpoint of a run (``RUN/state/<step>/``, written by :func:`flexmoe_jax.trainer.run`)
-saves the iterator's position next to the weights: task or mixture name, split, batch size,
-sequence length, seed and the number of batches read. :func:`trained_documents` rebuilds that
-iterator, replays batches ``0 .. step-1`` of the whole global batch (every host's rows) and
-collects the document pieces (packed segments) the run was fed.
-
-The task pipeline cuts each document's ``tokens + [EOS]`` into *pieces* of ``seq_len`` tokens
-(:func:`flexmoe_jax.data.tasks.split_to_length`) and packs and shuffles those pieces as rows, so a
-run that reads a small share of its split sees scattered pieces of many documents, rarely a whole
-one. A document of the split counts as *trained on* when any of its pieces is one of the segments
-fed; :attr:`TrainedDocuments.pieces` says which. Matching is by content, so it does not depend on how seqio packed the
-pieces into
-rows, nor on which data directory holding the same datasets rebuilt them (an owner's directory of
-hard links gives the same documents as the full one). Rows read only to initialize an expert's
-router (a mean over hidden states, ``RunConfig.router_init``) are not training batches and are
-not counted.
-
-A run on a public-replay mixture (``RunConfig.public_replay``: names like
-``flexmix_mini.humor+flexmix_mini.public@30``) is re-registered from the run's recorded settings
-(the gin text in ``RUN/model``'s metadata or ``RUN/expert``'s manifest), or from its name.
+:func:`trained_documents` rebuilds the run's iterator (:class:`flexmoe_jax.data.batching.Batches`) at the
+position saved with a checkpoint (``RUN/state/<step>/``), replays batches ``0 .. step-1`` of the whole
+global batch and matches the packed segments fed, by content, against the split's document pieces
+(``seq_len`` tokens of ``ids + [EOS]`` each). Returns a :class:`TrainedDocuments`. Why pieces, and how
+public-replay runs are handled: docs/privacy.md ("Which documents a run trained on").
 """
 
 from __future__ import annotations
@@ -40,14 +24,14 @@ from flexmoe_jax.errors import UserError
 
 @dataclasses.dataclass
 class TrainedDocuments:
-    """The documents of one task's split that a run trained on (see the module docstring).
+    """The documents of one task's split that a run trained on (a document counts when any of its
+    pieces was fed).
 
-    ``indices``: their positions in the split in storage order (the order
-    :func:`split_texts` reads), ascending; ``documents``: their token ids (no EOS), in the same
-    order; ``pieces``: for each, the numbers of its pieces the run was fed (piece ``k`` is tokens
-    ``k*seq_len .. (k+1)*seq_len - 1`` of ``ids + [EOS]``), ascending. ``split_docs``: documents in the whole split.
-    ``steps``: the run had read batches
-    ``0 .. steps-1`` (of ``batch_size`` rows of ``seq_len`` tokens) when checkpoint
+    ``indices``: their positions in the split in storage order (the order :func:`split_texts` reads),
+    ascending; ``documents``: their token ids (no EOS), in the same order; ``pieces``: for each, the
+    numbers of its pieces the run was fed (piece ``k`` is tokens ``k*seq_len .. (k+1)*seq_len - 1`` of
+    ``ids + [EOS]``), ascending. ``split_docs``: documents in the whole split. ``steps``: the run had
+    read batches ``0 .. steps-1`` (of ``batch_size`` rows of ``seq_len`` tokens) when checkpoint
     ``checkpoint_step`` was saved.
     """
 
@@ -300,7 +284,7 @@ def trained_documents(run_dir, data_dir=None, domain: str | None = None, *, step
     recorded ``RunConfig.data_dir``); an owner's directory of hard links and the full one give the
     same documents. ``domain``: a short (``humor``) or full task name; default the run's own task
     (an owner's task, also in a public-replay mixture). ``step``: use the checkpoint of that step
-    (default: the latest, which for a finished run is its last step). See the module docstring.
+    (default: the latest, which for a finished run is its last step). See docs/privacy.md.
 
     Raises ValueError for a directory that is not a run, a run without a saved data position, a
     data directory without the run's task, or a domain the run never read.

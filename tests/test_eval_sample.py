@@ -33,7 +33,7 @@ def _segments(rows):
 
 def test_whole_split_is_every_document_packed_as_seqio_packs(data_dir):
     from flexmoe_jax import data
-    from flexmoe_jax.data import tasks
+    from flexmoe_jax.data import packing, tasks
 
     for task in ("flexmix_mini.humor", "flexmix_mini.public"):
         s = sample.draw(data_dir, task, "test", SEQ)
@@ -43,7 +43,7 @@ def test_whole_split_is_every_document_packed_as_seqio_packs(data_dir):
         assert size["whole_split"] and size["split_docs"] == stats["docs"]
         want = Counter()
         for t in tasks._tasks_and_rates(task, data_dir)[0]:
-            want += _segments(tasks.packed_rows(t, "test", SEQ, data_dir))
+            want += _segments(packing.packed_rows(t, "test", SEQ, data_dir))
         assert _segments(s.rows) == want  # same tokens, same pieces, same BOS-shifted inputs as seqio
         assert int(s.rows["decoder_loss_weights"].sum()) == size["tokens"]
         # doc_of covers exactly the scored tokens, each document's token count

@@ -17,7 +17,7 @@ import pytest
 
 from flexmoe_jax import checkpoint, cli, data, model, privacy, trained_docs
 from flexmoe_jax.config import ModelConfig
-from flexmoe_jax.data import tasks as data_tasks
+from flexmoe_jax.data import packing
 
 PRE, SUF, BATCH = 16, 16, 16
 CONFIG = ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, mlp_hidden=64, max_seq_len=128)
@@ -220,7 +220,7 @@ def test_document_tokens_are_the_packed_segments(small_data_dir):
     """SentencePiece's ids of every document, + EOS, cut every seq_len tokens, are exactly the
     segments seqio packed into the split's rows (each piece once)."""
     docs = _humor_docs(small_data_dir)
-    rows = data_tasks.packed_rows(HUMOR, "train", RUN_SEQ, small_data_dir)
+    rows = packing.packed_rows(HUMOR, "train", RUN_SEQ, small_data_dir)
     segments = collections.Counter(
         tuple(int(x) for x in s) for t, g in zip(rows["decoder_target_tokens"], rows["decoder_segment_ids"])
         for s in trained_docs.row_segments(t, g))

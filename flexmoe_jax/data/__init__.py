@@ -18,12 +18,11 @@ Names: tasks ``flexmix_mini.<config>`` (configs :data:`CONFIGS`), mixtures ``fle
 
 from __future__ import annotations
 
+from flexmoe_jax.data.doc import SourceMissing
 from flexmoe_jax.data.layout import ALL_MIXTURE, PUBLIC_MIXTURE, TASK_PREFIX
-from flexmoe_jax.data.sources import CLOSED_DOMAINS, CONFIGS, PUBLIC_SOURCES, SourceMissing
+from flexmoe_jax.data.packing import FEATURES
+from flexmoe_jax.data.sources import CLOSED_DOMAINS, CONFIGS, PUBLIC_SOURCES
 from flexmoe_jax.data.splits import SPLITS
-
-FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
-            "decoder_segment_ids", "decoder_positions")
 
 
 def build(data_dir, domains=None, max_docs_per_domain=None, max_bytes_per_domain=None, vocab_size=8192,
@@ -42,7 +41,7 @@ def register(name, files, data_dir, format="txt", text_key="text", vocab=None, o
     from flexmoe_jax.data import owner
 
     return owner.register(name, files, data_dir, format=format, text_key=text_key, vocab=vocab,
-                      overwrite=overwrite, progress=progress, log=log)
+                          overwrite=overwrite, progress=progress, log=log)
 
 
 def register_tasks(data_dir) -> list:
@@ -69,24 +68,24 @@ def sentencepiece(data_dir):
 def batches(name, split, batch_size, seq_len, data_dir, seed=0, start_step=0, shard_index=0, num_shards=1,
             row_task=False):
     """Packed training batches of a task or mixture; resumable (``start_step`` / ``.state()``)."""
-    from flexmoe_jax.data import tasks
+    from flexmoe_jax.data import batching
 
-    return tasks.batches(name, split, batch_size, seq_len, data_dir, seed=seed, start_step=start_step,
+    return batching.batches(name, split, batch_size, seq_len, data_dir, seed=seed, start_step=start_step,
                          shard_index=shard_index, num_shards=num_shards, row_task=row_task)
 
 
 def batches_from_state(state, data_dir):
-    """Rebuild a :class:`tasks.Batches` iterator from its ``state()``."""
-    from flexmoe_jax.data import tasks
+    """Rebuild a :class:`batching.Batches` iterator from its ``state()``."""
+    from flexmoe_jax.data import batching
 
-    return tasks.Batches.from_state(state, data_dir)
+    return batching.Batches.from_state(state, data_dir)
 
 
 def eval_batches(name, split, batch_size, seq_len, data_dir):
     """Every token of a split exactly once, in padded packed batches."""
-    from flexmoe_jax.data import tasks
+    from flexmoe_jax.data import batching
 
-    return tasks.eval_batches(name, split, batch_size, seq_len, data_dir)
+    return batching.eval_batches(name, split, batch_size, seq_len, data_dir)
 
 
 def split_stats(name, split, data_dir) -> dict:

@@ -7,12 +7,13 @@ import datetime
 import json
 from pathlib import Path
 
-from flexmoe_jax.data import layout as L, sources as S, splits
+from flexmoe_jax.data import layout as L, sources as S, splits, tokenizer as T
+from flexmoe_jax.data.manifest import write_json_atomic
 
 
 def compute(data_dir, configs, manifest: dict) -> dict:
     """Measure every split of the given FlexMix-mini configs (reads the tfds datasets)."""
-    from flexmoe_jax.data import pipeline, tokenizer as T
+    from flexmoe_jax.data.tfds_io import read_split_texts
 
     sp = T.processor(L.tokenizer_path(data_dir))
     out = {"name": "FlexMix-mini", "data_dir": str(Path(data_dir).resolve()),
@@ -26,7 +27,7 @@ def compute(data_dir, configs, manifest: dict) -> dict:
         entry = manifest["configs"][c]
         rows = {}
         for s in splits.SPLITS:
-            texts = pipeline.read_split_texts(data_dir, L.FLEXMIX_NAME, c, s)
+            texts = read_split_texts(data_dir, L.FLEXMIX_NAME, c, s)
             nbytes = sum(len(t.encode("utf-8")) for t in texts)
             ntok = sum(T.count_tokens(sp, texts))
             rows[s] = {"docs": len(texts), "bytes": nbytes, "tokens": ntok,
@@ -44,8 +45,7 @@ def compute(data_dir, configs, manifest: dict) -> dict:
 
 
 def write(data_dir, card: dict) -> None:
-    from flexmoe_jax.data.pipeline import write_json_atomic
-
+    """Write ``card.json`` and ``card.md`` atomically."""
     write_json_atomic(Path(data_dir) / "card.json", card, sort_keys=False)  # keep the domain order
     md = Path(data_dir) / "card.md"
     tmp = md.with_name("card.md.tmp")

@@ -1,15 +1,10 @@
-"""The math domain: DeepMind's ``mathematics_dataset`` generator, run in an isolated environment.
+"""The math domain: DeepMind's ``mathematics_dataset`` generator, pinned and run in an isolated environment.
 
-``mathematics_dataset`` 1.0.1 needs ``sympy==1.5.1`` (torch needs sympy >= 1.13) and numpy < 1.24 (it
-uses ``np.object`` and ``ndarray.itemset``), so it cannot live in the project's environment. We
-``pip install --target`` it with exact pins into a tools directory (default
-``~/.cache/flexmoe_jax/tools``, or ``$FLEXMOE_TOOLS_DIR``) and run it as a subprocess with
-``python -S`` (no site-packages) and only that directory on ``sys.path``.
-
-Documents are worksheets: ``PROBLEMS_PER_DOC`` questions with their answers from one generator
-module (the module drawn from the document's seed). Document ``i`` of a split is generated from its own seed,
-``sha256(f"{seed}/{split}/{i}")``, so the output does not depend on how many worker processes run,
-and a build that asks for more documents extends a smaller one.
+:func:`ensure_installed` pip-installs :data:`PINS` into ``tools_dir()`` (``$FLEXMOE_TOOLS_DIR``, default
+``~/.cache/flexmoe_jax/tools``); :class:`Generator` runs it as ``python -S`` subprocesses. Document ``i``
+of a split is a worksheet of :data:`PROBLEMS_PER_DOC` questions with answers, a pure function of
+``(seed, split, i)`` whatever the number of workers. Why it is isolated and how it is made
+deterministic: docs/data.md ("The domains").
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from flexmoe_jax.data.sources import Doc, SourceMissing
+from flexmoe_jax.data.doc import Doc, SourceMissing
 from flexmoe_jax.errors import UserError
 
 PINS = {"mathematics-dataset": "1.0.1", "sympy": "1.5.1", "numpy": "1.23.5", "mpmath": "1.3.0",

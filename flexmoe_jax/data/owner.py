@@ -1,20 +1,12 @@
-"""A data owner's own files -> a tfds dataset and a seqio task, on the owner's machine only.
+"""``flexmoe data register``: a data owner's own files -> tfds ``flexmix_owner/NAME:1.0.0`` and seqio
+task ``NAME``, on the owner's machine only.
 
-``flexmoe data register --name NAME --files GLOB [--format txt|jsonl] [--text_key K]``:
-
-- ``txt``: every file is one document (UTF-8). ``jsonl``: every line is a JSON object whose
-  ``text_key`` field (a string) is one document.
-- Unreadable and non-UTF-8 files are skipped and counted; jsonl lines that are not JSON objects or
-  lack the key are skipped and counted, and the first offender is named. If nothing usable is left
-  the command fails and says why.
-- The documents get the same hygiene as FlexMix-mini (normalization, exact dedup, sha256 splits
-  90/5/5; with 3+ documents validation and test are never empty) and are written as the tfds dataset
-  ``flexmix_owner/NAME:1.0.0`` under ``DATA_DIR/tfds``; the seqio task is ``NAME``, tokenized with the
-  anchor's tokenizer (``DATA_DIR/tokenizer/spm.model`` or ``--vocab``), a copy of which is kept
-  with the owner's manifest ``DATA_DIR/owners/NAME.json``.
-- Registering the same name with the same documents again does nothing; with other documents it
-  is an error unless ``overwrite``. A name that clashes with a registered seqio task or mixture, or
-  with FlexMix-mini's, is an error.
+``txt``: one document per file; ``jsonl``: one per line, from its ``text_key`` field. Unreadable files
+and bad lines are skipped, counted and the first named; nothing usable left is a :class:`UserError`.
+The documents get FlexMix-mini's hygiene (:mod:`flexmoe_jax.data.splits`) and the anchor's tokenizer,
+a copy of which is kept next to the manifest ``DATA_DIR/owners/NAME.json``. The same name with the
+same documents is a no-op; with other documents a ``FileExistsError`` unless ``overwrite``; a name
+clashing with a seqio task or mixture or FlexMix-mini's is a :class:`UserError`. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -30,7 +22,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from flexmoe_jax.data import layout as L, splits
-from flexmoe_jax.data.sources import CONFIGS, Doc
+from flexmoe_jax.data.doc import Doc
+from flexmoe_jax.data.manifest import write_json_atomic
+from flexmoe_jax.data.sources import CONFIGS
 from flexmoe_jax.errors import UserError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -194,7 +188,6 @@ def register(name: str, files, data_dir, format: str = "txt", text_key: str = "t
                 "text_key": text_key if format == "jsonl" else None,
                 "vocab": str(vocab_path.resolve()), "read": {k: v for k, v in stats.items() if k != "first"},
                 "duplicates": dstats.get("duplicates", 0), "empty": dstats.get("empty", 0), "splits": split_rows}
-    from flexmoe_jax.data.pipeline import write_json_atomic
     write_json_atomic(man_path, manifest)
 
     from flexmoe_jax.data import tasks
@@ -212,8 +205,8 @@ def register(name: str, files, data_dir, format: str = "txt", text_key: str = "t
 
 
 def _write_tfds(data_dir, name: str, by_split, key: str) -> None:
-    from flexmoe_jax.data.tasks import _quiet_tf
-    _quiet_tf()
+    from flexmoe_jax.data.tfds_io import quiet_tf
+    quiet_tf()
     import tensorflow_datasets as tfds
 
     from flexmoe_jax.data import builder as B

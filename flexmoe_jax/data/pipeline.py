@@ -1,20 +1,5 @@
-"""``flexmoe_jax.data.build``: sources -> tfds datasets -> tokenizer -> data card, cached.
-
-Layout of a data directory::
-
-    DATA_DIR/manifest.json                       what was built, from which arguments and packages
-    DATA_DIR/tfds/flexmix_mini/<config>/1.0.0/   one tfds dataset per domain / public source
-    DATA_DIR/tfds/flexmix_owner/<name>/1.0.0/    owners' registered data (flexmoe data register)
-    DATA_DIR/owners/<name>.json                  an owner's manifest (+ its copy of the tokenizer)
-    DATA_DIR/tokenizer/spm.model                 SentencePiece, trained on the public train split
-    DATA_DIR/card.json, DATA_DIR/card.md         the data card
-    DATA_DIR/cache/                              decontamination index, packed rows (safe to delete)
-
-Every step has a key (a hash of everything it depends on: arguments, package versions, the keys of
-its inputs); a step whose key matches the manifest is skipped, so a second ``build`` with the same
-arguments does nothing and says so. Each dataset is written by tfds into a temporary directory and
-renamed when complete, and the manifest is replaced atomically after every step.
-"""
+"""``flexmoe_jax.data.build``: sources -> tfds datasets -> tokenizer -> data card, each step cached
+by a key in the manifest (a step whose key matches is skipped). Layout and caching: docs/data.md."""
 
 from __future__ import annotations
 
@@ -27,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from flexmoe_jax import storage
-from flexmoe_jax.data import layout as L, sources as S, splits
+from flexmoe_jax.data import card as C, layout as L, sources as S, splits, tokenizer as T
+from flexmoe_jax.data.manifest import FORMAT_VERSION, MANIFEST, read_manifest, write_json_atomic
+from flexmoe_jax.data.tfds_io import quiet_tf, read_split_texts
 from flexmoe_jax.errors import UserError
 
-FORMAT_VERSION = 1
 DEFAULT_VOCAB_SIZE = 8192
 # Per-config byte caps for the full build ("a few MB per domain"; math is generated, ~10 KB/s/core).
 DEFAULT_MAX_BYTES = {
@@ -43,25 +28,10 @@ DEFAULT_MAX_BYTES = {
 # no training time, so each closed source keeps every document its hash puts in test (math, which is
 # generated, 250 KB: ~330 worksheets), not just 5% of the cap. Train and validation are unchanged.
 DEFAULT_TEST_BYTES = {"code": None, "techdocs": None, "literature": None, "humor": None, "math": 250_000}
-MANIFEST = "manifest.json"
 
 
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_manifest(data_dir) -> dict:
-    p = Path(data_dir) / MANIFEST
-    if not p.exists():
-        return {"format": FORMAT_VERSION, "configs": {}}
-    m = json.loads(p.read_text())
-    if m.get("format") != FORMAT_VERSION:
-        return {"format": FORMAT_VERSION, "configs": {}}
-    return m
-
-
-def write_json_atomic(path, obj, sort_keys: bool = True) -> None:
-    storage.write_json(path, obj, sort_keys=sort_keys)
 
 
 def config_args(config: str, max_docs: int | None, max_bytes: int | None, seed: int) -> dict:
@@ -114,14 +84,9 @@ def _selection_fn(args: dict, tick: Callable[[int], None]):
     return select
 
 
-def _quiet_tf():
-    from flexmoe_jax.data.tasks import _quiet_tf as quiet
-    quiet()
-
-
 def build_config(data_dir, config: str, args: dict, tick=lambda n: None) -> dict:
     """Build one FlexMix-mini config into DATA_DIR/tfds (replacing an older build); returns its stats."""
-    _quiet_tf()
+    quiet_tf()
     import tensorflow_datasets as tfds
 
     from flexmoe_jax.data import builder as B
@@ -137,20 +102,6 @@ def build_config(data_dir, config: str, args: dict, tick=lambda n: None) -> dict
     sel = dict(b.info.metadata.get("selection", {}))
     counts = {s: int(b.info.splits[s].num_examples) for s in splits.SPLITS if s in b.info.splits}
     return {"selection": sel, "docs": counts}
-
-
-def read_split_texts(data_dir, name: str, config: str, split: str) -> list[str]:
-    """All document texts of one split of a prepared dataset, in storage order."""
-    _quiet_tf()
-    import tensorflow_datasets as tfds
-
-    from flexmoe_jax.data import builder as B
-
-    b = B.load_builder(data_dir, name, config)
-    if split not in b.info.splits:
-        return []
-    ds = b.as_dataset(split=split, shuffle_files=False)
-    return [x["text"].decode("utf-8") for x in tfds.as_numpy(ds)]
 
 
 def build(data_dir, domains: Sequence[str] | None = None, max_docs_per_domain: int | None = None,
@@ -170,44 +121,26 @@ def build(data_dir, domains: Sequence[str] | None = None, max_docs_per_domain: i
       progress: show a progress bar on stderr.
       install_missing: apt-get install missing Debian packages (needs root) instead of failing.
       log: where one-line status messages go (default: print to stdout).
+
+    Raises :class:`UserError` on bad caps or an unknown domain, :class:`SourceMissing` for a corpus
+    that is not installed.
     """
     log = log or (lambda msg: print(msg, flush=True))
-    if max_docs_per_domain is not None and max_docs_per_domain < 3:
-        raise UserError("max_docs_per_domain must be at least 3 (one document per split)")
-    if max_bytes_per_domain is not None and max_bytes_per_domain <= 0:
-        raise UserError("max_bytes_per_domain must be positive")
-    if vocab_size < 260:
-        raise UserError("vocab_size must be at least 260 (256 byte-fallback pieces + specials)")
+    _check_args(max_docs_per_domain, max_bytes_per_domain, vocab_size)
     configs = S.check_configs(list(domains) if domains else list(S.CONFIGS))
     configs = [c for c in S.CONFIGS if c in set(configs) | set(S.PUBLIC_SOURCES)]
     data_dir = Path(data_dir)
     S.package_versions.cache_clear()
     manifest = read_manifest(data_dir)
     built = manifest.setdefault("configs", {})
-
-    def stale(c, args):
-        entry = built.get(c)
-        return not (entry and entry.get("key") == _key(args) and L.dataset_ready(data_dir, L.FLEXMIX_NAME, c))
-
-    args = {c: config_args(c, max_docs_per_domain, max_bytes_per_domain, seed) for c in configs}
-    todo = [c for c in configs if stale(c, args[c])]
-    if todo:
-        need = set(todo) | (set(S.DECONTAMINATE_AGAINST) if set(todo) & set(S.PUBLIC_SOURCES) else set())
-        S.ensure_available([c for c in S.CONFIGS if c in need], install_missing=install_missing)
-        S.package_versions.cache_clear()
-        args = {c: config_args(c, max_docs_per_domain, max_bytes_per_domain, seed) for c in configs}
-        todo = [c for c in configs if stale(c, args[c])]
+    args, todo = _plan(data_dir, configs, built, max_docs_per_domain, max_bytes_per_domain, seed, install_missing)
 
     tok_args = {"vocab_size": vocab_size, "seed": seed, "public": {c: _key(args[c]) for c in S.PUBLIC_SOURCES}}
     tok_path = L.tokenizer_path(data_dir)
     tok_stale = manifest.get("tokenizer", {}).get("key") != _key(tok_args) or not tok_path.exists()
-
-    def card_key():
-        return _key({"configs": {c: e["key"] for c, e in built.items()}, "tokenizer": _key(tok_args),
-                     "card_format": 1})
-    if not todo and not tok_stale and manifest.get("card_key") == card_key() and (data_dir / "card.json").exists():
+    if (not todo and not tok_stale and manifest.get("card_key") == _card_key(built, tok_args)
+            and (data_dir / "card.json").exists()):
         log(f"FlexMix-mini in {data_dir} is up to date (same arguments): nothing to do")
-        from flexmoe_jax.data import card as C
         return C.load(data_dir)
 
     from tqdm.auto import tqdm
@@ -217,44 +150,92 @@ def build(data_dir, domains: Sequence[str] | None = None, max_docs_per_domain: i
     bar = tqdm(total=steps, desc="flexmix build", unit="step", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     try:
-        for c in todo:
-            bar.set_description(f"build {c}")
-
-            def tick(n, c=c):
-                if n % 25 == 0:
-                    bar.set_postfix_str(f"{c}: {n} docs generated", refresh=True)
-            t0 = time.time()
-            info = build_config(data_dir, c, args[c], tick)
-            built[c] = {"key": _key(args[c]), "args": args[c], **info, "seconds": round(time.time() - t0, 1)}
-            manifest["card_key"] = None
-            write_json_atomic(data_dir / MANIFEST, manifest)
-            bar.set_postfix_str("")
-            bar.update(1)
+        _build_configs(data_dir, todo, args, manifest, bar)
         if tok_stale or todo:
-            bar.set_description("train tokenizer")
-            public_train = [t for c in S.PUBLIC_SOURCES
-                            for t in read_split_texts(data_dir, L.FLEXMIX_NAME, c, "train")]
-            from flexmoe_jax.data import tokenizer as T
-            old = tok_path.read_bytes() if tok_path.exists() else None
-            T.train(public_train, tok_path, vocab_size=vocab_size, seed=seed)
-            if old != tok_path.read_bytes():
-                shutil.rmtree(L.cache_dir(data_dir) / "packed", ignore_errors=True)
-            manifest["tokenizer"] = {"key": _key(tok_args), "vocab_size": vocab_size, "seed": seed,
-                                     "trained_on": [f"flexmix_mini/{c}:train" for c in S.PUBLIC_SOURCES],
-                                     "model_type": "bpe", "byte_fallback": True}
-            write_json_atomic(data_dir / MANIFEST, manifest)
-            bar.update(1)
+            _train_tokenizer(data_dir, manifest, tok_args, bar)
         for c in todo:
             shutil.rmtree(L.cache_dir(data_dir) / "packed" / f"{L.TASK_PREFIX}{c}", ignore_errors=True)
-        bar.set_description("data card")
-        from flexmoe_jax.data import card as C
-        card = C.compute(data_dir, [c for c in S.CONFIGS if c in built], manifest)
-        C.write(data_dir, card)
-        manifest["card_key"] = card_key()
-        write_json_atomic(data_dir / MANIFEST, manifest)
-        bar.update(1)
+        card = _write_card(data_dir, manifest, tok_args, bar)
     finally:
         bar.close()
     log(f"built FlexMix-mini in {data_dir}: " + ", ".join(todo or ["(tokenizer/card only)"])
         + f"; card: {data_dir / 'card.md'}")
+    return card
+
+
+def _check_args(max_docs_per_domain: int | None, max_bytes_per_domain: int | None, vocab_size: int) -> None:
+    if max_docs_per_domain is not None and max_docs_per_domain < 3:
+        raise UserError("max_docs_per_domain must be at least 3 (one document per split)")
+    if max_bytes_per_domain is not None and max_bytes_per_domain <= 0:
+        raise UserError("max_bytes_per_domain must be positive")
+    if vocab_size < 260:
+        raise UserError("vocab_size must be at least 260 (256 byte-fallback pieces + specials)")
+
+
+def _plan(data_dir: Path, configs: list[str], built: dict, max_docs: int | None, max_bytes: int | None, seed: int,
+          install_missing: bool) -> tuple[dict[str, dict], list[str]]:
+    """``(args per config, configs to (re)build)``; makes sure the corpora of those are installed."""
+    def stale(c, args):
+        entry = built.get(c)
+        return not (entry and entry.get("key") == _key(args) and L.dataset_ready(data_dir, L.FLEXMIX_NAME, c))
+
+    args = {c: config_args(c, max_docs, max_bytes, seed) for c in configs}
+    todo = [c for c in configs if stale(c, args[c])]
+    if todo:
+        need = set(todo) | (set(S.DECONTAMINATE_AGAINST) if set(todo) & set(S.PUBLIC_SOURCES) else set())
+        S.ensure_available([c for c in S.CONFIGS if c in need], install_missing=install_missing)
+        S.package_versions.cache_clear()
+        args = {c: config_args(c, max_docs, max_bytes, seed) for c in configs}
+        todo = [c for c in configs if stale(c, args[c])]
+    return args, todo
+
+
+def _card_key(built: dict, tok_args: dict) -> str:
+    return _key({"configs": {c: e["key"] for c, e in built.items()}, "tokenizer": _key(tok_args), "card_format": 1})
+
+
+def _build_configs(data_dir: Path, todo: list[str], args: dict[str, dict], manifest: dict, bar) -> None:
+    """Build each stale config's tfds dataset, recording it in the manifest after each."""
+    built = manifest["configs"]
+    for c in todo:
+        bar.set_description(f"build {c}")
+
+        def tick(n, c=c):
+            if n % 25 == 0:
+                bar.set_postfix_str(f"{c}: {n} docs generated", refresh=True)
+        t0 = time.time()
+        info = build_config(data_dir, c, args[c], tick)
+        built[c] = {"key": _key(args[c]), "args": args[c], **info, "seconds": round(time.time() - t0, 1)}
+        manifest["card_key"] = None
+        write_json_atomic(data_dir / MANIFEST, manifest)
+        bar.set_postfix_str("")
+        bar.update(1)
+
+
+def _train_tokenizer(data_dir: Path, manifest: dict, tok_args: dict, bar) -> None:
+    """Train the tokenizer on the public train split; drop the packed rows if it changed."""
+    bar.set_description("train tokenizer")
+    vocab_size, seed = tok_args["vocab_size"], tok_args["seed"]
+    tok_path = L.tokenizer_path(data_dir)
+    public_train = [t for c in S.PUBLIC_SOURCES for t in read_split_texts(data_dir, L.FLEXMIX_NAME, c, "train")]
+    old = tok_path.read_bytes() if tok_path.exists() else None
+    T.train(public_train, tok_path, vocab_size=vocab_size, seed=seed)
+    if old != tok_path.read_bytes():
+        shutil.rmtree(L.cache_dir(data_dir) / "packed", ignore_errors=True)
+    manifest["tokenizer"] = {"key": _key(tok_args), "vocab_size": vocab_size, "seed": seed,
+                             "trained_on": [f"flexmix_mini/{c}:train" for c in S.PUBLIC_SOURCES],
+                             "model_type": "bpe", "byte_fallback": True}
+    write_json_atomic(data_dir / MANIFEST, manifest)
+    bar.update(1)
+
+
+def _write_card(data_dir: Path, manifest: dict, tok_args: dict, bar) -> dict:
+    """Measure every built config into the data card, write it, and record its key."""
+    bar.set_description("data card")
+    built = manifest["configs"]
+    card = C.compute(data_dir, [c for c in S.CONFIGS if c in built], manifest)
+    C.write(data_dir, card)
+    manifest["card_key"] = _card_key(built, tok_args)
+    write_json_atomic(data_dir / MANIFEST, manifest)
+    bar.update(1)
     return card

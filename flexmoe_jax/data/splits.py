@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from flexmoe_jax.data.sources import Doc
+from flexmoe_jax.data.doc import Doc
 from flexmoe_jax.errors import UserError
 
 SPLITS = ("train", "validation", "test")

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from flexmoe_jax import storage
+from flexmoe_jax.data.manifest import MANIFEST
 from flexmoe_jax.errors import UserError
-
-MANIFEST = "manifest.json"
 
 
 def cache_root() -> Path:

@@ -1,16 +1,6 @@
-"""The anchor's tokenizer: SentencePiece trained on the public training split only, used through
-``seqio.SentencePieceVocabulary``; and the byte accounting that makes losses tokenizer-independent.
-
-The tokenizer belongs to the public model: data owners never share data, so it cannot have seen
-theirs. Settings: BPE with ``byte_fallback`` (any UTF-8 text is representable, no ``<unk>`` in
-practice), identity normalization (but ``\r`` -> ``\n``) and no whitespace collapsing (code
-indentation survives, so ``decode(encode(text)) == text`` for any text without ``\r`` or U+2581), digits split,
-``"\\n"`` as its own
-piece, and the T5/seqio id convention: pad 0, eos 1, unk 2, no bos (the decoder's BOS is pad).
-
-Bits per byte: a model's summed negative log-likelihood (nats) over every token of a split,
-divided by ``ln 2`` times the split's UTF-8 byte count, :func:`bits_per_byte`. Bytes are counted on
-the stored document text, so the number compares models with different tokenizers.
+"""The anchor's tokenizer: SentencePiece BPE trained on the public training split only (ids pad 0,
+eos 1, unk 2, no bos), its ``seqio`` vocabulary, token counts, and tokenizer-independent bits per byte.
+Settings and why: docs/data.md ("Tokenizer and bits per byte").
 """
 
 from __future__ import annotations
@@ -82,9 +72,9 @@ def processor(path: str | os.PathLike):
 
 def seqio_vocabulary(path: str | os.PathLike):
     """The ``seqio.SentencePieceVocabulary`` the tasks use (imports TensorFlow)."""
-    from flexmoe_jax.data.tasks import _quiet_tf
+    from flexmoe_jax.data.tfds_io import quiet_tf
 
-    _quiet_tf()
+    quiet_tf()
     import seqio
 
     path = Path(path)
