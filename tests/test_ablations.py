@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flexmoe_jax import ablations
+from flexmoe_jax.demo import ablations
 
 
 def _res(per):

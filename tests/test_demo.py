@@ -178,18 +178,20 @@ def test_owner_data_dir_keeps_only_public_and_own(quick_demo, tmp_path):
 def test_cpu_slots_split_the_cpus_into_disjoint_sets(monkeypatch):
     import os
 
+    from flexmoe_jax.demo import experts
+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5})
-    monkeypatch.setattr(demo.shutil, "which", lambda name: "/usr/bin/taskset")
-    assert demo.cpu_slots(2) == [[0, 2, 5], [1, 3]]
-    assert demo.cpu_slots(5) == [[0], [1], [2], [3], [5]]
-    assert demo.cpu_slots(1) is None  # one process keeps every CPU
-    assert demo.cpu_slots(6) is None  # more processes than CPUs: no pinning
-    monkeypatch.setattr(demo.shutil, "which", lambda name: None)
-    assert demo.cpu_slots(2) is None  # no taskset on this machine
+    monkeypatch.setattr(experts.shutil, "which", lambda name: "/usr/bin/taskset")
+    assert experts.cpu_slots(2) == [[0, 2, 5], [1, 3]]
+    assert experts.cpu_slots(5) == [[0], [1], [2], [3], [5]]
+    assert experts.cpu_slots(1) is None  # one process keeps every CPU
+    assert experts.cpu_slots(6) is None  # more processes than CPUs: no pinning
+    monkeypatch.setattr(experts.shutil, "which", lambda name: None)
+    assert experts.cpu_slots(2) is None  # no taskset on this machine
 
 
 def test_sample_table_reports_the_spread_and_documents_for_one_percent():
-    from flexmoe_jax import demo_report
+    from flexmoe_jax.demo import report as demo_report
 
     size = {"docs": 10, "tokens": 500, "bytes": 1500, "whole_split": True}
     results = {"public": {"code": {"bpb": 2.0, "bpb_ci": [1.96, 2.04], "sample": size},

@@ -27,7 +27,7 @@ def add_parsers(sub) -> None:
     d.add_argument("--parallel", type=int, default=2,
                    help="owners' expert trainings run at once (default: %(default)s)")
     d.add_argument("--ablations", action="store_true",
-                   help="then the routing ablations (flexmoe_jax.ablations): router inits, bias, routing modes, "
+                   help="then the routing ablations (flexmoe_jax.demo.ablations): router inits, bias, routing modes, "
                         "each measured as the demo is; WORKDIR/results/ablations.{md,json,png}")
     d.add_argument("--checks", action="store_true",
                    help="instead: a one-minute check of the core (dispatch paths, opt-out, checkpoint and HF round "

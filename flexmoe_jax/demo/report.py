@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from flexmoe_jax import storage
+from flexmoe_jax.demo.workdir import write_json
 
 # Baselines and variants FlexOlmo is compared against, in report order.
 # "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
@@ -27,7 +27,7 @@ MAIN_PLOT = ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexol
 
 def findings(results: dict, domains: list[str], routing: dict | None = None, docs: dict | None = None) -> dict:
     """Numbers that answer the paper's claims, from ``results`` (bits per byte), ``routing``
-    (:func:`flexmoe_jax.demo.routing_all`) and ``docs`` (per-document scores: adds paired 95%
+    (:func:`flexmoe_jax.demo.scoring.routing_all`) and ``docs`` (per-document scores: adds paired 95%
     bootstrap intervals to every headline difference)."""
     def bpb(m, d):
         return results[m][d]["bpb"]
@@ -223,25 +223,21 @@ def grouped_tables(results: dict) -> list[str]:
     return out + [""]
 
 
-def _write_json(path: Path, obj) -> None:
-    storage.write_json(path, obj, sort_keys=False)
-
-
-def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dict | None,
-                 routing: dict | None = None, docs: dict | None = None) -> Path:
-    """``results/results.md`` (plus findings.json, flops.json and the plots) of demo work directory ``w``."""
+def _plots(w, results: dict, domains: list[str]) -> None:
+    """baselines.png (relative to the public model, per domain), experts.png and opt_out.png."""
     from flexmoe_jax import eval as eval_lib
 
-    f = findings(results, domains, routing, docs)
-    _write_json(w.results / "findings.json", f)
     main = [m for m in MAIN_PLOT if m in results]
-    # Changes relative to the public model, per domain: the differences between methods are a few percent.
     eval_lib.plot({m: results[m] for m in main}, w.results / "baselines.png", relative_to="public")
     eval_lib.plot({m: results[m] for m in ["public", *[f"expert_{d}" for d in domains],
                                            *[f"dense_{d}" for d in domains], "flexolmo"]
                    if m in results}, w.results / "experts.png", relative_to="public")
     eval_lib.plot({m: results[m] for m in ["flexolmo", *[f"flexolmo_minus_{d}" for d in domains]]
                    if m in results}, w.results / "opt_out.png")
+
+
+def _setup(w, domains: list[str]) -> list[str]:
+    """The title and what was run: sizes, recipes, baselines, the evaluation sample and wall time."""
     p = w.plan
     timing = w.timing()
     wall = sum(v for k, v in timing.items() if not k.startswith(("expert_", "eval_", "total_")))  # phases only
@@ -253,32 +249,57 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
     sample = ("every document of each held-out test split" if p.eval_tokens is None else
               f"whole documents of each held-out test split drawn with a fixed seed up to {p.eval_tokens:,} "
               "tokens per domain (a mixture's sources in proportion)")
-    lines = [f"# FlexOlmo on FlexMix-mini ({p.mode} mode)", "",
-             f"Made by `flexmoe demo{' --quick' if p.mode == 'quick' else ''} --workdir {w.root}`; every number "
-             "below was measured in that run.", "",
-             f"- anchor: dense OLMo-2 d_model={p.d_model}, {p.n_layers} layers, vocab {p.vocab_size}, "
-             f"{p.anchor_steps} steps on the public mix; batch {p.batch_size} x {p.seq_len} tokens everywhere",
-             f"- experts: {', '.join(domains)}; {p.expert_steps} steps each, each in its own process with only "
-             "its own data; merged top-2, router biases kept",
-             f"- flexolmo_replay: the same owners, each also replaying public data ({p.public_replay:.0%} of its "
-             "training rows; RunConfig.public_replay), merged the same way",
-             f"- dense_<domain>: each owner's dense expert (the whole anchor, {p.expert_steps} steps on its own data, "
-             "flexmoe train-dense); soup: their uniform average with the public model; soup_weighted: the same "
-             f"average with mixing weights fit on public validation text only ({soup_w}); btm: the public model and "
-             "the dense experts, weights softmax(-mean NLL of the context / T) over the top-2, renormalized (the "
-             "paper's baselines); soup_flexolmo_experts / btm_all: the same from the owners' 2-expert models, BTM "
-             "over every member (not the paper's)",
-             f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX: the public and dense experts' "
-             f"FFNs as one MoE, the rest averaged, {p.btx_steps} steps on public data only (the paper's); btx_alldata: "
-             f"the merged FlexOlmo, {p.btx_steps} steps on all data (breaks the data restriction); "
-             f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k} trained jointly on all data at the "
-             "paper's two budgets: the owners' total training FLOPs (unrestricted), and their total tokens, about 2x "
-             "the FLOPs (unrestricted_equal_data)",
-             f"- evaluation: {sample}; the same documents for every model, for bits per byte, routing and "
-             f"{p.mc_items} multiple-choice items per domain; bits per byte are the sampled documents' summed NLL "
-             "over their UTF-8 bytes; intervals are 95% bootstrap intervals over documents, paired between models",
-             f"- wall time: {wall:.0f} s",
-             "", "## Findings", ""]
+    return [f"# FlexOlmo on FlexMix-mini ({p.mode} mode)", "",
+            f"Made by `flexmoe demo{' --quick' if p.mode == 'quick' else ''} --workdir {w.root}`; every number "
+            "below was measured in that run.", "",
+            f"- anchor: dense OLMo-2 d_model={p.d_model}, {p.n_layers} layers, vocab {p.vocab_size}, "
+            f"{p.anchor_steps} steps on the public mix; batch {p.batch_size} x {p.seq_len} tokens everywhere",
+            f"- experts: {', '.join(domains)}; {p.expert_steps} steps each, each in its own process with only "
+            "its own data; merged top-2, router biases kept",
+            f"- flexolmo_replay: the same owners, each also replaying public data ({p.public_replay:.0%} of its "
+            "training rows; RunConfig.public_replay), merged the same way",
+            f"- dense_<domain>: each owner's dense expert (the whole anchor, {p.expert_steps} steps on its own data, "
+            "flexmoe train-dense); soup: their uniform average with the public model; soup_weighted: the same "
+            f"average with mixing weights fit on public validation text only ({soup_w}); btm: the public model and "
+            "the dense experts, weights softmax(-mean NLL of the context / T) over the top-2, renormalized (the "
+            "paper's baselines); soup_flexolmo_experts / btm_all: the same from the owners' 2-expert models, BTM "
+            "over every member (not the paper's)",
+            f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX: the public and dense experts' "
+            f"FFNs as one MoE, the rest averaged, {p.btx_steps} steps on public data only (the paper's); btx_alldata: "
+            f"the merged FlexOlmo, {p.btx_steps} steps on all data (breaks the data restriction); "
+            f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k} trained jointly on all data at the "
+            "paper's two budgets: the owners' total training FLOPs (unrestricted), and their total tokens, about 2x "
+            "the FLOPs (unrestricted_equal_data)",
+            f"- evaluation: {sample}; the same documents for every model, for bits per byte, routing and "
+            f"{p.mc_items} multiple-choice items per domain; bits per byte are the sampled documents' summed NLL "
+            "over their UTF-8 bytes; intervals are 95% bootstrap intervals over documents, paired between models",
+            f"- wall time: {wall:.0f} s",
+            "", "## Findings", ""]
+
+
+def _flops_lines(flops: dict) -> list[str]:
+    """The training FLOPs table."""
+    lines = ["## Training FLOPs", "",
+             "Counted by XLA in each phase's compiled training step (matmuls, through loops; see "
+             "flexmoe_jax/flops.py) times its steps; the 6N estimate (6 x active parameters per token, "
+             "plus attention) beside it. An owner's expert step skips the frozen public slot's weight "
+             "gradients, which 6N does not see.", "",
+             "| model | beyond the anchor | vs FlexOlmo's experts | total | 6N: beyond the anchor | 6N: vs FlexOlmo |",
+             "|---|---:|---:|---:|---:|---:|"]
+    return lines + [f"| {k} | {v['beyond_anchor']:.3g} | {v['vs_flexolmo']:.2f}x | {v['total']:.3g} | "
+                    f"{v['beyond_anchor_6n']:.3g} | {v['vs_flexolmo_6n']:.2f}x |" for k, v in flops.items()]
+
+
+def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dict | None,
+                 routing: dict | None = None, docs: dict | None = None) -> Path:
+    """``results/results.md`` (plus findings.json, flops.json and the plots) of demo work directory ``w``
+    (a :class:`~flexmoe_jax.demo.workdir.Workdir`); returns the path of results.md."""
+    from flexmoe_jax import eval as eval_lib
+
+    f = findings(results, domains, routing, docs)
+    write_json(w.results / "findings.json", f)
+    _plots(w, results, domains)
+    lines = _setup(w, domains)
     lines += [f"- {x}" for x in findings_text(f, domains)]
     lines += ["", "## Evaluation sample", "", *sample_table(results), ""]
     table = interval_table(f, domains)
@@ -287,16 +308,8 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
                   "(bpb_model - bpb_flexolmo) / bpb_flexolmo. Positive: FlexOlmo is better. (ns): the interval "
                   "contains 0.", "", *table, ""]
     lines += ["## Results", "", "Bits per byte (lower is better), grouped as the paper's Table 1:", "",
-              *grouped_tables(results), "Every model, with multiple choice:", "", eval_lib.results_table(results),
-              "## Training FLOPs", "",
-              "Counted by XLA in each phase's compiled training step (matmuls, through loops; see "
-              "flexmoe_jax/flops.py) times its steps; the 6N estimate (6 x active parameters per token, "
-              "plus attention) beside it. An owner's expert step skips the frozen public slot's weight "
-              "gradients, which 6N does not see.", "",
-              "| model | beyond the anchor | vs FlexOlmo's experts | total | 6N: beyond the anchor | 6N: vs FlexOlmo |",
-              "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {k} | {v['beyond_anchor']:.3g} | {v['vs_flexolmo']:.2f}x | {v['total']:.3g} | "
-              f"{v['beyond_anchor_6n']:.3g} | {v['vs_flexolmo_6n']:.2f}x |" for k, v in flops.items()]
+              *grouped_tables(results), "Every model, with multiple choice:", "", eval_lib.results_table(results)]
+    lines += _flops_lines(flops)
     if privacy:
         from flexmoe_jax import privacy as privacy_lib
 
@@ -306,5 +319,5 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
               + (", privacy.json" if privacy else "") + ".", ""]
     out = w.results / "results.md"
     out.write_text("\n".join(lines))
-    _write_json(w.results / "flops.json", flops)
+    write_json(w.results / "flops.json", flops)
     return out

@@ -1,20 +1,5 @@
-"""Routing ablations: which router init, bias and routing mode let experts trained apart compose.
-
-The paper ablates the router init (its Table 3) and the bias (Table 1) and routes top-k only. This
-runs those ablations at mini scale on a finished demo work directory, and measures every routing
-mode of :mod:`flexmoe_jax.routing` on each expert set, the same way for every row:
-
-- the closed-domain average bits per byte and the share of the routing gap closed: (FlexOlmo - row)
-  / (FlexOlmo - oracle), where FlexOlmo is the demo's default merged model routed top-k and the
-  oracle scores each domain with its own owner's 2-expert model (the merged model routed perfectly);
-- per owner, the share of its gain over the public model the row keeps on its domain;
-- per domain, the share of its tokens for which its own expert is active (and, for code, code or
-  techdocs: Python's docs are full of code), and the share of public tokens the public expert serves;
-- public bits per byte against the public model.
-
-Expert sets are trained exactly as the demo trains its owners (each in its own process on its own
-data), with one gin change each (:data:`EXPERT_SETS`). ``flexmoe demo --ablations`` runs the demo,
-then this; results go to ``WORKDIR/results/ablations.{json,md,png}``.
+"""Routing ablations on a finished demo work directory: router inits, biases and routing modes, each
+row merged and measured the same way; ``WORKDIR/results/ablations.{json,md,png}``. See docs/demo.md.
 """
 
 from __future__ import annotations
@@ -22,7 +7,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from flexmoe_jax import demo as demo_lib
+from flexmoe_jax.demo import scoring
+from flexmoe_jax.demo.experts import train_experts
+from flexmoe_jax.demo.merging import merge_experts
+from flexmoe_jax.demo.plan import FULL, QUICK
+from flexmoe_jax.demo.workdir import RESULTS, Phase, Workdir, compile_cache, complete, write_json
 from flexmoe_jax.errors import UserError
 
 # Expert set -> the gin bindings of its owners' train-expert runs ("" is the demo's own experts).
@@ -69,9 +58,9 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=
     """Train the missing expert sets, merge, evaluate every row; write and return the summary."""
     from flexmoe_jax import anchor_kit, data, merge
 
-    w = demo_lib.Workdir(workdir, demo_lib.QUICK if quick else demo_lib.FULL)
-    demo_lib.compile_cache(w)
-    base = demo_lib._results(w)
+    w = Workdir(workdir, QUICK if quick else FULL)
+    compile_cache(w)
+    base = scoring.results(w)
     domains = [d for d in data.CLOSED_DOMAINS if f"expert_{d}" in base]
     if "flexolmo" not in base or not domains:
         raise UserError(f"{w.root} holds no finished demo (results/results.json lacks flexolmo or the "
@@ -79,32 +68,32 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=
     anchor = w.root / "anchor" / "model"
     sets = sorted({r[0] for r in [*rows, *scored_rows]})
     anchors = {v: anchor for v in sets}
-    with demo_lib._Phase(w, "ablation_experts"):
+    with Phase(w, "ablation_experts"):
         for v in sets:
             if v in KIT_SETS:
                 anchors[v] = w.root / f"anchor_kit_{KIT_SETS[v]}"
-                if not demo_lib._complete(anchors[v]):
+                if not complete(anchors[v]):
                     anchor_kit.build(anchor, w.data, anchors[v], method=KIT_SETS[v], seq_len=w.plan.seq_len)
         trained = {}
         for a in sorted(set(anchors.values())):
             jobs = [(d, v) for v in sets if anchors[v] == a for d in domains]
-            trained.update(demo_lib.train_experts(w, a, jobs, parallel, binds=EXPERT_SETS))
+            trained.update(train_experts(w, a, jobs, parallel, binds=EXPERT_SETS))
     models, biases = {}, {}
-    with demo_lib._Phase(w, "ablation_merge"):
+    with Phase(w, "ablation_merge"):
         for (v, keep_bias, modes), score in [(r, None) for r in rows] + [(r, COSINE) for r in scored_rows]:
             name = "merged" + (f"_{v}" if v else "") + ("" if keep_bias else "_nobias")
-            merged = demo_lib.merge_experts(w, anchors[v], {d: trained[d, v] for d in domains},
-                                            keep_bias=keep_bias, name=name)
+            merged = merge_experts(w, anchors[v], {d: trained[d, v] for d in domains},
+                                   keep_bias=keep_bias, name=name)
             biases[name] = learned_bias(merged)
             for m in modes:
                 spec = models[row_name(v, keep_bias, m, score)] = {"model": merged, "routing": m, "score": score}
                 if m == "domain" and not merge.read_routing_stats(merged, ("public", *domains)):
                     # merged before merges carried routing stats: the same files, given directly
-                    spec["routing_stats"] = demo_lib.routing_stats(w, {d: trained[d, v] for d in domains})
-    with demo_lib._Phase(w, "ablation_eval"):
-        results = demo_lib.evaluate_all(w, models, json_name="ablations_results.json")
-    with demo_lib._Phase(w, "ablation_routing"):
-        routes = demo_lib.routing_all(w, models, json_name="ablations_routing.json", groups=GROUPS)
+                    spec["routing_stats"] = scoring.routing_stats(w, {d: trained[d, v] for d in domains})
+    with Phase(w, "ablation_eval"):
+        results = scoring.evaluate_all(w, models, json_name="ablations_results.json")
+    with Phase(w, "ablation_routing"):
+        routes = scoring.routing_all(w, models, json_name="ablations_routing.json", groups=GROUPS)
     summary = summarize(base, results, routes, domains, list(models))
     summary["learned_bias"] = biases
     write(w.results, summary)
@@ -125,7 +114,9 @@ def learned_bias(merged) -> dict[str, float] | None:
 
 
 def summarize(base: dict, results: dict, routes: dict, domains: list[str], names: list[str]) -> dict:
-    """Every row's measures (see the module docstring) from the demo's and the ablation's results."""
+    """Every row's measures from the demo's (``base``) and the ablation's results: closed-domain average
+    bpb, share of the routing gap closed, public bpb vs the public model, each owner's gain kept, own-expert
+    and group shares (docs/demo.md defines each)."""
     def bpb(r, d):
         return r[d]["bpb"]
 
@@ -207,7 +198,7 @@ def plot(summary: dict, out: Path) -> None:
 
 
 def write(results_dir: Path, summary: dict) -> None:
-    demo_lib._write_json(results_dir / "ablations.json", summary)
+    write_json(results_dir / "ablations.json", summary)
     (results_dir / "ablations.md").write_text(table(summary) + "\n")
     plot(summary, results_dir / "ablations.png")
 
@@ -216,4 +207,4 @@ def main(workdir, quick: bool = False, parallel: int = 2) -> None:
     t0 = time.perf_counter()
     summary = run(workdir, quick=quick, parallel=parallel)
     print(table(summary))
-    print(f"ablations: {time.perf_counter() - t0:.0f} s; results in {Path(workdir) / demo_lib.RESULTS}/ablations.*")
+    print(f"ablations: {time.perf_counter() - t0:.0f} s; results in {Path(workdir) / RESULTS}/ablations.*")

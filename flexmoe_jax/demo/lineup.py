@@ -1,0 +1,93 @@
+"""Every model the demo scores, by name, and how: the trained checkpoints and the ensembles built from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from flexmoe_jax.demo.baselines import soup_weights
+from flexmoe_jax.demo.workdir import Workdir
+
+# The paper-form BTM's temperature on the mean NLL of the context (fixed, not tuned on results).
+BTM_TEMPERATURE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What the demo's training phases made: model directories (owners' by domain) and the
+    unrestricted MoEs' step counts."""
+
+    anchor: Path
+    experts: dict[str, Path]
+    experts_replay: dict[str, Path]
+    dense: dict[str, Path]
+    merged: Path
+    merged_nobias: Path
+    merged_replay: Path
+    cal: Path
+    cal90: Path
+    rt: Path
+    btx: Path
+    btx_alldata: Path
+    unrestricted: Path
+    unrestricted_data: Path
+    unrestricted_steps: int
+    unrestricted_data_steps: int
+
+
+def _baselines(w: Workdir, t: Trained, domains: list[str], member) -> dict[str, dict]:
+    """The owners' own models, soups, BTM, BTX and the unrestricted MoEs (scorers built lazily)."""
+    from flexmoe_jax import eval as eval_lib
+
+    anchor, experts, dense = t.anchor, t.experts, t.dense
+    models: dict[str, dict] = {"public": {"model": lambda: member("public", anchor)}}
+    models.update({f"expert_{d}": {"model": lambda d=d: member(f"expert_{d}", experts[d])} for d in domains})
+    models.update({f"dense_{d}": {"model": lambda d=d: member(f"dense_{d}", dense[d])} for d in domains})
+    # The paper's baselines, from the dense experts: a uniform soup (public model included) and BTM
+    # over {public, dense experts} weighted by softmax(-mean NLL of the context / T), top-2.
+    models["soup"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(dense.values()))}
+    # The weighted soup: mixing weights fit on public validation text only (soup_weights.py).
+    models["soup_weighted"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(dense.values()),
+                                                                     weights=soup_weights(w, anchor, dense),
+                                                                     name="soup_weighted")}
+    models["btm"] = {"model": lambda: eval_lib.btm_scorer(member("public", anchor),
+                                                          [member(f"dense_{d}", dense[d]) for d in domains],
+                                                          top_k=w.plan.top_k, temperature=BTM_TEMPERATURE,
+                                                          mean=True)}
+    # Informative variants built from the owners' 2-expert FlexOlmo models instead (not the paper's).
+    models["soup_flexolmo_experts"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(experts.values()))}
+    models["btm_all"] = {"model": lambda: eval_lib.btm_scorer(member("public", anchor),
+                                                              [member(f"expert_{d}", experts[d]) for d in domains])}
+    models["btx"] = {"model": t.btx}
+    models["btx_alldata"] = {"model": t.btx_alldata}
+    models["unrestricted"] = {"model": t.unrestricted}
+    models["unrestricted_equal_data"] = {"model": t.unrestricted_data}
+    return models
+
+
+def _flexolmo_variants(t: Trained, domains: list[str], domain_stats: dict) -> dict[str, dict]:
+    """The merged model as merged, at other top-k, calibrated, router-tuned, with replay, domain-routed
+    (``domain_stats``: :func:`flexmoe_jax.demo.scoring.routing_stats`) and each owner opted out."""
+    merged = t.merged
+    models = {"flexolmo": {"model": merged}, "flexolmo_nobias": {"model": t.merged_nobias},
+              "flexolmo_top1": {"model": merged, "top_k": 1}, "flexolmo_top3": {"model": merged, "top_k": 3},
+              "flexolmo_cal": {"model": t.cal}, "flexolmo_cal_q90": {"model": t.cal90},
+              "flexolmo_rt": {"model": t.rt}, "flexolmo_replay": {"model": t.merged_replay},
+              "flexolmo_domain": {"model": merged, "routing": "domain", "routing_stats": domain_stats}}
+    models.update({f"flexolmo_minus_{d}": {"model": merged, "exclude": [d]} for d in domains})
+    return models
+
+
+def scored_models(w: Workdir, t: Trained, domains: list[str], domain_stats: dict) -> dict[str, dict]:
+    """``{name: spec}`` for :func:`flexmoe_jax.demo.scoring.evaluate_all`, in report order; the owner
+    models and the public one share one cached scorer each, so BTM reuses their log-probs."""
+    from flexmoe_jax import eval as eval_lib
+
+    shared: dict[str, eval_lib.CachedScorer] = {}
+
+    def member(name: str, path: Path):
+        if name not in shared:
+            shared[name] = eval_lib.CachedScorer(eval_lib.ModelScorer.from_checkpoint(path, name=name))
+        return shared[name]
+
+    return {**_baselines(w, t, domains, member), **_flexolmo_variants(t, domains, domain_stats)}

@@ -1,0 +1,95 @@
+"""``flexmoe demo``: the FlexOlmo mini-replication on FlexMix-mini, end to end, resumable.
+
+Phases, in order (a rerun skips what is finished): data, anchor, experts, merge, calibrate,
+router_tune, btx, unrestricted, routing_stats, evaluate, routing, privacy, then the report in
+``WORKDIR/results/`` (results.json, findings.json, results.md, plots, timing.json). See docs/demo.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from flexmoe_jax.demo import baselines, merging, scoring
+from flexmoe_jax.demo.budget import flops_table
+from flexmoe_jax.demo.datasets import build_data, owner_data_dir, share_public_rows
+from flexmoe_jax.demo.experts import train_experts
+from flexmoe_jax.demo.lineup import Trained, scored_models
+from flexmoe_jax.demo.plan import FULL, QUICK
+from flexmoe_jax.demo.report import write_report
+from flexmoe_jax.demo.training import train_anchor
+from flexmoe_jax.demo.workdir import Phase, Workdir, compile_cache, log, write_json
+
+# The MoEs whose routing the report shows (results/routing.json).
+ROUTED = ("flexolmo", "flexolmo_top1", "flexolmo_cal", "flexolmo_rt", "flexolmo_replay", "flexolmo_domain",
+          "btx", "btx_alldata")
+
+
+def train_all(w: Workdir, domains: list[str], parallel: int) -> Trained:
+    """Every training phase, data to the unrestricted MoE, each timed in ``w``."""
+    with Phase(w, "data"):
+        build_data(w)
+        for d in domains:
+            owner_data_dir(w.data, d, w.owner_data(d))
+    with Phase(w, "anchor"):
+        anchor = train_anchor(w)
+    with Phase(w, "experts"):
+        share_public_rows(w, domains)
+        trained = train_experts(w, anchor, [(d, v) for v in ("", "replay", "dense") for d in domains], parallel)
+        experts = {d: trained[d, ""] for d in domains}
+        experts_replay = {d: trained[d, "replay"] for d in domains}
+        dense = {d: trained[d, "dense"] for d in domains}
+    with Phase(w, "merge"):
+        merged = merging.merge_experts(w, anchor, experts)
+        merged_nobias = merging.merge_experts(w, anchor, experts, keep_bias=False)
+        merged_replay = merging.merge_experts(w, anchor, experts_replay, name="merged_replay")
+    with Phase(w, "calibrate"):
+        cal = merging.calibrate(w, merged)
+        cal90 = merging.calibrate(w, merged, quantile=0.9)
+    with Phase(w, "router_tune"):
+        rt = merging.tune_router(w, merged)
+    with Phase(w, "btx"):
+        btx = baselines.train_btx(w, anchor, dense)
+        btx_alldata = baselines.train_btx_alldata(w, merged)
+    with Phase(w, "unrestricted"):
+        unrestricted, u_steps = baselines.train_unrestricted(w, anchor, len(domains))
+        unrestricted_data, ud_steps = baselines.train_unrestricted(w, anchor, len(domains), equal="data")
+    return Trained(anchor=anchor, experts=experts, experts_replay=experts_replay, dense=dense, merged=merged,
+                   merged_nobias=merged_nobias, merged_replay=merged_replay, cal=cal, cal90=cal90, rt=rt, btx=btx,
+                   btx_alldata=btx_alldata, unrestricted=unrestricted, unrestricted_data=unrestricted_data,
+                   unrestricted_steps=u_steps, unrestricted_data_steps=ud_steps)
+
+
+def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, domains=None) -> dict:
+    """Run (or resume) the demo in ``workdir``; returns ``{"results", "findings", "report"}``.
+
+    DemoError when the work directory holds another mode's run, a corpus is missing or an owner's run fails.
+    """
+    from flexmoe_jax import data, eval as eval_lib
+
+    t_start = time.perf_counter()
+    w = Workdir(workdir, QUICK if quick else FULL)
+    w.claim()
+    compile_cache(w)
+    domains = list(domains or data.CLOSED_DOMAINS)
+    t = train_all(w, domains, parallel)
+    with Phase(w, "routing_stats"):
+        domain_stats = scoring.routing_stats(w, t.experts)
+    models = scored_models(w, t, domains, domain_stats)
+    with Phase(w, "evaluate"):
+        results = scoring.evaluate_all(w, models)
+    with Phase(w, "routing"):
+        routes = scoring.routing_all(w, {m: models[m] for m in ROUTED})
+    with Phase(w, "privacy"):
+        priv = scoring.privacy_check(w, t.experts, t.merged)
+    flops = flops_table(w, len(domains), t.unrestricted_steps, t.unrestricted_data_steps)
+    docs_file = eval_lib.docs_path(w.results / "results.json")
+    docs = json.loads(docs_file.read_text()) if docs_file.exists() else None
+    report = write_report(w, results, domains, flops, priv, routes, docs)
+    write_json(w.results / "timing.json", {**w.timing(),
+                                           "total_this_invocation": round(time.perf_counter() - t_start, 1)})
+    log("\n" + report.read_text())
+    log(f"results in {w.results}")
+    return {"results": results, "findings": json.loads((w.results / "findings.json").read_text()),
+            "report": str(report)}
