@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flexmoe_jax import checkpoint, expert, router_init, routing, storage
+from flexmoe_jax import checkpoint, expert, loading, router_init, routing, storage
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 
@@ -95,7 +95,7 @@ def build(anchor: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
 
     if method not in METHODS:
         raise UserError(f"router-init method must be one of {METHODS}, got {method!r}")
-    config, params = checkpoint.load(anchor)
+    config, params = loading.load(anchor)
     if config.is_moe:
         raise UserError(f"{anchor} is not a dense anchor (it has experts {list(config.names)})")
     import jax

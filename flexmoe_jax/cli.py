@@ -29,9 +29,9 @@ def _cmd_import_hf(args) -> None:
 
 
 def _cmd_export_hf(args) -> None:
-    from flexmoe_jax import checkpoint, hf
+    from flexmoe_jax import hf, loading
 
-    config, params = checkpoint.load(args.ckpt)
+    config, params = loading.load(args.ckpt)
     hf.to_hf(config, params, args.out, max_shard_size=args.max_shard_size)
     print(f"exported {args.ckpt} -> {args.out} ({'FlexOlmoForCausalLM' if config.is_moe else 'Olmo2ForCausalLM'})")
 
@@ -57,9 +57,9 @@ def _cmd_info(args) -> None:
         print(f"experts (slot order): {list(config.names)}; top_k={config.top_k}")
     print(f"parameters: {config.num_params():,}")
     if checkpoint.kind(args.ckpt) == checkpoint.MERGED_KIND:
-        from flexmoe_jax import merge
+        from flexmoe_jax import loading
 
-        m = merge.read_manifest(args.ckpt)
+        m = loading.read_manifest(args.ckpt)
         print(f"merged model: anchor {m['anchor'].get('path')} (fingerprint {m['anchor']['fingerprint'][:12]}), "
               f"bias {m['bias']}, public router {m['public_router']}")
         for e in m["experts"][1:]:
@@ -69,14 +69,14 @@ def _cmd_info(args) -> None:
 
 
 def _cmd_merge(args) -> None:
-    from flexmoe_jax import checkpoint, merge, storage
+    from flexmoe_jax import checkpoint, loading, merge, storage
 
     out = merge.merge(args.anchor, args.expert, args.out, top_k=args.top_k, names=args.names,
                       keep_bias=not args.drop_bias, public_router=args.public_router, progress=True,
                       routing_stats=_name_files(args.routing_stats, "--routing_stats"), routing=args.routing)
     cfg = checkpoint.load_config(out)
     size = sum(storage.size(f) for f in storage.files(out))
-    print(f"merged experts [{', '.join(cfg.names)}], top-{cfg.top_k}, bias {merge.read_manifest(out)['bias']} "
+    print(f"merged experts [{', '.join(cfg.names)}], top-{cfg.top_k}, bias {loading.read_manifest(out)['bias']} "
           f"({cfg.num_params():,} params, {size / 1e6:.1f} MB) -> {out}")
 
 
@@ -101,7 +101,7 @@ def _format_attribution(a: dict) -> str:
 
 
 def _cmd_generate(args) -> None:
-    from flexmoe_jax import checkpoint, data, generate, merge
+    from flexmoe_jax import checkpoint, data, generate, loading
 
     if any(not p.strip() for p in args.prompt):
         raise CommandError("--prompt is empty: give some text to continue")
@@ -123,9 +123,9 @@ def _cmd_generate(args) -> None:
         raise CommandError(f"the tokenizer in {args.data_dir} has {vocab.get_piece_size()} pieces but the model's "
                            f"vocab is {full.vocab_size}: use the data directory the model was trained with")
 
-    # merge.load reads only the kept experts of a merged checkpoint (excluded ones are never opened).
+    # loading.load reads only the kept experts of a merged checkpoint (excluded ones are never opened).
     # --include/--exclude take expert names, as in every command (slot numbers are for the Python API).
-    config, params = merge.load(args.ckpt, include=args.include, exclude=args.exclude, top_k=args.top_k)
+    config, params = loading.load(args.ckpt, include=args.include, exclude=args.exclude, top_k=args.top_k)
     excluded = [n for n in full.names if n not in config.names] if full.is_moe else []
     how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top_p {args.top_p}"
     print(f"generating up to {args.max_new_tokens} tokens for {len(args.prompt)} prompt(s) (compiling first; {how})",
@@ -162,9 +162,9 @@ def _cmd_tune_router(args) -> None:
 def _cmd_calibrate(args) -> None:
     import json
 
-    from flexmoe_jax import checkpoint, data, merge, router_tune
+    from flexmoe_jax import checkpoint, data, loading, router_tune
 
-    config, params = merge.load(args.ckpt, include=args.include, exclude=args.exclude)
+    config, params = loading.load(args.ckpt, include=args.include, exclude=args.exclude)
     data.register_tasks(args.data_dir)
     batches = data.batches(data.PUBLIC_MIXTURE, "train", args.batch_size, args.seq_len, args.data_dir, seed=args.seed)
     if args.quantile is not None and not 0 < args.quantile < 1:

@@ -435,11 +435,11 @@ def soup_weights(w: Workdir, anchor: Path, dense: dict[str, Path]) -> list[float
 def calibrate(w: Workdir, merged: Path, quantile: float | None = None) -> Path:
     """Public-data bias calibration of the merged router: each expert's mean margin over the
     public expert (or its ``quantile``) on public text brought to <= 0."""
-    from flexmoe_jax import checkpoint, data, merge, router_tune
+    from flexmoe_jax import checkpoint, data, loading, router_tune
 
     out = w.root / ("flexolmo_cal" if quantile is None else f"flexolmo_cal_q{round(quantile * 100)}")
     if not _complete(out):
-        config, params = merge.load(merged)
+        config, params = loading.load(merged)
         data.register_tasks(w.data)
         p = w.plan
         batches = data.batches(data.PUBLIC_MIXTURE, "train", p.batch_size, p.seq_len, w.data, seed=7)
@@ -483,12 +483,12 @@ def train_btx(w: Workdir, anchor: Path, dense: dict[str, Path]) -> Path:
 def train_btx_alldata(w: Workdir, merged: Path) -> Path:
     """The merged FlexOlmo, then every parameter trained jointly on all data (closed data included:
     breaks the data restriction; an informative variant, not the paper's BTX)."""
-    from flexmoe_jax import data, merge, trainer
+    from flexmoe_jax import data, loading, trainer
 
     out = w.root / "btx"
     if not _complete(out / "model"):
         p = w.plan
-        config, params = merge.load(merged)
+        config, params = loading.load(merged)
         rc = _run_config(w, phase="pretrain", task=data.ALL_MIXTURE, steps=p.btx_steps)
         trainer.run(out, config, rc, _optim(p.btx_steps, 0.0, p.peak_lr), params=params)
     return out / "model"
