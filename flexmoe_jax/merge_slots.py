@@ -35,13 +35,11 @@ def slot_nbytes(config: ModelConfig, dtype: np.dtype) -> int:
 
 def load_slot(inp: Input, anchor_config: ModelConfig, dtype: np.dtype,
                anchor_sums: Callable[[], dict]) -> tuple[dict[str, np.ndarray], dict | None]:
-    """The owner's slot as host arrays ``{gate, up, down, router[, bias]}`` (each ``[L, 1, ...]``).
+    """(the owner's slot as host arrays ``{gate, up, down, router[, bias]}``, each ``[L, 1, ...]``,
+    the checksums computed while verifying them, keyed by leaf, or None).
 
-    Also returns checksums already computed while verifying (keyed by leaf), so
-    the merge does not hash the same bytes twice. ``anchor_sums()`` returns the
-    anchor's per-array checksums (waiting for them): a full-model input's frozen
-    tensors are compared with those rather than with the anchor's arrays, so the
-    anchor need not stay in memory while experts are read.
+    ``anchor_sums()`` returns (waiting for them) the anchor's per-array checksums, which a
+    full-model input's frozen tensors are compared with (docs/merge.md).
     """
     where = f"expert {inp.name!r} ({inp.path})"
     if inp.is_deliverable:
@@ -84,14 +82,8 @@ def load_slot(inp: Input, anchor_config: ModelConfig, dtype: np.dtype,
 
 def _model_slot(inp: Input, tree: dict, anchor_sums: Callable[[], dict],
                 where: str) -> tuple[dict[str, np.ndarray], dict]:
-    """A full 2-expert model input: checked, and its slot 1 (with the slot's checksums) cut out.
-
-    Every shared tensor and the public slot must be the anchor's, bit for bit.
-    They are compared by sha256 with the anchor's checksums (which the merged
-    manifest records anyway), and everything is hashed in one parallel pass:
-    the shared tensors, slot 0 and slot 1 (whose sums the manifest reuses), plus
-    the whole stored leaves if the model recorded checksums to verify.
-    """
+    """A full 2-expert model input: checked (every shared tensor and the public slot the anchor's, bit
+    for bit, by sha256), and its slot 1 cut out with the slot's checksums."""
     recorded = checkpoint.recorded_checksums(inp.path)  # a model saved with checksums=True
     try:
         model.check_params(inp.config, tree, what=f"arrays of {where}")
@@ -139,11 +131,8 @@ def _prefixed(sums: dict, prefix: str) -> dict:
 
 
 def slot_sums(slot: dict[str, np.ndarray], known: dict | None) -> dict:
-    """Checksums of a slot's stored leaves (``layers/moe/<leaf>``), reusing ones already computed.
-
-    A checksum covers bytes, dtype and shape: the bytes of ``x`` and of
-    ``x[:, None]`` agree, so only the recorded shape is adjusted.
-    """
+    """Checksums of a slot's stored leaves (``layers/moe/<leaf>``), reusing the ``known`` ones (by leaf;
+    only their recorded shape and dtype are adjusted to the slot's)."""
     known = known or {}
     todo = {k: v for k, v in slot.items() if k not in known}
     out = {k: dict(v) for k, v in checksums.array_checksums(todo).items()} if todo else {}
