@@ -27,7 +27,7 @@ Each round, in a fresh child process (so peak RSS is the operation's own):
 Before each operation its input files are read once, so every row reads from
 the page cache alike; outputs other than the merge's are deleted after each
 operation. The clock starts after every module any operation uses is imported
-(Orbax's import alone outlasts the tiny read+write). Also timed: ``merge.load``
+(Orbax's import alone outlasts the tiny read+write). Also timed: ``loading.load``
 of the result, whole and with one expert excluded (never read).
 
 The closing summary gives, per model, the ratio (target <= 2x) and the merge's
@@ -70,7 +70,7 @@ def _rss_mb() -> float:
 def _child(op: str, spec: dict) -> dict:
     import logging
 
-    from flexmoe_jax import checkpoint, merge
+    from flexmoe_jax import checkpoint, loading, merge
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("flexmoe_jax.merge").setLevel(logging.INFO)  # the merge's phase timings, on stderr
@@ -97,9 +97,9 @@ def _child(op: str, spec: dict) -> dict:
         for f in sorted(Path(spec["npy"]).glob("*.npy")):
             np.save(out / f.name, np.load(f))
     elif op == "load_all":
-        merge.load(spec["merged"])
+        loading.load(spec["merged"])
     elif op == "load_excl":
-        merge.load(spec["merged"], exclude=[spec["exclude"]])
+        loading.load(spec["merged"], exclude=[spec["exclude"]])
     else:
         raise ValueError(op)
     secs = time.perf_counter() - t
@@ -216,7 +216,7 @@ def _bench(label: str, cfg, n_experts: int, rounds: int, workdir: Path, note: st
         peak = max(r["peak_mb"] - r["base_mb"] for r in rs)
         rows.append(f"| {label} | {names[op]} | {s:.2f} | {gb / s:.2f} | {s / ref:.2f}x | {peak:,.0f} |")
     for op, r in loads.items():
-        what = "merge.load, all experts" if op == "load_all" else "merge.load, exclude 1 (never read)"
+        what = "loading.load, all experts" if op == "load_all" else "loading.load, exclude 1 (never read)"
         rows.append(f"| {label} | {what} | {r['s']:.2f} | | | {r['peak_mb'] - r['base_mb']:,.0f} |")
     print(f"{label}: {cfg.n_layers} layers, d_model {cfg.d_model}, hidden {cfg.mlp_hidden}, vocab {cfg.vocab_size}, "
           f"{cfg.param_dtype}; {n_experts} experts; bytes in = bytes out = {spec['bytes'] / 1e6:,.1f} MB "

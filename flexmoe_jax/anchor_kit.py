@@ -1,34 +1,12 @@
 """The anchor kit: what a model builder publishes for every owner to train against.
 
-Router rows trained apart only compose if they are scored against one and the same public row. An
-owner who computes the public row itself gets whatever its router-init settings, data sample and
-seed give; two owners can end up with different public rows, and then no merged router is right for
-both. The kit fixes that row once::
-
-    KIT/
-      flexmoe_checkpoint.json   marker, kind "anchor_kit"
-      kit.json                  format, the anchor's fingerprint, the router-init method and its
-                                settings, and a sha256 of every file below
-      model/                    the dense anchor checkpoint (hard links to the builder's copy)
-      public_router.npy         [L, d] the public router row every owner uses as row 0
-      routing_stats.npz         the public data's token counts (domain routing's public expert)
-      embed_map.npz             methods "embedder" / "minilm": the fixed map from the sentence
-                                embedder's space to d_model, fitted on public documents only
-
-``train-expert --anchor KIT`` takes the anchor, row 0 and the method from the kit (the owner
-computes only its own row) and records the kit's id (the sha256 of ``kit.json``) in its
-deliverable; ``merge --anchor KIT`` takes row 0 and the public routing stats from the kit and
-refuses experts trained against another kit.
-
-Methods (the owner's row; the public row is the same formula on public data, made by the builder):
-
-- ``hidden``: the anchor's mean unit-normalized FFN input over the domain's tokens, per layer;
-- ``embedder`` (the paper's recipe): the mean of the domain documents' sentence embeddings
-  (all-MiniLM-L6-v2, packaged), sent through one fixed ridge map to d_model, the same row in every
-  layer; the map is fitted on public documents (embedding -> the anchor's mean hidden direction over
-  the document, averaged over layers);
-- ``minilm``: the same with one map per layer (:func:`flexmoe_jax.router_init.embedder_rows`);
-- ``zeros`` / ``random``: baselines (``random`` draws the owner's row from its own seed).
+A kit (``KIT/``, kind ``"anchor_kit"``) holds the dense anchor (``model/``), the one public router row
+every owner uses as row 0 (``public_router.npy``, ``[L, d]``), the public routing stats, the
+router-init method and (for ``embedder`` / ``minilm``) its fitted embedding map, all listed with
+their sha256 in ``kit.json``. :func:`build` publishes one (local paths only); :func:`open_kit`
+opens and verifies one (:class:`~flexmoe_jax.checkpoint.CheckpointError` if damaged);
+:meth:`Kit.owner_row` computes an owner's own row by the kit's method. Why a kit, its layout and
+the methods: docs/merge.md ("The anchor kit").
 """
 
 from __future__ import annotations
@@ -42,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flexmoe_jax import checkpoint, expert, router_init, routing, storage
+from flexmoe_jax import checkpoint, expert, loading, router_init, routing, storage
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 
@@ -95,7 +73,7 @@ def build(anchor: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
 
     if method not in METHODS:
         raise UserError(f"router-init method must be one of {METHODS}, got {method!r}")
-    config, params = checkpoint.load(anchor)
+    config, params = loading.load(anchor)
     if config.is_moe:
         raise UserError(f"{anchor} is not a dense anchor (it has experts {list(config.names)})")
     import jax

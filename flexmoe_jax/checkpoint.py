@@ -2,40 +2,36 @@
 
 A checkpoint is a directory holding ``flexmoe_checkpoint.json`` (the marker: format, version, kind,
 integrity), ``config.json``, optional ``metadata.json``, ``params/`` (Orbax, crc32c on every chunk)
-and optional ``checksums.json`` (sha256 of every array). :func:`save` / :func:`save_tree` /
-:func:`writing` write one (atomically: :mod:`flexmoe_jax.atomic_dir`); :func:`load`,
-:func:`load_tree`, :func:`load_subtree`, :func:`load_config`, :func:`load_metadata` read one onto any
-mesh, verifying what it records. A merged model (kind ``"merged"``) loads through ``merge.load``.
-Orbax and jax are imported inside the functions so ``import flexmoe_jax.checkpoint`` stays cheap.
-Why this shape, and the crash and integrity guarantees: docs/checkpoints.md.
+and optional ``checksums.json`` (sha256 of every array, :mod:`flexmoe_jax.checksums`).
+:func:`save` / :func:`save_tree` / :func:`writing` write one atomically (:mod:`flexmoe_jax.atomic_dir`);
+:func:`load`, :func:`load_tree`, :func:`load_subtree`, :func:`load_config`, :func:`load_metadata`
+read one onto any mesh, verifying what it records. Errors: :class:`CheckpointError` (not a checkpoint,
+damaged, incomplete), :class:`IntegrityError`, :class:`CheckpointWriteError`. This module reads one
+model tree; a merged model (kind ``"merged"``) loads with :func:`flexmoe_jax.loading.load`.
+Layout, crash and integrity guarantees: docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from flexmoe_jax import storage
-from flexmoe_jax.array_store import DATA_FILE_BYTES, CheckpointError, IntegrityError, read_arrays, write_arrays  # noqa: F401
+from flexmoe_jax import restore_targets, storage
+from flexmoe_jax.array_store import CheckpointError, IntegrityError, read_arrays, write_arrays  # noqa: F401
 from flexmoe_jax.atomic_dir import (  # noqa: F401  (the write-failure API is checkpoint's too)
     CheckpointWriteError,
     _abs,
     _barrier,
     _current_generation_dir,
-    _exchange,
-    _fsync_dir,
-    _fsync_file,
     _fsync_tree,
     _is_ours,
     _is_primary,
     _old_path,
     _recover_interrupted,
-    _remove,
     _swap_into_place,
     _tmp_path,
     _write_failure,
@@ -45,8 +41,9 @@ from flexmoe_jax.atomic_dir import (  # noqa: F401  (the write-failure API is ch
     io_fix,
     remove_leftovers,
 )
+from flexmoe_jax.checksums import array_checksums, check_checksums
 from flexmoe_jax.config import ModelConfig
-from flexmoe_jax.errors import UnknownName, UserError
+from flexmoe_jax.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from jax.sharding import Mesh
@@ -60,12 +57,8 @@ CONFIG_NAME = "config.json"
 METADATA_NAME = "metadata.json"
 PARAMS_DIR = "params"
 CHECKSUMS_NAME = "checksums.json"
-MERGED_KIND = "merged"  # written by flexmoe_jax.merge: shared params/ plus one Orbax dir per expert
-# Every array chunk carries this code, checked on every read (see flexmoe_jax.array_store).
-INTEGRITY = "zarr3-crc32c"
-_TMP_SUFFIX = ".flexmoe-tmp"
-_OLD_SUFFIX = ".flexmoe-old"
-
+MERGED_KIND = "merged"  # written by flexmoe_jax.merge, read by flexmoe_jax.loading
+INTEGRITY = "zarr3-crc32c"  # every array chunk carries it, checked on every read (flexmoe_jax.array_store)
 
 
 # ----------------------------------------------------------------------------
@@ -74,15 +67,12 @@ _OLD_SUFFIX = ".flexmoe-old"
 
 def save(path: str | os.PathLike, config: ModelConfig, params: Any, *,
          metadata: dict[str, Any] | None = None, checksums: bool = False) -> Path:
-    """Write ``params`` (sharded ``jax.Array``s or host numpy arrays) and ``config`` to ``path``.
+    """Write ``params`` (sharded ``jax.Array``s or host numpy arrays) and ``config`` at ``path``, atomically.
 
-    Atomic: everything goes into a hidden sibling directory first and appears at
-    ``path`` in one rename, replacing an older checkpoint there only once the new
-    one is complete. Refuses to replace anything that is not a flexmoe checkpoint
-    (an empty directory is fine). In a multi-host job every process must call
-    this with the same arguments (Orbax writes each process's shards).
-    ``checksums=True`` also records a sha256 of every array, verified by :func:`load`.
-    Returns the absolute path.
+    Replaces an older flexmoe checkpoint there only once the new one is complete; refuses to
+    replace anything else (an empty directory is fine). In a multi-host job every process calls
+    it with the same arguments. ``checksums=True`` also records a sha256 of every array, verified
+    by :func:`load`. Returns the absolute path.
     """
     from flexmoe_jax import model as model_lib
 
@@ -108,11 +98,8 @@ def save_tree(path: str | os.PathLike, tree: Any, files: dict[str, Any], kind: s
               checksums: bool | None = None) -> Path:
     """Atomically write any array tree plus JSON files (name -> str or JSON-able) at ``path``.
 
-    The machinery behind :func:`save`; ``kind`` is recorded in the marker so a
-    directory of another kind (say an expert deliverable) is never mistaken for a model.
-    ``checksums`` records a sha256 of every array (verified on load); by default
-    only for kinds other than ``"model"``, i.e. the small checkpoints that are
-    handed between organizations.
+    ``kind`` is recorded in the marker (so an expert deliverable is never mistaken for a model).
+    ``checksums`` records a sha256 of every array; by default for every kind but ``"model"``.
     """
     if checksums is None:
         checksums = kind != "model"
@@ -136,16 +123,11 @@ def _marker(kind: str) -> dict[str, Any]:
 def writing(path: str | os.PathLike, kind: str = "model") -> Iterator[Path]:
     """Build a flexmoe directory atomically: yields a hidden temporary directory to fill.
 
-    When the ``with`` block ends normally the marker (format, version, ``kind``) is
-    written, everything is fsynced and the directory appears at ``path`` in one
-    rename (replacing an older flexmoe directory there only then). If the block
-    raises, the temporary directory is removed and whatever was at ``path`` before
-    is left as it was, so a failed write never leaves a partial directory behind;
-    a write the filesystem refused (disk full, quota, size limit, permissions) is
-    re-raised as :class:`CheckpointWriteError`, saying what was kept and what to do.
-    Refuses to replace anything that is not a flexmoe directory (an empty one is
-    fine). In a multi-host job every process enters it; only process 0 touches
-    the filesystem outside Orbax.
+    On a normal exit the marker is written, everything fsynced and the directory renamed into
+    place at ``path``. If the block raises, nothing is left behind and ``path`` is as it was; a
+    write the filesystem refused (disk full, quota, permissions) becomes :class:`CheckpointWriteError`.
+    Refuses to replace anything that is not a flexmoe directory. Every process of a multi-host
+    job enters it; only process 0 touches the filesystem outside Orbax.
     """
     path = _abs(path)
     if path.name in ("", ".", ".."):
@@ -154,18 +136,8 @@ def writing(path: str | os.PathLike, kind: str = "model") -> Iterator[Path]:
         with _writing_generation(path, _marker(kind)) as tmp:
             yield tmp
         return
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot save to {path}: parent directory {path.parent} does not exist")
     primary = _is_primary()
-    if primary:
-        _recover_interrupted(path)
-    _barrier("prepared")  # every process now sees the same, settled directory
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"refusing to overwrite {path}: it is a file, not a checkpoint directory")
-    if path.is_dir() and any(path.iterdir()) and not _is_ours(path):
-        raise FileExistsError(f"refusing to overwrite {path}: it is not a flexmoe checkpoint "
-                              f"(no {MARKER_NAME}); choose another path or remove it yourself")
-
+    _prepare(path, primary)
     tmp = _tmp_path(path)
     try:
         if primary:
@@ -177,113 +149,59 @@ def writing(path: str | os.PathLike, kind: str = "model") -> Iterator[Path]:
             _fsync_tree(tmp)
             _swap_into_place(tmp, path)
     except BaseException as failure:
-        io = _write_failure(failure, tmp)
-        if primary:  # leave the old checkpoint (or nothing) at path, and no temporaries
-            def remove() -> bool:
-                found = _tmp_path(path).exists() or _old_path(path).exists()
-                _recover_interrupted(path)
-                return found
-
-            try:
-                if io is None:
-                    _recover_interrupted(path)
-                else:  # Orbax's other writers may still be finishing theirs
-                    remove_leftovers(remove)
-            except OSError as e:
-                log.warning("could not clean up after the failed save to %s: %s", path, e)
-        if io is None:
-            raise
-        # Disk full, quota, size limit, permissions: say where, what is left, and what to do.
-        code, reason = io
-        before = (f"the previous checkpoint at {path} is unchanged" if _is_ours(path)
-                  else f"nothing was written at {path}")
-        err = CheckpointWriteError(f"cannot write the checkpoint {path}: {reason}; the partial write was "
-                                   f"removed and {before}. To fix: {io_fix(code, path.parent)}, then rerun "
-                                   "the same command")
-        err.errno = code
-        raise err from failure
+        _fail(path, tmp, failure, primary)
+        raise
     _barrier("published")
 
 
-# ----------------------------------------------------------------------------
-# Checksums
-# ----------------------------------------------------------------------------
-
-def _host(x: Any) -> Any:
-    """A C-contiguous host numpy copy (or view) of an array; gathers a multi-host jax.Array."""
-    import numpy as np
-
-    if hasattr(x, "is_fully_addressable") and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.ascontiguousarray(np.asarray(x))
-
-
-def array_sha256(x: Any) -> str:
-    """sha256 of an array's raw bytes (C order); dtype and shape are recorded beside it."""
-    arr = _host(x)
-    return hashlib.sha256(arr.reshape(-1).view("uint8")).hexdigest()
+def _prepare(path: Path, primary: bool) -> None:
+    """Settle ``path`` (finish an interrupted save) and check it may be replaced."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save to {path}: parent directory {path.parent} does not exist")
+    if primary:
+        _recover_interrupted(path)
+    _barrier("prepared")  # every process now sees the same, settled directory
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"refusing to overwrite {path}: it is a file, not a checkpoint directory")
+    if path.is_dir() and any(path.iterdir()) and not _is_ours(path):
+        raise FileExistsError(f"refusing to overwrite {path}: it is not a flexmoe checkpoint "
+                              f"(no {MARKER_NAME}); choose another path or remove it yourself")
 
 
-def array_checksum(x: Any) -> dict[str, Any]:
-    arr = _host(x)
-    return {"sha256": array_sha256(arr), "dtype": str(arr.dtype), "shape": list(arr.shape)}
+def _fail(path: Path, tmp: Path, failure: BaseException, primary: bool) -> None:
+    """After a failed write: leave the old checkpoint (or nothing) at ``path`` and no temporaries.
 
-
-def array_checksums(tree: Any) -> dict[str, dict[str, Any]]:
-    """``{"a/b/c": {"sha256", "dtype", "shape"}}`` for every array of a nested dict.
-
-    Hashed on a thread pool: hashlib releases the GIL on large buffers, so the
-    arrays hash in parallel on every core.
+    Returns for the caller to re-raise ``failure``; raises :class:`CheckpointWriteError` instead
+    when the filesystem refused the write.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    io = _write_failure(failure, tmp)
+    if primary:
+        def remove() -> bool:
+            found = _tmp_path(path).exists() or _old_path(path).exists()
+            _recover_interrupted(path)
+            return found
 
-    from flax import traverse_util
-
-    flat = {k: _host(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
-    with ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 1)) as pool:
-        futures = {k: pool.submit(array_checksum, v) for k, v in flat.items()}
-        return {k: f.result() for k, f in sorted(futures.items())}
-
-
-def check_checksums(sums: dict[str, dict[str, Any]], recorded: dict[str, dict[str, Any]], what: str) -> None:
-    """Compare :func:`array_checksums` of what was read with the recorded ones.
-
-    Raises a :class:`CheckpointError` naming the first array that is missing,
-    extra, or whose dtype, shape or bytes differ.
-    """
-    missing = sorted(set(recorded) - set(sums))
-    extra = sorted(set(sums) - set(recorded))
-    if missing or extra:
-        raise CheckpointError(f"{what}: the stored arrays do not match the recorded checksums "
-                              f"(missing {missing[:4]}, unexpected {extra[:4]}); the checkpoint was changed "
-                              "after it was written: re-copy it from its source")
-    for k in sorted(recorded):
-        want, have = recorded[k], sums[k]
-        if [want.get("dtype"), list(want.get("shape", []))] != [have["dtype"], have["shape"]]:
-            raise CheckpointError(f"{what}: array {k} is {have['dtype']}{have['shape']} but was written as "
-                                  f"{want.get('dtype')}{want.get('shape')}; re-copy the checkpoint from its source")
-        if want.get("sha256") != have["sha256"]:
-            raise CheckpointError(f"{what}: array {k} is damaged or was modified after it was written "
-                                  f"(sha256 {have['sha256'][:16]}... != recorded {str(want.get('sha256'))[:16]}...); "
-                                  "re-copy the checkpoint from its source")
-
-
-def recorded_checksums(path: str | os.PathLike) -> dict[str, dict[str, Any]] | None:
-    """The checksums recorded with a :func:`save_tree` directory, or None if it has none."""
-    f = _checkpoint_dir(path) / CHECKSUMS_NAME
-    if not f.is_file():
-        return None
-    try:
-        data = json.loads(f.read_text())
-        return dict(data["arrays"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{f} is not a valid checksum file ({e}); the checkpoint is damaged") from None
+        try:
+            if io is None:
+                _recover_interrupted(path)
+            else:  # Orbax's other writers may still be finishing theirs
+                remove_leftovers(remove)
+        except OSError as e:
+            log.warning("could not clean up after the failed save to %s: %s", path, e)
+    if io is None:
+        return
+    code, reason = io
+    before = (f"the previous checkpoint at {path} is unchanged" if _is_ours(path)
+              else f"nothing was written at {path}")
+    err = CheckpointWriteError(f"cannot write the checkpoint {path}: {reason}; the partial write was "
+                               f"removed and {before}. To fix: {io_fix(code, path.parent)}, then rerun "
+                               "the same command")
+    err.errno = code
+    raise err from failure
 
 
 # ----------------------------------------------------------------------------
-# Load
+# Find and describe
 # ----------------------------------------------------------------------------
 
 def _checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -366,34 +284,9 @@ def _read_config(d: Path) -> ModelConfig:
 
 
 def kind(path: str | os.PathLike) -> str:
-    """What a flexmoe directory holds: "model" (load it with :func:`load`) or "expert"."""
+    """What a flexmoe directory holds: "model" (:func:`load`), "expert", "merged", "anchor_kit"."""
     marker = json.loads((_checkpoint_dir(path) / MARKER_NAME).read_text())
     return marker.get("kind", "model")
-
-
-def load_tree(path: str | os.PathLike, *, verify: bool = True, as_numpy: bool = False) -> tuple[dict[str, Any], Any]:
-    """(JSON files by name, array tree) of anything :func:`save_tree` wrote.
-
-    Arrays land on the first local device, or stay host numpy arrays with
-    ``as_numpy=True``. With ``verify`` (default) arrays are checked against the
-    recorded checksums when the directory has them (expert deliverables do).
-    """
-    import jax
-
-    d = _checkpoint_dir(path)
-    recorded = recorded_checksums(d) if verify else None
-    if as_numpy:
-        tree = read_arrays(d / PARAMS_DIR, what=str(d))
-    else:
-        stored = _stored_arrays(d)
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), stored)
-        tree = _restore(d, target)
-    if recorded is not None:
-        check_checksums(array_checksums(tree), recorded, str(d))
-    files = {f.name: json.loads(f.read_text()) for f in sorted(d.glob("*.json"))
-             if f.name not in (MARKER_NAME, CHECKSUMS_NAME)}
-    return files, tree
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
@@ -407,6 +300,46 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def recorded_checksums(path: str | os.PathLike) -> dict[str, dict[str, Any]] | None:
+    """The checksums recorded with a :func:`save_tree` directory, or None if it has none."""
+    f = _checkpoint_dir(path) / CHECKSUMS_NAME
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+        return dict(data["arrays"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f} is not a valid checksum file ({e}); the checkpoint is damaged") from None
+
+
+# ----------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------
+
+def load_tree(path: str | os.PathLike, *, verify: bool = True, as_numpy: bool = False) -> tuple[dict[str, Any], Any]:
+    """(JSON files by name, array tree) of anything :func:`save_tree` wrote.
+
+    Arrays land on the first local device, or stay host numpy arrays with ``as_numpy=True``.
+    ``verify`` checks them against the recorded checksums where the directory has them.
+    """
+    import jax
+
+    d = _checkpoint_dir(path)
+    recorded = recorded_checksums(d) if verify else None
+    if as_numpy:
+        tree = read_arrays(d / PARAMS_DIR, what=str(d))
+    else:
+        stored = _stored_arrays(d)
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), stored)
+        tree = restore_targets.restore(d / PARAMS_DIR, target, str(d))
+    if recorded is not None:
+        check_checksums(array_checksums(tree), recorded, str(d))
+    files = {f.name: json.loads(f.read_text()) for f in sorted(d.glob("*.json"))
+             if f.name not in (MARKER_NAME, CHECKSUMS_NAME)}
+    return files, tree
+
+
 def _stored_arrays(d: Path) -> Any:
     """Orbax's per-array metadata tree (shape, dtype), read without touching the data."""
     from flexmoe_jax import array_store
@@ -416,58 +349,14 @@ def _stored_arrays(d: Path) -> Any:
     return array_store.stored_metadata(d / PARAMS_DIR, str(d))
 
 
-def _targets(config: ModelConfig, stored: Any, mesh: Mesh | None, shardings: Any,
-             dtype: Any) -> tuple[ModelConfig, Any]:
-    """Abstract restore target: stored shapes, the wanted dtype, the wanted sharding."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Sharding, SingleDeviceSharding
-
-    from flexmoe_jax import model as model_lib
-
-    if mesh is not None and shardings is not None:
-        raise UserError("give either mesh or shardings, not both")
-    shapes = model_lib.param_shapes(config)
-    if mesh is not None:
-        shard_tree = model_lib.param_shardings(config, mesh)
-    elif isinstance(shardings, Sharding):
-        shard_tree = jax.tree.map(lambda _: shardings, shapes)
-    elif shardings is not None:
-        shard_tree = shardings
-    else:
-        shard_tree = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), shapes)
-    if dtype is not None:
-        dtype = jnp.dtype(dtype)
-        config = config.replace(param_dtype=dtype.name)
-    # The stored tree is the structure of record: check_params has verified it equals
-    # the config's, and it keeps each array's stored dtype when none is requested.
-    try:
-        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(
-            tuple(m.shape), m.dtype if dtype is None else dtype, sharding=s), stored, shard_tree)
-    except ValueError as e:
-        raise UserError(f"shardings must be a tree with the same structure as the params: {e}") from None
-    return config, target
-
-
-def _restore(d: Path, target: Any, partial: bool = False) -> Any:
-    import orbax.checkpoint as ocp
-
-    from flexmoe_jax import array_store
-
-    args = ocp.args.PyTreeRestore(item=target,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=partial)
-    return array_store.restore(d / PARAMS_DIR, args, str(d))
-
-
 def _checked(path: str | os.PathLike) -> tuple[Path, ModelConfig, Any]:
     """Checkpoint dir, its config, and its stored array metadata, verified to agree."""
     from flexmoe_jax import model as model_lib
 
     d = _checkpoint_dir(path)
     if kind(d) == MERGED_KIND:
-        raise CheckpointError(f"{d} is a merged model (one array directory per expert); read it with "
-                              "checkpoint.load or flexmoe_jax.merge.load (which can also leave experts out)")
+        raise CheckpointError(f"{d} is a merged model (one array directory per expert); load it with "
+                              "flexmoe_jax.loading.load (which can also leave experts out)")
     if kind(d) != "model":
         raise CheckpointError(f"{d} holds a {kind(d)!r}, not a full model: an expert deliverable has only the "
                               "tensors its owner trained; merge it with its anchor, or read it with "
@@ -484,79 +373,39 @@ def _checked(path: str | os.PathLike) -> tuple[Path, ModelConfig, Any]:
 
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, shardings: Any = None,
          dtype: Any = None, verify: bool = True) -> tuple[ModelConfig, Any]:
-    """Read a checkpoint written by :func:`save` (or a merged model): ``(config, params)``.
+    """``(config, params)`` of a checkpoint written by :func:`save`, restored straight into its layout.
 
-    Arrays are restored directly into their final layout: with ``mesh``, the
-    model's own parameter shardings on it (``model.param_shardings``); with
-    ``shardings``, that tree (or one Sharding for every array); otherwise the
-    first local device. ``dtype`` casts every array on restore (the returned
-    config's ``param_dtype`` follows); by default each keeps its stored dtype,
-    so a round trip is bit-identical. With ``verify``, arrays are checked against
-    recorded checksums where the checkpoint has them (``save(checksums=True)``,
-    merged models). A merged model loads with every expert; to leave some out
-    without reading them use ``flexmoe_jax.merge.load``.
+    Placement: with ``mesh``, ``model.param_shardings(config, mesh)``; with ``shardings``, that tree
+    (or one Sharding for all); otherwise the first local device. ``dtype`` casts every array (the
+    config's ``param_dtype`` follows); by default a round trip is bit-identical. ``verify`` checks
+    recorded checksums where there are any. A merged model raises :class:`CheckpointError`: load it
+    (or any other kind) with :func:`flexmoe_jax.loading.load`.
     """
     from flexmoe_jax import model as model_lib
 
-    if kind(path) == MERGED_KIND:
-        from flexmoe_jax import merge
-
-        return merge.load(path, mesh=mesh, shardings=shardings, dtype=dtype, verify=verify)
     d, config, stored = _checked(path)
     recorded = recorded_checksums(d) if verify else None
     if recorded is not None:
         # Verify the stored bytes (before any dtype cast), then restore into the wanted layout.
         check_checksums(array_checksums(read_arrays(d / PARAMS_DIR, what=str(d))), recorded, str(d))
-    config, target = _targets(config, stored, mesh, shardings, dtype)
-    params = _restore(d, target)
+    config, target = restore_targets.targets(config, stored, mesh, shardings, dtype)
+    params = restore_targets.restore(d / PARAMS_DIR, target, str(d))
     model_lib.check_params(config, params, what=f"params restored from {d}")
     return config, params
 
 
-def _key_path(key: str | Sequence[str]) -> tuple[str, ...]:
-    parts = tuple(p for p in key.split("/") if p) if isinstance(key, str) else tuple(key)
-    if not parts or not all(isinstance(p, str) for p in parts):
-        raise UserError(f"a subtree key is 'a/b/c' or a tuple of names, got {key!r}")
-    return parts
-
-
-def _prune(tree: dict, keys: list[tuple[str, ...]]) -> dict:
-    """The part of a nested dict under any of ``keys`` (each a path of names), as a new dict."""
-    for parts in keys:
-        node = tree
-        for i, name in enumerate(parts):
-            if not isinstance(node, dict) or name not in node:
-                where = "/".join(parts[:i]) or "the top level"
-                have = sorted(node) if isinstance(node, dict) else "a single array"
-                raise UnknownName(f"no parameter subtree {'/'.join(parts)!r}: {where} has {have}")
-            node = node[name]
-
-    def walk(node: Any, prefix: tuple[str, ...]) -> Any:
-        if any(prefix[:len(k)] == k for k in keys):
-            return node  # inside a requested subtree: keep all of it
-        # On the way to a requested subtree: keep only the children that lead to one.
-        return {name: walk(child, prefix + (name,)) for name, child in node.items()
-                if any(k[:len(prefix) + 1] == prefix + (name,) for k in keys)}
-
-    return walk(tree, ())
-
-
 def load_subtree(path: str | os.PathLike, keys: Iterable[str | Sequence[str]], *,
                  mesh: Mesh | None = None, shardings: Any = None, dtype: Any = None) -> dict:
-    """Restore only some parameter subtrees, e.g. ``["embed", "layers/moe"]``.
+    """Restore only some parameter subtrees, e.g. ``["embed", "layers/moe"]``; the rest is never read.
 
-    Uses Orbax partial restore, so arrays outside ``keys`` are never read: a
-    merge can pull one expert checkpoint's FFN weights without loading its
-    attention or embeddings. Returns a nested dict holding just those subtrees
-    (same paths as in the full tree). ``mesh``/``dtype`` are as in :func:`load`;
-    ``shardings`` here is a full-tree of shardings (or one Sharding) and is
-    pruned the same way.
+    Returns a nested dict of just those subtrees (same paths as in the full tree). ``mesh`` and
+    ``dtype`` as in :func:`load`; ``shardings`` is a full tree (or one Sharding), pruned the same way.
     """
     if isinstance(keys, str):
         keys = [keys]
-    key_paths = [_key_path(k) for k in keys]
+    key_paths = [restore_targets.key_path(k) for k in keys]
     if not key_paths:
         raise UserError("load_subtree needs at least one key")
     d, config, stored = _checked(path)
-    _, target = _targets(config, stored, mesh, shardings, dtype)
-    return _restore(d, _prune(target, key_paths), partial=True)
+    _, target = restore_targets.targets(config, stored, mesh, shardings, dtype)
+    return restore_targets.restore(d / PARAMS_DIR, restore_targets.prune(target, key_paths), str(d), partial=True)

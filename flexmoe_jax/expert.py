@@ -16,7 +16,7 @@ import json
 import jax
 import numpy as np
 
-from flexmoe_jax import model, optim
+from flexmoe_jax import checkpoint, model, optim
 from flexmoe_jax.config import INFERENCE_FIELDS, ModelConfig
 from flexmoe_jax.errors import UserError
 
@@ -86,8 +86,6 @@ def save_deliverable(path, config: ModelConfig, trainable: optim.Flat, manifest:
     (``layers/moe/gate`` is ``[L, 1, d, h]``); the manifest says which anchor
     (fingerprint) they were trained against, on what, and for how long.
     """
-    from flexmoe_jax import checkpoint
-
     slots = {k.rsplit("#", 1)[1] for k in trainable if "#" in k}
     if slots != {"1"} or any("#" not in k for k in trainable):
         raise UserError(f"an expert deliverable holds slot 1 only; got {sorted(trainable)}")
@@ -99,8 +97,6 @@ def save_deliverable(path, config: ModelConfig, trainable: optim.Flat, manifest:
 
 def load_deliverable(path) -> tuple[dict, model.Params]:
     """(manifest, trained tensors) of an expert deliverable."""
-    from flexmoe_jax import checkpoint
-
     if checkpoint.kind(path) != DELIVERABLE_KIND:
         raise UserError(f"{path} is a {checkpoint.kind(path)!r} checkpoint, not an expert deliverable")
     files, tree = checkpoint.load_tree(path)

@@ -135,10 +135,10 @@ def tune(ckpt, out, data_dir, *, gin_files: Sequence[str] = (), gin_params: Sequ
     and registered as a local task, and the ``router_tune`` phase trains on it
     into ``out`` (resumable like every run; the tuned model lands in ``out/model``).
     """
-    from flexmoe_jax import data, merge, optim, train, trainer
+    from flexmoe_jax import data, loading, optim, train, trainer
     from flexmoe_jax.config import gin_scope
 
-    config, params = merge.load(ckpt, include=include, exclude=exclude)
+    config, params = loading.load(ckpt, include=include, exclude=exclude)
     _require_moe(config, "router tuning")
     if top_k is not None:
         if not 1 <= top_k <= config.num_experts:

@@ -120,3 +120,15 @@ def select(config: ModelConfig, params: Any, include: Experts = None, exclude: E
     if keep is not None and len(keep) == config.num_experts:
         keep = None  # nothing to slice
     return run_config, take(params, keep)
+
+
+def exclude(config: ModelConfig, params: Any, names: Experts,
+            top_k: int | None = None) -> tuple[ModelConfig, Any]:
+    """(config, params) without the named experts (names or slot indices): the opt-out on params in memory."""
+    return select(config, params, exclude=names, top_k=top_k)
+
+
+def include(config: ModelConfig, params: Any, names: Experts,
+            top_k: int | None = None) -> tuple[ModelConfig, Any]:
+    """(config, params) with only the named experts: the opt-in form of :func:`exclude`."""
+    return select(config, params, include=names, top_k=top_k)

@@ -226,7 +226,9 @@ def _initial_params(config: ModelConfig, rc: RunConfig) -> tuple[ModelConfig, An
 
         if anchor_kit.is_kit(rc.anchor):  # the builder's kit: its anchor, public row and router-init method
             kit = anchor_kit.open_kit(rc.anchor)
-    anchor_config, anchor_params = checkpoint.load(kit.anchor if kit else rc.anchor)
+    from flexmoe_jax import loading  # the anchor may be any kind (a merged model for router tuning)
+
+    anchor_config, anchor_params = loading.load(kit.anchor if kit else rc.anchor)
     if config is not None:
         diff = arch_diff(config, anchor_config, SHAPE_FIELDS)
         if diff:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from flexmoe_jax import anchor_kit, checkpoint, cli, merge, routing
+from flexmoe_jax import anchor_kit, checkpoint, cli, loading, merge, routing
 
 TINY = ["ModelConfig.vocab_size=512", "ModelConfig.d_model=32", "ModelConfig.n_heads=2",
         "ModelConfig.mlp_hidden=64", "ModelConfig.n_layers=2", "ModelConfig.max_seq_len=64",
@@ -50,11 +50,11 @@ def test_owner_trains_against_the_kit_and_merge_checks_it(anchor, data_dir, tmp_
     np.testing.assert_array_equal(np.asarray(params["layers"]["moe"]["router"])[:, 0], kit.public_row())
     # The builder merges the bare deliverable against the kit: row 0 and the public stats come from it.
     out = merge.merge(kit_dir, [tmp_path / "humor" / "expert"], tmp_path / "m")
-    m = merge.read_manifest(out)
+    m = loading.read_manifest(out)
     assert m["anchor"]["kit"]["id"] == kit.kit_id
-    cfg, merged = merge.load(out)
+    cfg, merged = loading.load(out)
     np.testing.assert_array_equal(np.asarray(merged["layers"]["moe"]["router"])[:, 0], kit.public_row())
-    assert sorted(merge.read_routing_stats(out, cfg.names)) == ["humor", "public"]
+    assert sorted(loading.read_routing_stats(out, cfg.names)) == ["humor", "public"]
     # An expert trained against the plain anchor is refused by the kit's merge (its row 0 may differ).
     _owner(anchor_path, data_dir, tmp_path / "plain")
     with pytest.raises(merge.MergeError, match="not trained against anchor kit"):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flexmoe_jax import checkpoint, data, demo, merge
+from flexmoe_jax import checkpoint, data, demo, loading
 
 DOMAINS = list(data.CLOSED_DOMAINS)
 
@@ -136,7 +136,7 @@ def test_each_owner_saw_only_its_own_data(quick_demo):
         assert (w / "experts" / d / "train.log").is_file()  # trained by its own process
         replay = checkpoint.load_metadata(w / "experts_replay" / d / "model")["gin_config"]
         assert f"RunConfig.public_replay = {demo.QUICK.public_replay}" in replay
-    m = merge.read_manifest(w / "merged")
+    m = loading.read_manifest(w / "merged")
     assert [e["name"] for e in m["experts"]] == ["public", *DOMAINS]
 
 

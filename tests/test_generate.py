@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from flexmoe_jax import checkpoint, cli, generate, merge, model
+from flexmoe_jax import checkpoint, cli, generate, model, selection
 from flexmoe_jax.config import ModelConfig
 
 NAMES = ("public", "code", "math", "news")
@@ -159,7 +159,7 @@ def test_attribution_shares_and_opt_out(moe, greedy):
 
     opted = generate.generate(cfg, p, PROMPTS, max_new_tokens=NEW, eos_id=None,
                               active_experts=["public", "math", "news"])
-    c2, p2 = merge.exclude(cfg, p, ["code"])
+    c2, p2 = selection.exclude(cfg, p, ["code"])
     physical = generate.generate(c2, p2, PROMPTS, max_new_tokens=NEW, eos_id=None)
     for o, ph in zip(opted, physical):
         a = o["attribution"]
@@ -249,7 +249,7 @@ def test_cli_generate(moe, tokenizer_dir, tmp_path, capsys):
     # The same numbers as the Python API on the physically excluded model.
     from flexmoe_jax import data
 
-    c2, p2 = merge.exclude(cfg, p, ["code"])
+    c2, p2 = selection.exclude(cfg, p, ["code"])
     api = generate.generate_text(c2, p2, ["def forward(config", "the model"], data.sentencepiece(tokenizer_dir),
                                  max_new_tokens=4)
     assert [r["tokens"] for r in api] == [r["tokens"] for r in records]

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from flexmoe_jax import checkpoint, cli, expert, merge, model, optim
+from flexmoe_jax import checkpoint, cli, expert, loading, merge, model, optim, selection
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.sharding import make_mesh
 
@@ -118,13 +118,13 @@ def test_merge_equals_hand_assembled_reference(world, tmp_path):
     assert checkpoint.kind(out) == "merged"
 
     ref_cfg, ref = reference(world, NAMES)
-    cfg, params = merge.load(out)
+    cfg, params = loading.load(out)
     assert cfg.to_dict() == ref_cfg.to_dict()
     assert_same(params, ref)
     np.testing.assert_array_equal(logits(cfg, params), logits(ref_cfg, ref))
-    assert_same(checkpoint.load(out)[1], ref)  # plain checkpoint.load reads a merged model too
+    assert_same(loading.load(out)[1], ref)  # the generic loader reads a merged model too
 
-    m = merge.read_manifest(out)
+    m = loading.read_manifest(out)
     assert m["anchor"]["fingerprint"] == world.fp and m["bias"] == "kept"
     assert [e["name"] for e in m["experts"]] == ["public", *NAMES]
     assert [e["manifest"].get("task") for e in m["experts"][1:]] == [f"flexmix_mini.{n}" for n in NAMES]
@@ -133,7 +133,7 @@ def test_merge_equals_hand_assembled_reference(world, tmp_path):
 
     # Keeping the bias: with only public + a active, the merged model IS owner a's 2-expert model.
     acfg, aparams = world.owners["a"]
-    sub_cfg, sub = merge.load(out, include=["public", "a"])
+    sub_cfg, sub = loading.load(out, include=["public", "a"])
     assert sub_cfg.to_dict() == acfg.to_dict()
     np.testing.assert_array_equal(logits(sub_cfg, sub), logits(acfg, aparams))
 
@@ -142,20 +142,20 @@ def test_run_dirs_and_full_models_merge_the_same(world, tmp_path):
     # a: run dir (its model/ supplies the public router row); b: bare deliverable; c: full model.
     out = merge.merge(world.anchor_path, [world.root / "a", world.root / "b" / "expert", world.root / "c" / "model"],
                       tmp_path / "m")
-    assert_same(merge.load(out)[1], reference(world, NAMES)[1])
-    assert merge.read_manifest(out)["public_router"] == f"row 0 of {world.root / 'a' / 'model'}"
-    assert [e["kind"] for e in merge.read_manifest(out)["experts"][1:]] == ["deliverable", "deliverable", "model"]
+    assert_same(loading.load(out)[1], reference(world, NAMES)[1])
+    assert loading.read_manifest(out)["public_router"] == f"row 0 of {world.root / 'a' / 'model'}"
+    assert [e["kind"] for e in loading.read_manifest(out)["experts"][1:]] == ["deliverable", "deliverable", "model"]
 
 
 def test_drop_bias_reproduces_the_reference_merge(world, tmp_path):
     # The anchor given in memory this time (a notebook's (config, params)).
     out = merge.merge((CFG, world.anchor), deliverables(world, ("a", "b")), tmp_path / "m", keep_bias=False,
                       top_k=3, public_router=world.public_row)
-    cfg, params = merge.load(out)
+    cfg, params = loading.load(out)
     ref_cfg, ref = reference(world, ("a", "b"), bias=False, top_k=3)
     assert cfg.to_dict() == ref_cfg.to_dict() and not cfg.expert_bias
     assert_same(params, ref)
-    assert merge.read_manifest(out)["bias"] == "dropped"
+    assert loading.read_manifest(out)["bias"] == "dropped"
 
 
 # ----------------------------------------------------------------------------
@@ -166,18 +166,18 @@ def test_exclude_at_load_is_bit_identical_and_never_reads_the_excluded(world, tm
     abc = merge.merge(world.anchor_path, deliverables(world), tmp_path / "abc", public_router=world.public_row)
     ab = merge.merge(world.anchor_path, deliverables(world, ("a", "b")), tmp_path / "ab",
                      public_router=world.public_row)
-    cfg_ab, p_ab = merge.load(ab)
+    cfg_ab, p_ab = loading.load(ab)
     want = logits(cfg_ab, p_ab)
-    cfg_x, p_x = merge.load(abc, exclude=["c"])
+    cfg_x, p_x = loading.load(abc, exclude=["c"])
     assert cfg_x.to_dict() == cfg_ab.to_dict()
     np.testing.assert_array_equal(logits(cfg_x, p_x), want)
-    assert_same(merge.include(*merge.load(abc), ["public", "a", "b"])[1], p_ab)  # in-memory opt-in agrees
-    assert_same(merge.exclude(*merge.load(abc), ["c"])[1], p_ab)
+    assert_same(selection.include(*loading.load(abc), ["public", "a", "b"])[1], p_ab)  # in-memory opt-in agrees
+    assert_same(selection.exclude(*loading.load(abc), ["c"])[1], p_ab)
 
     # On a mesh: the kept experts land in the model's own shardings.
     mesh = make_mesh(expert=4, data=2)
-    _, on_mesh = merge.load(abc, mesh=mesh)
-    want_sh = model.param_shardings(merge.load(abc)[0], mesh)
+    _, on_mesh = loading.load(abc, mesh=mesh)
+    want_sh = model.param_shardings(loading.load(abc)[0], mesh)
     assert on_mesh["layers"]["moe"]["gate"].sharding.spec[1] == "expert"
     assert all(x.sharding == s for x, s in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(want_sh)))
 
@@ -187,13 +187,13 @@ def test_exclude_at_load_is_bit_identical_and_never_reads_the_excluded(world, tm
         for f in files:
             p = Path(dirpath) / f
             p.write_bytes(b"\x00garbage" * max(1, p.stat().st_size // 8))
-    np.testing.assert_array_equal(logits(*merge.load(abc, exclude=["c"])), want)
+    np.testing.assert_array_equal(logits(*loading.load(abc, exclude=["c"])), want)
     with pytest.raises(checkpoint.CheckpointError, match="expert 'c'"):
-        merge.load(abc)
+        loading.load(abc)
     shutil.rmtree(c_dir)  # ... or delete them
-    np.testing.assert_array_equal(logits(*merge.load(abc, exclude=["c"])), want)
+    np.testing.assert_array_equal(logits(*loading.load(abc, exclude=["c"])), want)
     with pytest.raises(checkpoint.CheckpointError, match="expert 'c'.*missing"):
-        merge.load(abc, include=["public", "c"])
+        loading.load(abc, include=["public", "c"])
 
     # b's arrays readable but changed after the merge: the checksum catches it, verify=False does not look.
     b_dir = abc / "experts" / "002_b"
@@ -201,32 +201,32 @@ def test_exclude_at_load_is_bit_identical_and_never_reads_the_excluded(world, tm
     shutil.rmtree(b_dir)
     checkpoint.write_arrays(b_dir, jax.tree.map(lambda x: x + 1, tree))
     with pytest.raises(checkpoint.CheckpointError, match=r"expert 'b'.*layers/moe/\w+ is damaged or was modified"):
-        merge.load(abc, exclude=["c"])
-    assert merge.load(abc, exclude=["c"], verify=False)[0].names == ("public", "a", "b")
-    assert merge.load(abc, include=["a"])[0].names == ("a",)
-    with pytest.raises(checkpoint.CheckpointError, match="merged model.*merge.load"):
+        loading.load(abc, exclude=["c"])
+    assert loading.load(abc, exclude=["c"], verify=False)[0].names == ("public", "a", "b")
+    assert loading.load(abc, include=["a"])[0].names == ("a",)
+    with pytest.raises(checkpoint.CheckpointError, match="merged model.*loading.load"):
         checkpoint.load_subtree(abc, "embed")
 
     with pytest.raises(ValueError, match=r"unknown expert 'zz'; this model's experts are \['public', 'a', 'b', 'c'\]"):
-        merge.load(abc, exclude=["zz"])
+        loading.load(abc, exclude=["zz"])
     with pytest.raises(ValueError, match="include or exclude, not both"):
-        merge.load(abc, include=["a"], exclude=["b"])
+        loading.load(abc, include=["a"], exclude=["b"])
     with pytest.raises(ValueError, match="cannot exclude every expert"):
-        merge.load(abc, exclude=["public", "a", "b", "c"])
+        loading.load(abc, exclude=["public", "a", "b", "c"])
     with pytest.raises(ValueError, match="top_k=2 must be between 1 and the 1 active"):
-        merge.load(abc, include=["a"], top_k=2)
+        loading.load(abc, include=["a"], top_k=2)
 
 
 def test_load_any_checkpoint(world):
-    cfg, params = merge.load(world.anchor_path)  # dense
+    cfg, params = loading.load(world.anchor_path)  # dense
     assert not cfg.is_moe and not isinstance(params["embed"], np.ndarray)
     with pytest.raises(ValueError, match="dense model"):
-        merge.load(world.anchor_path, exclude=["a"])
-    cfg, params = merge.load(world.root / "a" / "model", exclude=["a"], top_k=1)  # a trainer-written 2-expert model
+        loading.load(world.anchor_path, exclude=["a"])
+    cfg, params = loading.load(world.root / "a" / "model", exclude=["a"], top_k=1)  # a trainer-written 2-expert model
     assert cfg.names == ("public",) and cfg.top_k == 1
     assert_same(params["layers"]["moe"], {k: v[:, :1] for k, v in world.owners["a"][1]["layers"]["moe"].items()})
     with pytest.raises(ValueError, match="not a full model"):
-        merge.load(world.root / "a" / "expert")
+        loading.load(world.root / "a" / "expert")
 
 
 def test_full_model_inputs_with_checksums_are_verified(world, tmp_path):
@@ -355,7 +355,7 @@ def test_failed_merge_leaves_nothing_or_the_old_output(world, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="simulated"):
         merge.merge(world.anchor_path, deliverables(world), out, public_router=world.public_row)
     assert os.listdir(tmp_path) == ["m"]
-    assert merge.load(out)[0].names == ("public", "a")  # the previous merge, intact
+    assert loading.load(out)[0].names == ("public", "a")  # the previous merge, intact
 
 
 def test_large_merges_stream_within_the_memory_budget(world, tmp_path, monkeypatch):
@@ -381,7 +381,7 @@ def test_large_merges_stream_within_the_memory_budget(world, tmp_path, monkeypat
 
     monkeypatch.setattr(merge, "_Budget", Recording)
     out = merge.merge(world.anchor_path, deliverables(world), tmp_path / "m", public_router=world.public_row)
-    assert_same(merge.load(out)[1], reference(world, NAMES)[1])
+    assert_same(loading.load(out)[1], reference(world, NAMES)[1])
 
     (budget,) = seen
     anchor_bytes = sum(np.asarray(v).nbytes for v in optim.flatten(world.anchor).values())
@@ -459,7 +459,7 @@ def test_opt_out_is_exact_in_every_routing_mode(merged_with_stats, mode):
     from flexmoe_jax import eval as eval_lib
 
     abc, ab = merged_with_stats
-    assert sorted(merge.read_routing_stats(abc, ("public", *NAMES))) == ["a", "b", "c", "public"]
+    assert sorted(loading.read_routing_stats(abc, ("public", *NAMES))) == ["a", "b", "c", "public"]
     tokens = np.asarray(TOKENS)
     batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, 1),
              "decoder_positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape),
@@ -486,16 +486,16 @@ def test_merge_finds_checks_and_verifies_routing_stats(world, tmp_path):
     out = merge.merge(world.anchor_path, [stray], tmp_path / "m", public_router=world.public_row,
                       routing_stats={"a": world.root / "b" / routing.STATS_FILE}, routing="public_plus")
     assert checkpoint.load_config(out).routing == "public_plus"
-    stats = merge.read_routing_stats(out, ("public", "a"))
+    stats = loading.read_routing_stats(out, ("public", "a"))
     assert stats["a"].name == "a" and np.array_equal(stats["a"].counts, routing.Stats.load(
         world.root / "b" / routing.STATS_FILE).counts)
-    entry = merge.read_manifest(out)["experts"][1]["routing_stats"]
+    entry = loading.read_manifest(out)["experts"][1]["routing_stats"]
     assert entry["tokens"] == stats["a"].tokens and entry["copied_from"].endswith("b/" + routing.STATS_FILE)
     # Damage is caught by the recorded sha256.
     f = out / entry["file"]
     f.write_bytes(f.read_bytes()[:-3] + b"xyz")
     with pytest.raises(checkpoint.CheckpointError, match="routing stats of expert 'a'.*sha256.*re-copy"):
-        merge.read_routing_stats(out, ("public", "a"))
+        loading.read_routing_stats(out, ("public", "a"))
     with pytest.raises(merge.MergeError, match="not among the merged experts"):
         merge.merge(world.anchor_path, [world.root / "a"], tmp_path / "m2", routing_stats={"zz": f})
 
@@ -508,7 +508,7 @@ def test_cosine_router_scores(merged_with_stats, tmp_path):
     from flexmoe_jax import eval as eval_lib, hf, moe
 
     abc, ab = merged_with_stats
-    cfg, params = merge.load(abc)
+    cfg, params = loading.load(abc)
     x = np.random.default_rng(0).standard_normal((5, cfg.d_model)).astype(np.float32)
     router = np.asarray(params["layers"]["moe"]["router"][0])
     want = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (router / np.linalg.norm(router, axis=1, keepdims=True)).T
@@ -538,10 +538,10 @@ def test_default_routing_is_domain_when_every_expert_carries_stats(merged_with_s
     # A merge lacking some expert's stats keeps the config's routing by default.
     bare = merge.merge(world.anchor_path, deliverables(world, ("a",)), tmp_path / "bare",
                        public_router=world.public_row, routing_stats={})
-    assert sorted(merge.read_routing_stats(bare, ("public", "a"))) == ["a", "public"]  # found beside them
+    assert sorted(loading.read_routing_stats(bare, ("public", "a"))) == ["a", "public"]  # found beside them
     shutil.rmtree(bare / merge.STATS_DIR)
-    m = json.loads((bare / merge.MANIFEST_NAME).read_text())
+    m = json.loads((bare / loading.MANIFEST_NAME).read_text())
     for e in m["experts"]:
         e.pop("routing_stats", None)
-    (bare / merge.MANIFEST_NAME).write_text(json.dumps(m))
+    (bare / loading.MANIFEST_NAME).write_text(json.dumps(m))
     assert eval_lib.ModelScorer.from_checkpoint(bare).router is None

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexmoe_jax import merge, model
+from flexmoe_jax import model, selection
 from flexmoe_jax.config import ConfigError, ModelConfig, tiny
 
 
@@ -77,7 +77,7 @@ def test_opt_out_equals_physical_exclusion(moe):
     cfg, p = moe
     t = _tokens(cfg)
     masked = model.forward(cfg, p, t, active_experts=["public", "expert_1", "expert_3"])
-    c2, p2 = merge.exclude(cfg, p, ["expert_2"])
+    c2, p2 = selection.exclude(cfg, p, ["expert_2"])
     assert c2.names == ("public", "expert_1", "expert_3") and c2.num_experts == 3
     np.testing.assert_array_equal(masked, model.forward(c2, p2, t))
     np.testing.assert_array_equal(masked, model.forward(cfg, p, t, active_experts=[0, 1, 3]))
@@ -102,7 +102,7 @@ def test_opt_out_caps_top_k_and_rejects_explicit_excess(moe):
     cfg, p = moe
     t = _tokens(cfg)
     single = model.forward(cfg, p, t, active_experts=["expert_3"])  # top-2 capped at 1
-    c1, p1 = merge.include(cfg, p, ["expert_3"])
+    c1, p1 = selection.include(cfg, p, ["expert_3"])
     assert c1.top_k == 1
     np.testing.assert_array_equal(single, model.forward(c1, p1, t))
     with pytest.raises(ValueError, match="top_k=3 is larger than the 2 active experts"):
@@ -125,13 +125,13 @@ def test_unknown_expert_names(moe):
     with pytest.raises(ValueError, match="unknown expert 'hospital'.*'public'"):
         model.forward(cfg, p, t, active_experts=["hospital"])
     with pytest.raises(ValueError, match="unknown expert"):
-        merge.exclude(cfg, p, ["nope"])
+        selection.exclude(cfg, p, ["nope"])
     with pytest.raises(ValueError, match="out of range"):
-        merge.exclude(cfg, p, [9])
+        selection.exclude(cfg, p, [9])
     with pytest.raises(ValueError, match="twice"):
-        merge.exclude(cfg, p, ["public", 0])
+        selection.exclude(cfg, p, ["public", 0])
     with pytest.raises(ValueError, match="every expert"):
-        merge.exclude(cfg, p, [0, 1, 2, 3])
+        selection.exclude(cfg, p, [0, 1, 2, 3])
 
 
 def test_aux_losses(moe):

@@ -118,7 +118,7 @@ def _owners_on_gcs(bucket):
 def test_merge_from_and_to_object_storage_with_opt_out(bucket, tmp_path):
     import test_merge as tm
 
-    from flexmoe_jax import merge
+    from flexmoe_jax import loading, merge
 
     root, world = _owners_on_gcs(bucket)
     public_row = world.public_row
@@ -127,20 +127,20 @@ def test_merge_from_and_to_object_storage_with_opt_out(bucket, tmp_path):
                       public_router=public_row, progress=False)
     assert str(abc) == f"{bucket}/abc"
     want_cfg, want = tm.reference(world, tm.NAMES)
-    cfg, params = merge.load(abc)
+    cfg, params = loading.load(abc)
     assert cfg.expert_names == want_cfg.expert_names
     tm.assert_same(params, want)
     # Opt-out from object storage equals the merge without that expert, written locally from the same inputs.
     ab = merge.merge(root / "anchor", [root / n / "expert" for n in ("a", "b")], tmp_path / "ab",
                      public_router=public_row, progress=False)
-    cfg_x, p_x = merge.load(abc, exclude=["c"])
-    cfg_ab, p_ab = merge.load(ab)
+    cfg_x, p_x = loading.load(abc, exclude=["c"])
+    cfg_ab, p_ab = loading.load(ab)
     assert cfg_x.to_dict() == cfg_ab.to_dict()
     np.testing.assert_array_equal(tm.logits(cfg_x, p_x), tm.logits(cfg_ab, p_ab))
     # A run directory on gs:// (WORKDIR/expert + WORKDIR/model) resolves as it does locally.
     run_merge = merge.merge(root / "anchor", [root / "a"], f"{bucket}/a_only", public_router=public_row,
                             progress=False)
-    tm.assert_same(merge.load(run_merge)[1], tm.reference(world, ("a",))[1])
+    tm.assert_same(loading.load(run_merge)[1], tm.reference(world, ("a",))[1])
 
 
 def test_cli_on_object_storage(bucket, data_dir, tmp_path, capsys):

@@ -166,7 +166,7 @@ def world(small_data_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_registered_owner_keeps_its_gain_after_merging(world):
-    from flexmoe_jax import eval as eval_lib, merge
+    from flexmoe_jax import eval as eval_lib, loading
 
     man = world["manifest"]
     assert man["task"] == OWNER and man["read"]["documents"] == len(world["docs"])
@@ -174,7 +174,7 @@ def test_registered_owner_keeps_its_gain_after_merging(world):
     assert f"registered '{OWNER}'" in world["register_stdout"]
     # The merged model carries the routing counts of every expert, the owner's from its run directory.
     names = ("public", OWNER, "humor")
-    assert merge.read_manifest(world["merged"])["experts"][1]["name"] == OWNER
+    assert loading.read_manifest(world["merged"])["experts"][1]["name"] == OWNER
     stats = eval_lib.checkpoint_routing_stats(world["merged"], names)
     assert sorted(stats) == sorted(names) and stats[OWNER].source["task"] == OWNER
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexmoe_jax import eval as eval_lib, merge, model, routing
+from flexmoe_jax import eval as eval_lib, model, routing, selection
 from flexmoe_jax.config import tiny
 
 NAMES = ("public", "a", "b")
@@ -118,7 +118,7 @@ def test_opt_out_is_the_merge_without_the_expert_in_domain_mode(merged):
     config, params = merged
     stats = _stats(config.vocab_size, {t: ("a" if t % 2 else "b") for t in range(2, 60)})
     text = jnp.asarray(np.random.default_rng(3).integers(2, 60, size=(2, 16)), jnp.int32)
-    out = merge.exclude(config, params, ["b"])
+    out = selection.exclude(config, params, ["b"])
     without_b = (config.replace(num_experts=2, top_k=2, expert_names=("public", "a")),
                  jax.tree.map(lambda x: x[:, :2], params["layers"]["moe"]))
     without_b = (without_b[0], {**params, "layers": {**params["layers"], "moe": without_b[1]}})

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flexmoe_jax import merge, model, selection
+from flexmoe_jax import model, selection
 from flexmoe_jax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_hidden=32, max_seq_len=16,
@@ -34,7 +34,7 @@ def test_names_slots_and_the_top_k_rule():
 
 def test_in_memory_select_is_a_slice_of_the_expert_axis():
     params = model.init(CFG, 0)
-    cfg, p = merge.exclude(CFG, params, "math")
+    cfg, p = selection.exclude(CFG, params, "math")
     assert cfg.names == ("public", "code", "law")
     np.testing.assert_array_equal(np.asarray(p["layers"]["moe"]["gate"]),
                                   np.asarray(params["layers"]["moe"]["gate"])[:, [0, 2, 3]])

@@ -86,15 +86,15 @@ def test_pretrain_then_expert(data_dir, tmp_path):
     last = [json.loads(line) for line in open(tmp_path / "humor" / "metrics.jsonl")][-1]
     assert "expert_share/humor" in last and "expert_gate/humor" in last
     # The model builder's side, on what training really wrote: merge the run, then opt in/out.
-    from flexmoe_jax import merge, model
+    from flexmoe_jax import loading, model
 
     assert cli.main(["merge", "--anchor", anchor, "--expert", str(tmp_path / "humor"),
                      "--out", str(tmp_path / "merged")]) == 0
-    mcfg, mparams = merge.load(str(tmp_path / "merged"))
+    mcfg, mparams = loading.load(str(tmp_path / "merged"))
     assert mcfg.names == ("public", "humor")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(mparams), jax.device_get(eparams))
     toks = np.arange(3, 35, dtype=np.int32)[None]
-    pcfg, pparams = merge.load(str(tmp_path / "merged"), exclude=["humor"])
+    pcfg, pparams = loading.load(str(tmp_path / "merged"), exclude=["humor"])
     np.testing.assert_allclose(model.forward(pcfg, pparams, toks), model.forward(acfg, aparams, toks), atol=1e-5)
 
 

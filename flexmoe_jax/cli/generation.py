@@ -34,7 +34,7 @@ def _check_flags(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from flexmoe_jax import checkpoint, data, generate, merge
+    from flexmoe_jax import checkpoint, data, generate, loading
 
     _check_flags(args)
     full = checkpoint.load_config(args.ckpt)
@@ -47,9 +47,9 @@ def _cmd_generate(args) -> None:
         raise CommandError(f"the tokenizer in {args.data_dir} has {vocab.get_piece_size()} pieces but the model's "
                            f"vocab is {full.vocab_size}: use the data directory the model was trained with")
 
-    # merge.load reads only the kept experts of a merged checkpoint (excluded ones are never opened).
+    # loading.load reads only the kept experts of a merged checkpoint (excluded ones are never opened).
     # --include/--exclude take expert names, as in every command (slot numbers are for the Python API).
-    config, params = merge.load(args.ckpt, include=args.include, exclude=args.exclude, top_k=args.top_k)
+    config, params = loading.load(args.ckpt, include=args.include, exclude=args.exclude, top_k=args.top_k)
     excluded = [n for n in full.names if n not in config.names] if full.is_moe else []
     how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top_p {args.top_p}"
     print(f"generating up to {args.max_new_tokens} tokens for {len(args.prompt)} prompt(s) (compiling first; {how})",

@@ -13,9 +13,9 @@ def _cmd_import_hf(args) -> None:
 
 
 def _cmd_export_hf(args) -> None:
-    from flexmoe_jax import checkpoint, hf
+    from flexmoe_jax import hf, loading
 
-    config, params = checkpoint.load(args.ckpt)
+    config, params = loading.load(args.ckpt)
     hf.to_hf(config, params, args.out, max_shard_size=args.max_shard_size)
     print(f"exported {args.ckpt} -> {args.out} ({'FlexOlmoForCausalLM' if config.is_moe else 'Olmo2ForCausalLM'})")
 

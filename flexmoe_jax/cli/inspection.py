@@ -25,9 +25,9 @@ def _cmd_info(args) -> None:
         print(f"experts (slot order): {list(config.names)}; top_k={config.top_k}")
     print(f"parameters: {config.num_params():,}")
     if checkpoint.kind(args.ckpt) == checkpoint.MERGED_KIND:
-        from flexmoe_jax import merge
+        from flexmoe_jax import loading
 
-        m = merge.read_manifest(args.ckpt)
+        m = loading.read_manifest(args.ckpt)
         print(f"merged model: anchor {m['anchor'].get('path')} (fingerprint {m['anchor']['fingerprint'][:12]}), "
               f"bias {m['bias']}, public router {m['public_router']}")
         for e in m["experts"][1:]:

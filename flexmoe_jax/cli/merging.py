@@ -9,14 +9,14 @@ from flexmoe_jax.cli.common import CommandError
 
 
 def _cmd_merge(args) -> None:
-    from flexmoe_jax import checkpoint, merge, storage
+    from flexmoe_jax import checkpoint, loading, merge, storage
 
     out = merge.merge(args.anchor, args.expert, args.out, top_k=args.top_k, names=args.names,
                       keep_bias=not args.drop_bias, public_router=args.public_router, progress=True,
                       routing_stats=_name_files(args.routing_stats, "--routing_stats"), routing=args.routing)
     cfg = checkpoint.load_config(out)
     size = sum(storage.size(f) for f in storage.files(out))
-    print(f"merged experts [{', '.join(cfg.names)}], top-{cfg.top_k}, bias {merge.read_manifest(out)['bias']} "
+    print(f"merged experts [{', '.join(cfg.names)}], top-{cfg.top_k}, bias {loading.read_manifest(out)['bias']} "
           f"({cfg.num_params():,} params, {size / 1e6:.1f} MB) -> {out}")
 
 
@@ -45,9 +45,9 @@ def _cmd_tune_router(args) -> None:
 def _cmd_calibrate(args) -> None:
     import json
 
-    from flexmoe_jax import checkpoint, data, merge, router_tune
+    from flexmoe_jax import checkpoint, data, loading, router_tune
 
-    config, params = merge.load(args.ckpt, include=args.include, exclude=args.exclude)
+    config, params = loading.load(args.ckpt, include=args.include, exclude=args.exclude)
     data.register_tasks(args.data_dir)
     batches = data.batches(data.PUBLIC_MIXTURE, "train", args.batch_size, args.seq_len, args.data_dir, seed=args.seed)
     if args.quantile is not None and not 0 < args.quantile < 1:

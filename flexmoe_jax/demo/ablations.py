@@ -56,7 +56,7 @@ def row_name(expert_set: str, keep_bias: bool, mode: str, score: dict | None = N
 
 def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=SCORED_ROWS) -> dict:
     """Train the missing expert sets, merge, evaluate every row; write and return the summary."""
-    from flexmoe_jax import anchor_kit, data, merge
+    from flexmoe_jax import anchor_kit, data, loading
 
     w = Workdir(workdir, QUICK if quick else FULL)
     compile_cache(w)
@@ -87,7 +87,7 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=
             biases[name] = learned_bias(merged)
             for m in modes:
                 spec = models[row_name(v, keep_bias, m, score)] = {"model": merged, "routing": m, "score": score}
-                if m == "domain" and not merge.read_routing_stats(merged, ("public", *domains)):
+                if m == "domain" and not loading.read_routing_stats(merged, ("public", *domains)):
                     # merged before merges carried routing stats: the same files, given directly
                     spec["routing_stats"] = scoring.routing_stats(w, {d: trained[d, v] for d in domains})
     with Phase(w, "ablation_eval"):
@@ -104,9 +104,9 @@ def learned_bias(merged) -> dict[str, float] | None:
     """Each expert's router bias as the forward pass uses it (clamped to <= 0), averaged over layers."""
     import numpy as np
 
-    from flexmoe_jax import merge
+    from flexmoe_jax import loading
 
-    config, params = merge.load(merged)
+    config, params = loading.load(merged)
     if not config.expert_bias:
         return None
     b = np.minimum(np.asarray(params["layers"]["moe"]["bias"]), 0.0).mean(axis=0)

@@ -48,12 +48,12 @@ def train_btx(w: Workdir, anchor: Path, dense: dict[str, Path]) -> Path:
 def train_btx_alldata(w: Workdir, merged: Path) -> Path:
     """The merged FlexOlmo, then every parameter trained jointly on all data (closed data included:
     breaks the data restriction; an informative variant, not the paper's BTX)."""
-    from flexmoe_jax import data, merge, trainer
+    from flexmoe_jax import data, loading, trainer
 
     out = w.root / "btx"
     if not complete(out / "model"):
         p = w.plan
-        config, params = merge.load(merged)
+        config, params = loading.load(merged)
         rc = run_config(w, phase="pretrain", task=data.ALL_MIXTURE, steps=p.btx_steps)
         trainer.run(out, config, rc, optim_config(p.btx_steps, 0.0, p.peak_lr), params=params)
     return out / "model"

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from flexmoe_jax import checkpoint, hf, merge, model, moe
+from flexmoe_jax import checkpoint, hf, model, moe, selection
 from flexmoe_jax.config import ModelConfig
 
 
@@ -74,7 +74,7 @@ def run(workdir: str, quick: bool = False) -> dict:
     steps.set_postfix_str("opt-out")
     full = model.forward(config, params, tokens)
     masked = model.forward(config, params, tokens, active_experts=[n for n in names if n != "math"])
-    c3, p3 = merge.exclude(config, params, ["math"])
+    c3, p3 = selection.exclude(config, params, ["math"])
     removed = model.forward(c3, p3, tokens)
     results["opt_out"] = {
         "excluded": "math",

@@ -33,11 +33,11 @@ def merge_experts(w: Workdir, anchor: Path, experts: dict[str, Path], keep_bias:
 def calibrate(w: Workdir, merged: Path, quantile: float | None = None) -> Path:
     """Public-data bias calibration of the merged router: each expert's mean margin over the
     public expert (or its ``quantile``) on public text brought to <= 0. Returns the checkpoint."""
-    from flexmoe_jax import checkpoint, data, merge, router_tune
+    from flexmoe_jax import checkpoint, data, loading, router_tune
 
     out = w.root / ("flexolmo_cal" if quantile is None else f"flexolmo_cal_q{round(quantile * 100)}")
     if not complete(out):
-        config, params = merge.load(merged)
+        config, params = loading.load(merged)
         data.register_tasks(w.data)
         p = w.plan
         batches = data.batches(data.PUBLIC_MIXTURE, "train", p.batch_size, p.seq_len, w.data, seed=7)

@@ -24,13 +24,13 @@ def _model_dir(path: str | os.PathLike) -> Path:
 def load_model(path: str | os.PathLike, *, include=None, exclude=None, top_k=None
                ) -> tuple[ModelConfig, model.Params]:
     """(config, params) of a plain or merged checkpoint or a run directory, with opt-in/opt-out."""
-    from flexmoe_jax import checkpoint, expert, merge
+    from flexmoe_jax import checkpoint, expert, loading
 
     d = _model_dir(path)
     if d.is_dir() and checkpoint.kind(d) == expert.DELIVERABLE_KIND:
         raise UserError(f"{path} is an expert deliverable: it holds only the owner's trained slot. Evaluate "
                         "its run directory (or WORKDIR/model), or the merged model")
-    return merge.load(d, include=include, exclude=exclude, top_k=top_k)
+    return loading.load(d, include=include, exclude=exclude, top_k=top_k)
 
 
 def default_routing(path: str | os.PathLike, config: ModelConfig, routing: str | None = None
@@ -49,9 +49,9 @@ def default_routing(path: str | os.PathLike, config: ModelConfig, routing: str |
 
 def checkpoint_routing_stats(path: str | os.PathLike, names: Sequence[str]) -> dict | None:
     """The routing stats a merged checkpoint (or run directory) carries for ``names``; None if none."""
-    from flexmoe_jax import merge
+    from flexmoe_jax import loading
 
-    return merge.read_routing_stats(_model_dir(path), names) or None
+    return loading.read_routing_stats(_model_dir(path), names) or None
 
 
 def default_name(path: str | os.PathLike, include=None, exclude=None) -> str:

@@ -149,7 +149,7 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
     ``models``: one checkpoint path (plain or merged checkpoint, or a run directory), a list of
     them, or a ``{name: path | Scorer | (config, params)}`` map (baselines from
     :func:`soup_scorer` / :func:`btm_scorer` go in here). ``include`` / ``exclude`` / ``top_k``
-    apply to every path (opt-in/opt-out at load, ``merge.load``); ``names`` name the paths
+    apply to every path (opt-in/opt-out at load, ``loading.load``); ``names`` name the paths
     (default :func:`default_name`, e.g. ``merged_minus_code``). With ``update`` an existing
     ``json_out`` keeps its other models' results (the demo adds models one call at a time);
     the table and plot then show every model in the file. ``max_tokens`` / ``sample_seed``: each

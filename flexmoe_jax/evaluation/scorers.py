@@ -85,7 +85,7 @@ class ModelScorer(Scorer):
                         name: str | None = None, routing: str | None = None,
                         routing_stats: Mapping | None = None, score: Mapping | None = None) -> "ModelScorer":
         """Load any model checkpoint (plain, merged, or a run directory's ``model/``) with
-        ``merge.load``, which never reads an excluded expert's arrays of a merged model. ``routing``
+        ``loading.load``, which never reads an excluded expert's arrays of a merged model. ``routing``
         None is :func:`default_routing`; domain routing without ``routing_stats`` uses the ones a
         merged model carries (its kept experts')."""
         config, params = load_model(path, include=include, exclude=exclude, top_k=top_k)
