@@ -252,13 +252,10 @@ def routed_step_flops(config: ModelConfig, phase: str, batch_size: int, seq_len:
     """:func:`train_step_flops` of a top-k MoE without data-dependent loops: the matmuls of a dropless
     top-k dispatch (each token through exactly ``top_k`` experts, no padding), counted by the compiler.
 
-    Why: the CPU dispatch (``blocks``) runs expert matmuls in loops whose trip counts depend on the
-    routing, which no static count can see. The dense dispatch runs every expert on every token, so
-    its compiled count is ``rest + E * per_expert``; compiling it at E and E - 1 experts gives
-    ``per_expert``, and ``rest + top_k * per_expert`` is the routed step. ``per_expert`` includes the
-    expert's router column, so the router is charged ``top_k`` columns instead of ``num_experts``
-    (``6 * tokens * d_model`` FLOPs per layer and column: well under 1% of a step). Dense models, and
-    MoEs with every expert active, are counted directly. Adds ``method`` to the result.
+    Computed as the dense-dispatch step at E experts minus ``E - top_k`` times one expert's share (the
+    difference of the steps at E and E - 1 experts; why and what it charges: docs/training.md, FLOPs and
+    MFU). Dense models, and MoEs with every expert active, are counted directly. Adds ``method`` to the
+    result (and ``per_expert`` when it subtracts).
     """
     e = config.num_experts if phase != "expert" or config.is_moe else 2
     k = config.top_k if config.is_moe else 2

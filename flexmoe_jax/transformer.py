@@ -152,11 +152,8 @@ class MoEFFN(nn.Module):
     def _slots(self, name, init, shape, axes, dtype) -> list[jax.Array]:
         """An expert-stacked parameter: whole, or as ``name#slot`` pieces in slot order.
 
-        The training step passes expert training's frozen public slot and the
-        trained slot as separate pieces (``optim.combine(..., concat_slots=False)``)
-        and they are joined only here, inside the scanned layer: the frozen piece
-        is then never differentiated, so the backward pass skips its weight
-        gradients instead of computing and discarding them.
+        Pieces come from ``optim.combine(..., concat_slots=False)`` in the training step and
+        are joined only here, so a frozen piece gets no weight gradients (docs/model.md).
         """
         pieces = sorted((int(k.rsplit("#", 1)[1]), k) for k in self.variables.get("params", {})
                         if k.startswith(name + "#"))
