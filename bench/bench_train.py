@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from flexmoe_jax import baselines, expert, flops, model, optim, train, trainer
+from flexmoe_jax import baselines, expert, flops, model, optim, train
 from flexmoe_jax.config import ModelConfig
 
 
@@ -79,7 +79,7 @@ def main():
             r["state"], m = r["step"](r["state"], r["frozen"], batch)
             jax.block_until_ready(m)
             times[k].append(time.perf_counter() - t)
-    peak = trainer.measured_peak_flops()
+    peak = flops.measured_peak_flops()
     tokens = args.batch * args.seq
     full_k = "full FT (2-expert)"
     full_ms, full_flops = statistics.median(times[full_k]), rows[full_k][1]["flops"]

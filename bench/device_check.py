@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flexmoe_jax import baselines, distributed, expert, flops, model, optim, train, trainer  # noqa: E402
+from flexmoe_jax import baselines, distributed, expert, flops, model, optim, train  # noqa: E402
 from flexmoe_jax.config import ModelConfig  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
@@ -44,7 +44,7 @@ def _peak(device) -> tuple[float, str]:
     for name, peak in PEAK_BF16.items():
         if name.lower() in device.device_kind.lower():
             return peak, f"{name} bf16 dense peak (spec)"
-    return trainer.measured_peak_flops("bfloat16", 2048), "measured bf16 2048^3 matmul"
+    return flops.measured_peak_flops("bfloat16", 2048), "measured bf16 2048^3 matmul"
 
 
 def _batch(vocab: int, b: int, s: int) -> dict:

@@ -16,12 +16,12 @@ import json
 import jax
 import numpy as np
 
-from flexmoe_jax import checkpoint, model, optim
+from flexmoe_jax import checkpoint, model, optim, train
 from flexmoe_jax.config import INFERENCE_FIELDS, ModelConfig
 from flexmoe_jax.errors import UserError
 
-# Expert training updates slot 1 only: its FFN, its router row, its bias.
-TRAINABLE = optim.expert_slots(1)
+# Expert training updates slot 1 only (its FFN, router row and bias): the trainer's rule, one place.
+TRAINABLE = train.split_for("expert")
 
 
 def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, name: str,

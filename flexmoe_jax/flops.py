@@ -1,13 +1,9 @@
-"""FLOPs of compiled XLA programs, counted through loops; the training step's cost per phase.
+"""FLOPs of compiled XLA programs counted through loops, the training step's FLOPs per phase, and peak FLOP/s.
 
-XLA's ``compiled.cost_analysis()["flops"]`` counts a ``while`` body once, not once per
-iteration, so a model that scans its layers (``nn.scan``) or its gradient-accumulation
-micro-batches is undercounted by the trip count. :func:`compiled_flops` reads the
-optimized HLO instead and multiplies each loop body by the trip count XLA proved for it.
-
-:func:`train_step_flops` builds a phase's real training step (as :func:`flexmoe_jax.trainer.run`
-does) on abstract inputs, compiles it without running it, and returns its matmul FLOPs next to
-the 6N estimate of :func:`flexmoe_jax.baselines.flops_per_token`.
+:func:`compiled_flops` reads the optimized HLO and multiplies each loop body by
+the trip count XLA proved (``cost_analysis`` counts a ``while`` body once).
+:func:`train_step_flops` compiles a phase's real training step on abstract inputs
+and counts it beside the 6N estimate. Method and caveats: docs/training.md (FLOPs and MFU).
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ import dataclasses
 import functools
 import math
 import re
+import time
 from typing import Any
 
 import jax
@@ -200,11 +197,11 @@ def compile_train_step(config: ModelConfig, phase: str, batch_size: int, seq_len
     ``config`` is the trained model; a dense one in the ``"expert"`` phase is upcycled first. ``mesh``:
     a Mesh (of any devices, e.g. a TPU topology's), a ``RunConfig.mesh`` shape, or None for one device.
     """
-    from flexmoe_jax import model, optim, train, trainer
+    from flexmoe_jax import model, optim, train
     from flexmoe_jax.sharding import make_mesh
 
-    if phase not in trainer.PHASES:
-        raise UserError(f"phase must be one of {trainer.PHASES}, got {phase!r}")
+    if phase not in train.PHASES:
+        raise UserError(f"phase must be one of {train.PHASES}, got {phase!r}")
     if phase == "expert" and not config.is_moe:
         config = expert_config(config)
     if phase == "router_tune" and not config.is_moe:
@@ -212,15 +209,15 @@ def compile_train_step(config: ModelConfig, phase: str, batch_size: int, seq_len
     if mesh is None:
         mesh = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
     elif not isinstance(mesh, Mesh):
-        mesh = trainer.resolve_mesh(tuple(mesh))
+        mesh = train.resolve_mesh(tuple(mesh))
     ocfg = ocfg or optim.OptimConfig()
     ocfg = dataclasses.replace(ocfg, total_steps=ocfg.total_steps or max(ocfg.warmup_steps, 1) + 1)
 
-    def placed(flat):  # abstract leaves with the shardings trainer.place gives them
+    def placed(flat):  # abstract leaves with the shardings train.place gives them
         return {k: jax.ShapeDtypeStruct(flat[k].shape, flat[k].dtype, sharding=s)
-                for k, s in trainer.shardings(config, flat, mesh).items()}
+                for k, s in train.shardings(config, flat, mesh).items()}
 
-    split = jax.eval_shape(lambda: optim.split(model.init(config, 0), trainer.split_for(phase)))
+    split = jax.eval_shape(lambda: optim.split(model.init(config, 0), train.split_for(phase)))
     trainable, frozen = map(placed, split)
     tx = optim.make_optimizer(ocfg, trainable)
     init = jax.jit(lambda t: train.init_state(t, tx)).lower(trainable).compile()
@@ -229,7 +226,7 @@ def compile_train_step(config: ModelConfig, phase: str, batch_size: int, seq_len
     rows = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=train.batch_sharding(mesh))
              for k, v in jax.eval_shape(train.lm_batch, rows).items()}
-    step = trainer.jit_step(config, tx, loss_cfg or train.LossConfig(), grad_accum, mesh)
+    step = train.jit_step(config, tx, loss_cfg or train.LossConfig(), grad_accum, mesh)
     return step.lower(state, frozen, batch).compile(), config, mesh
 
 
@@ -255,13 +252,10 @@ def routed_step_flops(config: ModelConfig, phase: str, batch_size: int, seq_len:
     """:func:`train_step_flops` of a top-k MoE without data-dependent loops: the matmuls of a dropless
     top-k dispatch (each token through exactly ``top_k`` experts, no padding), counted by the compiler.
 
-    Why: the CPU dispatch (``blocks``) runs expert matmuls in loops whose trip counts depend on the
-    routing, which no static count can see. The dense dispatch runs every expert on every token, so
-    its compiled count is ``rest + E * per_expert``; compiling it at E and E - 1 experts gives
-    ``per_expert``, and ``rest + top_k * per_expert`` is the routed step. ``per_expert`` includes the
-    expert's router column, so the router is charged ``top_k`` columns instead of ``num_experts``
-    (``6 * tokens * d_model`` FLOPs per layer and column: well under 1% of a step). Dense models, and
-    MoEs with every expert active, are counted directly. Adds ``method`` to the result.
+    Computed as the dense-dispatch step at E experts minus ``E - top_k`` times one expert's share (the
+    difference of the steps at E and E - 1 experts; why and what it charges: docs/training.md, FLOPs and
+    MFU). Dense models, and MoEs with every expert active, are counted directly. Adds ``method`` to the
+    result (and ``per_expert`` when it subtracts).
     """
     e = config.num_experts if phase != "expert" or config.is_moe else 2
     k = config.top_k if config.is_moe else 2
@@ -273,3 +267,15 @@ def routed_step_flops(config: ModelConfig, phase: str, batch_size: int, seq_len:
     per_expert = full["compiled"] - less["compiled"]
     return {**full, "compiled": full["compiled"] - (e - k) * per_expert, "per_expert": per_expert,
             "method": f"compiled dense-dispatch step minus the {e - k} experts each token skips"}
+
+
+@functools.cache
+def measured_peak_flops(dtype: str = "float32", n: int = 1024) -> float:
+    """Matmul FLOP/s of this machine (an n^3 jitted matmul in ``dtype``), measured once (for MFU)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(5):
+        f(a).block_until_ready()
+    return 5 * 2 * n ** 3 / (time.perf_counter() - t)

@@ -4,7 +4,7 @@
 - ``public_plus``: the public expert always, plus the top-(k-1) others by the trained rows: the only
   pairs any owner trained with (:func:`flexmoe_jax.moe.route`'s ``always``).
 - ``document_top_k`` / ``document_public_plus``: the same on each layer's router logits averaged
-  over the document so far (:class:`flexmoe_jax.model.MoEFFN`). These four are ``ModelConfig.routing``
+  over the document so far (:class:`flexmoe_jax.transformer.MoEFFN`). These four are ``ModelConfig.routing``
   values: a merged model's config says its default, ``eval``/``generate`` override it.
 - ``domain`` (beyond the paper; c-BTM's idea, Gururangan et al. 2023, with an n-gram model as the
   space): every expert comes with the token and token-pair counts of the data it was trained on

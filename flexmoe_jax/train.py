@@ -1,16 +1,11 @@
-"""The train step: loss, gradients of the trainable subtree only, AdamW update.
+"""The train step: loss, gradients of the trainable subtree only, AdamW update; the phase's split and shardings.
 
-One step function serves every phase (public pretraining, an owner's expert
-training, router tuning): the phase only decides the :class:`optim.Split`
-(which parameters train) and the optimizer settings. The step is pure and
-jitted with shardings; the loop around it lives in :mod:`flexmoe_jax.trainer`.
-
-Loss = token cross-entropy (padding masked by ``decoder_loss_weights``)
-+ ``logit_z_weight`` * logit z-loss + ``router_z_weight`` * router z-loss, the
-reference's recipe (load balancing is off in FlexOlmo), + ``route_weight`` * a
-routing loss when the batch says which expert each token belongs to
-(``route_target``, expert training with public replay): every layer's router
-cross-entropy towards that expert, on the router rows and bias only.
+One step function serves every phase (:data:`PHASES`): the phase only decides the
+:class:`optim.Split` (:func:`split_for`) and the optimizer settings. Loss = token
+cross-entropy (padding masked) + ``logit_z_weight`` * logit z-loss + ``router_z_weight``
+* router z-loss + ``route_weight`` * a routing loss when the batch carries
+``route_target``. The loop around the step is :mod:`flexmoe_jax.trainer`; the loss
+recipe is explained in docs/training.md.
 """
 
 from __future__ import annotations
@@ -22,15 +17,20 @@ from typing import Any, NamedTuple
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from flexmoe_jax import model, optim
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
-from flexmoe_jax.sharding import batch_spec
+from flexmoe_jax.sharding import batch_spec, make_mesh, named_sharding
 
 Batch = dict[str, jax.Array]
+
+# "dense": an owner continues pretraining the whole dense anchor on its own data (the paper's dense
+# experts, from which its soup, BTM and BTX baselines are built).
+PHASES = ("pretrain", "expert", "dense", "router_tune")
 
 
 @gin.configurable
@@ -150,3 +150,41 @@ def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, loss_c
     return jax.jit(fn, donate_argnums=(0,),
                    in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
                    out_shardings=(state_shardings, None))
+
+
+def split_for(phase: str) -> optim.Split:
+    """Which parameters ``phase`` trains (expert training: slot 1, the owner's; ``expert.TRAINABLE`` is this)."""
+    return {"pretrain": optim.ALL, "expert": optim.expert_slots(1), "dense": optim.ALL,
+            "router_tune": optim.ROUTER_ONLY}[phase]
+
+
+def resolve_mesh(shape: tuple[int, ...]) -> Mesh:
+    """The (data, fsdp, expert, tensor) mesh of ``RunConfig.mesh``; one -1 axis takes the remaining devices."""
+    n = jax.device_count()
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise UserError(f"at most one mesh axis may be -1, got {tuple(shape)}")
+    if -1 in shape:
+        rest = int(np.prod([s for s in shape if s != -1]))
+        if n % rest:
+            raise UserError(f"mesh {tuple(shape)} does not divide the {n} devices")
+        shape[shape.index(-1)] = n // rest
+    return make_mesh(*shape)
+
+
+def shardings(config: ModelConfig, flat: optim.Flat, mesh: Mesh) -> dict:
+    """Each leaf's sharding on the mesh, by its logical axes (cut slots keep theirs)."""
+    axes = optim.flatten(model.logical_axes(config))
+    return {k: named_sharding(mesh, axes[k.split("#")[0]], np.shape(v)) for k, v in flat.items()}
+
+
+def place(config: ModelConfig, flat: optim.Flat, mesh: Mesh) -> optim.Flat:
+    """Put a flat parameter dict onto the mesh by each leaf's logical axes (cut slots keep theirs)."""
+    return {k: jax.device_put(flat[k], s) for k, s in shardings(config, flat, mesh).items()}
+
+
+def jit_step(config: ModelConfig, tx: optax.GradientTransformation, loss_cfg: LossConfig, grad_accum: int, mesh):
+    """The jitted step the trainer runs: ``(state, frozen, batch) -> (state, metrics)``, state donated,
+    shardings following the inputs' (compare :func:`jit_train_step`, which pins them)."""
+    return jax.jit(functools.partial(train_step, config=config, tx=tx, loss_cfg=loss_cfg,
+                                     grad_accum=grad_accum, mesh=mesh), donate_argnums=(0,))

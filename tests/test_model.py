@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexmoe_jax import model, selection
+from flexmoe_jax import layers, model, selection
 from flexmoe_jax.config import ConfigError, ModelConfig, tiny
 
 
@@ -265,7 +265,7 @@ def test_attention_equals_masked_softmax_reference(hq, hk):
     mask = rng.rand(b, 1, s, m) < 0.6
     mask[..., 0] = True
     mask[1, 0, 3] = False  # every key masked for this query
-    got = np.asarray(jax.jit(lambda q, k, v: model.attention(q, k, v, jnp.asarray(mask), None))(q, k, v))
+    got = np.asarray(jax.jit(lambda q, k, v: layers.attention(q, k, v, jnp.asarray(mask), None))(q, k, v))
     g = hq // hk
     kk, vv = np.repeat(k, g, axis=2).astype(np.float64), np.repeat(v, g, axis=2).astype(np.float64)
     scores = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), kk) / np.sqrt(hd)

@@ -94,7 +94,7 @@ def test_blocks_layout_is_a_padded_permutation():
     e, k, t, granule = 5, 3, 41, 16
     idx = np.argsort(np.random.RandomState(3).randn(t, e), axis=-1)[:, :k].astype(np.int32)
     idx[:, 0] = np.where(idx[:, 0] == 4, 0, idx[:, 0])  # skew the load
-    layout = jax.jit(moe._block_layout, static_argnums=(1, 2))(idx, e, granule)
+    layout = jax.jit(moe.blocks._block_layout, static_argnums=(1, 2))(idx, e, granule)
     slot, source, start, rows = map(np.asarray, layout)
     counts = np.bincount(idx.ravel(), minlength=e)
     np.testing.assert_array_equal(rows, -(-counts // granule) * granule)
@@ -115,7 +115,8 @@ def test_blocks_layout_skips_experts_held_elsewhere():
     rng = np.random.RandomState(5)
     idx = np.stack([rng.permutation(4)[:k] for _ in range(t)]).astype(np.int32)  # 4 experts, distinct per token
     local = np.where(idx == 2, 0, 1).astype(np.int32)  # this device holds expert 2 only
-    slot, source, start, rows = map(np.asarray, jax.jit(moe._block_layout, static_argnums=(1, 2))(local, 1, granule))
+    layout = jax.jit(moe.blocks._block_layout, static_argnums=(1, 2))(local, 1, granule)
+    slot, source, start, rows = map(np.asarray, layout)
     total = source.shape[0]
     assert total == -(-(t * 1 + 1 * (granule - 1)) // granule) * granule < t * k
     mine = local == 0
@@ -126,12 +127,12 @@ def test_blocks_layout_skips_experts_held_elsewhere():
 
 
 def test_blocks_sizes_chain():
-    assert moe._block_sizes(128, 16, 10_000) == (128, 64, 32, 16)
-    assert moe._block_sizes(48, 16, 10_000) == (48, 16)
-    assert moe._block_sizes(56, 16, 10_000) == (48, 16)  # rounded down to a granule multiple
-    assert moe._block_sizes(8, 16, 10_000) == (16,)
-    assert moe._block_sizes(512, 16, 64) == (64, 32, 16)  # nothing larger than the row space
-    assert moe._block_sizes(1, 1, 8) == (1,)
+    assert moe.blocks._block_sizes(128, 16, 10_000) == (128, 64, 32, 16)
+    assert moe.blocks._block_sizes(48, 16, 10_000) == (48, 16)
+    assert moe.blocks._block_sizes(56, 16, 10_000) == (48, 16)  # rounded down to a granule multiple
+    assert moe.blocks._block_sizes(8, 16, 10_000) == (16,)
+    assert moe.blocks._block_sizes(512, 16, 64) == (64, 32, 16)  # nothing larger than the row space
+    assert moe.blocks._block_sizes(1, 1, 8) == (1,)
 
 
 def test_route_is_softmax_over_all_experts_then_top_k():
@@ -209,7 +210,7 @@ def test_unknown_impl_is_a_clear_error():
 
 
 def test_dense_scan_form_beyond_the_unroll_limit(monkeypatch):
-    monkeypatch.setattr(moe, "_DENSE_UNROLL_MAX", 2)  # 3 experts -> the lax.scan form
+    monkeypatch.setattr(moe.dispatcher, "_DENSE_UNROLL_MAX", 2)  # 3 experts -> the lax.scan form
     x, router, w, cot, _ = _problem(3, 11)
 
     def grads(dispatch):

@@ -319,7 +319,7 @@ def test_expert_training_step_sharded_matches_single_device(shape):
                                 compiler_options=FAST_COMPILE)
     want_loss, want = grad(None)(trainable, frozen, batch)
     mesh = make_mesh(*shape)
-    from flexmoe_jax.trainer import place
+    from flexmoe_jax.train import place
 
     got_loss, got = grad(mesh)(place(cfg, trainable, mesh), place(cfg, frozen, mesh),
                                jax.device_put(batch, NamedSharding(mesh, batch_spec())))

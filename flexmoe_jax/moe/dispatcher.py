@@ -1,0 +1,109 @@
+"""Dropless dispatch of tokens to SwiGLU experts: the dense and ragged paths, and :func:`dispatch`.
+
+``dense`` runs every expert on every token (right when top_k == num_experts),
+``ragged`` sorts assignments by expert for ``jax.lax.ragged_dot`` (TPU/GPU),
+``blocks`` (:mod:`flexmoe_jax.moe.blocks`) is the CPU path. All compute the same
+function, drop no token, and treat an expert index equal to the number of
+experts as "held elsewhere" (no compute, zero output). See docs/model.md.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flexmoe_jax.errors import UserError
+from flexmoe_jax.moe.blocks import dispatch_blocks
+from flexmoe_jax.moe.experts import Experts, stack_experts, swiglu
+from flexmoe_jax.moe.router import Routing, gate_matrix
+from flexmoe_jax.moe.varying import varying_like
+
+_DENSE_UNROLL_MAX = 16
+
+
+def dispatch_dense(x: jax.Array, r: Routing, w: Experts | tuple[Experts, ...]) -> jax.Array:
+    """Every expert on every token; mix with the gate matrix.
+
+    One plain [T, d] SwiGLU per expert scaled by its gate column, unrolled for
+    up to 16 experts (a scan beyond, to bound compile time). ``w`` may come as
+    groups of consecutive slots (see :func:`dispatch`): each expert then reads
+    its own group's arrays, so an undifferentiated group gets no weight-gradient
+    matmuls. Why this form: docs/model.md (Dispatch paths).
+    """
+    groups = (w,) if isinstance(w, Experts) else tuple(w)
+    slots = [(g, i) for g in groups for i in range(g.gate.shape[0])]
+    gates = gate_matrix(r, len(slots)).astype(jnp.float32)
+
+    def one_expert(wg, wu, wd, g):
+        return swiglu(x, wg, wu, wd).astype(jnp.float32) * g[:, None]
+
+    if len(slots) <= _DENSE_UNROLL_MAX:
+        y = sum(one_expert(g.gate[i], g.up[i], g.down[i], gates[:, e]) for e, (g, i) in enumerate(slots))
+    else:
+        s = stack_experts(groups)
+        y0 = varying_like(jnp.zeros(x.shape, jnp.float32), x, s.gate, s.up, s.down, gates)
+        y, _ = jax.lax.scan(lambda y, a: (y + one_expert(*a), None), y0,
+                            (s.gate, s.up, s.down, gates.T))
+    return y.astype(x.dtype)
+
+
+def _sort_by_expert(index: jax.Array, num_experts: int):
+    flat = index.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return flat, order, sizes
+
+
+def _combine(y_rows: jax.Array, row_of_assignment: jax.Array, r: Routing) -> jax.Array:
+    """Gather each (token, k) result back and mix with its routing weight."""
+    t, k = r.index.shape
+    y = y_rows[row_of_assignment].reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", y, r.weights.astype(y.dtype))
+
+
+def dispatch_ragged(x: jax.Array, r: Routing, w: Experts) -> jax.Array:
+    """Sort assignments by expert, one ``ragged_dot`` per projection."""
+    t, k = r.index.shape
+    _, order, sizes = _sort_by_expert(r.index, w.gate.shape[0])
+    xs = x[order // k]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, sizes)) * jax.lax.ragged_dot(xs, w.up, sizes)
+    ys = jax.lax.ragged_dot(h, w.down, sizes)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
+    return _combine(ys, inverse, r)
+
+
+def choose_impl(impl: str, top_k: int, num_experts: int, backend: str | None = None) -> str:
+    """Resolve "auto": dense when every expert is chosen, else the backend's sparse path."""
+    if impl != "auto":
+        return impl
+    if top_k >= num_experts:
+        return "dense"
+    backend = backend or jax.default_backend()
+    return "blocks" if backend == "cpu" else "ragged"
+
+
+def dispatch(x: jax.Array, r: Routing, w: Experts | tuple[Experts, ...], impl: str = "auto",
+             block_size: int = 512) -> jax.Array:
+    """Dropless mixture of SwiGLU experts: x [T, d] -> [T, d].
+
+    ``w`` is the stacked experts, or a tuple of groups of consecutive slots
+    (expert training keeps the frozen and the trained slot apart so that only
+    the trained one gets weight gradients; the dense path honours the groups,
+    the sparse paths stack them).
+    """
+    groups = (w,) if isinstance(w, Experts) else tuple(w)
+    impl = choose_impl(impl, r.index.shape[1], sum(g.gate.shape[0] for g in groups))
+    return dispatch_one(x, r, groups, impl, block_size)
+
+
+def dispatch_one(x, r, w, impl, block_size):
+    """:func:`dispatch` with ``impl`` already resolved (not "auto")."""
+    groups = (w,) if isinstance(w, Experts) else tuple(w)
+    if impl == "dense":
+        return dispatch_dense(x, r, groups)
+    if impl == "ragged":
+        return dispatch_ragged(x, r, stack_experts(groups))
+    if impl == "blocks":
+        return dispatch_blocks(x, r, stack_experts(groups), block_size)
+    raise UserError(f"unknown MoE dispatch {impl!r}; choose auto, dense, ragged or blocks")
+

@@ -1,0 +1,212 @@
+"""The training loop behind ``flexmoe train`` and ``flexmoe train-expert``: :func:`run`, in named steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from flexmoe_jax import baselines, checkpoint, expert, flops, optim, storage, train
+from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.errors import UserError
+from flexmoe_jax.trainer import logs, state_store
+from flexmoe_jax.trainer.run_config import RunConfig, TrainingError
+from flexmoe_jax.trainer.start import initial_params
+
+
+def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
+        ocfg: optim.OptimConfig | None = None, loss_cfg: train.LossConfig | None = None,
+        params: Any = None, progress: bool = True, gin_text: str = "") -> dict:
+    """Train (or resume) into ``workdir``; returns the final metrics and the output path.
+
+    ``config`` is the model to pretrain; for the expert and router phases the anchor
+    defines the model, and a ``config`` given anyway must agree with it. Writes
+    ``workdir/{state,model,metrics.jsonl}`` (and ``expert/`` for the expert phase); raises
+    :class:`TrainingError` on a non-finite loss or a failed write. Resume semantics: docs/training.md.
+    """
+    rc, workdir, ocfg, loss_cfg = _settle(workdir, rc, ocfg, loss_cfg)
+    routed = loss_cfg.route_weight > 0
+    provenance: dict = {}
+    if params is None:
+        config, params, provenance = initial_params(config, rc)
+    mesh, tx, state, frozen = _setup(config, params, rc, ocfg)
+    step_fn = train.jit_step(config, tx, loss_cfg, rc.grad_accum, mesh)
+    train_task = _register_data(rc)
+    mngr = state_store.manager(workdir, rc)
+    state_dir = workdir / "state"
+    start, state, batches = _resume_or_start(mngr, state_dir, state, rc, train_task, routed)
+    next_batch = _feeder(batches, rc, mesh, routed)
+
+    tokens_per_step = rc.batch_size * rc.seq_len
+    # MFU counts the FLOPs of the compiled step that runs (compiled once, on the first batch);
+    # the 6N estimate is logged beside it.
+    step_flops = {"6n": baselines.flops_per_token(config, rc.seq_len) * tokens_per_step, "tokens": tokens_per_step}
+    compiled = None
+    bar = tqdm(total=rc.steps, initial=start, desc=f"{rc.phase}", unit="step",
+               disable=not progress or jax.process_index() > 0)
+    saving = functools.partial(state_store.guarded, mngr, state_dir, bar.close)
+    writer = logs.writer(workdir)
+    last: dict = {}
+    t0, n0 = time.perf_counter(), start
+    for step in range(start, rc.steps):
+        batch = next_batch()
+        if compiled is None:
+            compiled = _compile(step_fn, state, frozen, batch, mesh, step_flops)
+        state, metrics = compiled(state, frozen, batch)
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            saving(mngr.wait_until_finished)
+            bar.close()
+            raise TrainingError(f"non-finite loss {loss} at step {step + 1}; stopped without saving it. "
+                                f"The last good checkpoint is step {mngr.latest_step()} in {workdir / 'state'}; "
+                                "lower the learning rate or check the data")
+        done = step + 1
+        if done % rc.log_every == 0 or done == rc.steps:
+            elapsed = time.perf_counter() - t0
+            tps = (done - n0) * tokens_per_step / max(elapsed, 1e-9)
+            last = logs.scalars(metrics, ocfg, done, tps / tokens_per_step, step_flops, config)
+            writer(done, last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
+            t0, n0 = time.perf_counter(), done
+        if done % rc.checkpoint_every == 0 or done == rc.steps:
+            saving(state_store.save, mngr, done, state, batches.state())
+        bar.update()
+    bar.close()
+    saving(mngr.wait_until_finished)
+    saving(mngr.close)
+    if compiled is None:  # resumed after the last step: count the step all the same, for the metadata
+        _compile(step_fn, state, frozen, next_batch(), mesh, step_flops)
+    return _write_outputs(workdir, config, rc, state, frozen, last, step_flops, provenance, gin_text)
+
+
+def _settle(workdir, rc: RunConfig, ocfg, loss_cfg):
+    """(rc with a local data_dir, resolved and created workdir, ocfg with total_steps, checked loss_cfg)."""
+    if storage.is_remote(rc.data_dir):  # SentencePiece and tfds read it locally: one staged copy per machine
+        from flexmoe_jax.data import staging
+
+        rc = dataclasses.replace(rc, data_dir=staging.stage(rc.data_dir))
+    workdir = storage.resolve(workdir)  # a local directory or gs://...
+    workdir.mkdir(parents=True, exist_ok=True)
+    loss_cfg = loss_cfg or train.LossConfig()
+    if loss_cfg.route_weight < 0:
+        raise UserError(f"LossConfig.route_weight must be >= 0, got {loss_cfg.route_weight}")
+    if loss_cfg.route_weight > 0 and (rc.phase != "expert" or rc.public_replay <= 0):
+        raise UserError("LossConfig.route_weight > 0 trains the router to tell the owner's text from public text: "
+                        "it needs the expert phase with public replay (RunConfig.public_replay > 0)")
+    ocfg = ocfg or optim.OptimConfig()
+    if ocfg.total_steps is None:
+        ocfg = dataclasses.replace(ocfg, total_steps=rc.steps)
+    return rc, workdir, ocfg, loss_cfg
+
+
+def _setup(config: ModelConfig, params, rc: RunConfig, ocfg: optim.OptimConfig):
+    """(mesh, optimizer, initial train state, frozen params): the phase's split, placed on the mesh."""
+    trainable, frozen = optim.split(params, train.split_for(rc.phase))
+    tx = optim.make_optimizer(ocfg, trainable)
+    mesh = train.resolve_mesh(rc.mesh)
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    if rc.batch_size % (replicas * rc.grad_accum):
+        raise UserError(f"RunConfig.batch_size={rc.batch_size} must be divisible by grad_accum={rc.grad_accum} "
+                        f"x the {replicas} batch shards of mesh {dict(mesh.shape)}; "
+                        "change batch_size or RunConfig.mesh")
+    trainable, frozen = train.place(config, trainable, mesh), train.place(config, frozen, mesh)
+    state = jax.jit(lambda t: train.init_state(t, tx))(trainable)
+    return mesh, tx, state, frozen
+
+
+def _register_data(rc: RunConfig) -> str:
+    """Register the data dir's tasks; the task to train on (with public replay: the registered mixture)."""
+    from flexmoe_jax import data
+
+    data.register_tasks(rc.data_dir)
+    if rc.public_replay > 0:
+        from flexmoe_jax.data import tasks as data_tasks
+
+        return data_tasks.register_replay_mixture(rc.task, rc.public_task, rc.public_replay, rc.data_dir)
+    return rc.task
+
+
+def _resume_or_start(mngr, state_dir: Path, state, rc: RunConfig, train_task: str, routed: bool):
+    """(first step, train state, batch iterator): from the latest saved step if there is one, else from 0."""
+    from flexmoe_jax import data
+
+    latest = mngr.latest_step()
+    if latest is None:
+        return 0, state, data.batches(train_task, "train", rc.batch_size, rc.seq_len, rc.data_dir, seed=rc.seed,
+                                      shard_index=jax.process_index(), num_shards=jax.process_count(),
+                                      row_task=routed)
+    restored = state_store.restore(mngr, latest, state, state_dir)
+    # The data position is process 0's; every process reads its own rows of the same global batch.
+    batches = data.batches_from_state({**restored["data"], "shard_index": jax.process_index(),
+                                       "num_shards": jax.process_count()}, rc.data_dir)
+    return latest, restored["state"], batches
+
+
+def _feeder(batches, rc: RunConfig, mesh, routed: bool) -> Callable[[], dict]:
+    """``next_batch()``: the next global batch on the mesh (with ``route_target`` when routed)."""
+    batch_sharding = train.batch_sharding(mesh)
+    batches.row_task = routed  # (a resumed iterator's saved state may predate row_task)
+    if routed and rc.task not in batches.tasks:
+        raise UserError(f"LossConfig.route_weight needs RunConfig.task to be one task, got {rc.task!r}")
+    own_task = batches.tasks.index(rc.task) if routed else None
+
+    def next_batch():
+        b = next(batches)
+        if routed:  # the owner's rows -> its slot (1), public replay rows -> the public slot (0)
+            b = {k: v for k, v in b.items() if k != "row_task"} | {
+                "route_target": (b["row_task"] == own_task).astype(np.int32)}
+        return _to_global(b, batch_sharding)
+
+    return next_batch
+
+
+def _to_global(batch: dict, sharding) -> dict:
+    """This process's rows of the global batch -> one global array per feature."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _compile(step_fn, state, frozen, batch, mesh, step_flops: dict):
+    """The step that runs, compiled; its FLOPs go into ``step_flops`` (one device's program, run on every device)."""
+    c = step_fn.lower(state, frozen, batch).compile()
+    counted = flops.compiled_flops(c)
+    step_flops.update(compiled=counted.flops * mesh.devices.size, dynamic_loops=counted.dynamic_loops)
+    return c
+
+
+def _write_outputs(workdir: Path, config: ModelConfig, rc: RunConfig, state, frozen, last: dict, step_flops: dict,
+                   provenance: dict, gin_text: str) -> dict:
+    """Save ``workdir/model`` (and the expert deliverable ``workdir/expert``); the run's result dict."""
+    tokens_per_step = rc.batch_size * rc.seq_len
+    final = optim.combine(state.trainable, frozen)  # stays sharded: every process writes its shards
+    out = workdir / "model"
+    resume = (f" to resume: the training state of step {rc.steps} is saved in {workdir / 'state'}, so the rerun "
+              "only writes the outputs")
+    try:
+        checkpoint.save(out, config, final, metadata={
+            "phase": rc.phase, "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step,
+            "gin_config": gin_text, **logs.flops_metadata(step_flops), **provenance})
+        result = {"metrics": last, "model": str(out), "config": config}
+        if rc.phase == "expert":
+            result["expert"] = str(expert.save_deliverable(workdir / "expert", config, state.trainable, {
+                "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step, "gin_config": gin_text,
+                "data_card_sha256": _card_hash(rc.data_dir), "license": rc.license, **provenance}))
+    except checkpoint.CheckpointWriteError as e:  # its message ends "then rerun the same command"
+        raise TrainingError(f"{e}{resume}") from e
+    return result
+
+
+def _card_hash(data_dir: str) -> str | None:
+    """sha256 of the data card the expert was trained with (None if the data dir has none)."""
+    card = storage.resolve(data_dir) / "card.json"
+    return hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None
