@@ -29,8 +29,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.needs_corpora)
         if "quick_demo" in used:  # the quick demo itself takes ~10 minutes on 2 cores
             item.add_marker(pytest.mark.slow)
-    if not getattr(config.option, "numprocesses", None):
-        return
+    if not (getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput")):
+        return  # not under pytest-xdist (the controller has numprocesses, each worker workerinput)
     # pytest-xdist (`-n 2 --dist loadgroup`, the README's command): the quick demo's users share one
     # worker and start first (the longest group); every other file stays on one worker, so its module
     # fixtures are built once.
