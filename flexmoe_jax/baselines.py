@@ -47,14 +47,9 @@ def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, num_experts
     model.check_params(anchor_config, anchor_params, "anchor params")
     config = anchor_config.replace(num_experts=num_experts, top_k=top_k, expert_names=(), expert_bias=False)
     L, d = anchor_config.n_layers, anchor_config.d_model
-    mlp = {k: np.asarray(v) for k, v in anchor_params["layers"]["mlp"].items()}
-    moe = {k: np.repeat(mlp[k][:, None], num_experts, axis=1) for k in ("gate", "up", "down")}
     std = anchor_config.init_std if router_std is None else router_std
-    rng = np.random.default_rng(seed)
-    moe["router"] = (rng.standard_normal((L, num_experts, d)) * std).astype(mlp["gate"].dtype)
-    layers = {k: v for k, v in anchor_params["layers"].items() if k != "mlp"}
-    params = {**anchor_params, "layers": {**layers, "moe": moe}}
-    model.check_params(config, params, "upcycled params")
+    router = np.random.default_rng(seed).standard_normal((L, num_experts, d)) * std
+    params = model.upcycle_params(anchor_params, config, router)
     return config, params
 
 

@@ -174,6 +174,8 @@ def host_local_to_global(batch: Any, mesh: Mesh, spec: P | Any = None) -> Any:
 
     def one(x, s):
         sharding = NamedSharding(mesh, s)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
     return jax.tree.map(one, batch, specs, is_leaf=lambda t: isinstance(t, P))

@@ -47,16 +47,11 @@ def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, name: str,
         router_rows = np.zeros((L, 2, d), np.dtype(anchor_config.param_dtype))
     if router_rows.shape != (L, 2, d):
         raise UserError(f"router_rows must be [layers, 2, d_model] = {(L, 2, d)}, got {router_rows.shape}")
-    mlp = anchor_params["layers"]["mlp"]
-    moe = {k: np.repeat(np.asarray(mlp[k])[:, None], 2, axis=1) for k in ("gate", "up", "down")}
-    moe["router"] = np.asarray(router_rows, dtype=np.asarray(mlp["gate"]).dtype)
+    bias = None
     if expert_bias:
-        moe["bias"] = np.zeros((L, 2), moe["router"].dtype)
-        moe["bias"][:, 1] = bias_init
-    layers = {k: v for k, v in anchor_params["layers"].items() if k != "mlp"}
-    layers["moe"] = moe
-    params = {**anchor_params, "layers": layers}
-    model.check_params(config, params, "upcycled params")
+        bias = np.zeros((L, 2), np.asarray(router_rows).dtype)
+        bias[:, 1] = bias_init
+    params = model.upcycle_params(anchor_params, config, router_rows, bias)
     return config, params
 
 
@@ -86,12 +81,12 @@ def save_deliverable(path, config: ModelConfig, trainable: optim.Flat, manifest:
     (``layers/moe/gate`` is ``[L, 1, d, h]``); the manifest says which anchor
     (fingerprint) they were trained against, on what, and for how long.
     """
-    slots = {k.rsplit("#", 1)[1] for k in trainable if "#" in k}
-    if slots != {"1"} or any("#" not in k for k in trainable):
+    keys = {k: optim.parse_slot_key(k) for k in trainable}
+    if {slot for _, slot in keys.values()} != {1}:
         raise UserError(f"an expert deliverable holds slot 1 only; got {sorted(trainable)}")
-    tree = optim.unflatten({k.rsplit("#", 1)[0]: v for k, v in trainable.items()})
+    tree = optim.unflatten({base: trainable[k] for k, (base, _) in keys.items()})
     files = {MANIFEST_NAME: {**manifest, "name": config.names[1], "expert_config": config.to_dict(),
-                             "trained": sorted(k.rsplit("#", 1)[0] for k in trainable)}}
+                             "trained": sorted(base for base, _ in keys.values())}}
     return checkpoint.save_tree(path, tree, files, kind=DELIVERABLE_KIND)
 
 

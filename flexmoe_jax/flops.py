@@ -226,7 +226,7 @@ def compile_train_step(config: ModelConfig, phase: str, batch_size: int, seq_len
     rows = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=train.batch_sharding(mesh))
              for k, v in jax.eval_shape(train.lm_batch, rows).items()}
-    step = train.jit_step(config, tx, loss_cfg or train.LossConfig(), grad_accum, mesh)
+    step = train.jit_train_step(config, tx, loss_cfg or train.LossConfig(), grad_accum, mesh)
     return step.lower(state, frozen, batch).compile(), config, mesh
 
 

@@ -123,6 +123,22 @@ def check_params(config: ModelConfig, params: Params, what: str = "params") -> N
 # Opt-in / opt-out of experts
 # ----------------------------------------------------------------------------
 
+def upcycle_params(anchor_params: Params, config: ModelConfig, router: np.ndarray,
+                   bias: np.ndarray | None = None) -> Params:
+    """A dense model's params -> params of ``config`` (that model with ``config.num_experts`` experts),
+    every expert a copy of the dense FFN, with router rows ``router`` ``[L, E, d]`` and, when given,
+    bias ``bias`` ``[L, E]``; every other tensor is the dense model's. Checked against ``config``."""
+    mlp = anchor_params["layers"]["mlp"]
+    moe = {k: np.repeat(np.asarray(mlp[k])[:, None], config.num_experts, axis=1) for k in ("gate", "up", "down")}
+    moe["router"] = np.asarray(router, dtype=moe["gate"].dtype)
+    if bias is not None:
+        moe["bias"] = np.asarray(bias, moe["router"].dtype)
+    layers = {k: v for k, v in anchor_params["layers"].items() if k != "mlp"}
+    params = {**anchor_params, "layers": {**layers, "moe": moe}}
+    check_params(config, params, "upcycled params")
+    return params
+
+
 def select_experts(config: ModelConfig, params: Params, keep: Sequence[str | int],
                    top_k: int | None = None) -> tuple[ModelConfig, Params]:
     """Keep only the listed experts (names or slots); the rule is :mod:`flexmoe_jax.selection`'s."""

@@ -128,6 +128,20 @@ def expert_slots(*slots: int) -> Split:
     return Split(expert_slots=tuple(sorted(slots)))
 
 
+SLOT_SEP = "#"
+
+
+def slot_key(path: str, slot: int) -> str:
+    """The flat key of expert slot ``slot`` cut from the leaf at ``path`` (see :func:`split`)."""
+    return f"{path}{SLOT_SEP}{slot}"
+
+
+def parse_slot_key(key: str) -> tuple[str, int | None]:
+    """``"path#slot"`` -> ``(path, slot)``; a key that is not a cut slot -> ``(key, None)``."""
+    base, sep, slot = key.rpartition(SLOT_SEP)
+    return (base, int(slot)) if sep else (key, None)
+
+
 def _is_expert_leaf(path: str) -> bool:
     return path.startswith("layers/moe/")
 
@@ -139,7 +153,7 @@ def split(params: Any, spec: Split) -> tuple[Flat, Flat]:
         if spec.expert_slots and _is_expert_leaf(path):
             for slot in range(leaf.shape[EXPERT_AXIS]):
                 piece = jax.lax.slice_in_dim(leaf, slot, slot + 1, axis=EXPERT_AXIS)
-                (trainable if slot in spec.expert_slots else frozen)[f"{path}#{slot}"] = piece
+                (trainable if slot in spec.expert_slots else frozen)[slot_key(path, slot)] = piece
         elif spec.leaf_trains(path):
             trainable[path] = leaf
         else:
@@ -158,14 +172,11 @@ def combine(trainable: Flat, frozen: Flat, concat_slots: bool = True) -> Any:
     pieces: dict[str, dict[int, jax.Array]] = {}
     for flat in (frozen, trainable):
         for path, leaf in flat.items():
-            if "#" in path:
-                base, slot = path.rsplit("#", 1)
-                if not concat_slots:
-                    merged[path] = leaf
-                    continue
-                pieces.setdefault(base, {})[int(slot)] = leaf
-            else:
+            base, slot = parse_slot_key(path)
+            if slot is None or not concat_slots:
                 merged[path] = leaf
+            else:
+                pieces.setdefault(base, {})[slot] = leaf
     for base, by_slot in pieces.items():
         merged[base] = jnp.concatenate([by_slot[s] for s in sorted(by_slot)], axis=EXPERT_AXIS)
     return unflatten(merged)

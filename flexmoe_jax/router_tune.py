@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexmoe_jax import model
+from flexmoe_jax import model, moe as moe_lib
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 
@@ -180,6 +180,19 @@ def tune(ckpt, out, data_dir, *, gin_files: Sequence[str] = (), gin_params: Sequ
 # Bias calibration on public data
 # ----------------------------------------------------------------------------
 
+def _layer_logits(config: ModelConfig, h: jax.Array, router: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """[L, B, S, d] FFN inputs -> [L, B, S, E] router logits, each layer's as the model computes them."""
+    L, B, S, d = h.shape
+
+    def one(hl, rl, bl):
+        return moe_lib.router_logits(hl.reshape(-1, d), rl, bl, config.router_score,
+                                     config.router_temperature).reshape(B, S, -1)
+
+    if bias is None:
+        return jax.vmap(lambda hl, rl: one(hl, rl, None))(h, router)
+    return jax.vmap(one)(h, router, bias)
+
+
 def router_margins(config: ModelConfig, params: model.Params, batches: Iterable[dict], num_batches: int,
                    quantile: float | None = None) -> np.ndarray:
     """[L, E]: ``logit_e - logit_public`` at each layer's router over the real tokens of the first
@@ -192,10 +205,8 @@ def router_margins(config: ModelConfig, params: model.Params, batches: Iterable[
             break
         h = model.ffn_inputs(config, params, jnp.asarray(batch["decoder_input_tokens"]),
                              jnp.asarray(batch["decoder_positions"]), jnp.asarray(batch["decoder_segment_ids"]))
-        logits = jnp.einsum("lbsd,led->lbse", h.astype(jnp.float32), jnp.asarray(moe["router"], jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST)
-        if "bias" in moe:
-            logits = logits + jnp.minimum(jnp.asarray(moe["bias"], jnp.float32), 0.0)[:, None, None, :]
+        logits = _layer_logits(config, h, jnp.asarray(moe["router"]),
+                               jnp.asarray(moe["bias"]) if "bias" in moe else None)
         margins = logits - logits[..., :1]
         real = np.asarray(batch["decoder_loss_weights"]) > 0
         if quantile is not None:

@@ -143,10 +143,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, loss_cfg: LossConfig,
                    grad_accum: int, mesh: Mesh | None, state_shardings=None, frozen_shardings=None):
-    """The jitted step; the state is donated (updated in place), the frozen tree is not."""
+    """The one jitted step (trainer, FLOP count, tests, benchmarks): ``(state, frozen, batch) -> (state,
+    metrics)``, the state donated (updated in place), the frozen tree not. Shardings follow the inputs'
+    unless ``state_shardings`` (and ``frozen_shardings``) pin them, with the batch split by the rules."""
     fn = functools.partial(train_step, config=config, tx=tx, loss_cfg=loss_cfg, grad_accum=grad_accum, mesh=mesh)
-    if mesh is None:
+    if state_shardings is None:
         return jax.jit(fn, donate_argnums=(0,))
+    if mesh is None:
+        raise UserError("jit_train_step: pinned shardings need the mesh they live on")
     return jax.jit(fn, donate_argnums=(0,),
                    in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
                    out_shardings=(state_shardings, None))
@@ -175,16 +179,10 @@ def resolve_mesh(shape: tuple[int, ...]) -> Mesh:
 def shardings(config: ModelConfig, flat: optim.Flat, mesh: Mesh) -> dict:
     """Each leaf's sharding on the mesh, by its logical axes (cut slots keep theirs)."""
     axes = optim.flatten(model.logical_axes(config))
-    return {k: named_sharding(mesh, axes[k.split("#")[0]], np.shape(v)) for k, v in flat.items()}
+    return {k: named_sharding(mesh, axes[optim.parse_slot_key(k)[0]], np.shape(v)) for k, v in flat.items()}
 
 
 def place(config: ModelConfig, flat: optim.Flat, mesh: Mesh) -> optim.Flat:
     """Put a flat parameter dict onto the mesh by each leaf's logical axes (cut slots keep theirs)."""
     return {k: jax.device_put(flat[k], s) for k, s in shardings(config, flat, mesh).items()}
 
-
-def jit_step(config: ModelConfig, tx: optax.GradientTransformation, loss_cfg: LossConfig, grad_accum: int, mesh):
-    """The jitted step the trainer runs: ``(state, frozen, batch) -> (state, metrics)``, state donated,
-    shardings following the inputs' (compare :func:`jit_train_step`, which pins them)."""
-    return jax.jit(functools.partial(train_step, config=config, tx=tx, loss_cfg=loss_cfg,
-                                     grad_accum=grad_accum, mesh=mesh), donate_argnums=(0,))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from flexmoe_jax import moe as moe_lib
+from flexmoe_jax import moe as moe_lib, optim
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 from flexmoe_jax.layers import attention, rms_norm, rope, rope_tables
@@ -155,8 +155,8 @@ class MoEFFN(nn.Module):
         Pieces come from ``optim.combine(..., concat_slots=False)`` in the training step and
         are joined only here, so a frozen piece gets no weight gradients (docs/model.md).
         """
-        pieces = sorted((int(k.rsplit("#", 1)[1]), k) for k in self.variables.get("params", {})
-                        if k.startswith(name + "#"))
+        cut = [(optim.parse_slot_key(k), k) for k in self.variables.get("params", {})]
+        pieces = sorted((slot, k) for (base, slot), k in cut if base == name and slot is not None)
         if not pieces:
             return [_param(self, name, init, shape, axes, dtype)]
         return [self.get_variable("params", k) for _, k in pieces]

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from flexmoe_jax import baselines, checkpoint, expert, flops, optim, storage, train
+from flexmoe_jax import baselines, checkpoint, distributed, expert, flops, optim, storage, train
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 from flexmoe_jax.trainer import logs, state_store
@@ -39,7 +39,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     if params is None:
         config, params, provenance = initial_params(config, rc)
     mesh, tx, state, frozen = _setup(config, params, rc, ocfg)
-    step_fn = train.jit_step(config, tx, loss_cfg, rc.grad_accum, mesh)
+    step_fn = train.jit_train_step(config, tx, loss_cfg, rc.grad_accum, mesh)
     train_task = _register_data(rc)
     mngr = state_store.manager(workdir, rc)
     state_dir = workdir / "state"
@@ -153,7 +153,6 @@ def _resume_or_start(mngr, state_dir: Path, state, rc: RunConfig, train_task: st
 
 def _feeder(batches, rc: RunConfig, mesh, routed: bool) -> Callable[[], dict]:
     """``next_batch()``: the next global batch on the mesh (with ``route_target`` when routed)."""
-    batch_sharding = train.batch_sharding(mesh)
     batches.row_task = routed  # (a resumed iterator's saved state may predate row_task)
     if routed and rc.task not in batches.tasks:
         raise UserError(f"LossConfig.route_weight needs RunConfig.task to be one task, got {rc.task!r}")
@@ -164,16 +163,9 @@ def _feeder(batches, rc: RunConfig, mesh, routed: bool) -> Callable[[], dict]:
         if routed:  # the owner's rows -> its slot (1), public replay rows -> the public slot (0)
             b = {k: v for k, v in b.items() if k != "row_task"} | {
                 "route_target": (b["row_task"] == own_task).astype(np.int32)}
-        return _to_global(b, batch_sharding)
+        return distributed.host_local_to_global(b, mesh)
 
     return next_batch
-
-
-def _to_global(batch: dict, sharding) -> dict:
-    """This process's rows of the global batch -> one global array per feature."""
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 def _compile(step_fn, state, frozen, batch, mesh, step_flops: dict):
