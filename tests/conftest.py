@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 _CORPUS_FIXTURES = {"small_data_dir", "data_dir", "quick_demo", "small"}  # small: test_data's full build
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
