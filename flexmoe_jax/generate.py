@@ -1,38 +1,10 @@
 """Text generation with a KV cache, and per-expert attribution of every answer.
 
-FlexOlmo's promise to data owners is that their expert can be switched off and
-that its use is visible: every answer here says which experts served it.
-
-Decoding. Prompts of different lengths are left-padded into one [B, P] batch
-(padding has segment id 0, so no real token ever attends to it, and each row
-keeps its own RoPE positions), prefilled in one call, then decoded one token a
-step inside a ``jax.lax.while_loop`` over a KV cache of fixed length
-P + max_new_tokens - 1: the whole generation is one jit-compiled program with
-static shapes, recompiled only for a new (batch, prompt length, max_new_tokens,
-config). The loop stops when every row has produced ``eos_id``; finished rows
-keep running (static shapes) but record nothing. ``use_cache=False`` re-runs the
-full forward over the whole [B, P + max_new_tokens - 1] buffer every step
-instead: same tokens, for checks and ``bench/bench_generate.py``.
-
-Sampling. ``temperature == 0`` is greedy (argmax). Otherwise logits are divided
-by the temperature and cut to the nucleus: the smallest set of most likely
-tokens whose probability reaches ``top_p`` (the most likely token is always
-kept, so a tiny ``top_p`` is greedy). Keys are ``fold_in(PRNGKey(seed), step)``,
-so a seed reproduces a generation exactly.
-
-Attribution (MoE models). Generated token t is produced by the forward pass
-at the position before it (the last prompt token for t = 0, generated token
-t - 1 after that); the experts that served token t are that position's routing
-gates in every layer. Per prompt, over its generated tokens (including the
-``eos_id`` token if it was produced, none after it) and all layers::
-
-    experts[name] = sum of name's gate weight / sum of all active experts' gate weight
-    counts[name]  = number of (token, layer) routing choices whose top-k included name
-
-``experts`` sums to 1 over the active experts (the ones the call ran with;
-opted-out experts appear in ``excluded`` and never in ``experts``). A dense
-model has no experts: its record is ``{"dense": true, "experts": {}, "counts": {}, ...}``.
-Every record is plain JSON (str keys, float / int values).
+:func:`generate` left-pads prompts into one batch, prefills once and decodes inside one jitted
+``while_loop`` (greedy at ``temperature == 0``, else nucleus sampling with ``top_p``; a seed
+reproduces a generation). For an MoE model each prompt's record says which experts served its
+generated tokens (``experts``: share of gate weight, summing to 1 over the active experts;
+``counts``: top-k choices; opted-out experts under ``excluded``). Details: docs/generation.md.
 """
 
 from __future__ import annotations

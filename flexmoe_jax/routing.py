@@ -1,29 +1,10 @@
 """Routing modes: which experts each token of a merged model uses.
 
-- ``top_k`` (the reference): every layer's trained router rows pick each token's top-k experts.
-- ``public_plus``: the public expert always, plus the top-(k-1) others by the trained rows: the only
-  pairs any owner trained with (:func:`flexmoe_jax.moe.route`'s ``always``).
-- ``document_top_k`` / ``document_public_plus``: the same on each layer's router logits averaged
-  over the document so far (:class:`flexmoe_jax.transformer.MoEFFN`). These four are ``ModelConfig.routing``
-  values: a merged model's config says its default, ``eval``/``generate`` override it.
-- ``domain`` (beyond the paper; c-BTM's idea, Gururangan et al. 2023, with an n-gram model as the
-  space): every expert comes with the token and token-pair counts of the data it was trained on
-  (:class:`Stats`, written by its owner with ``flexmoe routing-stats``; the public slot's from the
-  public data). Each token's domain is the expert whose model gives the document so far (its
-  segment, up to and including the token) the highest likelihood: a bigram model Dirichlet-smoothed
-  on the add-half unigram model (:func:`token_ll`), or the unigram model alone for stats without
-  pairs. A token of domain ``public`` uses the public expert alone, which computes the public model
-  exactly; a token of domain ``d`` uses {public, d}, mixed by their trained router rows, which
-  computes owner d's own 2-expert model exactly. The same decision holds in every layer.
-
-Why it composes where the trained rows do not: each owner's row learned only "my text vs public"
-and nothing makes rows trained apart comparable, while each expert's n-gram model is a proper
-distribution of its own data, so their likelihoods are comparable however they were fitted. (Why
-bigrams: one generated code file of Unicode tables looks like arithmetic token by token, but not pair
-by pair; measured in the README.)
-Adding or removing an expert adds or removes its counts and nothing else; the decision for the
-remaining experts is exactly the merge without it. The counts are aggregate statistics of an
-owner's data (like the reference's mean document embedding), never documents.
+``top_k`` (the reference), ``public_plus``, ``document_top_k`` / ``document_public_plus`` (router
+logits averaged over the document so far) are ``ModelConfig.routing`` values; ``domain`` routes each
+token to {public, d} where d is the expert whose smoothed bigram model of its own data (:class:`Stats`,
+aggregate counts, never text) best explains the document so far, or to the public expert alone.
+Opting an expert out removes its counts and nothing else. Why it composes: docs/routing.md.
 """
 
 from __future__ import annotations
