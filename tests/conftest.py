@@ -1,6 +1,7 @@
 """Test session setup: 8 simulated CPU devices, set before jax is first imported."""
 
 import os
+from pathlib import Path
 
 # Tiny test models: compile time dominates, so trade CPU code quality for compile speed.
 # These flags change code generation only, never how a program is split across devices.
@@ -22,7 +23,6 @@ import pytest  # noqa: E402
 _CORPUS_FIXTURES = {"small_data_dir", "data_dir", "quick_demo", "small"}  # small: test_data's full build
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
@@ -30,15 +30,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.needs_corpora)
         if "quick_demo" in used:  # the quick demo itself takes ~10 minutes on 2 cores
             item.add_marker(pytest.mark.slow)
-    if not (getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput")):
-        return  # not under pytest-xdist (the controller has numprocesses, each worker workerinput)
-    # pytest-xdist (`-n 2 --dist loadgroup`, the README's command): the quick demo's users share one
-    # worker and start first (the longest group); every other file stays on one worker, so its module
-    # fixtures are built once.
-    for item in items:
-        demo = "quick_demo" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("quick_demo" if demo else item.nodeid.split("::")[0]))
-    items.sort(key=lambda it: "quick_demo" not in getattr(it, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session")
@@ -69,21 +60,61 @@ def demo_env():
     return env
 
 
-@pytest.fixture(scope="session")
-def quick_demo(tmp_path_factory, demo_env):
-    """``flexmoe demo --quick`` run once per session as a subprocess; its work directory and output."""
+# `flexmoe demo --quick` (~7 minutes alone on 2 cores) runs once per test run, in the background from
+# the first test on, so it overlaps the rest of the suite; under pytest-xdist the first worker to get
+# there starts it in the run's shared temporary directory and every worker waits for the same result.
+_DEMO_RUNNER = """
+import os, subprocess, sys, time
+d, t = sys.argv[1], time.perf_counter()
+with open(os.path.join(d, "stdout"), "w") as out, open(os.path.join(d, "stderr"), "w") as err:
+    rc = subprocess.run(sys.argv[2:], stdout=out, stderr=err).returncode
+with open(os.path.join(d, "rc.tmp"), "w") as f:
+    f.write(f"{rc} {time.perf_counter() - t}")
+os.replace(os.path.join(d, "rc.tmp"), os.path.join(d, "rc"))
+"""
+
+
+def _quick_demo_dir(tmp_path_factory) -> Path:
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "quick_demo"
+
+
+def _start_quick_demo(tmp_path_factory, env) -> Path:
     import subprocess
     import sys
+
+    d = _quick_demo_dir(tmp_path_factory)
+    try:
+        d.mkdir()  # atomic: only the first process to get here starts the demo
+    except FileExistsError:
+        return d
+    subprocess.Popen([sys.executable, "-c", _DEMO_RUNNER, str(d), sys.executable, "-m", "flexmoe_jax.cli", "demo",
+                      "--quick", "--workdir", str(d / "work")], env=env, start_new_session=True)
+    return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quick_demo_in_background(request, tmp_path_factory, demo_env):
+    if any("quick_demo" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        _start_quick_demo(tmp_path_factory, demo_env)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory, demo_env):
+    """``flexmoe demo --quick`` run once per test run as a subprocess; its work directory and output."""
     import time
 
-    work = tmp_path_factory.mktemp("demo") / "work"
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "flexmoe_jax.cli", "demo", "--quick", "--workdir", str(work)],
-                       capture_output=True, text=True, env=demo_env, timeout=1800)
-    if r.returncode != 0 and "install_data_sources" in r.stderr:
-        pytest.skip(f"corpora not installed: {r.stderr.strip()[-300:]}")
-    assert r.returncode == 0, f"demo --quick failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-    return {"dir": work, "stdout": r.stdout, "seconds": time.perf_counter() - t}
+    d = _start_quick_demo(tmp_path_factory, demo_env)
+    deadline = time.monotonic() + 2400
+    while not (d / "rc").exists():
+        assert time.monotonic() < deadline, "demo --quick did not finish in 40 minutes"
+        time.sleep(2)
+    rc, seconds = (d / "rc").read_text().split()
+    stdout, stderr = (d / "stdout").read_text(), (d / "stderr").read_text()
+    if rc != "0" and "install_data_sources" in stderr:
+        pytest.skip(f"corpora not installed: {stderr.strip()[-300:]}")
+    assert rc == "0", f"demo --quick failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    return {"dir": d / "work", "stdout": stdout, "seconds": float(seconds)}
 
 
 @pytest.fixture(scope="session")
