@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from flexmoe_jax import baselines, expert, flops, model, optim, train
+from flexmoe_jax import expert, flops, model, optim, train
 from flexmoe_jax.config import ModelConfig
 
 
@@ -90,7 +90,7 @@ def main():
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k, (cfg, r) in rows.items():
         s = statistics.median(times[k])
-        six_n = baselines.flops_per_token(cfg, args.seq) * tokens
+        six_n = flops.flops_per_token(cfg, args.seq) * tokens
         print(f"| {k} | {s * 1e3:.1f} | {tokens / s:,.0f} | {r['flops'] / s / peak:.1%} | {six_n / s / peak:.1%} | "
               f"{s / full_ms:.2f}x | {r['flops'] / 1e9:.2f} | {r['flops'] / full_flops:.2f}x | {six_n / 1e9:.2f} | "
               f"{r['flops'] / six_n:.2f} | {r['trainable_bytes'] / 1e6:.2f} | {r['opt_bytes'] / 1e6:.2f} | "

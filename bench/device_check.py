@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flexmoe_jax import baselines, distributed, expert, flops, model, optim, train  # noqa: E402
+from flexmoe_jax import distributed, expert, flops, model, optim, train  # noqa: E402
 from flexmoe_jax.config import ModelConfig  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
@@ -101,7 +101,7 @@ def main() -> None:
         # ragged_dot as if every group saw every row): active parameters and attention, 1/3 of 6N.
         rows[f"forward {impl} (8 experts, top-2)"] = {
             "run": lambda fwd=fwd: fwd(params8, batch["decoder_input_tokens"]),
-            "flops": baselines.flops_per_token(moe8, s) / 3 * tokens}
+            "flops": flops.flops_per_token(moe8, s) / 3 * tokens}
     anchor = model.init(dense, 1)
     ecfg, eparams = expert.upcycle(dense, anchor, "owner")
     del anchor

@@ -53,18 +53,6 @@ def upcycle(anchor_config: ModelConfig, anchor_params: model.Params, num_experts
     return config, params
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active parameters + attention (12 x layers x d_model x seq_len)."""
-    c = config.replace(num_experts=config.top_k if config.is_moe else 0, expert_names=())
-    active = c.num_params() - config.vocab_size * config.d_model  # the embedding lookup is not a matmul
-    return 6.0 * active + 12.0 * config.n_layers * config.d_model * seq_len
-
-
-def training_flops(config: ModelConfig, steps: int, batch_size: int, seq_len: int) -> float:
-    """Total training FLOPs of ``steps`` steps of ``batch_size`` x ``seq_len`` tokens."""
-    return flops_per_token(config, seq_len) * steps * batch_size * seq_len
-
-
 def btx_init(anchor_config: ModelConfig, anchor_params: model.Params, dense: dict[str, model.Params], top_k: int,
              seed: int = 0) -> tuple[ModelConfig, model.Params]:
     """Branch-Train-MiX's starting point (the paper's BTX baseline): the public model's FFN and each

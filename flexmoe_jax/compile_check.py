@@ -118,13 +118,13 @@ def _compiled_report(what: str, topology: str, mesh, compiled, hbm: int, six_n: 
 
 def train_step(config, rc, ocfg, loss_cfg, topology: str) -> Report:
     """Compile the training step of ``rc.phase`` for ``config`` (the anchor; the phase derives its model)."""
-    from flexmoe_jax import baselines, flops
+    from flexmoe_jax import flops
 
     devices, hbm = topology_devices(topology)
     compiled, cfg, mesh = flops.compile_train_step(config, rc.phase, rc.batch_size, rc.seq_len,
                                                  grad_accum=rc.grad_accum, mesh=_mesh(rc.mesh, devices),
                                                  ocfg=ocfg, loss_cfg=loss_cfg)
-    six_n = baselines.flops_per_token(cfg, rc.seq_len) * rc.batch_size * rc.seq_len
+    six_n = flops.flops_per_token(cfg, rc.seq_len) * rc.batch_size * rc.seq_len
     return _compiled_report(f"{rc.phase} training step, batch {rc.batch_size} x {rc.seq_len}", topology, mesh,
                             compiled, hbm, six_n)
 
@@ -133,7 +133,7 @@ def forward(config, batch_size: int, seq_len: int, mesh_shape: Sequence[int], to
     """Compile the (merged) model's forward pass: logits for ``batch_size`` x ``seq_len`` tokens."""
     import jax
 
-    from flexmoe_jax import baselines, model, train
+    from flexmoe_jax import flops, model, train
 
     devices, hbm = topology_devices(topology)
     mesh = _mesh(mesh_shape, devices)
@@ -143,7 +143,7 @@ def forward(config, batch_size: int, seq_len: int, mesh_shape: Sequence[int], to
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), np.int32, sharding=train.batch_sharding(mesh))
     compiled = jax.jit(lambda p, t: model.apply(config, p, t, mesh=mesh)[0]).lower(params, tokens).compile()
     what = (f"forward of {config.num_experts} experts top-{config.top_k}" if config.is_moe else "dense forward")
-    six_n = baselines.flops_per_token(config, seq_len) / 3 * batch_size * seq_len  # forward: 2N
+    six_n = flops.flops_per_token(config, seq_len) / 3 * batch_size * seq_len  # forward: 2N
     return _compiled_report(f"{what}, batch {batch_size} x {seq_len}", topology, mesh, compiled, hbm, six_n)
 
 

@@ -11,7 +11,7 @@ their public names:
 - :mod:`~flexmoe_jax.evaluation.perplexity`: bits per byte with bootstrap intervals (:func:`evaluate`)
 - :mod:`~flexmoe_jax.evaluation.expert_use`: which experts each domain's tokens reach (:func:`routing`)
 - :mod:`~flexmoe_jax.evaluation.report`: tables, plots, JSON and :func:`main_eval` (``flexmoe eval``)
-- :mod:`~flexmoe_jax.evaluation.sample`, :mod:`~flexmoe_jax.evaluation.bootstrap`,
+- :mod:`~flexmoe_jax.data.eval_sample`, :mod:`~flexmoe_jax.evaluation.bootstrap`,
   :mod:`~flexmoe_jax.evaluation.compare`: what is scored, and how sure we are
 """
 

@@ -59,6 +59,18 @@ class Flops:
         return Flops(self.flops * n, self.dynamic_flops * n, self.dynamic_loops)
 
 
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active parameters + attention (12 x layers x d_model x seq_len)."""
+    c = config.replace(num_experts=config.top_k if config.is_moe else 0, expert_names=())
+    active = c.num_params() - config.vocab_size * config.d_model  # the embedding lookup is not a matmul
+    return 6.0 * active + 12.0 * config.n_layers * config.d_model * seq_len
+
+
+def training_flops(config: ModelConfig, steps: int, batch_size: int, seq_len: int) -> float:
+    """Total training FLOPs of ``steps`` steps of ``batch_size`` x ``seq_len`` tokens."""
+    return flops_per_token(config, seq_len) * steps * batch_size * seq_len
+
+
 def _dims(shape: str) -> list[int] | None:
     """Dimensions of an array shape string (``f32[8,<=16]{1,0}``), None for a tuple."""
     m = _ARRAY.match(shape.strip())
@@ -235,17 +247,15 @@ def train_step_flops(config: ModelConfig, phase: str, batch_size: int, seq_len: 
 
     Returns per step: ``compiled`` (matmul FLOPs of the compiled program, summed over the mesh's
     devices; a lower bound if ``dynamic_loops``, see :class:`Flops`), ``estimate_6n``
-    (:func:`flexmoe_jax.baselines.flops_per_token` x tokens), ``dynamic_loops``, ``dynamic_flops``
+    (:func:`flexmoe_jax.flops_per_token` x tokens), ``dynamic_loops``, ``dynamic_flops``
     and ``devices``.
     """
-    from flexmoe_jax import baselines
-
     compiled, config, mesh = compile_train_step(config, phase, batch_size, seq_len, **kw)
     counted = compiled_flops(compiled)
     n = mesh.devices.size
     return {"compiled": counted.flops * n, "dynamic_loops": counted.dynamic_loops,
             "dynamic_flops": counted.dynamic_flops * n, "devices": n,
-            "estimate_6n": baselines.flops_per_token(config, seq_len) * batch_size * seq_len}
+            "estimate_6n": flops_per_token(config, seq_len) * batch_size * seq_len}
 
 
 def routed_step_flops(config: ModelConfig, phase: str, batch_size: int, seq_len: int, **kw) -> dict:

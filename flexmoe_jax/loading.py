@@ -21,13 +21,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flexmoe_jax import checkpoint, checksums, model, selection
+from flexmoe_jax import checkpoint, checksums, model, selection, storage
 from flexmoe_jax.checkpoint import CheckpointError
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 MERGED_FORMAT = "flexmoe_jax.merged"
+
+
+def run_checkpoint(path: str | os.PathLike, *names: str) -> Path | None:
+    """``path`` if it is a checkpoint, else the first ``path/<name>`` that is (a training run's
+    ``model/``, an owner's ``expert/``), else None: the one "run directory -> checkpoint" rule."""
+    p = storage.resolve(path)
+    return next((c for c in (p, *(p / n for n in names)) if (c / checkpoint.MARKER_NAME).is_file()), None)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

@@ -51,13 +51,10 @@ def resolve(arg: str | os.PathLike) -> Input:
     if not p.exists():
         raise FileNotFoundError(f"expert {arg}: no such directory; {hint}")
     model_path = None
-    if is_flexmoe(p):
-        target = p
-    elif is_flexmoe(p / "expert") or is_flexmoe(p / "model"):  # a run directory
-        target = p / "expert" if is_flexmoe(p / "expert") else p / "model"
-        if is_flexmoe(p / "model") and checkpoint.kind(p / "model") == "model":
-            model_path = p / "model"
-    else:
+    target = loading.run_checkpoint(p, "expert", "model")  # a run directory: its deliverable, else its model
+    if target is not None and target != p and is_flexmoe(p / "model") and checkpoint.kind(p / "model") == "model":
+        model_path = p / "model"
+    if target is None:
         raise MergeError(f"expert {arg} is not an expert: it has no {checkpoint.MARKER_NAME} and no expert/ or "
                          f"model/ inside; {hint}")
     k = checkpoint.kind(target)

@@ -85,7 +85,7 @@ def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train",
     about ``max_tokens``), as the model reads them (packed like training, EOS included).
     ``vocab_size``: default the data directory's tokenizer's."""
     from flexmoe_jax import data
-    from flexmoe_jax.evaluation import sample as sample_lib
+    from flexmoe_jax.data import eval_sample as sample_lib
 
     if vocab_size is None:
         vocab_size = data.vocabulary(data_dir).vocab_size

@@ -58,10 +58,15 @@ def resolve(config: ModelConfig, experts: Experts) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def kept(config: ModelConfig, include: Experts = None, exclude: Experts = None) -> tuple[int, ...] | None:
-    """The slots that stay active (None: every one, nothing was selected)."""
+def check_one_of(include: Experts, exclude: Experts) -> None:
+    """An expert selection names the experts kept or the ones left out, never both."""
     if include is not None and exclude is not None:
         raise UserError("give include or exclude, not both")
+
+
+def kept(config: ModelConfig, include: Experts = None, exclude: Experts = None) -> tuple[int, ...] | None:
+    """The slots that stay active (None: every one, nothing was selected)."""
+    check_one_of(include, exclude)
     if include is not None:
         return resolve(config, include)
     if exclude is None:

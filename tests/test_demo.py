@@ -92,7 +92,7 @@ def test_every_model_is_scored_on_the_recorded_sample(quick_demo):
     """The sample each result records is the documents scored (per-document scores, routing tokens),
     the same for every model, and results.md prints it; intervals bracket the measured numbers."""
     from flexmoe_jax import eval as ev
-    from flexmoe_jax.evaluation import sample
+    from flexmoe_jax.data import eval_sample as sample
 
     w = quick_demo["dir"]
     res = w / "results"

@@ -8,7 +8,8 @@ import pytest
 
 from flexmoe_jax import eval as ev, expert, model
 from flexmoe_jax.config import ModelConfig
-from flexmoe_jax.evaluation import bootstrap, sample
+from flexmoe_jax.data import eval_sample as sample
+from flexmoe_jax.evaluation import bootstrap
 
 SEQ, BS = 64, 8
 

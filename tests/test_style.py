@@ -95,3 +95,29 @@ def test_every_module_is_short():
     long = {str(p.relative_to(REPO)): n for p in _modules().values()
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"split these by concept (over {MAX_LINES} lines): {long}"
+
+
+# The layers of the README's Layout table, lowest first: a module may import from its own layer and
+# the ones before it, never from a later one (so "where does X live" has one answer per layer).
+LAYERS = {
+    "foundations": ["errors", "config", "storage", "sharding", "distributed", "optim", "tf_quiet"],
+    "data": ["data"],
+    "model": ["layers", "moe", "transformer", "model", "selection"],
+    "training": ["train", "flops"],
+    "checkpoints": ["array_store", "atomic_dir", "checksums", "restore_targets", "checkpoint", "verify", "hf"],
+    "flexolmo": ["routing", "loading", "generate", "expert", "router_init", "anchor_kit", "merge_inputs",
+                 "merge_slots", "merge", "baselines"],
+    "runs": ["trainer", "router_tune", "compile_check"],
+    "evaluation": ["evaluation", "eval", "soup_weights", "trained_docs", "privacy"],
+    "applications": ["demo", "cli"],
+}
+
+
+def test_layers_import_only_downward():
+    rank = {top: i for i, names in enumerate(LAYERS.values()) for top in names}
+    mods = _modules()
+    tops = {m: m.split(".")[1] for m in mods if m != "flexmoe_jax"}
+    assert not set(tops.values()) - set(rank), f"add to LAYERS: {sorted(set(tops.values()) - set(rank))}"
+    upward = [f"{m} -> {t}" for m, p in mods.items() if m in tops
+              for t in sorted(_imports(m, p, set(mods))) if t in tops and rank[tops[t]] > rank[tops[m]]]
+    assert not upward, "imports from a later layer (README, Layout): " + "; ".join(upward)

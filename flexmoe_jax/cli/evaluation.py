@@ -19,10 +19,9 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_privacy(args) -> None:
-    from flexmoe_jax import privacy
+    from flexmoe_jax import privacy, selection
 
-    if args.include is not None and args.exclude is not None:
-        raise CommandError("give --include or --exclude, not both")
+    selection.check_one_of(args.include, args.exclude)
     if args.name is not None and len(args.name) != len(args.ckpt):
         raise CommandError(f"{len(args.name)} --name for {len(args.ckpt)} --ckpt: give one name per checkpoint")
     if args.name is not None and len(set(args.name)) != len(args.name):

@@ -20,13 +20,14 @@ def _format_attribution(a: dict) -> str:
 
 
 def _check_flags(args) -> None:
-    """Raises CommandError for flags that cannot work whatever the checkpoint."""
+    """Raises CommandError (UserError for the expert selection) for flags that cannot work whatever the checkpoint."""
+    from flexmoe_jax import selection
+
     if any(not p.strip() for p in args.prompt):
         raise CommandError("--prompt is empty: give some text to continue")
     if args.max_new_tokens < 1:
         raise CommandError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.include is not None and args.exclude is not None:
-        raise CommandError("give --include or --exclude, not both")
+    selection.check_one_of(args.include, args.exclude)
     if args.json:
         parent = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(parent):

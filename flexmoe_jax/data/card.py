@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from flexmoe_jax.data import layout as L, sources as S, splits, tokenizer as T
-from flexmoe_jax.data.manifest import write_json_atomic
+from flexmoe_jax.storage import write_json
 
 
 def compute(data_dir, configs, manifest: dict) -> dict:
@@ -46,7 +46,7 @@ def compute(data_dir, configs, manifest: dict) -> dict:
 
 def write(data_dir, card: dict) -> None:
     """Write ``card.json`` and ``card.md`` atomically."""
-    write_json_atomic(Path(data_dir) / "card.json", card, sort_keys=False)  # keep the domain order
+    write_json(Path(data_dir) / "card.json", card, sort_keys=False)  # keep the domain order
     md = Path(data_dir) / "card.md"
     tmp = md.with_name("card.md.tmp")
     tmp.write_text(markdown(card))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flexmoe_jax import storage
-
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -20,7 +18,3 @@ def read_manifest(data_dir) -> dict:
     if m.get("format") != FORMAT_VERSION:
         return {"format": FORMAT_VERSION, "configs": {}}
     return m
-
-
-def write_json_atomic(path, obj, sort_keys: bool = True) -> None:
-    storage.write_json(path, obj, sort_keys=sort_keys)

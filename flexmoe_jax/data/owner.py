@@ -23,9 +23,9 @@ from typing import Callable, Sequence
 
 from flexmoe_jax.data import layout as L, splits
 from flexmoe_jax.data.doc import Doc
-from flexmoe_jax.data.manifest import write_json_atomic
 from flexmoe_jax.data.sources import CONFIGS
 from flexmoe_jax.errors import UserError
+from flexmoe_jax.storage import write_json
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -188,7 +188,7 @@ def register(name: str, files, data_dir, format: str = "txt", text_key: str = "t
                 "text_key": text_key if format == "jsonl" else None,
                 "vocab": str(vocab_path.resolve()), "read": {k: v for k, v in stats.items() if k != "first"},
                 "duplicates": dstats.get("duplicates", 0), "empty": dstats.get("empty", 0), "splits": split_rows}
-    write_json_atomic(man_path, manifest)
+    write_json(man_path, manifest)
 
     from flexmoe_jax.data import tasks
     tasks.register_tasks(data_dir)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from flexmoe_jax.data import card as C, layout as L, sources as S, splits, tokenizer as T
-from flexmoe_jax.data.manifest import FORMAT_VERSION, MANIFEST, read_manifest, write_json_atomic
+from flexmoe_jax.data.manifest import FORMAT_VERSION, MANIFEST, read_manifest
 from flexmoe_jax.data.tfds_io import quiet_tf, read_split_texts
 from flexmoe_jax.errors import UserError
+from flexmoe_jax.storage import write_json
 
 DEFAULT_VOCAB_SIZE = 8192
 # Per-config byte caps for the full build ("a few MB per domain"; math is generated, ~10 KB/s/core).
@@ -207,7 +208,7 @@ def _build_configs(data_dir: Path, todo: list[str], args: dict[str, dict], manif
         info = build_config(data_dir, c, args[c], tick)
         built[c] = {"key": _key(args[c]), "args": args[c], **info, "seconds": round(time.time() - t0, 1)}
         manifest["card_key"] = None
-        write_json_atomic(data_dir / MANIFEST, manifest)
+        write_json(data_dir / MANIFEST, manifest)
         bar.set_postfix_str("")
         bar.update(1)
 
@@ -225,7 +226,7 @@ def _train_tokenizer(data_dir: Path, manifest: dict, tok_args: dict, bar) -> Non
     manifest["tokenizer"] = {"key": _key(tok_args), "vocab_size": vocab_size, "seed": seed,
                              "trained_on": [f"flexmix_mini/{c}:train" for c in S.PUBLIC_SOURCES],
                              "model_type": "bpe", "byte_fallback": True}
-    write_json_atomic(data_dir / MANIFEST, manifest)
+    write_json(data_dir / MANIFEST, manifest)
     bar.update(1)
 
 
@@ -236,6 +237,6 @@ def _write_card(data_dir: Path, manifest: dict, tok_args: dict, bar) -> dict:
     card = C.compute(data_dir, [c for c in S.CONFIGS if c in built], manifest)
     C.write(data_dir, card)
     manifest["card_key"] = _card_key(built, tok_args)
-    write_json_atomic(data_dir / MANIFEST, manifest)
+    write_json(data_dir / MANIFEST, manifest)
     bar.update(1)
     return card

@@ -7,11 +7,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from flexmoe_jax import storage
 from flexmoe_jax.demo import scoring
 from flexmoe_jax.demo.experts import train_experts
 from flexmoe_jax.demo.merging import merge_experts
 from flexmoe_jax.demo.plan import FULL, QUICK
-from flexmoe_jax.demo.workdir import RESULTS, Phase, Workdir, compile_cache, complete, write_json
+from flexmoe_jax.demo.workdir import RESULTS, Phase, Workdir, compile_cache, complete
 from flexmoe_jax.errors import UserError
 
 # Expert set -> the gin bindings of its owners' train-expert runs ("" is the demo's own experts).
@@ -198,7 +199,7 @@ def plot(summary: dict, out: Path) -> None:
 
 
 def write(results_dir: Path, summary: dict) -> None:
-    write_json(results_dir / "ablations.json", summary)
+    storage.write_json(results_dir / "ablations.json", summary, sort_keys=False)
     (results_dir / "ablations.md").write_text(table(summary) + "\n")
     plot(summary, results_dir / "ablations.png")
 

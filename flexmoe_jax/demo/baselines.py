@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flexmoe_jax import storage
 from flexmoe_jax.demo.budget import step_flops
 from flexmoe_jax.demo.training import optim_config, run_config
-from flexmoe_jax.demo.workdir import Workdir, complete, write_json
+from flexmoe_jax.demo.workdir import Workdir, complete
 from flexmoe_jax.errors import UserError
 
 
@@ -25,7 +26,7 @@ def soup_weights(w: Workdir, anchor: Path, dense: dict[str, Path]) -> list[float
     batches = data.batches(data.PUBLIC_MIXTURE, "validation", p.batch_size, p.seq_len, w.data, seed=11)
     weights, report = sw.fit([eval_lib.load_model(anchor)] + [eval_lib.load_model(dense[d]) for d in dense],
                              batches, steps=p.soup_weight_steps)
-    write_json(f, {"members": members, **report})
+    storage.write_json(f, {"members": members, **report}, sort_keys=False)
     return report["weights"]
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from flexmoe_jax.demo.workdir import Workdir, write_json
+from flexmoe_jax import storage
+from flexmoe_jax.demo.workdir import Workdir
 
 
 def step_flops(w: Workdir, n_owners: int) -> dict[str, dict]:
@@ -26,7 +27,7 @@ def step_flops(w: Workdir, n_owners: int) -> dict[str, dict]:
     for name, (cfg, phase) in phases.items():
         r = flops.routed_step_flops(cfg, phase, p.batch_size, p.seq_len)
         out[name] = {"compiled": r["compiled"], "estimate_6n": r["estimate_6n"], "method": r["method"]}
-    write_json(cache, out)
+    storage.write_json(cache, out, sort_keys=False)
     return out
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from flexmoe_jax import storage
 from flexmoe_jax.demo.plan import DemoError
 from flexmoe_jax.demo.workdir import Workdir, log
 
@@ -41,7 +42,7 @@ def owner_data_dir(data_dir: str | os.PathLike, domain: str, out: str | os.PathL
     shutil.copytree(L.tokenizer_path(src).parent, L.tokenizer_path(tmp).parent)
     manifest = pipeline.read_manifest(src)
     manifest["configs"] = {c: v for c, v in manifest["configs"].items() if c in keep}
-    pipeline.write_json_atomic(tmp / pipeline.MANIFEST, manifest)
+    storage.write_json(tmp / pipeline.MANIFEST, manifest)
     card = card_lib.load(src)
     card["configs"] = {c: v for c, v in card["configs"].items() if c in keep}
     card["data_dir"] = str(out.resolve())

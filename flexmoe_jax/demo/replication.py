@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+from flexmoe_jax import storage
 from flexmoe_jax.demo import baselines, merging, scoring
 from flexmoe_jax.demo.budget import flops_table
 from flexmoe_jax.demo.datasets import build_data, owner_data_dir, share_public_rows
@@ -19,7 +20,7 @@ from flexmoe_jax.demo.lineup import Trained, scored_models
 from flexmoe_jax.demo.plan import FULL, QUICK
 from flexmoe_jax.demo.report import write_report
 from flexmoe_jax.demo.training import train_anchor
-from flexmoe_jax.demo.workdir import Phase, Workdir, compile_cache, log, write_json
+from flexmoe_jax.demo.workdir import Phase, Workdir, compile_cache, log
 
 # The MoEs whose routing the report shows (results/routing.json).
 ROUTED = ("flexolmo", "flexolmo_top1", "flexolmo_cal", "flexolmo_rt", "flexolmo_replay", "flexolmo_domain",
@@ -87,8 +88,8 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     docs_file = eval_lib.docs_path(w.results / "results.json")
     docs = json.loads(docs_file.read_text()) if docs_file.exists() else None
     report = write_report(w, results, domains, flops, priv, routes, docs)
-    write_json(w.results / "timing.json", {**w.timing(),
-                                           "total_this_invocation": round(time.perf_counter() - t_start, 1)})
+    timing = {**w.timing(), "total_this_invocation": round(time.perf_counter() - t_start, 1)}
+    storage.write_json(w.results / "timing.json", timing, sort_keys=False)
     log("\n" + report.read_text())
     log(f"results in {w.results}")
     return {"results": results, "findings": json.loads((w.results / "findings.json").read_text()),

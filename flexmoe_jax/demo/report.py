@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from flexmoe_jax.demo.workdir import write_json
+from flexmoe_jax import storage
 
 # Baselines and variants FlexOlmo is compared against, in report order.
 # "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
@@ -297,7 +297,7 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
     from flexmoe_jax import eval as eval_lib
 
     f = findings(results, domains, routing, docs)
-    write_json(w.results / "findings.json", f)
+    storage.write_json(w.results / "findings.json", f, sort_keys=False)
     _plots(w, results, domains)
     lines = _setup(w, domains)
     lines += [f"- {x}" for x in findings_text(f, domains)]
@@ -319,5 +319,5 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
               + (", privacy.json" if privacy else "") + ".", ""]
     out = w.results / "results.md"
     out.write_text("\n".join(lines))
-    write_json(w.results / "flops.json", flops)
+    storage.write_json(w.results / "flops.json", flops, sort_keys=False)
     return out

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from flexmoe_jax import storage
 from flexmoe_jax.demo.merging import public_routing_stats
-from flexmoe_jax.demo.workdir import Workdir, log, write_json
+from flexmoe_jax.demo.workdir import Workdir, log
 
 
 def results(w: Workdir, name: str = "results.json") -> dict:
@@ -79,7 +80,7 @@ def routing_all(w: Workdir, models: dict[str, dict], json_name: str = "routing.j
                                       batch_size=w.plan.eval_batch_size, max_tokens=w.plan.eval_tokens,
                                       mode=spec.get("routing"), routing_stats=stats,
                                       groups=groups, score=spec.get("score"))
-        write_json(f, done)
+        storage.write_json(f, done, sort_keys=False)
     return done
 
 
@@ -105,5 +106,5 @@ def privacy_check(w: Workdir, experts: dict[str, Path], merged: Path) -> dict:
         out.update(privacy.run({name: spec["model"]}, w.data, spec["domains"], num_docs=w.plan.privacy_docs,
                                trained_from={d: trained[d] for d in spec["domains"]},
                                batch_size=w.plan.privacy_docs * privacy.DEFAULT_SAMPLES, progress=True))
-    write_json(f, out)
+    storage.write_json(f, out, sort_keys=False)
     return out

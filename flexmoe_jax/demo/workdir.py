@@ -18,10 +18,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def write_json(path: Path, obj) -> None:
-    storage.write_json(path, obj, sort_keys=False)
-
-
 class Workdir:
     """Paths of one demo run and its per-phase timing (kept across resumed runs)."""
 
@@ -52,7 +48,7 @@ class Workdir:
         """Add ``seconds`` to the phase's wall time (a resumed run adds to what earlier runs spent)."""
         t = self.timing()
         t[phase] = round(t.get(phase, 0.0) + seconds, 1)
-        write_json(self.timing_file, t)
+        storage.write_json(self.timing_file, t, sort_keys=False)
 
 
 def complete(model_dir: Path) -> bool:

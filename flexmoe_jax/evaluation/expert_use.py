@@ -10,8 +10,8 @@ import numpy as np
 
 from flexmoe_jax import model, routing as routing_lib
 from flexmoe_jax.config import ModelConfig
+from flexmoe_jax.data import eval_sample as sample_lib
 from flexmoe_jax.errors import UserError
-from flexmoe_jax.evaluation import sample as sample_lib
 from flexmoe_jax.evaluation.scorers import _device_batch
 from flexmoe_jax.evaluation.tasks import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, resolve_tasks, short_name
 

@@ -6,25 +6,20 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from flexmoe_jax import model, storage
+from flexmoe_jax import loading, model, storage
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 
 
 def _model_dir(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory's ``model/``."""
-    from flexmoe_jax import checkpoint
-
-    p = storage.resolve(path)
-    if not (p / checkpoint.MARKER_NAME).is_file() and (p / "model" / checkpoint.MARKER_NAME).is_file():
-        return p / "model"
-    return p
+    """A checkpoint directory, or a run directory's ``model/`` (else ``path``, for the loader's error)."""
+    return loading.run_checkpoint(path, "model") or storage.resolve(path)
 
 
 def load_model(path: str | os.PathLike, *, include=None, exclude=None, top_k=None
                ) -> tuple[ModelConfig, model.Params]:
     """(config, params) of a plain or merged checkpoint or a run directory, with opt-in/opt-out."""
-    from flexmoe_jax import checkpoint, expert, loading
+    from flexmoe_jax import checkpoint, expert
 
     d = _model_dir(path)
     if d.is_dir() and checkpoint.kind(d) == expert.DELIVERABLE_KIND:
@@ -49,7 +44,6 @@ def default_routing(path: str | os.PathLike, config: ModelConfig, routing: str |
 
 def checkpoint_routing_stats(path: str | os.PathLike, names: Sequence[str]) -> dict | None:
     """The routing stats a merged checkpoint (or run directory) carries for ``names``; None if none."""
-    from flexmoe_jax import loading
 
     return loading.read_routing_stats(_model_dir(path), names) or None
 

@@ -26,8 +26,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from flexmoe_jax.data import eval_sample as sample_lib
 from flexmoe_jax.errors import UserError
-from flexmoe_jax.evaluation import sample as sample_lib
 from flexmoe_jax.evaluation.scorers import Batch, Scorer
 from flexmoe_jax.evaluation.tasks import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, short_name
 
@@ -176,7 +176,7 @@ def mc_items(data_dir, task: str, split: str = "test", n_items: int = DEFAULT_MC
              sample_seed: int = 0) -> list[MCItem]:
     """The multiple-choice items of a task (``flexmix_mini.<d>``, ``flexmix_mini.public``, or an
     owner's task), built from the documents of its evaluation sample (``max_tokens`` / ``sample_seed``,
-    :func:`flexmoe_jax.evaluation.sample.draw`; default the whole split). A mixture's items come from
+    :func:`flexmoe_jax.data.eval_sample.draw`; default the whole split). A mixture's items come from
     each source in turn, distractors from the same source's sampled documents.
 
     Cached per process (keyed on the manifests' times, so a rebuild or re-registration is seen): every

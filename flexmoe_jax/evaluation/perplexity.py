@@ -17,8 +17,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from flexmoe_jax.data import eval_sample as sample_lib
 from flexmoe_jax.errors import UserError
-from flexmoe_jax.evaluation import bootstrap, sample as sample_lib
+from flexmoe_jax.evaluation import bootstrap
 from flexmoe_jax.evaluation.multiple_choice import DEFAULT_MC_CHOICES, DEFAULT_MC_ITEMS, mc_items, score_mc
 from flexmoe_jax.evaluation.scorers import Scorer
 from flexmoe_jax.evaluation.tasks import AVERAGE, DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, resolve_tasks, short_name
@@ -30,7 +31,7 @@ PER_DOC = ("doc_nll", "doc_bytes", "doc_source")  # per-document keys, kept out 
 def perplexity(scorer: Scorer, task: str, data_dir, split: str = "test", seq_len: int = DEFAULT_SEQ_LEN,
                batch_size: int = DEFAULT_BATCH_SIZE, progress: Callable[[], None] | None = None,
                max_tokens: int | None = None, sample_seed: int = 0) -> dict:
-    """Bits per byte, perplexity and NLL of a task's evaluation sample (:mod:`flexmoe_jax.evaluation.sample`:
+    """Bits per byte, perplexity and NLL of a task's evaluation sample (:mod:`flexmoe_jax.data.eval_sample`:
     whole documents drawn with ``sample_seed`` up to ``max_tokens`` tokens; default the whole split).
 
     Returns ``{"nll", "ppl", "bpb", "bpb_ci", "tokens", "bytes", "docs", "sample", "doc_nll", "doc_bytes",

@@ -119,10 +119,6 @@ def plot(results: Mapping[str, Mapping[str, dict]], path: str | os.PathLike, rel
     return path
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    storage.write_json(path, obj, sort_keys=False)
-
-
 def docs_path(json_out: str | os.PathLike) -> Path:
     """Where :func:`main_eval` keeps the per-document scores beside ``json_out`` (``x.json`` -> ``x.docs.json``)."""
     p = storage.resolve(json_out)
@@ -201,8 +197,8 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
         docs = json.loads(docs_file.read_text()) if update and docs_file.exists() else {}
         for n, r in new.items():
             docs[n] = {d: {k: v[k] for k in PER_DOC} for d, v in r.items() if "doc_nll" in v}
-        _write_json_atomic(docs_file, docs)
-        _write_json_atomic(storage.resolve(json_out), everything)
+        storage.write_json(docs_file, docs, sort_keys=False)
+        storage.write_json(json_out, everything, sort_keys=False)
     table = results_table(everything)
     if table_out is not None:
         storage.resolve(table_out).parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from flexmoe_jax import baselines, checkpoint, distributed, expert, flops, optim, storage, train
+from flexmoe_jax import checkpoint, distributed, expert, flops, optim, storage, train
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 from flexmoe_jax.trainer import logs, state_store
@@ -49,7 +49,7 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     tokens_per_step = rc.batch_size * rc.seq_len
     # MFU counts the FLOPs of the compiled step that runs (compiled once, on the first batch);
     # the 6N estimate is logged beside it.
-    step_flops = {"6n": baselines.flops_per_token(config, rc.seq_len) * tokens_per_step, "tokens": tokens_per_step}
+    step_flops = {"6n": flops.flops_per_token(config, rc.seq_len) * tokens_per_step, "tokens": tokens_per_step}
     compiled = None
     bar = tqdm(total=rc.steps, initial=start, desc=f"{rc.phase}", unit="step",
                disable=not progress or jax.process_index() > 0)
