@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flexmoe_jax import checkpoint, checksums, model, selection, storage
+from flexmoe_jax import checkpoint, checksums, model, restore_targets, selection, storage
 from flexmoe_jax.checkpoint import CheckpointError
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
@@ -88,18 +88,8 @@ def _place(config: ModelConfig, params: model.Params, mesh=None, shardings=None)
     all; neither: the first local device.
     """
     import jax
-    from jax.sharding import Sharding, SingleDeviceSharding
 
-    if mesh is not None and shardings is not None:
-        raise UserError("give either mesh or shardings, not both")
-    if mesh is not None:
-        shard_tree = model.param_shardings(config, mesh)
-    elif isinstance(shardings, Sharding):
-        shard_tree = jax.tree.map(lambda _: shardings, params)
-    elif shardings is not None:
-        shard_tree = shardings
-    else:
-        shard_tree = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), params)
+    shard_tree = restore_targets.placement(config, params, mesh, shardings)
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
                         params, shard_tree)
 

@@ -17,6 +17,25 @@ if TYPE_CHECKING:  # pragma: no cover
     from jax.sharding import Mesh
 
 
+def placement(config: ModelConfig, like: Any, mesh=None, shardings=None) -> Any:
+    """The sharding of every array of a parameter tree shaped like ``like``: by the logical-axis rules
+    on ``mesh``, one ``Sharding`` for all, a tree of them, or (neither) the first local device."""
+    import jax
+    from jax.sharding import Sharding, SingleDeviceSharding
+
+    from flexmoe_jax import model as model_lib
+
+    if mesh is not None and shardings is not None:
+        raise UserError("give either mesh or shardings, not both")
+    if mesh is not None:
+        return model_lib.param_shardings(config, mesh)
+    if isinstance(shardings, Sharding):
+        return jax.tree.map(lambda _: shardings, like)
+    if shardings is not None:
+        return shardings
+    return jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), like)
+
+
 def targets(config: ModelConfig, stored: Any, mesh: Mesh | None, shardings: Any,
             dtype: Any) -> tuple[ModelConfig, Any]:
     """(config with the wanted ``param_dtype``, target tree): stored shapes, the wanted dtype and sharding.
@@ -27,21 +46,11 @@ def targets(config: ModelConfig, stored: Any, mesh: Mesh | None, shardings: Any,
     """
     import jax
     import jax.numpy as jnp
-    from jax.sharding import Sharding, SingleDeviceSharding
 
     from flexmoe_jax import model as model_lib
 
-    if mesh is not None and shardings is not None:
-        raise UserError("give either mesh or shardings, not both")
     shapes = model_lib.param_shapes(config)
-    if mesh is not None:
-        shard_tree = model_lib.param_shardings(config, mesh)
-    elif isinstance(shardings, Sharding):
-        shard_tree = jax.tree.map(lambda _: shardings, shapes)
-    elif shardings is not None:
-        shard_tree = shardings
-    else:
-        shard_tree = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), shapes)
+    shard_tree = placement(config, shapes, mesh, shardings)
     if dtype is not None:
         dtype = jnp.dtype(dtype)
         config = config.replace(param_dtype=dtype.name)
