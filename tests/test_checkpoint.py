@@ -237,6 +237,7 @@ def _crash_save(path: Path, stage: str) -> None:
 
 
 @pytest.mark.parametrize("stage", ["before_publish", "between_renames"])
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_killed_save_leaves_old_checkpoint_loadable(tmp_path, moe_params, stage):
     path = tmp_path / "c"
     checkpoint.save(path, MOE, moe_params, metadata={"v": "old"})

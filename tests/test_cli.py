@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from flexmoe_jax import checkpoint, cli, hf, model
 from flexmoe_jax.config import tiny
@@ -54,6 +55,7 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
     assert "DOMAIN=RUN_DIR" in err and "\n" not in err
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_demo_checks_quick(tmp_path):
     work = str(tmp_path / "demo")
     assert cli.main(["demo", "--checks", "--quick", "--workdir", work]) == 0
@@ -70,6 +72,7 @@ def test_demo_checks_quick(tmp_path):
     assert cfg.names == ("public", "code", "math", "literature")
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_commands_mute_tensorflow_start_up_lines():
     """TensorFlow's C++ lines on import (absl pre-init, cudart stubs, CPU features) do not reach a
     command's stderr, while TensorFlow still works and a Python error from the import would show."""

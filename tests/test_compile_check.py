@@ -36,6 +36,7 @@ def _check(env, *args):
                           text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_expert_step_compiles_for_a_tpu_slice_and_reports_memory(libtpu_env):
     r = _check(libtpu_env, "--gin_file", "model/tiny.gin", "--gin_file", "phase/expert.gin",
                "--gin_param", "RunConfig.mesh=(1,2,2,1)", "--gin_param", 'RunConfig.anchor="a"',
@@ -47,6 +48,7 @@ def test_expert_step_compiles_for_a_tpu_slice_and_reports_memory(libtpu_env):
     assert "all-gather" in out  # fsdp gathers the weights: the TPU compiler inserted collectives
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_what_does_not_fit_is_exit_2_with_the_fix(libtpu_env):
     r = _check(libtpu_env, "--gin_file", "model/tiny.gin", "--gin_file", "phase/pretrain.gin",
                "--gin_param", "RunConfig.mesh=(4,1,1,1)", "--gin_param", "RunConfig.batch_size=2048",
@@ -57,6 +59,7 @@ def test_what_does_not_fit_is_exit_2_with_the_fix(libtpu_env):
     assert "DOES NOT FIT" in r.stdout and "HBM" in r.stdout and "grad_accum" in r.stdout
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_merged_forward_and_unknown_topology(libtpu_env):
     r = _check(libtpu_env, "--gin_file", "model/tiny.gin", "--gin_param", "ModelConfig.num_experts=4",
                "--gin_param", "ModelConfig.top_k=2", "--gin_param", "RunConfig.mesh=(1,1,4,1)",

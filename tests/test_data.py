@@ -124,6 +124,7 @@ def test_missing_source_names_package(monkeypatch, tmp_path):
         D.build(tmp_path / "d", domains=["poetry"], progress=False)
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_math_generator_is_real_and_deterministic():
     from flexmoe_jax.data import mathgen
 

@@ -83,6 +83,7 @@ def _grad_flops(cfg, params, spec, concat_slots):
     return flops.compiled_flops(jax.jit(jax.grad(loss)).lower(trainable, frozen, batch).compile()).flops
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_expert_step_skips_the_frozen_weight_gradients():
     ecfg, params = expert.upcycle(DENSE, jax.device_get(model.init(DENSE, 0)), "math")
     assert ecfg == flops.expert_config(DENSE, "math")
@@ -105,6 +106,7 @@ def test_expert_step_skips_the_frozen_weight_gradients():
     assert flops.train_step_flops(ecfg, "router_tune", B, S)["compiled"] < exp["compiled"]
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_step_count_is_per_step_on_any_mesh_and_accumulation():
     one = flops.train_step_flops(DENSE, "pretrain", 8, S)
     assert one["devices"] == 1 and one["dynamic_loops"] == 0

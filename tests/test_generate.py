@@ -47,6 +47,7 @@ def greedy(moe):
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe_opt_out"])
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_cache_prefill_then_steps_equals_full_forward(kind, moe, dense):
     """Prefill 5 tokens, then 7 one-token steps: every logit equals forward on the whole sequence.
 
@@ -128,6 +129,7 @@ def test_greedy_equals_naive_per_prompt_loop(moe, greedy):
         assert r["tokens"] == buf[0, len(prompt):n].tolist()
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_batch_equals_single_prompt_and_no_cache(moe, greedy):
     cfg, p = moe
     alone = generate.generate(cfg, p, [PROMPTS[1]], max_new_tokens=NEW, eos_id=None)[0]
@@ -270,6 +272,7 @@ def test_cli_generate(moe, tokenizer_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["public_plus", "document_top_k", "document_public_plus", "domain"])
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_routing_modes_generate_as_forward_on_each_prefix(moe, mode):
     """Cached, batched, left-padded generation under a routing mode equals re-running the model with
     that mode on each prompt's prefix alone (document averages and domain sums carried in the cache)."""

@@ -100,6 +100,7 @@ IMPORT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(IMPORT_CASES))
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_import_matches_transformers(torch, tmp_path, case):
     spec = dict(IMPORT_CASES[case])
     shard = spec.pop("shard", None)

@@ -110,6 +110,7 @@ def no_leftovers(path: Path):
 # Merge
 # ----------------------------------------------------------------------------
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_merge_equals_hand_assembled_reference(world, tmp_path):
     out = merge.merge(world.anchor_path, deliverables(world), tmp_path / "m", public_router=world.public_row)
     assert out == tmp_path / "m" and os.listdir(tmp_path) == ["m"]
@@ -454,6 +455,7 @@ def merged_with_stats(world, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["top_k", "public_plus", "document_top_k", "document_public_plus", "domain"])
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_opt_out_is_exact_in_every_routing_mode(merged_with_stats, mode):
     """--exclude c equals the merge without c, bit for bit, whatever the routing; the stats travel."""
     from flexmoe_jax import eval as eval_lib

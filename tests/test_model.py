@@ -172,6 +172,7 @@ def test_dense_olmo2_model():
         model.forward(cfg, p, _tokens(cfg), active_experts=["public"])
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_remat_and_bf16(moe):
     cfg, p = moe
     t = _tokens(cfg)

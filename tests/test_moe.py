@@ -77,6 +77,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("e,k,t,block_size,norm,bias,skew", CASES)
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_paths_equal_forward_and_gradients(e, k, t, block_size, norm, bias, skew):
     x, router, w, cot, b = _problem(e, t, seed=e * 100 + t, bias=bias, skew=skew)
     out = _outputs_and_grads(k, norm, b, block_size)(x, router, w, cot)
@@ -222,6 +223,7 @@ def test_dense_scan_form_beyond_the_unroll_limit(monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_local_routing_runs_only_the_local_experts(impl):
     """What one expert-parallel device computes: its slice of experts, nothing of the others.
 

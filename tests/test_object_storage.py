@@ -115,6 +115,7 @@ def _owners_on_gcs(bucket):
     return root, types.SimpleNamespace(anchor=anchor, public_row=public_row, owners=owners)
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_merge_from_and_to_object_storage_with_opt_out(bucket, tmp_path):
     import test_merge as tm
 
@@ -228,6 +229,7 @@ def test_anchor_kits_on_object_storage_are_refused_clearly(bucket):
     assert not anchor_kit.is_kit(f"{bucket}/plain")
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_data_dir_on_object_storage_is_refused_with_the_fix():
     from flexmoe_jax import data
 

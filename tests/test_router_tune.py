@@ -39,6 +39,7 @@ def _batches(cfg, n, seed=1):
                "decoder_positions": np.broadcast_to(np.arange(32, dtype=np.int32), (4, 32)).copy()}
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_calibration_removes_positive_public_margins(merged):
     cfg, params = merged
     before = router_tune.router_margins(cfg, params, _batches(cfg, 3), 3)
@@ -82,6 +83,7 @@ def test_calibration_needs_public_slot(merged):
         router_tune.calibrate_bias(dense, model.init(dense, 0), _batches(cfg, 3), 2)
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_document_gates_match_per_document_forward(merged):
     cfg, params = merged
     rng = np.random.RandomState(3)

@@ -100,6 +100,7 @@ def _logits(config, params, tokens, stats=None):
     return model.apply(scorer.config, scorer.params, tokens, pos, segs, route_bias=bias)[0]
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_domain_tokens_compute_the_owner_model_and_public_tokens_the_public_model(merged):
     config, params = merged
     v = config.vocab_size

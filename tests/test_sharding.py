@@ -124,6 +124,7 @@ def _mesh_id(shape):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", MESHES, ids=_mesh_id)
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_moe_sharded_matches_single_device(shape, impl):
     cfg = moe_config(impl)
     mesh = make_mesh(*shape)
@@ -201,6 +202,7 @@ def test_fsdp_and_tensor_split_embed_and_mlp():
     assert _shard_shapes(params["final_norm"]) == {(d,)}
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_dense_model_shards_and_matches():
     cfg = dense_config()
     d, h, L = cfg.d_model, cfg.mlp_hidden, cfg.n_layers
@@ -215,6 +217,7 @@ def test_dense_model_shards_and_matches():
     check_against_reference(cfg, mesh, params)
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_indivisible_dims_fall_back_to_replicated():
     """4 heads on a tensor axis of 8: dims the axis does not divide replicate instead of failing."""
     cfg = moe_config("auto").replace(num_experts=4, vocab_size=250)
@@ -251,6 +254,7 @@ def _collectives(hlo: str) -> list[str]:
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(2, 1, 4, 1), (1, 2, 2, 2)], ids=_mesh_id)
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_expert_parallel_moves_tokens_not_experts(shape, impl):
     """With an expert axis, no device ever receives another device's experts.
 
@@ -300,6 +304,7 @@ def test_weight_gathering_layout_is_caught():
 
 
 @pytest.mark.parametrize("shape", [(4, 1, 2, 1), (2, 1, 2, 2)], ids=_mesh_id)
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_expert_training_step_sharded_matches_single_device(shape):
     """An owner's step (frozen public slot and trained slot as separate leaves, joined inside the
     layer) on a mesh whose expert axis holds one slot per device equals the single-device step."""
@@ -329,6 +334,7 @@ def test_expert_training_step_sharded_matches_single_device(shape):
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=ATOL, rtol=RTOL, err_msg=k)
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_experts_indivisible_by_the_expert_axis_still_match():
     """6 experts on an expert axis of 4: the expert tensors stay whole (replicated), the batch is
     still split over the expert axis, and each device runs all experts on its own tokens."""

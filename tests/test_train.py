@@ -174,6 +174,7 @@ def _grad_flops(cfg, params, spec, concat_slots):
     return jax.jit(jax.grad(loss)).lower(trainable).compile().cost_analysis()["flops"]
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_expert_step_skips_frozen_slot_weight_gradients(anchor):
     """Keeping the frozen public slot a separate leaf removes its weight-gradient matmuls."""
     cfg = anchor[0].replace(n_layers=1)  # one layer: XLA's cost analysis counts a loop body once
@@ -188,6 +189,7 @@ def test_expert_step_skips_frozen_slot_weight_gradients(anchor):
 
 
 @pytest.mark.parametrize("scale", [0.0, 10.0])
+@pytest.mark.slow  # over ~3 s on 2 cores
 def test_bias_start_and_own_learning_rate(anchor, scale):
     """RunConfig.bias_init starts the owner's bias below 0 (so it can move both ways under the clamp);
     OptimConfig.bias_lr_scale is its own learning rate: 0 keeps it fixed, 10 moves it 10x an update."""
