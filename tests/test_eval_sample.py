@@ -9,6 +9,7 @@ import pytest
 from flexmoe_jax import eval as ev, expert, model
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.data import eval_sample as sample
+from flexmoe_jax.errors import UserError
 from flexmoe_jax.evaluation import bootstrap
 
 SEQ, BS = 64, 8
@@ -162,3 +163,56 @@ def test_mc_items_come_from_the_sampled_documents(data_dir):
     assert items
     for it in items:
         assert it.context.strip() and any(t.startswith(it.context[:20]) for t in s.texts)
+
+
+def test_per_document_cap_keeps_every_document_and_scores_a_window_of_whole_lines(data_dir):
+    from flexmoe_jax import data
+    from flexmoe_jax.data.pipeline import read_split_texts
+
+    task = "flexmix_mini.humor"
+    whole = sample.draw(data_dir, task, "train", SEQ)
+    cap = int(np.percentile(whole.doc_tokens, 70))  # about 30% of the documents are cut
+    a = sample.draw(data_dir, task, "train", SEQ, max_doc_tokens=cap)
+    assert a is sample.draw(data_dir, task, "train", SEQ, max_doc_tokens=cap)  # cached: the same for every model
+    assert a.num_docs == whole.num_docs and list(a.doc_index) == list(whole.doc_index)
+    cut = a.doc_tokens != whole.doc_tokens
+    assert cut.sum() >= 3 and a.docs_windowed == cut.sum() and a.size()["max_doc_tokens"] == cap
+    assert not cut[whole.doc_tokens <= cap].any()
+    assert a.doc_tokens.sum() < whole.doc_tokens.sum()
+    originals = read_split_texts(data_dir, "flexmix_mini", "humor", "train")
+    sp = data.sentencepiece(data_dir)
+    for d in range(a.num_docs):
+        doc, part = originals[a.doc_index[d]], a.texts[d]
+        assert a.doc_bytes[d] == len(part.encode("utf-8"))
+        if not cut[d]:
+            assert part == doc and a.doc_tokens[d] == whole.doc_tokens[d]
+            continue
+        at = doc.find(part)
+        assert at >= 0 and len(part) < len(doc)
+        assert at == 0 or doc[at - 1] == "\n"  # starts at a line start ...
+        assert part.endswith("\n") or at + len(part) == len(doc)  # ... and ends at a line end
+        ends = at + len(part) == len(doc)
+        assert a.doc_tokens[d] == len(sp.encode(part)) + ends  # EOS only where the window reaches the end
+    np.testing.assert_array_equal(np.bincount(a.doc_of[a.doc_of >= 0], minlength=a.num_docs), a.doc_tokens)
+    # windows sit at seeded places: another seed moves some of them
+    b = sample.draw(data_dir, task, "train", SEQ, seed=1, max_doc_tokens=cap)
+    assert sorted(b.texts) != sorted(a.texts)
+    with pytest.raises(UserError, match="max_doc_tokens"):
+        sample.draw(data_dir, task, "train", SEQ, max_doc_tokens=1)
+
+
+def test_evaluation_counts_routing_in_its_own_passes_as_routing_alone_does(data_dir, anchor):
+    cfg, params = expert.upcycle(*anchor, "humor")
+    merged_cfg = cfg.replace(num_experts=2, top_k=1)
+    groups = {"humor": ["humor"], "public": ["public", "humor"]}
+    kw = dict(seq_len=SEQ, batch_size=BS, max_tokens=2000, max_doc_tokens=100)
+    got = ev.evaluate(ev.ModelScorer(merged_cfg, params), data_dir, ["humor", "public"], "train",
+                      mc_items_per_domain=0, progress=False, routing_groups=groups, **kw)
+    alone = ev.routing(merged_cfg, params, data_dir, ["humor", "public"], "train", groups=groups, **kw)
+    for dom in ("humor", "public"):
+        assert got[dom]["routing"] == alone[dom]
+        assert got[dom]["routing"]["tokens"] == got[dom]["tokens"]
+    assert alone["public"]["group"] == pytest.approx(1.0)  # both experts form public's group
+    dense = ev.evaluate(ev.ModelScorer(*anchor), data_dir, ["humor"], "train", mc_items_per_domain=0,
+                        progress=False, **kw)
+    assert "routing" not in dense["humor"]

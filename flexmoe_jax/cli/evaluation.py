@@ -15,7 +15,7 @@ def _cmd_eval(args) -> None:
                        top_k=args.top_k, tasks=args.tasks, split=args.split, seq_len=args.seq_len,
                        batch_size=args.batch_size, mc_items_per_domain=args.mc_items, json_out=args.json,
                        table_out=args.table, plot_out=args.plot, max_tokens=args.max_tokens,
-                       sample_seed=args.sample_seed, **routing_kwargs(args))
+                       sample_seed=args.sample_seed, max_doc_tokens=args.max_doc_tokens, **routing_kwargs(args))
 
 
 def _cmd_privacy(args) -> None:
@@ -65,6 +65,9 @@ def add_parsers(sub) -> None:
                    help="score a seeded sample of whole documents of about this many tokens per domain, drawn "
                         "across the split (across a mixture's sources in proportion); default: the whole split")
     v.add_argument("--sample_seed", type=int, default=0, help="seed of that document sample (default %(default)s)")
+    v.add_argument("--max_doc_tokens", type=int, default=None,
+                   help="score a document longer than this on one seeded window of whole lines of about this many "
+                        "tokens (every document stays in the sample); default: every token")
     add_routing_flags(v)
     v.add_argument("--json", default=None, help="write/update results JSON here")
     v.add_argument("--table", default=None, help="write the markdown table here")

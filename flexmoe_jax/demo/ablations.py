@@ -1,5 +1,6 @@
 """Routing ablations on a finished demo work directory: router inits, biases and routing modes, each
-row merged and measured the same way; ``WORKDIR/results/ablations.{json,md,png}``. See docs/demo.md.
+row merged and measured the same way, and the router knobs on the demo's own merged model (top-1/3,
+public-data calibration, router tuning); ``WORKDIR/results/ablations.{json,md,png}``. See docs/demo.md.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from flexmoe_jax import storage
 from flexmoe_jax.demo import scoring
 from flexmoe_jax.demo.experts import train_experts
-from flexmoe_jax.demo.merging import merge_experts
+from flexmoe_jax.demo.merging import calibrate, merge_experts, tune_router
 from flexmoe_jax.demo.plan import FULL, QUICK
 from flexmoe_jax.demo.workdir import RESULTS, Phase, Workdir, compile_cache, complete
 from flexmoe_jax.errors import UserError
@@ -48,6 +49,18 @@ ROWS = [("", True, MODES), ("", False, ("top_k", "public_plus", "domain")),
 COSINE = {"router_score": "cosine", "router_temperature": 0.1}
 SCORED_ROWS = [("", True, ("top_k", "public_plus", "document_public_plus"))]
 GROUPS = {"code": ("code", "techdocs"), "techdocs": ("code", "techdocs")}
+# Router knobs on the demo's own merged model, top-k routing: row suffix -> how the model is made.
+KNOBS = ("top1", "top3", "calibrated", "calibrated_q90", "router_tuned")
+
+
+def knob_models(w: Workdir, merged: Path) -> dict[str, dict]:
+    """The router-knob rows: the merged model at top-1 / top-3, its biases calibrated on public text
+    (mean margin, or the 0.9 quantile), its router tuned on public proxy data."""
+    specs = {"top1": {"model": merged, "top_k": 1}, "top3": {"model": merged, "top_k": 3},
+             "calibrated": {"model": calibrate(w, merged)},
+             "calibrated_q90": {"model": calibrate(w, merged, quantile=0.9)},
+             "router_tuned": {"model": tune_router(w, merged)}}
+    return {f"{row_name('', True, 'top_k')}/{k}": {**specs[k], "routing": "top_k"} for k in KNOBS}
 
 
 def row_name(expert_set: str, keep_bias: bool, mode: str, score: dict | None = None) -> str:
@@ -55,8 +68,10 @@ def row_name(expert_set: str, keep_bias: bool, mode: str, score: dict | None = N
         f"/cosine{score['router_temperature']}" if score else "")
 
 
-def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=SCORED_ROWS) -> dict:
-    """Train the missing expert sets, merge, evaluate every row; write and return the summary."""
+def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=SCORED_ROWS,
+        knobs: bool = True) -> dict:
+    """Train the missing expert sets, merge, evaluate every row (and the :data:`KNOBS` rows); write
+    and return the summary."""
     from flexmoe_jax import anchor_kit, data, loading
 
     w = Workdir(workdir, QUICK if quick else FULL)
@@ -91,10 +106,13 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=
                 if m == "domain" and not loading.read_routing_stats(merged, ("public", *domains)):
                     # merged before merges carried routing stats: the same files, given directly
                     spec["routing_stats"] = scoring.routing_stats(w, {d: trained[d, v] for d in domains})
+    if knobs:
+        with Phase(w, "ablation_knobs"):
+            models.update(knob_models(w, w.root / "merged"))
     with Phase(w, "ablation_eval"):
-        results = scoring.evaluate_all(w, models, json_name="ablations_results.json")
+        results = scoring.evaluate_all(w, models, json_name="ablations_results.json", groups=GROUPS)
     with Phase(w, "ablation_routing"):
-        routes = scoring.routing_all(w, models, json_name="ablations_routing.json", groups=GROUPS)
+        routes = scoring.routing_all(w, models, json_name="ablations_routing.json", groups=GROUPS, scored=results)
     summary = summarize(base, results, routes, domains, list(models))
     summary["learned_bias"] = biases
     write(w.results, summary)

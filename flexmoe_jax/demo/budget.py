@@ -21,7 +21,7 @@ def step_flops(w: Workdir, n_owners: int) -> dict[str, dict]:
     dense = p.model_config()
     merged = dense.replace(num_experts=n_owners + 1, top_k=p.top_k, expert_bias=True)
     phases = {"anchor": (dense, "pretrain"), "expert": (flops.expert_config(dense), "expert"),
-              "router_tune": (merged, "router_tune"), "btx": (merged, "pretrain"),
+              "btx": (merged, "pretrain"),
               "unrestricted": (dense.replace(num_experts=p.unrestricted_experts, top_k=p.top_k), "pretrain")}
     out = {}
     for name, (cfg, phase) in phases.items():
@@ -48,7 +48,6 @@ def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int, unrestricted
     dense = plus(*[spent("anchor", p.expert_steps)] * n_owners)  # a dense expert's step is the anchor's
     rows = {"public": plus(), "expert (one owner)": one, "soup": dense, "btm": dense,
             "soup_flexolmo_experts": experts, "btm_all": experts, "flexolmo": experts,
-            "flexolmo_cal": experts, "flexolmo_rt": plus(experts, spent("router_tune", p.router_tune_steps)),
             "flexolmo_replay": experts, "btx": plus(dense, spent("btx", p.btx_steps)),
             "btx_alldata": plus(experts, spent("btx", p.btx_steps)),
             "unrestricted": spent("unrestricted", unrestricted_steps),

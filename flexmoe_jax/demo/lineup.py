@@ -22,11 +22,7 @@ class Trained:
     experts_replay: dict[str, Path]
     dense: dict[str, Path]
     merged: Path
-    merged_nobias: Path
     merged_replay: Path
-    cal: Path
-    cal90: Path
-    rt: Path
     btx: Path
     btx_alldata: Path
     unrestricted: Path
@@ -66,13 +62,11 @@ def _baselines(w: Workdir, t: Trained, domains: list[str], member) -> dict[str, 
 
 
 def _flexolmo_variants(t: Trained, domains: list[str], domain_stats: dict) -> dict[str, dict]:
-    """The merged model as merged, at other top-k, calibrated, router-tuned, with replay, domain-routed
-    (``domain_stats``: :func:`flexmoe_jax.demo.scoring.routing_stats`) and each owner opted out."""
+    """The merged model as merged (the reference's top-k routing), with public replay, domain-routed
+    (``domain_stats``: :func:`flexmoe_jax.demo.scoring.routing_stats`) and each owner opted out. The
+    router knobs (no bias, top-1/3, calibration, router tuning) are ablations (:mod:`.ablations`)."""
     merged = t.merged
-    models = {"flexolmo": {"model": merged}, "flexolmo_nobias": {"model": t.merged_nobias},
-              "flexolmo_top1": {"model": merged, "top_k": 1}, "flexolmo_top3": {"model": merged, "top_k": 3},
-              "flexolmo_cal": {"model": t.cal}, "flexolmo_cal_q90": {"model": t.cal90},
-              "flexolmo_rt": {"model": t.rt}, "flexolmo_replay": {"model": t.merged_replay},
+    models = {"flexolmo": {"model": merged}, "flexolmo_replay": {"model": t.merged_replay},
               "flexolmo_domain": {"model": merged, "routing": "domain", "routing_stats": domain_stats}}
     models.update({f"flexolmo_minus_{d}": {"model": merged, "exclude": [d]} for d in domains})
     return models

@@ -55,6 +55,9 @@ class Plan:
     # Each domain's evaluation sample: whole test documents drawn with a fixed seed up to this many
     # tokens (None: the whole test split); the same documents for every model, bpb, routing and MC.
     eval_tokens: int | None = None
+    # ... and each document longer than this is scored on one seeded window of about this many tokens
+    # (None: every token). Long documents then cost their window, not their length (docs/evaluation.md).
+    eval_doc_tokens: int | None = None
     privacy_docs: int = 16
 
     def model_config(self) -> ModelConfig:

@@ -1,7 +1,7 @@
 """``flexmoe demo``: the FlexOlmo mini-replication on FlexMix-mini, end to end, resumable.
 
-Phases, in order (a rerun skips what is finished): data, anchor, experts, merge, calibrate,
-router_tune, btx, unrestricted, routing_stats, evaluate, routing, privacy, then the report in
+Phases, in order (a rerun skips what is finished): data, anchor, experts, merge, btx, unrestricted,
+routing_stats, evaluate, routing, privacy, then the report in
 ``WORKDIR/results/`` (results.json, findings.json, results.md, plots, timing.json). See docs/demo.md.
 """
 
@@ -23,8 +23,7 @@ from flexmoe_jax.demo.training import train_anchor
 from flexmoe_jax.demo.workdir import Phase, Workdir, compile_cache, log
 
 # The MoEs whose routing the report shows (results/routing.json).
-ROUTED = ("flexolmo", "flexolmo_top1", "flexolmo_cal", "flexolmo_rt", "flexolmo_replay", "flexolmo_domain",
-          "btx", "btx_alldata")
+ROUTED = ("flexolmo", "flexolmo_replay", "flexolmo_domain", "btx", "btx_alldata")
 
 
 def train_all(w: Workdir, domains: list[str], parallel: int) -> Trained:
@@ -43,13 +42,7 @@ def train_all(w: Workdir, domains: list[str], parallel: int) -> Trained:
         dense = {d: trained[d, "dense"] for d in domains}
     with Phase(w, "merge"):
         merged = merging.merge_experts(w, anchor, experts)
-        merged_nobias = merging.merge_experts(w, anchor, experts, keep_bias=False)
         merged_replay = merging.merge_experts(w, anchor, experts_replay, name="merged_replay")
-    with Phase(w, "calibrate"):
-        cal = merging.calibrate(w, merged)
-        cal90 = merging.calibrate(w, merged, quantile=0.9)
-    with Phase(w, "router_tune"):
-        rt = merging.tune_router(w, merged)
     with Phase(w, "btx"):
         btx = baselines.train_btx(w, anchor, dense)
         btx_alldata = baselines.train_btx_alldata(w, merged)
@@ -57,7 +50,7 @@ def train_all(w: Workdir, domains: list[str], parallel: int) -> Trained:
         unrestricted, u_steps = baselines.train_unrestricted(w, anchor, len(domains))
         unrestricted_data, ud_steps = baselines.train_unrestricted(w, anchor, len(domains), equal="data")
     return Trained(anchor=anchor, experts=experts, experts_replay=experts_replay, dense=dense, merged=merged,
-                   merged_nobias=merged_nobias, merged_replay=merged_replay, cal=cal, cal90=cal90, rt=rt, btx=btx,
+                   merged_replay=merged_replay, btx=btx,
                    btx_alldata=btx_alldata, unrestricted=unrestricted, unrestricted_data=unrestricted_data,
                    unrestricted_steps=u_steps, unrestricted_data_steps=ud_steps)
 
@@ -81,7 +74,7 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
     with Phase(w, "evaluate"):
         results = scoring.evaluate_all(w, models)
     with Phase(w, "routing"):
-        routes = scoring.routing_all(w, {m: models[m] for m in ROUTED})
+        routes = scoring.routing_all(w, {m: models[m] for m in ROUTED}, scored=results)
     with Phase(w, "privacy"):
         priv = scoring.privacy_check(w, t.experts, t.merged)
     flops = flops_table(w, len(domains), t.unrestricted_steps, t.unrestricted_data_steps)

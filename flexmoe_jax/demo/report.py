@@ -18,10 +18,7 @@ from flexmoe_jax import storage
 # 2-expert models (BTM over every member), informative variants that are not the paper's.
 COMPARED = ("public", "soup", "soup_weighted", "btm", "btx", "unrestricted", "unrestricted_equal_data",
             "soup_flexolmo_experts",
-            "btm_all", "btx_alldata",
-            "flexolmo_nobias",
-            "flexolmo_top1", "flexolmo_top3", "flexolmo_cal", "flexolmo_cal_q90", "flexolmo_rt", "flexolmo_replay",
-            "flexolmo_domain")
+            "btm_all", "btx_alldata", "flexolmo_replay", "flexolmo_domain")
 MAIN_PLOT = ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_domain")
 
 
@@ -249,6 +246,9 @@ def _setup(w, domains: list[str]) -> list[str]:
     sample = ("every document of each held-out test split" if p.eval_tokens is None else
               f"whole documents of each held-out test split drawn with a fixed seed up to {p.eval_tokens:,} "
               "tokens per domain (a mixture's sources in proportion)")
+    if p.eval_doc_tokens is not None:
+        sample += (f", a document longer than {p.eval_doc_tokens:,} tokens scored on one seeded window of whole "
+                   "lines that long")
     return [f"# FlexOlmo on FlexMix-mini ({p.mode} mode)", "",
             f"Made by `flexmoe demo{' --quick' if p.mode == 'quick' else ''} --workdir {w.root}`; every number "
             "below was measured in that run.", "",
@@ -264,7 +264,9 @@ def _setup(w, domains: list[str]) -> list[str]:
             "the dense experts, weights softmax(-mean NLL of the context / T) over the top-2, renormalized (the "
             "paper's baselines); soup_flexolmo_experts / btm_all: the same from the owners' 2-expert models, BTM "
             "over every member (not the paper's)",
-            f"- router tuning {p.router_tune_steps} steps on public proxy data; BTX: the public and dense experts' "
+            "- flexolmo_domain: the same merged model with domain routing (flexmoe_jax.routing); the router knobs "
+            "(no bias, top-1/3, calibration, router tuning) are in `flexmoe demo --ablations`",
+            "- BTX: the public and dense experts' "
             f"FFNs as one MoE, the rest averaged, {p.btx_steps} steps on public data only (the paper's); btx_alldata: "
             f"the merged FlexOlmo, {p.btx_steps} steps on all data (breaks the data restriction); "
             f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k} trained jointly on all data at the "

@@ -20,9 +20,11 @@ def results(w: Workdir, name: str = "results.json") -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def evaluate_all(w: Workdir, models: dict[str, dict], json_name: str = "results.json") -> dict:
+def evaluate_all(w: Workdir, models: dict[str, dict], json_name: str = "results.json",
+                 groups: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Evaluate each ``{name: {"model": path|scorer-factory, "exclude"/"top_k"/"routing"/"routing_stats": ...}}``
-    not yet in ``results/json_name``; returns every result there."""
+    not yet in ``results/json_name``; returns every result there. An MoE's results carry its routing
+    (``groups``: see :func:`flexmoe_jax.eval.evaluate`), counted in the same forward passes."""
     from flexmoe_jax import eval as eval_lib
 
     p = w.plan
@@ -36,7 +38,8 @@ def evaluate_all(w: Workdir, models: dict[str, dict], json_name: str = "results.
         eval_lib.main_eval({name: m}, w.data, exclude=spec.get("exclude"), top_k=spec.get("top_k"),
                            routing=spec.get("routing", "top_k"), routing_stats=spec.get("routing_stats"),
                            score=spec.get("score"), batch_size=p.eval_batch_size, mc_items_per_domain=p.mc_items,
-                           max_tokens=p.eval_tokens, json_out=w.results / json_name, log=None, progress=True)
+                           max_tokens=p.eval_tokens, max_doc_tokens=p.eval_doc_tokens, routing_groups=groups,
+                           json_out=w.results / json_name, log=None, progress=True)
         w.record(f"eval_{name}", time.perf_counter() - t0)
         r = results(w, json_name)[name]
         log(f"   {name}: average bpb {r.get('average', {}).get('bpb', float('nan')):.4f}, "
@@ -63,14 +66,20 @@ def routing_stats(w: Workdir, experts: dict[str, Path]) -> dict:
 
 
 def routing_all(w: Workdir, models: dict[str, dict], json_name: str = "routing.json",
-                groups: Mapping[str, Sequence[str]] | None = None) -> dict:
-    """Where each MoE sends each domain's tokens (:func:`flexmoe_jax.eval.routing`), as ``results/json_name``."""
+                groups: Mapping[str, Sequence[str]] | None = None, scored: Mapping[str, dict] | None = None) -> dict:
+    """Where each MoE sends each domain's tokens, as ``results/json_name``: from its evaluation
+    results (``scored``, :func:`evaluate_all`), which count it in the scoring passes; a model scored
+    before evaluations did (an older work directory) is counted by :func:`flexmoe_jax.eval.routing`."""
     from flexmoe_jax import eval as eval_lib
 
     f = w.results / json_name
     done = json.loads(f.read_text()) if f.exists() else {}
     for name, spec in models.items():
+        per = (scored or {}).get(name, {})
         if name in done:
+            continue
+        if per and all("routing" in r for d, r in per.items() if d != eval_lib.AVERAGE):
+            done[name] = {d: r["routing"] for d, r in per.items() if d != eval_lib.AVERAGE}
             continue
         config, params = eval_lib.load_model(spec["model"], exclude=spec.get("exclude"), top_k=spec.get("top_k"))
         stats = spec.get("routing_stats")
@@ -78,6 +87,7 @@ def routing_all(w: Workdir, models: dict[str, dict], json_name: str = "routing.j
             stats = eval_lib.checkpoint_routing_stats(spec["model"], config.names)
         done[name] = eval_lib.routing(config, params, w.data, seq_len=w.plan.seq_len,
                                       batch_size=w.plan.eval_batch_size, max_tokens=w.plan.eval_tokens,
+                                      max_doc_tokens=w.plan.eval_doc_tokens,
                                       mode=spec.get("routing"), routing_stats=stats,
                                       groups=groups, score=spec.get("score"))
         storage.write_json(f, done, sort_keys=False)

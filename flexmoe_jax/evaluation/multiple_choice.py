@@ -173,9 +173,10 @@ def build_mc_items(texts: Sequence[str], domain: str, source: str, n_items: int 
 
 def mc_items(data_dir, task: str, split: str = "test", n_items: int = DEFAULT_MC_ITEMS,
              n_choices: int = DEFAULT_MC_CHOICES, seed: int = 0, max_tokens: int | None = None,
-             sample_seed: int = 0) -> list[MCItem]:
+             sample_seed: int = 0, max_doc_tokens: int | None = None) -> list[MCItem]:
     """The multiple-choice items of a task (``flexmix_mini.<d>``, ``flexmix_mini.public``, or an
-    owner's task), built from the documents of its evaluation sample (``max_tokens`` / ``sample_seed``,
+    owner's task), built from the documents of its evaluation sample (``max_tokens`` / ``sample_seed`` /
+    ``max_doc_tokens``,
     :func:`flexmoe_jax.data.eval_sample.draw`; default the whole split). A mixture's items come from
     each source in turn, distractors from the same source's sampled documents.
 
@@ -184,15 +185,17 @@ def mc_items(data_dir, task: str, split: str = "test", n_items: int = DEFAULT_MC
     """
     d = str(Path(data_dir).resolve())
     return list(_mc_items_cached(d, sample_lib.stamp(d, task), task, split, n_items, n_choices, seed, max_tokens,
-                                 sample_seed))
+                                 sample_seed, max_doc_tokens))
 
 
 @functools.lru_cache(maxsize=64)
 def _mc_items_cached(data_dir: str, stamp, task: str, split: str, n_items: int, n_choices: int,
-                     seed: int, max_tokens: int | None, sample_seed: int) -> tuple[MCItem, ...]:
+                     seed: int, max_tokens: int | None, sample_seed: int,
+                     max_doc_tokens: int | None) -> tuple[MCItem, ...]:
     del stamp  # part of the cache key only
     domain = short_name(task)
-    texts = sample_lib.draw(data_dir, task, split, DEFAULT_SEQ_LEN, max_tokens, sample_seed).source_texts()
+    s = sample_lib.draw(data_dir, task, split, DEFAULT_SEQ_LEN, max_tokens, sample_seed, max_doc_tokens)
+    texts = s.source_texts()
     per_source = [build_mc_items(t, domain, config, n_items, n_choices, seed) for config, t in texts.items()]
     out = []
     for k in range(max((len(x) for x in per_source), default=0)):  # round robin over the sources

@@ -20,6 +20,7 @@ import numpy as np
 from flexmoe_jax.data import eval_sample as sample_lib
 from flexmoe_jax.errors import UserError
 from flexmoe_jax.evaluation import bootstrap
+from flexmoe_jax.evaluation.expert_use import ExpertUse, counts_routing
 from flexmoe_jax.evaluation.multiple_choice import DEFAULT_MC_CHOICES, DEFAULT_MC_ITEMS, mc_items, score_mc
 from flexmoe_jax.evaluation.scorers import Scorer
 from flexmoe_jax.evaluation.tasks import AVERAGE, DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, resolve_tasks, short_name
@@ -30,22 +31,26 @@ PER_DOC = ("doc_nll", "doc_bytes", "doc_source")  # per-document keys, kept out 
 
 def perplexity(scorer: Scorer, task: str, data_dir, split: str = "test", seq_len: int = DEFAULT_SEQ_LEN,
                batch_size: int = DEFAULT_BATCH_SIZE, progress: Callable[[], None] | None = None,
-               max_tokens: int | None = None, sample_seed: int = 0) -> dict:
+               max_tokens: int | None = None, sample_seed: int = 0, max_doc_tokens: int | None = None,
+               use: ExpertUse | None = None) -> dict:
     """Bits per byte, perplexity and NLL of a task's evaluation sample (:mod:`flexmoe_jax.data.eval_sample`:
-    whole documents drawn with ``sample_seed`` up to ``max_tokens`` tokens; default the whole split).
+    whole documents drawn with ``sample_seed`` up to ``max_tokens`` tokens, each cut to a window of
+    about ``max_doc_tokens``; default every token of the whole split).
 
     Returns ``{"nll", "ppl", "bpb", "bpb_ci", "tokens", "bytes", "docs", "sample", "doc_nll", "doc_bytes",
     "doc_source"}`` plus the bootstrap replicates under :data:`REPLICATES` (a numpy array, dropped by
     :func:`evaluate`): ``bpb_ci`` the 95% bootstrap interval over documents, ``sample`` its size and what
     it was drawn from, ``doc_*`` per sampled document (summed NLL in nats, bytes, source number), what
     paired comparisons between models need (:class:`flexmoe_jax.evaluation.bootstrap.Paired`).
+    ``use``: count the MoE ``scorer``'s routing of the sample into it, from the same forward passes.
     """
-    s = sample_lib.draw(data_dir, task, split, seq_len, max_tokens, sample_seed)
+    s = sample_lib.draw(data_dir, task, split, seq_len, max_tokens, sample_seed, max_doc_tokens)
     high = int(s.rows["decoder_target_tokens"].max(initial=0))
     if high >= scorer.vocab_size:
         raise UserError(f"{task} has token id {high} but {scorer.name}'s vocabulary has {scorer.vocab_size} "
                         "entries: evaluate with the data directory (tokenizer) the model was trained with")
-    doc_nll = sample_lib.score_docs(scorer.token_logprobs, s, batch_size, progress)
+    doc_nll = sample_lib.score_docs(scorer.token_logprobs if use is None else use.scoring(scorer), s, batch_size,
+                                    progress)
     tokens, n_bytes = int(s.doc_tokens.sum()), int(s.doc_bytes.sum())
     if tokens == 0:
         raise UserError(f"{task} split {split!r} has no tokens")
@@ -61,14 +66,17 @@ def perplexity(scorer: Scorer, task: str, data_dir, split: str = "test", seq_len
 def evaluate(scorer: Scorer, data_dir, tasks: Sequence[str] | None = None, split: str = "test",
              seq_len: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
              mc_items_per_domain: int = DEFAULT_MC_ITEMS, mc_choices: int = DEFAULT_MC_CHOICES,
-             seed: int = 0, progress: bool = True, max_tokens: int | None = None, sample_seed: int = 0) -> dict:
+             seed: int = 0, progress: bool = True, max_tokens: int | None = None, sample_seed: int = 0,
+             max_doc_tokens: int | None = None, routing_groups: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Per-domain perplexity / bits per byte and multiple-choice accuracy of one scorer.
 
     ``tasks``: domain names (``humor``, ``public``) or task names; default every closed domain
     built in ``data_dir`` plus ``public``. ``seq_len`` default: :data:`DEFAULT_SEQ_LEN` capped at
-    the model's ``max_seq_len``. ``max_tokens`` / ``sample_seed``: each domain's evaluation sample
+    the model's ``max_seq_len``. ``max_tokens`` / ``sample_seed`` / ``max_doc_tokens``: each domain's evaluation sample
     (see :func:`perplexity`; the multiple-choice items come from the same documents).
-    ``mc_items_per_domain=0`` skips the multiple-choice suite.
+    ``mc_items_per_domain=0`` skips the multiple-choice suite. An MoE scorer's metrics include
+    ``"routing"`` (:class:`flexmoe_jax.evaluation.expert_use.ExpertUse`: which experts each domain's tokens
+    reached, counted in the same forward passes; ``routing_groups`` {domain: expert names} adds ``group``).
     Returns ``{domain: metrics, ..., "average": metrics over the closed domains}`` (JSON-ready).
     """
     from tqdm.auto import tqdm
@@ -93,10 +101,15 @@ def evaluate(scorer: Scorer, data_dir, tasks: Sequence[str] | None = None, split
         for task in task_names:
             dom = short_name(task)
             bar.set_postfix_str(dom)
+            use = (ExpertUse(scorer.config.names, dom, (routing_groups or {}).get(dom, ()))
+                   if counts_routing(scorer) else None)
             r = perplexity(scorer, task, data_dir, split, seq_len, batch_size, progress=bar.update,
-                           max_tokens=max_tokens, sample_seed=sample_seed)
+                           max_tokens=max_tokens, sample_seed=sample_seed, max_doc_tokens=max_doc_tokens, use=use)
+            if use is not None:
+                r["routing"] = use.result()
             if mc_items_per_domain > 0:
-                items = mc_items(data_dir, task, split, mc_items_per_domain, mc_choices, seed, max_tokens, sample_seed)
+                items = mc_items(data_dir, task, split, mc_items_per_domain, mc_choices, seed, max_tokens, sample_seed,
+                                 max_doc_tokens)
                 r.update(score_mc(scorer, items, sp, seq_len, batch_size))
                 r["mc_choices"] = mc_choices
             r["seq_len"] = seq_len

@@ -138,8 +138,9 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
               json_out: str | os.PathLike | None = None, table_out: str | os.PathLike | None = None,
               plot_out: str | os.PathLike | None = None, update: bool = True, progress: bool = True,
               log: Callable[[str], None] | None = print, max_tokens: int | None = None,
-              sample_seed: int = 0, routing: str | None = None,
-              routing_stats: Mapping | None = None, score: Mapping | None = None) -> dict[str, dict]:
+              sample_seed: int = 0, max_doc_tokens: int | None = None, routing: str | None = None,
+              routing_stats: Mapping | None = None, score: Mapping | None = None,
+              routing_groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict]:
     """What ``flexmoe eval`` runs: evaluate models, write JSON / markdown / PNG, print the table.
 
     ``models``: one checkpoint path (plain or merged checkpoint, or a run directory), a list of
@@ -148,9 +149,10 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
     apply to every path (opt-in/opt-out at load, ``loading.load``); ``names`` name the paths
     (default :func:`default_name`, e.g. ``merged_minus_code``). With ``update`` an existing
     ``json_out`` keeps its other models' results (the demo adds models one call at a time);
-    the table and plot then show every model in the file. ``max_tokens`` / ``sample_seed``: each
+    the table and plot then show every model in the file. ``max_tokens`` / ``sample_seed`` / ``max_doc_tokens``: each
     domain's evaluation sample (:func:`perplexity`). ``routing`` / ``routing_stats`` / ``score``: the
-    routing mode and router scores of every model loaded here (:class:`ModelScorer`). The per-document scores stay out
+    routing mode and router scores of every model loaded here (:class:`ModelScorer`); ``routing_groups``: see
+    :func:`evaluate`. The per-document scores stay out
     of ``json_out``;
     they go to :func:`docs_path` of it (what paired bootstrap comparisons read). Returns
     ``{name: results}`` of this call, per-document scores included.
@@ -190,7 +192,8 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
             scorer = ModelScorer.from_checkpoint(m, include=include, exclude=exclude, top_k=top_k, name=name,
                                                  routing=routing, routing_stats=routing_stats, score=score)
         new[name] = evaluate(scorer, data_dir, task_names, split, seq_len, batch_size, mc_items_per_domain,
-                             mc_choices, progress=progress, max_tokens=max_tokens, sample_seed=sample_seed)
+                             mc_choices, progress=progress, max_tokens=max_tokens, sample_seed=sample_seed,
+                             max_doc_tokens=max_doc_tokens, routing_groups=routing_groups)
     everything = {**prior, **{n: strip_per_doc(r) for n, r in new.items()}}
     if json_out is not None:
         docs_file = docs_path(json_out)

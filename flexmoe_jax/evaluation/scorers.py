@@ -46,12 +46,16 @@ class Scorer:
         return np.asarray(jax.device_get(self.logprobs(batch)), np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _model_logprobs(config: ModelConfig, params, inputs, targets, positions, segment_ids, route_bias=None):
-    logits, _ = model.apply(config, params, inputs, positions, segment_ids, route_bias=route_bias)
+@functools.partial(jax.jit, static_argnames=("config", "selection"))
+def _model_logprobs(config: ModelConfig, params, inputs, targets, positions, segment_ids, route_bias=None,
+                    selection: bool = False):
+    """[B, S] log-probs of the targets; with ``selection`` also [L, B, S, E] bool: which experts each
+    token reached in each layer (nonzero gate), from the same forward pass."""
+    logits, aux = model.apply(config, params, inputs, positions, segment_ids, route_bias=route_bias)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.where(segment_ids > 0, target_logit - lse, 0.0)
+    lp = jnp.where(segment_ids > 0, target_logit - lse, 0.0)
+    return (lp, aux["gates"] > 0) if selection else lp
 
 
 def _device_batch(batch: Batch) -> tuple[jax.Array, ...]:
@@ -95,12 +99,22 @@ class ModelScorer(Scorer):
                    routing_stats=routing_stats, score=score)
 
     def logprobs(self, batch: Batch) -> jax.Array:
+        return self._forward(batch, selection=False)
+
+    def logprobs_and_selection(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """:meth:`logprobs` and, from the same forward pass, [L, B, S, E] bool: the experts each token
+        reached in each layer (an MoE's routing statistics cost no second pass)."""
+        if not self.config.is_moe:
+            raise UserError(f"{self.name} is a dense model: it has no experts to route to")
+        return self._forward(batch, selection=True)
+
+    def _forward(self, batch: Batch, selection: bool):
         inputs, targets, positions, segs = _device_batch(batch)
         if inputs.shape[1] > self.max_seq_len:
             raise UserError(f"rows of {inputs.shape[1]} tokens exceed {self.name}'s max_seq_len="
                             f"{self.max_seq_len}; evaluate with a smaller seq_len")
         bias = None if self.router is None else self.router.bias(inputs, positions, segs)
-        return _model_logprobs(self.config, self.params, inputs, targets, positions, segs, bias)
+        return _model_logprobs(self.config, self.params, inputs, targets, positions, segs, bias, selection)
 
 
 def _batch_key(batch: Batch) -> bytes:
