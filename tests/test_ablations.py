@@ -41,3 +41,27 @@ def test_summary_measures_and_table(tmp_path):
 def test_needs_a_finished_demo(tmp_path):
     with pytest.raises(ValueError, match="flexmoe demo"):
         ablations.run(tmp_path)
+
+
+def test_anchor_strength_measures_and_table():
+    from flexmoe_jax.demo import anchor_strength
+
+    res = {"public": _res({"code": 4.0, "math": 3.0, "public": 2.0}),
+           "expert_code": _res({"code": 3.5, "public": 2.2}), "dense_code": _res({"code": 3.0, "public": 3.0}),
+           "expert_math": _res({"math": 2.0, "public": 2.4}), "dense_math": _res({"math": 1.0, "public": 3.4})}
+    m = anchor_strength.measures(res, ["code", "math"])
+    assert m["per_domain"]["code"]["expert_share_of_dense_gain"] == pytest.approx(0.5)
+    assert m["per_domain"]["math"]["expert_share_of_dense_gain"] == pytest.approx(0.5)
+    # public 3.5 on average, expert oracle 2.75, dense oracle 2.0: 0.75 of 1.5
+    assert (m["expert_oracle"], m["dense_oracle"]) == (pytest.approx(2.75), pytest.approx(2.0))
+    assert m["expert_share_of_dense_gain"] == pytest.approx(0.5)
+    assert (m["experts_on_public"], m["dense_on_public"]) == (pytest.approx(2.3), pytest.approx(3.2))
+    md = anchor_strength.table({"domains": ["code", "math"], "rows": {"200": m}})
+    assert "| 200 | 2.0000 / 3.5000 | 2.7500 | 2.0000 | 50% | 50%, 50% | 2.3000 / 3.2000 |" in md
+
+
+def test_anchor_strength_needs_a_finished_demo(tmp_path):
+    from flexmoe_jax.demo import anchor_strength
+
+    with pytest.raises(ValueError, match="flexmoe demo"):
+        anchor_strength.run(tmp_path, [800])

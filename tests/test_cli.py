@@ -88,3 +88,18 @@ def test_commands_mute_tensorflow_start_up_lines():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[0].startswith("3 ")
     assert r.stderr.strip() == "after", r.stderr  # stderr works again, and carried nothing else
+
+
+def test_demo_ablation_and_sweep_flags_need_a_finished_demo(tmp_path, capsys):
+    # Each part of the ablations, and the anchor sweep, works on a finished demo; on an empty work
+    # directory each fails with one line that says to run the demo first.
+    args = cli.build_parser().parse_args(["demo", "--workdir", str(tmp_path), "--ablations", "knobs"])
+    assert args.ablations == ["knobs"] and args.anchor_sweep is None
+    assert cli.build_parser().parse_args(["demo", "--ablations"]).ablations == []  # bare: every part
+    assert cli.main(["demo", "--workdir", str(tmp_path), "--anchor_sweep", "0"]) == 2
+    assert "positive step counts" in capsys.readouterr().err
+    from flexmoe_jax.demo import ablations, anchor_strength
+
+    for fn in (lambda: ablations.main(tmp_path, parts=("knobs",)), lambda: anchor_strength.main(tmp_path, [400])):
+        with pytest.raises(ValueError, match="run `flexmoe demo` there first"):
+            fn()

@@ -10,6 +10,8 @@ def _cmd_demo(args) -> None:
 
     if args.parallel < 1:
         raise CommandError(f"--parallel must be at least 1, got {args.parallel}")
+    if args.anchor_sweep and min(args.anchor_sweep) < 1:
+        raise CommandError(f"--anchor_sweep takes positive step counts, got {args.anchor_sweep}")
     demo.main(args)
 
 
@@ -26,9 +28,16 @@ def add_parsers(sub) -> None:
                    help="where data, checkpoints and results go (default: %(default)s)")
     d.add_argument("--parallel", type=int, default=2,
                    help="owners' expert trainings run at once (default: %(default)s)")
-    d.add_argument("--ablations", action="store_true",
-                   help="then the routing ablations (flexmoe_jax.demo.ablations): router inits, bias, routing modes, "
-                        "each measured as the demo is; WORKDIR/results/ablations.{md,json,png}")
+    d.add_argument("--ablations", nargs="*", choices=("routing", "knobs"), default=None,
+                   help="then the ablations (flexmoe_jax.demo.ablations), each measured as the demo is: "
+                        "'routing' (router inits and biases, each a new set of owners' experts, x routing modes), "
+                        "'knobs' (the demo's experts merged without biases; its merged model at top-1/3, "
+                        "bias-calibrated on public text, router-tuned on public proxy data); no value: both; "
+                        "WORKDIR/results/ablations.{md,json,png}")
+    d.add_argument("--anchor_sweep", type=int, nargs="+", default=None, metavar="STEPS",
+                   help="then, for public models pretrained this many steps, train every owner's expert and dense "
+                        "expert again and measure how far FlexOlmo's experts get towards dense ones "
+                        "(flexmoe_jax.demo.anchor_strength); WORKDIR/results/anchor_strength.{md,json}")
     d.add_argument("--checks", action="store_true",
                    help="instead: a one-minute check of the core (dispatch paths, opt-out, checkpoint and HF round "
                         "trips) on a random model, no data needed")

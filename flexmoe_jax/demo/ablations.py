@@ -51,16 +51,22 @@ SCORED_ROWS = [("", True, ("top_k", "public_plus", "document_public_plus"))]
 GROUPS = {"code": ("code", "techdocs"), "techdocs": ("code", "techdocs")}
 # Router knobs on the demo's own merged model, top-k routing: row suffix -> how the model is made.
 KNOBS = ("top1", "top3", "calibrated", "calibrated_q90", "router_tuned")
+PARTS = ("routing", "knobs")  # what `flexmoe demo --ablations [PART ...]` runs
 
 
-def knob_models(w: Workdir, merged: Path) -> dict[str, dict]:
-    """The router-knob rows: the merged model at top-1 / top-3, its biases calibrated on public text
-    (mean margin, or the 0.9 quantile), its router tuned on public proxy data."""
+def knob_models(w: Workdir, anchor: Path, domains: list[str]) -> dict[str, dict]:
+    """The router-knob rows, all top-k routed: the demo's experts merged without their biases (the
+    reference's merge); the demo's merged model at top-1 / top-3, its biases calibrated on public
+    text (mean margin, or the 0.9 quantile), its router tuned on public proxy data."""
+    merged = w.root / "merged"
+    nobias = merge_experts(w, anchor, {d: w.expert(d) for d in domains}, keep_bias=False)
     specs = {"top1": {"model": merged, "top_k": 1}, "top3": {"model": merged, "top_k": 3},
              "calibrated": {"model": calibrate(w, merged)},
              "calibrated_q90": {"model": calibrate(w, merged, quantile=0.9)},
              "router_tuned": {"model": tune_router(w, merged)}}
-    return {f"{row_name('', True, 'top_k')}/{k}": {**specs[k], "routing": "top_k"} for k in KNOBS}
+    base = row_name("", True, "top_k")
+    return {row_name("", False, "top_k"): {"model": nobias, "routing": "top_k"},
+            **{f"{base}/{k}": {**specs[k], "routing": "top_k"} for k in KNOBS}}
 
 
 def row_name(expert_set: str, keep_bias: bool, mode: str, score: dict | None = None) -> str:
@@ -108,7 +114,7 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=
                     spec["routing_stats"] = scoring.routing_stats(w, {d: trained[d, v] for d in domains})
     if knobs:
         with Phase(w, "ablation_knobs"):
-            models.update(knob_models(w, w.root / "merged"))
+            models.update(knob_models(w, anchor, domains))
     with Phase(w, "ablation_eval"):
         results = scoring.evaluate_all(w, models, json_name="ablations_results.json", groups=GROUPS)
     with Phase(w, "ablation_routing"):
@@ -222,8 +228,11 @@ def write(results_dir: Path, summary: dict) -> None:
     plot(summary, results_dir / "ablations.png")
 
 
-def main(workdir, quick: bool = False, parallel: int = 2) -> None:
+def main(workdir, quick: bool = False, parallel: int = 2, parts: tuple[str, ...] = PARTS) -> None:
+    """``flexmoe demo --ablations [PART ...]``: the routing rows (new expert sets), the router knobs, or both."""
     t0 = time.perf_counter()
-    summary = run(workdir, quick=quick, parallel=parallel)
+    routing = "routing" in parts
+    summary = run(workdir, quick=quick, parallel=parallel, rows=ROWS if routing else [],
+                  scored_rows=SCORED_ROWS if routing else [], knobs="knobs" in parts)
     print(table(summary))
     print(f"ablations: {time.perf_counter() - t0:.0f} s; results in {Path(workdir) / RESULTS}/ablations.*")

@@ -8,7 +8,8 @@ from flexmoe_jax.errors import UserError
 
 
 def main(args) -> None:
-    """Run ``args`` (``workdir``, ``quick``, ``parallel``, ``checks``, ``ablations``); DemoError -> UserError."""
+    """Run ``args`` (``workdir``, ``quick``, ``parallel``, ``checks``, ``ablations``, ``anchor_sweep``);
+    DemoError -> UserError."""
     if args.checks:
         from flexmoe_jax.demo import checks
 
@@ -16,9 +17,15 @@ def main(args) -> None:
         return
     try:
         run(args.workdir, quick=args.quick, parallel=args.parallel)
-        if getattr(args, "ablations", False):
+        parts = getattr(args, "ablations", None)
+        if parts is not None:  # given with no value: every part
             from flexmoe_jax.demo import ablations
 
-            ablations.main(args.workdir, quick=args.quick, parallel=args.parallel)
+            ablations.main(args.workdir, quick=args.quick, parallel=args.parallel,
+                           parts=tuple(parts) or ablations.PARTS)
+        if getattr(args, "anchor_sweep", None):
+            from flexmoe_jax.demo import anchor_strength
+
+            anchor_strength.main(args.workdir, args.anchor_sweep, quick=args.quick, parallel=args.parallel)
     except DemoError as e:
         raise UserError(str(e)) from None
