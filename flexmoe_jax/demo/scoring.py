@@ -90,7 +90,8 @@ def routing_all(w: Workdir, models: dict[str, dict], json_name: str = "routing.j
                                       max_doc_tokens=w.plan.eval_doc_tokens,
                                       mode=spec.get("routing"), routing_stats=stats,
                                       groups=groups, score=spec.get("score"))
-        storage.write_json(f, done, sort_keys=False)
+        storage.write_json(f, done, sort_keys=False)  # (each slow count kept as soon as it is made)
+    storage.write_json(f, done, sort_keys=False)
     return done
 
 
