@@ -36,6 +36,8 @@ setup(
         # metrics: TensorBoard event files through clu
         "clu==0.0.12",
         "tensorboard==2.21.0",
+        # privacy accounting of the published routing stats (flexmoe_jax.private_stats)
+        "dp-accounting==0.6.0",
     ],
     extras_require={
         # The embed pins are in "test" too so CI runs router_init='minilm' (~94 MB download beyond "hf").

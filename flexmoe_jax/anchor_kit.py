@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flexmoe_jax import checkpoint, expert, loading, router_init, routing, storage
+from flexmoe_jax import checkpoint, expert, loading, private_stats, router_init, routing, storage
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 
@@ -102,7 +102,9 @@ def build(anchor: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
         row = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (L, d)) * config.init_std, np.float32)
     else:
         row = np.zeros((L, d), np.float32)
-    stats = routing.fit(data_dir, public_task, routing.PUBLIC, seq_len=seq_len, vocab_size=config.vocab_size)
+    # Public data, released through the owners' mechanism so every expert's model is estimated alike.
+    stats = private_stats.fit(data_dir, public_task, routing.PUBLIC, seq_len=seq_len, vocab_size=config.vocab_size,
+                              seed=seed)
 
     with checkpoint.writing(out, kind=KIND) as tmp:
         _link_tree(checkpoint.directory(anchor), tmp / "model")

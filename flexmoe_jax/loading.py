@@ -55,6 +55,30 @@ def read_manifest(path: str | os.PathLike) -> dict:
                               "damaged") from None
 
 
+def disclosures(path: str | os.PathLike) -> list[str]:
+    """Warnings about what a merged model's manifest gives away of owners' data: routing stats
+    released without a DP mechanism (exact counts: a membership oracle for the owner's strings) and
+    the owner-side paths / counts older merges recorded. ``[]`` for any other checkpoint."""
+    d = checkpoint.directory(path)
+    if checkpoint.kind(d) != checkpoint.MERGED_KIND:
+        return []
+    out = []
+    for e in read_manifest(d)["experts"]:
+        rs = e.get("routing_stats")
+        if not rs or e.get("name") == "public":
+            continue
+        if (rs.get("release") or {}).get("mechanism", "exact") == "exact":
+            out.append(f"expert {e['name']!r} carries EXACT routing stats ({rs['file']}): anyone holding this model "
+                       "can tell which strings (names, addresses, identifiers) its owner's data holds; re-merge "
+                       "with privately released stats (flexmoe routing-stats, docs/privacy.md)")
+        leaked = sorted(k for k in ("copied_from", "tokens") if k in rs)
+        if leaked or {"documents", "tokens"} & set(rs.get("source") or {}):
+            out.append(f"expert {e['name']!r}: the manifest records owner-side details of its routing stats "
+                       f"({', '.join(leaked + sorted({'documents', 'tokens'} & set(rs.get('source') or {})))}); "
+                       "re-merge with this version, which records none")
+    return out
+
+
 def read_routing_stats(path: str | os.PathLike, names: Sequence[str]) -> dict:
     """The routing stats a merged model carries for the experts ``names`` (those it has), each checked
     against its sha256; ``{}`` for any other checkpoint."""

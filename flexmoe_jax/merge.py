@@ -19,6 +19,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -376,5 +377,11 @@ def _copy_stats(src: tuple[Path, set | None], name: str, tmp: Path, config: Mode
                          f"the anchor's vocabulary ({config.vocab_size}): count with the anchor's tokenizer")
     rel = f"{STATS_DIR}/{name}.npz"
     dataclasses.replace(stats, name=name).save(tmp / rel)
-    return {"file": rel, "sha256": hashlib.sha256((tmp / rel).read_bytes()).hexdigest(), "tokens": stats.tokens,
-            "source": stats.source, "copied_from": str(path)}
+    if stats.exact and name != routing.PUBLIC:
+        warnings.warn(f"merging EXACT routing stats of {name!r} ({path}): anyone holding the merged model can tell "
+                      "which strings its data holds; release them privately (flexmoe routing-stats) instead",
+                      stacklevel=2)
+    # What was counted and how it was released; no owner path, no document or token counts.
+    return {"file": rel, "sha256": hashlib.sha256((tmp / rel).read_bytes()).hexdigest(),
+            "source": {k: stats.source.get(k) for k in ("task", "split", "vocab_size")},
+            "release": stats.release or {"mechanism": "exact"}}

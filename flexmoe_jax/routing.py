@@ -2,9 +2,14 @@
 
 ``top_k`` (the reference), ``public_plus``, ``document_top_k`` / ``document_public_plus`` (router
 logits averaged over the document so far) are ``ModelConfig.routing`` values; ``domain`` routes each
-token to {public, d} where d is the expert whose smoothed bigram model of its own data (:class:`Stats`,
-aggregate counts, never text) best explains the document so far, or to the public expert alone.
-Opting an expert out removes its counts and nothing else. Why it composes: docs/routing.md.
+token to {public, d} where d is the expert whose smoothed bigram model of its own data (:class:`Stats`)
+best explains the document so far, or to the public expert alone. Opting an expert out removes its
+stats and nothing else. Why it composes: docs/routing.md.
+
+What a :class:`Stats` discloses: :func:`fit` counts exactly, and an exact pair table is a membership
+oracle for every string in the data (docs/privacy.md, measured). What owners publish is the
+differentially private release of :mod:`flexmoe_jax.private_stats` (noisy unigram counts and a hashed
+pair sketch, with (epsilon, delta) per document in ``Stats.release``); exact stats only on request.
 """
 
 from __future__ import annotations
@@ -28,25 +33,36 @@ STATS_FILE = "routing_stats.npz"  # what `flexmoe train-expert` writes next to i
 PUBLIC = "public"
 ALPHA = 0.5  # add-half (Jeffreys) smoothing of the unigram counts
 MU = 10.0  # Dirichlet prior strength of the bigram model on its unigram model (fixed, not tuned)
-HASH_BITS = 20  # the device table holds bigram counts in 2^20 hashed buckets per expert
+HASH_BITS = 20  # exact pair counts are hashed into 2^20 buckets per expert on the device
 _OFF = -1e9  # router-logit bias of an expert a token may not use: softmax weight exactly 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
-    """Token counts of one expert's data: ``counts[v]`` is how often token id ``v`` occurs (EOS
-    included, padding not). ``source``: what was counted (JSON-ready)."""
+    """Token statistics of one expert's data: ``counts[v]``, how often token id ``v`` occurs (EOS
+    included, padding not); exact integers, or a private release's noisy non-negative estimates.
+    ``source``: what was counted (JSON-ready). ``release``: None for exact counts, else how they were
+    released (:mod:`flexmoe_jax.private_stats`: mechanism, epsilon, delta, unit, noise)."""
 
     name: str
     counts: np.ndarray
     source: dict
-    # Bigram counts (optional): sorted pair ids ``prev * V + cur`` of consecutive tokens and their counts.
+    # Exact bigram counts (optional): sorted pair ids ``prev * V + cur`` of consecutive tokens, their counts.
     pairs: np.ndarray | None = None
     pair_counts: np.ndarray | None = None
+    # A private release's bigram sketch: [2^k] noisy pair counts, pair (prev, cur) in _pair_hash's bucket.
+    sketch: np.ndarray | None = None
+    release: dict | None = None
 
     @property
-    def tokens(self) -> int:
-        return int(self.counts.sum())
+    def exact(self) -> bool:
+        """True when these are exact counts (they disclose the data's strings: docs/privacy.md)."""
+        return self.release is None
+
+    @property
+    def tokens(self) -> float:
+        """Tokens counted (exact stats) or their noisy estimate (a release)."""
+        return int(self.counts.sum()) if self.exact else float(self.counts.sum())
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (a ``.npz``) atomically: a crash leaves the previous file or none."""
@@ -56,9 +72,11 @@ class Stats:
         with open(tmp, "wb") as f:
             extra = {} if self.pairs is None else {"pairs": self.pairs.astype(np.int64),
                                                    "pair_counts": self.pair_counts.astype(np.int64)}
-            np.savez(f, counts=self.counts.astype(np.int64),
-                     meta=np.frombuffer(json.dumps({"name": self.name, "source": self.source}).encode(), np.uint8),
-                     **extra)
+            if self.sketch is not None:
+                extra["sketch"] = self.sketch.astype(np.float32)
+            meta = {"name": self.name, "source": self.source, "release": self.release}
+            np.savez(f, counts=self.counts.astype(np.int64 if self.exact else np.float32),
+                     meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **extra)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,18 +90,35 @@ class Stats:
                 counts = z["counts"]
                 pairs = z["pairs"] if "pairs" in z.files else None
                 pair_counts = z["pair_counts"] if "pair_counts" in z.files else None
+                sketch = z["sketch"] if "sketch" in z.files else None
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"{path} is not a routing-stats file ({e}); write one with `flexmoe routing-stats`") from e
         if counts.ndim != 1 or (counts < 0).any():
             raise UserError(f"{path}: counts must be a non-negative vector, got shape {counts.shape}")
-        return cls(meta["name"], counts, meta["source"], pairs, pair_counts)
+        release = meta.get("release")
+        if sketch is not None and (release is None or sketch.ndim != 1 or sketch.size & (sketch.size - 1)):
+            raise UserError(f"{path}: a bigram sketch needs its release record and a power-of-two size, "
+                            f"got {sketch.shape}; rewrite it with `flexmoe routing-stats`")
+        return cls(meta["name"], counts, meta["source"], pairs, pair_counts, sketch, release)
 
 
-def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train", seq_len: int = 128,
-        max_tokens: int | None = None, vocab_size: int | None = None) -> Stats:
-    """Count the tokens of ``task``'s ``split`` in ``data_dir`` (every document, or a seeded sample of
-    about ``max_tokens``), as the model reads them (packed like training, EOS included).
-    ``vocab_size``: default the data directory's tokenizer's."""
+class Counted(NamedTuple):
+    """The tokens of a split as the model reads them: per target token its id, the token before it
+    (0: none, a segment start) and its document; ``source``: what was counted (JSON-ready)."""
+
+    ids: np.ndarray
+    prev: np.ndarray
+    doc: np.ndarray
+    num_docs: int
+    vocab_size: int
+    source: dict
+
+
+def count(data_dir: str | os.PathLike, task: str, split: str = "train", seq_len: int = 128,
+          max_tokens: int | None = None, vocab_size: int | None = None) -> Counted:
+    """The tokens of ``task``'s ``split`` in ``data_dir`` (every document, or a seeded sample of about
+    ``max_tokens``), packed like training, EOS included. ``vocab_size``: default the data directory's
+    tokenizer's."""
     from flexmoe_jax import data
     from flexmoe_jax.data import eval_sample as sample_lib
 
@@ -94,22 +129,43 @@ def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train",
     real = s.rows["decoder_loss_weights"] > 0
     ids = s.rows["decoder_target_tokens"][real]
     prev = s.rows["decoder_input_tokens"][real]
+    doc = s.doc_of[real]
     if ids.size == 0:
         raise UserError(f"{task} split {split!r} in {data_dir} has no tokens to count")
     if int(ids.max()) >= vocab_size:
         raise UserError(f"{task} has token id {int(ids.max())} but the model's vocabulary has {vocab_size} "
                         "entries: count with the data directory (tokenizer) the model was trained with")
     card = Path(data_dir) / "card.json"
-    source = {"task": task, "split": split, "documents": s.num_docs, "tokens": int(ids.size),
+    source = {"task": task, "split": split, "vocab_size": vocab_size,
               "data_card_sha256": hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None}
-    pairs, pair_counts = np.unique(prev[prev > 0].astype(np.int64) * vocab_size + ids[prev > 0], return_counts=True)
-    return Stats(name, np.bincount(ids, minlength=vocab_size).astype(np.int64), {**source, "vocab_size": vocab_size},
-                 pairs, pair_counts.astype(np.int64))
+    return Counted(ids, prev, doc, s.num_docs, vocab_size, source)
 
 
-def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int, alpha: float = ALPHA) -> np.ndarray:
+def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train", seq_len: int = 128,
+        max_tokens: int | None = None, vocab_size: int | None = None) -> Stats:
+    """The **exact** unigram and pair counts of :func:`count`'s tokens. They disclose the data (a pair
+    table answers membership of any string in it): publish :func:`flexmoe_jax.private_stats.fit`'s
+    release instead; exact counts are for public data and for audits."""
+    c = count(data_dir, task, split, seq_len, max_tokens, vocab_size)
+    ids, prev, V = c.ids, c.prev, c.vocab_size
+    pairs, pair_counts = np.unique(prev[prev > 0].astype(np.int64) * V + ids[prev > 0], return_counts=True)
+    source = {**c.source, "documents": c.num_docs, "tokens": int(ids.size)}
+    return Stats(name, np.bincount(ids, minlength=V).astype(np.int64), source, pairs, pair_counts.astype(np.int64))
+
+
+def smoothing(stats: Stats) -> tuple[float, float]:
+    """(unigram add-alpha, bigram Dirichlet mu) of an expert's models, in its counts' units: exact counts
+    ALPHA and MU tokens; a private release one noise std for both (an entry below it is mostly noise)."""
+    if stats.exact:
+        return ALPHA, MU
+    s = float(stats.release["noise_std"])
+    return s, s
+
+
+def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int, alpha: float | None = None) -> np.ndarray:
     """[E, V] float32: each named expert's smoothed unigram log-probabilities, in ``names`` order, over
-    the model's ``vocab_size`` ids (ids past a tokenizer's own vocabulary were counted 0 times)."""
+    the model's ``vocab_size`` ids (ids past a tokenizer's own vocabulary were counted 0 times).
+    ``alpha`` None: each expert's :func:`smoothing`."""
     missing = [n for n in names if n not in stats]
     if missing:
         raise UserError(f"domain routing needs routing stats for every active expert; missing {missing} "
@@ -120,36 +176,39 @@ def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int,
                         f"the model's {vocab_size}: count every expert's data with the anchor's tokenizer")
     c = np.zeros((len(names), vocab_size))
     c[:, : max(sizes.values())] = np.stack([stats[n].counts for n in names])
-    c += alpha
+    c += np.array([[smoothing(stats[n])[0] if alpha is None else alpha] for n in names])
     return np.log(c / c.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class Tables(NamedTuple):
     """A domain router's models on the device: ``uni`` [E, V] smoothed unigram log-probs; with bigrams
-    also ``counts`` [E, V] unigram counts and ``bigrams`` [E, 2^HASH_BITS] hashed pair counts."""
+    also ``counts`` [E, V] unigram counts, ``bigrams`` [E, 2^k] hashed pair counts and ``mu`` [E] each
+    expert's Dirichlet prior strength."""
 
     uni: jax.Array
     counts: jax.Array | None = None
     bigrams: jax.Array | None = None
+    mu: jax.Array | None = None
 
 
-def _pair_hash(prev, cur, vocab_size: int, xp=jnp):
-    """Bucket of the pair (prev, cur), the same in numpy (``xp=np``) and on the device."""
+def _pair_hash(prev, cur, vocab_size: int, xp=jnp, bits: int = HASH_BITS):
+    """Bucket (of ``2^bits``) of the pair (prev, cur), the same in numpy (``xp=np``) and on the device."""
     if xp is np:
         ids = (prev.astype(np.uint64) * vocab_size + cur.astype(np.uint64)) & 0xFFFFFFFF
-        return (((ids * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - HASH_BITS)).astype(np.int64)
+        return (((ids * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - bits)).astype(np.int64)
     ids = prev.astype(jnp.uint32) * jnp.uint32(vocab_size) + cur.astype(jnp.uint32)  # wraps mod 2^32
-    return ((ids * jnp.uint32(0x9E3779B1)) >> (32 - HASH_BITS)).astype(jnp.int32)
+    return ((ids * jnp.uint32(0x9E3779B1)) >> (32 - bits)).astype(jnp.int32)
 
 
 def token_ll(tables: Tables, prev: jax.Array, cur: jax.Array) -> jax.Array:
     """[..., E] each expert's log-probability of token ``cur`` after ``prev`` (0: none, the unigram model).
-    Bigrams: ``(c(prev, cur) + MU p(cur)) / (c(prev) + MU)``, Dirichlet-smoothed on the unigram model."""
+    Bigrams: ``(c(prev, cur) + mu p(cur)) / (c(prev) + mu)``, Dirichlet-smoothed on the unigram model."""
     uni = tables.uni.T[cur]
     if tables.bigrams is None:
         return uni
-    c = jnp.take(tables.bigrams, _pair_hash(prev, cur, tables.uni.shape[1]), axis=1)  # [E, ...]
-    bi = jnp.log(jnp.moveaxis(c, 0, -1) + MU * jnp.exp(uni)) - jnp.log(tables.counts.T[prev] + MU)
+    bits = tables.bigrams.shape[1].bit_length() - 1
+    c = jnp.take(tables.bigrams, _pair_hash(prev, cur, tables.uni.shape[1], bits=bits), axis=1)  # [E, ...]
+    bi = jnp.log(jnp.moveaxis(c, 0, -1) + tables.mu * jnp.exp(uni)) - jnp.log(tables.counts.T[prev] + tables.mu)
     return jnp.where((prev > 0)[..., None], bi, uni)
 
 
@@ -186,21 +245,33 @@ class DomainRouter:
     names: tuple[str, ...]
 
     @classmethod
-    def build(cls, stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int,
-              alpha: float = ALPHA) -> "DomainRouter":
-        """Bigram models when every expert's stats have pairs counted with this vocabulary, else unigram."""
+    def build(cls, stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int) -> "DomainRouter":
+        """Bigram models when every expert's stats have pairs (exact, or a private sketch) counted with
+        this vocabulary, else unigram. Exact pairs are hashed into the sketches' buckets when any
+        expert brings a sketch (else 2^HASH_BITS)."""
         if PUBLIC not in names:
             raise UserError(f"domain routing needs the {PUBLIC!r} expert active; this model has {list(names)}")
-        uni = log_probs(stats, names, vocab_size, alpha)
+        uni = log_probs(stats, names, vocab_size)
         tables = Tables(jnp.asarray(uni))
-        if all(stats[n].pairs is not None and stats[n].source.get("vocab_size") == vocab_size for n in names):
+        sketches = {stats[n].sketch.size for n in names if stats[n].sketch is not None}
+        if len(sketches) > 1:
+            raise UserError(f"routing stats of {list(names)} have pair sketches of different sizes {sorted(sketches)}: "
+                            "release every expert's with the same sketch size")
+        if all((stats[n].pairs is not None or stats[n].sketch is not None)
+               and stats[n].source.get("vocab_size") == vocab_size for n in names):
+            size = sketches.pop() if sketches else 1 << HASH_BITS
             counts = np.zeros((len(names), vocab_size), np.float32)
-            bigrams = np.zeros((len(names), 1 << HASH_BITS), np.float32)
+            bigrams = np.zeros((len(names), size), np.float32)
             for e, n in enumerate(names):
                 counts[e, : stats[n].counts.shape[0]] = stats[n].counts
+                if stats[n].sketch is not None:
+                    bigrams[e] = stats[n].sketch
+                    continue
                 prev, cur = np.divmod(stats[n].pairs, vocab_size)
-                np.add.at(bigrams[e], _pair_hash(prev, cur, vocab_size, np), stats[n].pair_counts)
-            tables = Tables(tables.uni, jnp.asarray(counts), jnp.asarray(bigrams))
+                np.add.at(bigrams[e], _pair_hash(prev, cur, vocab_size, np, size.bit_length() - 1),
+                          stats[n].pair_counts)
+            mu = np.array([smoothing(stats[n])[1] for n in names], np.float32)
+            tables = Tables(tables.uni, jnp.asarray(counts), jnp.asarray(bigrams), jnp.asarray(mu))
         return cls(tables, list(names).index(PUBLIC), tuple(names))
 
     @property

@@ -147,7 +147,8 @@ def test_stats_file_round_trip_and_clear_errors(tmp_path, merged):
 
 @pytest.mark.slow
 def test_routing_stats_and_domain_eval_from_the_command_line(small_data_dir, tmp_path):
-    """An owner counts its own data, the builder the public data; eval routes by them."""
+    """An owner releases its stats privately by default (exact only on request, with a warning), the
+    builder the public data's; eval routes by them."""
     from flexmoe_jax import checkpoint, data
 
     cli = [sys.executable, "-m", "flexmoe_jax.cli"]
@@ -157,10 +158,17 @@ def test_routing_stats_and_domain_eval_from_the_command_line(small_data_dir, tmp
         r = subprocess.run(cli + ["routing-stats", "--data_dir", small_data_dir, "--task", task, "--out", str(out)],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert f"{name}: " in r.stdout and out.exists()
+        assert f"routing stats of {name} " in r.stdout and "(1, 1e-06)-DP per document" in r.stdout and out.exists()
         files.append(str(out))
-    counted = routing.Stats.load(files[0])
-    assert counted.tokens == counted.source["tokens"] > 0 and counted.source["split"] == "train"
+    released = routing.Stats.load(files[0])
+    assert not released.exact and released.pairs is None and released.sketch.size == 1 << 18
+    assert released.release["epsilon"] == 1.0 and released.release["unit"] == "document"
+    assert released.source == {"task": "flexmix_mini.humor", "split": "train", "vocab_size": released.counts.size}
+    r = subprocess.run(cli + ["routing-stats", "--data_dir", small_data_dir, "--task", "flexmix_mini.humor",
+                              "--exact_routing_stats", "--out", str(tmp_path / "exact.npz")], capture_output=True, text=True)
+    assert r.returncode == 0 and "WARNING" in r.stderr and "EXACT counts" in r.stderr
+    counted = routing.Stats.load(tmp_path / "exact.npz")
+    assert counted.exact and counted.tokens == counted.source["tokens"] > 0 and counted.source["split"] == "train"
     vocab = data.vocabulary(small_data_dir).vocab_size
     config = tiny(vocab_size=vocab, num_experts=2, top_k=2, expert_names=("public", "humor"), n_layers=2)
     ckpt = tmp_path / "m"

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def _cmd_compile_check(args) -> int:
     from flexmoe_jax import compile_check
@@ -13,7 +15,23 @@ def _cmd_compile_check(args) -> int:
 def _cmd_verify(args) -> int:
     from flexmoe_jax import verify
 
-    return verify.main(args.ckpt)
+    status = verify.main(args.ckpt)
+    for p in args.ckpt:
+        _warn_disclosures(p)
+    return status
+
+
+def _warn_disclosures(path) -> None:
+    """Print to stderr what a merged model gives away of its owners' data (loading.disclosures)."""
+    from flexmoe_jax import loading
+    from flexmoe_jax.checkpoint import CheckpointError
+
+    try:
+        lines = loading.disclosures(path)
+    except (CheckpointError, OSError, ValueError, KeyError):
+        return  # damaged or not a checkpoint: verify's own line says so
+    for line in lines:
+        print(f"WARNING: {path}: {line}", file=sys.stderr)
 
 
 def _cmd_info(args) -> None:
@@ -34,6 +52,10 @@ def _cmd_info(args) -> None:
             man = e.get("manifest", {})
             extras = ", ".join(f"{k} {man[k]}" for k in ("task", "steps", "tokens", "license") if man.get(k))
             print(f"  slot {e['slot']} {e['name']}: {e['kind']} {e['source']}" + (f" ({extras})" if extras else ""))
+            rel = (e.get("routing_stats") or {}).get("release")
+            if rel and rel.get("mechanism") != "exact":
+                print(f"    routing stats: ({rel['epsilon']:g}, {rel['delta']:g})-DP per {rel['unit']}, {rel['mechanism']}")
+        _warn_disclosures(args.ckpt)
 
 
 def add_parsers(sub) -> None:

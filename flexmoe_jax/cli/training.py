@@ -3,6 +3,7 @@ the anchor), ``anchor-kit`` (what owners train against) and ``routing-stats`` (a
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -50,8 +51,26 @@ def _owner_parser(sub, command: str, fn, *, help: str, lands: str, description: 
     x.add_argument("--data_dir", default=None, help="data directory (default: RunConfig.data_dir)")
     x.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
     x.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
+    if command == "train-expert":
+        _release_args(x)
     _platform_args(x)
     x.set_defaults(fn=fn)
+
+
+def _release_args(parser) -> None:
+    """``--routing_epsilon``, ``--routing_delta``, ``--exact_routing_stats``: how routing stats are released."""
+    from flexmoe_jax import private_stats
+
+    parser.add_argument("--routing_epsilon", type=float, default=private_stats.DEFAULT_EPSILON,
+                        help="privacy budget of the published routing stats, per document (default %(default)s; "
+                             "Gaussian mechanism, docs/privacy.md)")
+    parser.add_argument("--routing_delta", type=float, default=private_stats.DEFAULT_DELTA,
+                        help="the release's delta (default %(default)s)")
+    parser.add_argument("--routing_seed", type=int, default=None,
+                        help="seed the release's noise (reproducible runs, e.g. the demo); default: OS entropy")
+    parser.add_argument("--exact_routing_stats", action="store_true",
+                        help="write EXACT counts instead: they disclose which strings (names, e-mail addresses, "
+                             "identifiers) the data holds; never publish them")
 
 
 def _train_owner(args, phase: str):
@@ -68,16 +87,16 @@ def _train_owner(args, phase: str):
 
 def _cmd_train_expert(args) -> None:
     name, rc, result = _train_owner(args, "expert")
-    _write_routing_stats(rc, name, result["config"].vocab_size, args.out)
+    _write_routing_stats(rc, name, result["config"].vocab_size, args.out, args)
 
 
 def _cmd_train_dense(args) -> None:
     _train_owner(args, "dense")
 
 
-def _write_routing_stats(rc, name: str, vocab_size: int, out) -> None:
-    """The owner's token counts for domain routing, OUT/routing_stats.npz, counted in the owner's own
-    process from its own data (aggregate counts, no text; see flexmoe_jax.routing)."""
+def _write_routing_stats(rc, name: str, vocab_size: int, out, args) -> None:
+    """The owner's routing stats, OUT/routing_stats.npz, counted in the owner's own process from its own
+    data and released with differential privacy (flexmoe_jax.private_stats) unless --exact_routing_stats."""
     import jax
 
     from flexmoe_jax import routing
@@ -85,10 +104,20 @@ def _write_routing_stats(rc, name: str, vocab_size: int, out) -> None:
     path = Path(out) / routing.STATS_FILE
     if jax.process_index() != 0 or path.exists():
         return
-    stats = routing.fit(rc.data_dir, rc.task, name, seq_len=rc.seq_len, vocab_size=vocab_size)
+    _publish_stats(args, rc.data_dir, rc.task, name, path, seq_len=rc.seq_len, vocab_size=vocab_size)
+
+
+def _publish_stats(args, data_dir, task: str, name: str, path, **kw):
+    """Write the routing stats the flags ask for to ``path`` and say what they disclose."""
+    from flexmoe_jax import private_stats
+
+    if not args.exact_routing_stats:
+        kw.update(epsilon=args.routing_epsilon, delta=args.routing_delta, seed=args.routing_seed)
+    stats = private_stats.publish(data_dir, task, name, exact=args.exact_routing_stats, **kw)
     stats.save(path)
-    print(f"routing stats: {stats.tokens:,} tokens of {stats.source['documents']:,} {rc.task} train documents "
-          f"-> {path}")
+    line = f"routing stats of {name} ({task}) -> {path}: {private_stats.describe(stats)}"
+    print(("WARNING: " if stats.exact else "") + line, file=sys.stderr if stats.exact else sys.stdout)
+    return stats
 
 
 def _cmd_anchor_kit(args) -> None:
@@ -103,13 +132,8 @@ def _cmd_anchor_kit(args) -> None:
 
 
 def _cmd_routing_stats(args) -> None:
-    from flexmoe_jax import routing
-
     name = args.name or args.task.split(".")[-1]
-    stats = routing.fit(args.data_dir, args.task, name, split=args.split, max_tokens=args.max_tokens)
-    path = stats.save(args.out)
-    print(f"{name}: {stats.tokens:,} tokens of {stats.source['documents']:,} {args.task} {args.split} "
-          f"documents counted -> {path}")
+    _publish_stats(args, args.data_dir, args.task, name, args.out, split=args.split, max_tokens=args.max_tokens)
 
 
 def add_parsers(sub) -> None:
@@ -147,14 +171,17 @@ def add_parsers(sub) -> None:
     k.add_argument("--seed", type=int, default=0)
     k.set_defaults(fn=_cmd_anchor_kit)
 
-    rs = sub.add_parser("routing-stats", help="count the tokens of an expert's data for domain routing",
-                        description="Writes OUT (.npz): token counts of TASK's split in DATA_DIR, named NAME. "
-                                    "An owner runs it on its own data (aggregate counts leave, no text); the "
-                                    "model builder runs it on the public data for the public expert.")
+    rs = sub.add_parser("routing-stats", help="an expert's routing stats for domain routing, released with DP",
+                        description="Writes OUT (.npz): the unigram counts and hashed pair sketch of TASK's split "
+                                    "in DATA_DIR, named NAME, released through the Gaussian mechanism at "
+                                    "(--routing_epsilon, --routing_delta) per document (flexmoe_jax.private_stats). "
+                                    "An owner runs it on its own data; the model builder on the public data for "
+                                    "the public expert (the same mechanism keeps the experts' models comparable).")
     rs.add_argument("--data_dir", required=True, help="the data directory holding the task")
     rs.add_argument("--task", required=True, help="the task, e.g. flexmix_mini.math or flexmix_mini.public")
     rs.add_argument("--name", default=None, help="the expert's name (default: the task's last component)")
     rs.add_argument("--split", default="train", help="split to count (default %(default)s)")
     rs.add_argument("--max_tokens", type=int, default=None, help="count a seeded sample of about this many tokens")
     rs.add_argument("--out", required=True, help="the .npz file to write")
+    _release_args(rs)
     rs.set_defaults(fn=_cmd_routing_stats)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -34,7 +35,14 @@ def _expert_command(w: Workdir, anchor: Path, domain: str, variant: str = "", ex
            "--data_dir", str(w.owner_data(domain))]
     for b in binds:
         cmd += ["--gin_param", b]
+    if command == "train-expert":  # the private routing stats' noise, seeded so a demo rerun is the same
+        cmd += ["--routing_seed", str(routing_seed(domain))]
     return cmd
+
+
+def routing_seed(domain: str) -> int:
+    """The demo's seed for one owner's private routing-stats noise (real owners draw OS entropy)."""
+    return zlib.crc32(domain.encode())
 
 
 def _tail(path: Path, lines: int = 15) -> str:

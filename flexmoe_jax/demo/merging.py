@@ -8,12 +8,13 @@ from flexmoe_jax.demo.workdir import Workdir, complete
 
 
 def public_routing_stats(w: Workdir) -> Path:
-    """The public data's token counts for domain routing (public data: the builder counts it); its file."""
-    from flexmoe_jax import data, routing
+    """The public data's routing stats (the builder counts the public data), released through the
+    owners' mechanism so the experts' models are estimated alike (flexmoe_jax.private_stats); its file."""
+    from flexmoe_jax import data, private_stats, routing
 
     f = w.root / "public_routing_stats.npz"
     if not f.exists():
-        routing.fit(w.data, data.PUBLIC_MIXTURE, routing.PUBLIC, seq_len=w.plan.seq_len).save(f)
+        private_stats.fit(w.data, data.PUBLIC_MIXTURE, routing.PUBLIC, seq_len=w.plan.seq_len, seed=0).save(f)
     return f
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from flexmoe_jax import storage
+from flexmoe_jax.demo.experts import routing_seed
 from flexmoe_jax.demo.merging import public_routing_stats
 from flexmoe_jax.demo.workdir import Workdir, log
 
@@ -58,7 +59,8 @@ def routing_stats(w: Workdir, experts: dict[str, Path]) -> dict:
         f = Path(run) / routing.STATS_FILE
         if not f.exists():
             subprocess.run([sys.executable, "-m", "flexmoe_jax.cli", "routing-stats", "--data_dir",
-                            str(w.owner_data(d)), "--task", f"flexmix_mini.{d}", "--name", d, "--out", str(f)],
+                            str(w.owner_data(d)), "--task", f"flexmix_mini.{d}", "--name", d, "--out", str(f),
+                            "--routing_seed", str(routing_seed(d))],
                            check=True, capture_output=True, text=True)
         out[d] = routing.Stats.load(f)
     out[routing.PUBLIC] = routing.Stats.load(public_routing_stats(w))
