@@ -10,9 +10,11 @@ counts are a membership oracle for every string in that data (docs/privacy.md, m
   scaled to L2 norm <= ``L2_CLIP``, so adding or removing one document moves the sum by at most
   ``L2_CLIP``; the sum plus N(0, (z * L2_CLIP)^2) in every entry is (epsilon, delta)-DP for the
   noise multiplier z that ``dp-accounting``'s PLD accountant calibrates (add-or-remove adjacency).
-- **Post-processing** (free under DP): negative entries become 0. ``release`` records mechanism,
-  epsilon, delta, unit, noise multiplier, clip, sketch size and accountant; ``source`` only what was
-  counted (task, split, vocabulary), no document or token counts.
+- **Released raw** (noisy sums, negative entries included): any post-processing is free under DP,
+  so the reader chooses it; domain routing keeps entries above ``routing.THRESHOLD`` noise stds
+  (:func:`flexmoe_jax.routing.denoised`). ``release`` records mechanism, epsilon, delta, unit, noise
+  multiplier, clip, sketch size and accountant; ``source`` only what was counted (task, split,
+  vocabulary), no document or token counts.
 
 The public expert's stats go through the same mechanism (public data, so not for privacy): every
 expert's model is then estimated the same way and their likelihoods stay comparable.
@@ -72,12 +74,13 @@ def check_budget(epsilon, delta) -> None:
                         f"the number of documents), got {delta!r}")
 
 
-def document_sum(c: routing.Counted, bits: int = SKETCH_BITS) -> tuple[np.ndarray, np.ndarray]:
+def document_sum(c: routing.Counted, bits: int | None = SKETCH_BITS) -> tuple[np.ndarray, np.ndarray]:
     """The sum over documents of each document's [unigram counts | pair-bucket counts] scaled to L2 norm
-    <= ``L2_CLIP``: ([V], [2^bits]) float64. The exact, pre-noise quantity (never published)."""
-    V, B = c.vocab_size, 1 << bits
-    has = c.prev > 0
-    keys = np.concatenate([c.ids.astype(np.int64), V + routing._pair_hash(c.prev[has], c.ids[has], V, np, bits)])
+    <= ``L2_CLIP``: ([V], [2^bits]) float64 (``bits`` None: unigrams only, [V] and [0]). The exact,
+    pre-noise quantity (never published)."""
+    V, B = c.vocab_size, 0 if bits is None else 1 << bits
+    has = (c.prev > 0) & (bits is not None)
+    keys = np.concatenate([c.ids.astype(np.int64), V + routing._pair_hash(c.prev[has], c.ids[has], V, np, bits or 1)])
     docs = np.concatenate([c.doc, c.doc[has]]).astype(np.int64)
     cells, n = np.unique(docs * (V + B) + keys, return_counts=True)  # (document, entry) -> count
     doc, key = np.divmod(cells, V + B)
@@ -88,20 +91,20 @@ def document_sum(c: routing.Counted, bits: int = SKETCH_BITS) -> tuple[np.ndarra
 
 
 def release(c: routing.Counted, name: str, epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
-            seed: int | None = None, bits: int = SKETCH_BITS) -> routing.Stats:
+            seed: int | None = None, bits: int | None = SKETCH_BITS) -> routing.Stats:
     """The (``epsilon``, ``delta``)-DP release of ``c`` (module docstring). ``seed`` None draws the noise
     from the OS's entropy (what an owner publishes); a seed is for reproducible tests only."""
     z = noise_multiplier(float(epsilon), float(delta))
     uni, pairs = document_sum(c, bits)
     rng = np.random.default_rng(seed)
     sigma = z * L2_CLIP
-    noisy = [np.maximum(x + rng.normal(0.0, sigma, x.shape), 0.0).astype(np.float32) for x in (uni, pairs)]
+    noisy = [(x + rng.normal(0.0, sigma, x.shape)).astype(np.float32) for x in (uni, pairs)]
     record = {"mechanism": MECHANISM, "epsilon": float(epsilon), "delta": float(delta), "unit": UNIT,
               "noise_multiplier": z, "l2_clip": L2_CLIP, "noise_std": sigma, "sketch_bits": bits,
               "accountant": "dp_accounting.pld.PLDAccountant (add or remove one document)",
-              "epsilon_accounted": epsilon_of(z, delta), "post_processing": "negative entries set to 0"}
+              "epsilon_accounted": epsilon_of(z, delta), "post_processing": "none (raw noisy sums)"}
     source = {k: c.source[k] for k in ("task", "split", "vocab_size")}
-    return routing.Stats(name, noisy[0], source, sketch=noisy[1], release=record)
+    return routing.Stats(name, noisy[0], source, sketch=noisy[1] if bits is not None else None, release=record)
 
 
 def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train", seq_len: int = 128,

@@ -34,13 +34,14 @@ PUBLIC = "public"
 ALPHA = 0.5  # add-half (Jeffreys) smoothing of the unigram counts
 MU = 10.0  # Dirichlet prior strength of the bigram model on its unigram model (fixed, not tuned)
 HASH_BITS = 20  # exact pair counts are hashed into 2^20 buckets per expert on the device
+THRESHOLD = 3.0  # a released entry counts when above this many noise stds (pure noise passes 0.13% of the time)
 _OFF = -1e9  # router-logit bias of an expert a token may not use: softmax weight exactly 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
     """Token statistics of one expert's data: ``counts[v]``, how often token id ``v`` occurs (EOS
-    included, padding not); exact integers, or a private release's noisy non-negative estimates.
+    included, padding not); exact integers, or a private release's noisy sums (:func:`denoised`).
     ``source``: what was counted (JSON-ready). ``release``: None for exact counts, else how they were
     released (:mod:`flexmoe_jax.private_stats`: mechanism, epsilon, delta, unit, noise)."""
 
@@ -93,7 +94,7 @@ class Stats:
                 sketch = z["sketch"] if "sketch" in z.files else None
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"{path} is not a routing-stats file ({e}); write one with `flexmoe routing-stats`") from e
-        if counts.ndim != 1 or (counts < 0).any():
+        if counts.ndim != 1 or (meta.get("release") is None and (counts < 0).any()):
             raise UserError(f"{path}: counts must be a non-negative vector, got shape {counts.shape}")
         release = meta.get("release")
         if sketch is not None and (release is None or sketch.ndim != 1 or sketch.size & (sketch.size - 1)):
@@ -155,11 +156,22 @@ def fit(data_dir: str | os.PathLike, task: str, name: str, split: str = "train",
 
 def smoothing(stats: Stats) -> tuple[float, float]:
     """(unigram add-alpha, bigram Dirichlet mu) of an expert's models, in its counts' units: exact counts
-    ALPHA and MU tokens; a private release one noise std for both (an entry below it is mostly noise)."""
+    ALPHA and MU tokens; a private release one noise std for alpha (the guess for an entry known only to
+    be below the threshold) and THRESHOLD noise stds for mu (the prior weighs as one just-kept pair)."""
     if stats.exact:
         return ALPHA, MU
     s = float(stats.release["noise_std"])
-    return s, s
+    return s, THRESHOLD * s
+
+
+def denoised(stats: Stats) -> tuple[np.ndarray, np.ndarray | None]:
+    """(unigram counts, pair sketch or None) as the router reads them: exact counts as they are; a
+    release's entries below THRESHOLD noise stds set to 0 (post-processing: no privacy cost)."""
+    if stats.exact:
+        return stats.counts, None
+    cut = THRESHOLD * float(stats.release["noise_std"])
+    keep = lambda x: np.where(x > cut, x, 0.0).astype(np.float32)  # noqa: E731
+    return keep(stats.counts), None if stats.sketch is None else keep(stats.sketch)
 
 
 def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int, alpha: float | None = None) -> np.ndarray:
@@ -175,7 +187,7 @@ def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int,
         raise UserError(f"routing stats were counted with different vocabularies {sizes} or one larger than "
                         f"the model's {vocab_size}: count every expert's data with the anchor's tokenizer")
     c = np.zeros((len(names), vocab_size))
-    c[:, : max(sizes.values())] = np.stack([stats[n].counts for n in names])
+    c[:, : max(sizes.values())] = np.stack([denoised(stats[n])[0] for n in names])
     c += np.array([[smoothing(stats[n])[0] if alpha is None else alpha] for n in names])
     return np.log(c / c.sum(axis=1, keepdims=True)).astype(np.float32)
 
@@ -263,9 +275,10 @@ class DomainRouter:
             counts = np.zeros((len(names), vocab_size), np.float32)
             bigrams = np.zeros((len(names), size), np.float32)
             for e, n in enumerate(names):
-                counts[e, : stats[n].counts.shape[0]] = stats[n].counts
-                if stats[n].sketch is not None:
-                    bigrams[e] = stats[n].sketch
+                uni_counts, sketch = denoised(stats[n])
+                counts[e, : stats[n].counts.shape[0]] = uni_counts
+                if sketch is not None:
+                    bigrams[e] = sketch
                     continue
                 prev, cur = np.divmod(stats[n].pairs, vocab_size)
                 np.add.at(bigrams[e], _pair_hash(prev, cur, vocab_size, np, size.bit_length() - 1),

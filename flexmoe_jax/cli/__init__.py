@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from flexmoe_jax import tf_quiet
 
     tf_quiet.install()  # TensorFlow (the data pipeline's engine) prints C++ lines on import
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["privacy", "audit"]:  # `flexmoe privacy audit` is the privacy-audit command
+        argv = ["privacy-audit", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "data_dir", None) and args.command != "data" and storage.is_remote(args.data_dir):

@@ -46,6 +46,19 @@ def _cmd_privacy(args) -> None:
         print(f"wrote {args.json}", file=sys.stderr)
 
 
+def _cmd_privacy_audit(args) -> int:
+    from flexmoe_jax import storage
+    from flexmoe_jax.privacy import audit
+
+    report = audit.audit(args.deliverable, args.data, expert=args.expert, anchor=args.anchor, task=args.task,
+                         reference_stats=args.reference_stats, canary_file=args.canaries, seed=args.seed,
+                         extraction=not args.no_extraction, stats_file=args.stats, weights=not args.no_weights)
+    print(audit.markdown(report))
+    if args.json:
+        storage.write_json(args.json, report)
+    return 0 if report["verdict"]["pass"] else 1
+
+
 def add_parsers(sub) -> None:
     """Adds ``eval``, ``privacy`` to the ``flexmoe`` subparsers ``sub``."""
     v = sub.add_parser("eval", help="per-domain perplexity / bits per byte and multiple choice; JSON + table")
@@ -105,3 +118,25 @@ def add_parsers(sub) -> None:
     pv.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="drop these experts (opt-out)")
     pv.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
     pv.set_defaults(fn=_cmd_privacy)
+
+    au = sub.add_parser("privacy-audit", help="attack everything an owner publishes (also `flexmoe privacy audit`)",
+                        description="Runs membership (strings, documents), reconstruction, canary and extraction "
+                                    "attacks on each artifact of DELIVERABLE: its routing stats, its weights (the "
+                                    "owner's model against the public model) and its manifests, trained-on text "
+                                    "against held-out text of the owner's data (docs/privacy.md, 'The audit'). "
+                                    "Prints a table; exit status 1 when an artifact fails the targets.")
+    au.add_argument("deliverable", help="an owner's run directory (train-expert --out), a merged model or a routing-stats .npz")
+    au.add_argument("--data", required=True, help="the owner's data directory (train and test splits)")
+    au.add_argument("--expert", default=None, help="the owner to audit in a merged model")
+    au.add_argument("--task", default=None, help="the owner's task (default: the one its manifest records)")
+    au.add_argument("--anchor", default=None, help="the public model (default: the one the deliverable records)")
+    au.add_argument("--reference_stats", default=None, metavar="FILE",
+                    help="the attacker's public-data routing stats (likelihood-ratio reference; default: the "
+                         "merged model's public stats, else none)")
+    au.add_argument("--stats", default=None, metavar="FILE", help="audit this routing-stats file instead")
+    au.add_argument("--canaries", default=None, metavar="FILE", help="canaries planted in the owner's data (JSON)")
+    au.add_argument("--no_weights", action="store_true", help="attack only the statistics and manifests")
+    au.add_argument("--no_extraction", action="store_true", help="skip the extraction check")
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON here")
+    au.set_defaults(fn=_cmd_privacy_audit)

@@ -1,7 +1,7 @@
 """``flexmoe demo``: the FlexOlmo mini-replication on FlexMix-mini, end to end, resumable.
 
 Phases, in order (a rerun skips what is finished): data, anchor, experts, merge, btx, unrestricted,
-routing_stats, evaluate, routing, privacy, then the report in
+routing_stats, evaluate, routing, privacy, private_routing, audit, then the report in
 ``WORKDIR/results/`` (results.json, findings.json, results.md, plots, timing.json). See docs/demo.md.
 """
 
@@ -12,7 +12,7 @@ import os
 import time
 
 from flexmoe_jax import storage
-from flexmoe_jax.demo import baselines, merging, scoring
+from flexmoe_jax.demo import baselines, merging, private_routing, scoring
 from flexmoe_jax.demo.budget import flops_table
 from flexmoe_jax.demo.datasets import build_data, owner_data_dir, share_public_rows
 from flexmoe_jax.demo.experts import train_experts
@@ -77,10 +77,15 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
         routes = scoring.routing_all(w, {m: models[m] for m in ROUTED}, scored=results)
     with Phase(w, "privacy"):
         priv = scoring.privacy_check(w, t.experts, t.merged)
+    with Phase(w, "private_routing"):
+        private = private_routing.sweep(w, t.merged, domains, results, t.experts)
+    with Phase(w, "audit"):
+        audits = private_routing.audit_owners(w, t.experts, t.merged)
     flops = flops_table(w, len(domains), t.unrestricted_steps, t.unrestricted_data_steps)
     docs_file = eval_lib.docs_path(w.results / "results.json")
     docs = json.loads(docs_file.read_text()) if docs_file.exists() else None
-    report = write_report(w, results, domains, flops, priv, routes, docs)
+    report = write_report(w, results, domains, flops, priv, routes, docs,
+                          extra=private_routing.markdown(audits, private))
     timing = {**w.timing(), "total_this_invocation": round(time.perf_counter() - t_start, 1)}
     storage.write_json(w.results / "timing.json", timing, sort_keys=False)
     log("\n" + report.read_text())

@@ -293,9 +293,10 @@ def _flops_lines(flops: dict) -> list[str]:
 
 
 def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dict | None,
-                 routing: dict | None = None, docs: dict | None = None) -> Path:
+                 routing: dict | None = None, docs: dict | None = None, extra: list[str] | None = None) -> Path:
     """``results/results.md`` (plus findings.json, flops.json and the plots) of demo work directory ``w``
-    (a :class:`~flexmoe_jax.demo.workdir.Workdir`); returns the path of results.md."""
+    (a :class:`~flexmoe_jax.demo.workdir.Workdir`); ``extra``: more Markdown lines (private routing and
+    the audit) after the extraction check. Returns the path of results.md."""
     from flexmoe_jax import eval as eval_lib
 
     f = findings(results, domains, routing, docs)
@@ -316,9 +317,11 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
         from flexmoe_jax import privacy as privacy_lib
 
         lines += ["", "## Training-data extraction", "", privacy_lib.markdown(privacy)]
+    if extra:
+        lines += ["", *extra]
     lines += ["", "Plots: baselines.png, experts.png, opt_out.png. Raw numbers: results.json (per-document scores: "
               "results.docs.json), findings.json, flops.json, timing.json" + (", routing.json" if routing else "")
-              + (", privacy.json" if privacy else "") + ".", ""]
+              + (", privacy.json" if privacy else "") + (", private_routing.json, audit.json" if extra else "") + ".", ""]
     out = w.results / "results.md"
     out.write_text("\n".join(lines))
     storage.write_json(w.results / "flops.json", flops, sort_keys=False)

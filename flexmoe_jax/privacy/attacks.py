@@ -50,9 +50,17 @@ def tpr_at(members: Sequence[float], nonmembers: Sequence[float], fpr: float = F
     return float(np.mean(a > np.quantile(b, 1 - fpr)))
 
 
+def auc_se(a: float, m: int, n: int) -> float:
+    """Hanley & McNeil's standard error of an AUC ``a`` from ``m`` members and ``n`` non-members."""
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    return math.sqrt(max(a * (1 - a) + (m - 1) * (q1 - a * a) + (n - 1) * (q2 - a * a), 0.0) / (m * n))
+
+
 def membership(members: Sequence[float], nonmembers: Sequence[float]) -> dict:
-    """``{"members", "nonmembers", "auc", "tpr_at_fpr", "fpr"}`` of one attack's scores."""
-    return {"members": len(members), "nonmembers": len(nonmembers), "auc": round(auc(members, nonmembers), 4),
+    """``{"members", "nonmembers", "auc", "auc_se", "tpr_at_fpr", "fpr"}`` of one attack's scores."""
+    a = auc(members, nonmembers)
+    return {"members": len(members), "nonmembers": len(nonmembers), "auc": round(a, 4),
+            "auc_se": round(auc_se(a, len(members), len(nonmembers)), 4),
             "tpr_at_fpr": round(tpr_at(members, nonmembers), 4), "fpr": FPR}
 
 
@@ -64,10 +72,11 @@ class PairModel:
         V = vocab_size or stats.counts.shape[0]
         self.vocab_size = V
         self.uni = routing.log_probs({stats.name: stats}, [stats.name], V)[0].astype(np.float64)
+        uni_counts, sketch = routing.denoised(stats)
         self.counts = np.zeros(V)
-        self.counts[: stats.counts.shape[0]] = stats.counts
-        if stats.sketch is not None:
-            self.table = np.asarray(stats.sketch, np.float64)
+        self.counts[: stats.counts.shape[0]] = uni_counts
+        if sketch is not None:
+            self.table = np.asarray(sketch, np.float64)
         elif stats.pairs is not None:
             self.table = np.zeros(1 << routing.HASH_BITS)
             prev, cur = np.divmod(stats.pairs, V)

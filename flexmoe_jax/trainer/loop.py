@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -190,15 +190,15 @@ def _write_outputs(workdir: Path, config: ModelConfig, rc: RunConfig, state, fro
             "gin_config": gin_text, **logs.flops_metadata(step_flops), **provenance})
         result = {"metrics": last, "model": str(out), "config": config}
         if rc.phase == "expert":
+            # What leaves the owner: no path on its disk, nothing computed from its data but the weights.
             result["expert"] = str(expert.save_deliverable(workdir / "expert", config, state.trainable, {
-                "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step, "gin_config": gin_text,
-                "data_card_sha256": _card_hash(rc.data_dir), "license": rc.license, **provenance}))
+                "task": rc.task, "steps": rc.steps, "tokens": rc.steps * tokens_per_step,
+                "gin_config": redact_data_dir(gin_text), "license": rc.license, **provenance}))
     except checkpoint.CheckpointWriteError as e:  # its message ends "then rerun the same command"
         raise TrainingError(f"{e}{resume}") from e
     return result
 
 
-def _card_hash(data_dir: str) -> str | None:
-    """sha256 of the data card the expert was trained with (None if the data dir has none)."""
-    card = storage.resolve(data_dir) / "card.json"
-    return hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None
+def redact_data_dir(gin_text: str) -> str:
+    """The operative gin config with the owner's data directory (a path on its disk) left out."""
+    return re.sub(r"^(RunConfig\.data_dir\s*=\s*).*$", r"\1'<the owner's data directory>'", gin_text, flags=re.M)
