@@ -22,6 +22,7 @@ from flexmoe_jax.evaluation.ensembles import (  # noqa: F401
     btm_combine,
     btm_scorer,
     dense_view,
+    density_scorer,
     soup,
     soup_scorer,
 )

@@ -180,3 +180,28 @@ def test_routing_stats_and_domain_eval_from_the_command_line(small_data_dir, tmp
     r = subprocess.run(cli + args + ["--routing", "domain", "--routing_stats", *files, "--json",
                                      str(tmp_path / "r.json")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_density_routing_picks_the_model_that_best_explains_the_segment_so_far(merged):
+    """Each token's log-prob is that of the member ({public} or {public, d}, sliced from the merged
+    model) with the highest log-likelihood of the segment's earlier tokens; opting out drops a member."""
+    config, params = merged
+    rng = np.random.default_rng(4)
+    S = 12
+    batch = {"decoder_input_tokens": rng.integers(2, config.vocab_size, size=(2, S)).astype(np.int32)}
+    batch["decoder_target_tokens"] = np.roll(batch["decoder_input_tokens"], -1, axis=1)
+    batch["decoder_positions"] = np.broadcast_to(np.arange(S), (2, S)).astype(np.int32)
+    batch["decoder_segment_ids"] = np.ones((2, S), np.int32)
+    scorer = eval_lib.density_scorer(config, params)
+    got = np.asarray(scorer.logprobs(batch))
+    members = [np.asarray(eval_lib.ModelScorer(*selection.select(config, params, include=p)).logprobs(batch))
+               for p in (["public"], ["public", "a"], ["public", "b"])]
+    lp = np.stack(members)  # [M, B, S]
+    prefix = np.cumsum(lp, axis=2) - lp  # log-likelihood of the tokens before each one
+    for r in range(2):
+        for t in range(1, S):
+            np.testing.assert_allclose(got[r, t], lp[np.argmax(prefix[:, r, t]), r, t], rtol=1e-5, atol=1e-5)
+    only_a = eval_lib.density_scorer(*selection.exclude(config, params, ["b"]))
+    assert len(only_a.members) == 2
+    with pytest.raises(ValueError, match="density routing needs"):
+        eval_lib.density_scorer(*selection.select(config, params, include=["a"]))

@@ -13,13 +13,15 @@ def add_routing_flags(parser) -> None:
     """Adds ``--routing``, ``--routing_stats``, ``--router_score`` and ``--router_temperature`` to ``parser``."""
     from flexmoe_jax.config import ROUTINGS
 
-    parser.add_argument("--routing", choices=(*ROUTINGS, "domain"), default=None,
+    parser.add_argument("--routing", choices=(*ROUTINGS, "domain", "density"), default=None,
                         help="how tokens pick experts (default: domain for a merged model that carries every "
                              "active expert's routing stats, else the checkpoint's own, top_k unless merged with "
                              "--routing): top_k (the trained router rows), public_plus (public always + the top "
                              "k-1 others), document_* (router logits averaged over the document so far), domain "
                              "(each document's domain by the experts' token counts: public alone or {public, "
-                             "domain}; see flexmoe_jax.routing)")
+                             "domain}; see flexmoe_jax.routing), density (eval only: each token to the owner model, or the public "
+                             "model, that best explains its document so far; nothing but the weights, one forward "
+                             "pass per expert)")
     parser.add_argument("--routing_stats", nargs="+", default=None, metavar="FILE",
                         help="for --routing domain: each expert's routing-stats file (flexmoe routing-stats); "
                              "default: the ones the merged checkpoint carries")

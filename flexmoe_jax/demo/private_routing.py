@@ -63,8 +63,7 @@ def sweep(w: Workdir, merged: Path, domains, base: dict, experts: dict, epsilons
     anchor = w.root / "anchor" / "model"
     models = {row(e): {"model": merged, "routing": "domain", "routing_stats": released_stats(w, domains, e)}
               for e in (*epsilons, None)}
-    density = {DENSITY: {"model": lambda: eval_lib.btm_scorer(anchor, [experts[d] for d in domains], top_k=1,
-                                                             name=DENSITY)}}
+    density = {DENSITY: {"model": lambda: eval_lib.density_scorer(*eval_lib.load_model(merged), name=DENSITY)}}
     results = scoring.evaluate_all(w, {**models, **density}, json_name="private_routing_results.json",
                                    groups=ablations.GROUPS)
     routes = scoring.routing_all(w, models, json_name="private_routing_routing.json", groups=ablations.GROUPS,

@@ -25,6 +25,13 @@ BTM (:class:`BTMScorer`, :func:`btm_scorer`)
   the k-th weight are kept, so the first token, with equal prior weights, uses every member).
   Members are, by default, the public anchor plus each owner's 2-expert model.
 
+Density routing (:func:`density_scorer`)
+  Routing that publishes nothing but the weights: the merged model restricted to {public, d} is
+  owner d's own 2-expert model (opt-out is exact), so each expert pair is its own density model of
+  its owner's text. Each token goes to the member (public alone, or {public, d}) whose likelihood of
+  the segment so far is highest: BTM's top-1 over the merged model's sub-models. It costs one forward
+  pass per member (the public model and every owner's), as BTM does; docs/routing.md measures it.
+
 """
 
 
@@ -167,6 +174,20 @@ def soup_scorer(anchor: Any, experts: Sequence[Any], *, include_public: bool = T
     pool = ([_as_model(anchor)] if include_public else []) + [_as_model(e) for e in experts]
     config, params = soup(pool, weights)
     return ModelScorer(config, params, name=name)
+
+
+def density_scorer(config: ModelConfig, params: model.Params, name: str = "density") -> BTMScorer:
+    """Density routing of a merged model (module docstring): BTM top-1 over {public} and each
+    {public, d}, all sliced from this one model."""
+    from flexmoe_jax import selection
+
+    if not config.is_moe or "public" not in config.names or len(config.names) < 2:
+        raise UserError(f"density routing needs a merged model with the 'public' expert and at least one owner; "
+                        f"{name} has experts {list(config.names) if config.is_moe else 'none (dense)'}")
+    pools = [["public"]] + [["public", n] for n in config.names if n != "public"]
+    members = [ModelScorer(*selection.select(config, params, include=p), name=f"{name}[{'+'.join(p)}]", routing="top_k")
+               for p in pools]
+    return BTMScorer(members, top_k=1, name=name)
 
 
 def btm_scorer(anchor: Any, experts: Sequence[Any], *, include_public: bool = True,

@@ -130,6 +130,9 @@ def strip_per_doc(results: Mapping[str, dict]) -> dict:
     return {d: {k: v for k, v in r.items() if k not in PER_DOC} for d, r in results.items()}
 
 
+DENSITY = "density"  # routing by the experts' own likelihoods (evaluation.ensembles.density_scorer)
+
+
 def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
               include: Sequence[str | int] | None = None, exclude: Sequence[str | int] | None = None,
               top_k: int | None = None, tasks: Sequence[str] | None = None, split: str = "test",
@@ -185,6 +188,15 @@ def main_eval(models: Any, data_dir, *, names: Sequence[str] | None = None,
     for name, m in entries:
         if isinstance(m, Scorer):
             scorer = m
+        elif routing == DENSITY:
+            from flexmoe_jax.evaluation.ensembles import density_scorer
+            from flexmoe_jax.evaluation.models import load_model
+
+            if routing_stats is not None or score:
+                raise UserError("density routing uses no routing stats or router scores: drop them")
+            cp = (selection.select(*m, include, exclude, top_k) if isinstance(m, tuple)
+                  else load_model(m, include=include, exclude=exclude, top_k=top_k))
+            scorer = density_scorer(*cp, name=name)
         elif isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], ModelConfig):
             scorer = ModelScorer(*selection.select(*m, include, exclude, top_k), name=name, routing=routing,
                                  routing_stats=routing_stats, score=score)
