@@ -131,4 +131,5 @@ def describe(stats: routing.Stats) -> str:
                 "the data holds (membership of names, addresses, identifiers); do not publish them")
     r = stats.release
     return (f"({r['epsilon']:g}, {r['delta']:g})-DP per {r['unit']} ({r['mechanism']} noise std "
-            f"{r['noise_std']:.2f} in every one of {stats.counts.size:,} unigram and {stats.sketch.size:,} pair entries)")
+            f"{r['noise_std']:.2f} in every one of {stats.counts.size:,} unigram and "
+            f"{0 if stats.sketch is None else stats.sketch.size:,} pair entries)")

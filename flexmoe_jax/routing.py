@@ -174,7 +174,8 @@ def denoised(stats: Stats) -> tuple[np.ndarray, np.ndarray | None]:
     return keep(stats.counts), None if stats.sketch is None else keep(stats.sketch)
 
 
-def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int, alpha: float | None = None) -> np.ndarray:
+def log_probs(stats: Mapping[str, Stats], names: Sequence[str], vocab_size: int,
+              alpha: float | None = None) -> np.ndarray:
     """[E, V] float32: each named expert's smoothed unigram log-probabilities, in ``names`` order, over
     the model's ``vocab_size`` ids (ids past a tokenizer's own vocabulary were counted 0 times).
     ``alpha`` None: each expert's :func:`smoothing`."""

@@ -165,7 +165,8 @@ def test_routing_stats_and_domain_eval_from_the_command_line(small_data_dir, tmp
     assert released.release["epsilon"] == 1.0 and released.release["unit"] == "document"
     assert released.source == {"task": "flexmix_mini.humor", "split": "train", "vocab_size": released.counts.size}
     r = subprocess.run(cli + ["routing-stats", "--data_dir", small_data_dir, "--task", "flexmix_mini.humor",
-                              "--exact_routing_stats", "--out", str(tmp_path / "exact.npz")], capture_output=True, text=True)
+                              "--exact_routing_stats", "--out", str(tmp_path / "exact.npz")],
+                       capture_output=True, text=True)
     assert r.returncode == 0 and "WARNING" in r.stderr and "EXACT counts" in r.stderr
     counted = routing.Stats.load(tmp_path / "exact.npz")
     assert counted.exact and counted.tokens == counted.source["tokens"] > 0 and counted.source["split"] == "train"

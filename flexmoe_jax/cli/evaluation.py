@@ -125,7 +125,8 @@ def add_parsers(sub) -> None:
                                     "owner's model against the public model) and its manifests, trained-on text "
                                     "against held-out text of the owner's data (docs/privacy.md, 'The audit'). "
                                     "Prints a table; exit status 1 when an artifact fails the targets.")
-    au.add_argument("deliverable", help="an owner's run directory (train-expert --out), a merged model or a routing-stats .npz")
+    au.add_argument("deliverable",
+                    help="an owner's run directory (train-expert --out), a merged model or a routing-stats .npz")
     au.add_argument("--data", required=True, help="the owner's data directory (train and test splits)")
     au.add_argument("--expert", default=None, help="the owner to audit in a merged model")
     au.add_argument("--task", default=None, help="the owner's task (default: the one its manifest records)")

@@ -54,7 +54,8 @@ def _cmd_info(args) -> None:
             print(f"  slot {e['slot']} {e['name']}: {e['kind']} {e['source']}" + (f" ({extras})" if extras else ""))
             rel = (e.get("routing_stats") or {}).get("release")
             if rel and rel.get("mechanism") != "exact":
-                print(f"    routing stats: ({rel['epsilon']:g}, {rel['delta']:g})-DP per {rel['unit']}, {rel['mechanism']}")
+                print(f"    routing stats: ({rel['epsilon']:g}, {rel['delta']:g})-DP per {rel['unit']}, "
+                      f"{rel['mechanism']}")
         _warn_disclosures(args.ckpt)
 
 

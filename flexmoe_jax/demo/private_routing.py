@@ -115,7 +115,8 @@ def audit_owners(w: Workdir, experts: dict, merged: Path) -> dict:
         done[d] = {"published": published, "exact_stats": leaky}
         v = published["verdict"]
         log(f"   audit {d}: {'PASS' if v['pass'] else 'FAIL'}; stats membership AUC max "
-            f"{_num(v.get('stats_membership_auc_max'))} (exact counts: {_num(leaky['verdict'].get('stats_membership_auc_max'))})")
+            f"{_num(v.get('stats_membership_auc_max'))} "
+            f"(exact counts: {_num(leaky['verdict'].get('stats_membership_auc_max'))})")
         storage.write_json(f, done, sort_keys=False)
     done["merged_manifest"] = audit.manifest_findings(loading.read_manifest(merged), "merged manifest")
     storage.write_json(f, done, sort_keys=False)
@@ -140,7 +141,8 @@ def markdown(audits: dict, summary: dict | None) -> list[str]:
     if owners:
         lines += ["## Privacy audit of what each owner published", "",
                   "| owner | stats: max membership AUC (released / exact) | weights: max membership AUC | "
-                  "stats reconstruction (chains in trained / held-out) | manifest | verdict |", "|---|---|---|---|---|---|"]
+                  "stats reconstruction (chains in trained / held-out) | manifest | verdict |",
+                  "|---|---|---|---|---|---|"]
         for d, r in owners.items():
             pub, ex = r["published"], r["exact_stats"]
             wmax = max((m["auc"] for m in pub["artifacts"].get("weights", {}).get("membership", {}).values()),

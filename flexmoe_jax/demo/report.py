@@ -321,7 +321,8 @@ def write_report(w, results: dict, domains: list[str], flops: dict, privacy: dic
         lines += ["", *extra]
     lines += ["", "Plots: baselines.png, experts.png, opt_out.png. Raw numbers: results.json (per-document scores: "
               "results.docs.json), findings.json, flops.json, timing.json" + (", routing.json" if routing else "")
-              + (", privacy.json" if privacy else "") + (", private_routing.json, audit.json" if extra else "") + ".", ""]
+              + (", privacy.json" if privacy else "") + (", private_routing.json, audit.json" if extra else "")
+              + ".", ""]
     out = w.results / "results.md"
     out.write_text("\n".join(lines))
     storage.write_json(w.results / "flops.json", flops, sort_keys=False)

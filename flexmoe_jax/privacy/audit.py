@@ -92,7 +92,7 @@ class _Artifacts:
         p = Path(path)
         self.trained = None
         if p.suffix == ".npz" and p.is_file():  # a routing-stats file alone: only the stats are attacked
-            self.stats, self.name, self.model, self.reference, self.manifests = routing.Stats.load(p), None, None, None, {}
+            self.stats, self.model, self.reference, self.manifests = routing.Stats.load(p), None, None, {}
             self.name, self.task = self.stats.name, self.stats.source.get("task")
         elif _is_merged(p):
             config = checkpoint.load_config(p)
@@ -186,7 +186,8 @@ def audit(path, data_dir, *, expert: str | None = None, anchor=None, task: str |
     strings = {"stats": candidate_strings(train, held, seed), "weights": candidate_strings(fed, held, seed)}
     marks = canary_lib.load(canary_file) if canary_file else []
     report = {"artifact": str(path), "expert": a.name, "task": task, "data_dir": str(data_dir),
-              "settings": {"max_strings": MAX_STRINGS, "min_class": MIN_CLASS, "max_docs": MAX_DOCS, "doc_tokens": DOC_TOKENS,
+              "settings": {"max_strings": MAX_STRINGS, "min_class": MIN_CLASS, "max_docs": MAX_DOCS,
+                           "doc_tokens": DOC_TOKENS,
                            "candidates": CANDIDATES, "fpr": attacks.FPR, "seed": seed},
               "strings": {k: [len(m), len(n)] for k, (m, n) in strings["stats"].items()},
               "manifest": {k: manifest_findings(v, k) for k, v in a.manifests.items()}, "artifacts": {}}
@@ -251,7 +252,8 @@ def _public_stats(path):
 
 def _reconstruction(own: "attacks.PairModel", strings: dict, docs, enc) -> dict:
     """Completion of strings from their first token and greedy chains, trained-on against held-out."""
-    comp = {k: {"members": round(attacks.complete(own, enc(m)), 4), "nonmembers": round(attacks.complete(own, enc(n)), 4)}
+    comp = {k: {"members": round(attacks.complete(own, enc(m)), 4),
+                "nonmembers": round(attacks.complete(own, enc(n)), 4)}
             for k, (m, n) in strings.items() if m and n}
     mem, non = docs
     budget = min(sum(map(len, mem)), sum(map(len, non)))
@@ -265,7 +267,8 @@ def _reconstruction(own: "attacks.PairModel", strings: dict, docs, enc) -> dict:
 
     starts = np.argsort(-own.counts)[:CHAIN_STARTS]
     chains = attacks.chain_spans(own, [int(t) for t in starts if t > 1], CHAIN_LEN, NGRAM,
-                                 {"trained": attacks.ngrams(cut(mem), NGRAM), "held_out": attacks.ngrams(cut(non), NGRAM)})
+                                 {"trained": attacks.ngrams(cut(mem), NGRAM),
+                                  "held_out": attacks.ngrams(cut(non), NGRAM)})
     return {"completion": comp, "chains": chains}
 
 
@@ -293,11 +296,13 @@ def verdict(report: dict) -> dict:
 def markdown(report: dict) -> str:
     """The report as Markdown: one row per artifact and attack."""
     lines = [f"Privacy audit of {report['expert']} ({report['artifact']}), {report['task']}: trained-on vs held-out.",
-             "", "| artifact | attack | members / non-members | AUC (± s.e.) | TPR at FPR 0.1 |", "|---|---|---|---|---|"]
+             "", "| artifact | attack | members / non-members | AUC (± s.e.) | TPR at FPR 0.1 |",
+             "|---|---|---|---|---|"]
     for art, r in report["artifacts"].items():
         for tag, key in (("likelihood ratio", "membership"), ("min pair count", "membership_min_pair")):
             for kind, m in (r.get(key) or {}).items():
-                lines.append(f"| {art} | {kind}: {tag} | {m['members']} / {m['nonmembers']} | {m['auc']:.3f} ± {m['auc_se']:.3f} | "
+                lines.append(f"| {art} | {kind}: {tag} | {m['members']} / {m['nonmembers']} | "
+                             f"{m['auc']:.3f} ± {m['auc_se']:.3f} | "
                              f"{m['tpr_at_fpr']:.2f} |")
     lines.append("")
     for art, r in report["artifacts"].items():
@@ -314,7 +319,8 @@ def markdown(report: dict) -> str:
             lines.append(f"- {art}, extraction: " + ", ".join(f"{s} {x['extracted']}/{x['docs']}"
                                                               for s, x in r["extraction"].items()))
     for where, found in report["manifest"].items():
-        lines.append(f"- {where}: " + ("records nothing of the owner's side" if not found else "records " + ", ".join(found)))
+        lines.append(f"- {where}: " + ("records nothing of the owner's side" if not found
+                                       else "records " + ", ".join(found)))
     v = report["verdict"]
     lines.append(f"- verdict: {'PASS' if v['pass'] else 'FAIL'} ({', '.join(f'{k} {v[k]}' for k in v if k != 'pass')})")
     return "\n".join(lines)
