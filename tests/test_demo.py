@@ -16,7 +16,7 @@ DOMAINS = list(data.CLOSED_DOMAINS)
 def test_quick_demo_outputs(quick_demo):
     res = quick_demo["dir"] / "results"
     for name in ("results.md", "results.json", "findings.json", "flops.json", "timing.json", "privacy.json",
-                 "routing.json"):
+                 "routing.json", "private_routing.json", "audit.json"):
         assert (res / name).is_file(), name
     for png in ("baselines.png", "experts.png", "opt_out.png"):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -56,6 +56,17 @@ def test_quick_demo_outputs(quick_demo):
             assert splits["test"]["selection"]["trained_on"] is False, (name, d)
             assert splits["train"]["selection"]["run"]["run_dir"].endswith(f"experts/{d}"), (name, d)
     assert "--quick" in quick_demo["stdout"] or "FlexOlmo on FlexMix-mini" in quick_demo["stdout"]
+    # Private routing: the default release, exact counts and density routing, scored side by side; the
+    # audit of every owner's deliverable (private stats, weights, a manifest that records nothing of it).
+    rows = json.loads((res / "private_routing.json").read_text())["rows"]
+    assert {"flexolmo_domain_eps1", "flexolmo_domain_exact", "flexolmo_density"} <= set(rows)
+    assert rows["flexolmo_density"]["inference_flops_vs_merged"] > len(DOMAINS)
+    audit = json.loads((res / "audit.json").read_text())
+    for d in DOMAINS:
+        pub = audit[d]["published"]
+        assert pub["artifacts"]["stats"]["release"]["epsilon"] == 1.0 and pub["verdict"]["manifest_pass"], d
+        assert "membership" in pub["artifacts"]["weights"] and audit[d]["exact_stats"]["artifacts"]["stats"]
+    assert audit["merged_manifest"] == [] and "Privacy audit of what each owner published" in report
 
 
 def test_report_numbers_are_the_measured_ones(quick_demo):

@@ -485,14 +485,23 @@ def test_merge_finds_checks_and_verifies_routing_stats(world, tmp_path):
         merge.merge(world.anchor_path, [stray], tmp_path / "m", public_router=world.public_row)
     assert not (tmp_path / "m").exists()
     # Given explicitly it is taken under the merged name; routing sets the config's default.
-    out = merge.merge(world.anchor_path, [stray], tmp_path / "m", public_router=world.public_row,
-                      routing_stats={"a": world.root / "b" / routing.STATS_FILE}, routing="public_plus")
+    with pytest.warns(UserWarning, match="EXACT routing stats of 'a'"):  # exact counts disclose the data
+        out = merge.merge(world.anchor_path, [stray], tmp_path / "m", public_router=world.public_row,
+                          routing_stats={"a": world.root / "b" / routing.STATS_FILE}, routing="public_plus")
     assert checkpoint.load_config(out).routing == "public_plus"
     stats = loading.read_routing_stats(out, ("public", "a"))
     assert stats["a"].name == "a" and np.array_equal(stats["a"].counts, routing.Stats.load(
         world.root / "b" / routing.STATS_FILE).counts)
     entry = loading.read_manifest(out)["experts"][1]["routing_stats"]
-    assert entry["tokens"] == stats["a"].tokens and entry["copied_from"].endswith("b/" + routing.STATS_FILE)
+    # The manifest records what was counted and how it was released: no owner path, no counts.
+    assert entry["release"] == {"mechanism": "exact"} and entry["source"] == {"task": "b", "split": None,
+                                                                                "vocab_size": None}
+    assert "copied_from" not in entry and "tokens" not in entry
+    found = loading.disclosures(out)
+    assert len(found) == 1 and "'a' carries EXACT routing stats" in found[0]
+    from flexmoe_jax import cli
+
+    assert cli.main(["verify", str(out)]) == 0
     # Damage is caught by the recorded sha256.
     f = out / entry["file"]
     f.write_bytes(f.read_bytes()[:-3] + b"xyz")
