@@ -3,7 +3,8 @@ real TPU topology from a CPU-only machine, and say whether it fits.
 
 With JAX's TPU build installed (``pip install 'flexmoe_jax[tpu]'``), libtpu describes any TPU slice
 without one: ``jax.experimental.topologies.get_topology_desc`` gives its devices, the step is lowered
-on a mesh of them with the trainer's own shardings and compiled by the TPU compiler. XLA then reports
+on a mesh of them with the trainer's own shardings (``train.state_shardings``: each optimizer-state leaf
+sharded like its parameter, the whole state donated) and compiled by the TPU compiler. XLA then reports
 per-device memory (arguments, outputs, temporaries), FLOPs, and the collectives it inserted. What
 fails to fit is a clear error before anyone rents the slice.
 """

@@ -232,13 +232,14 @@ def compile_train_step(config: ModelConfig, phase: str, batch_size: int, seq_len
     split = jax.eval_shape(lambda: optim.split(model.init(config, 0), train.split_for(phase)))
     trainable, frozen = map(placed, split)
     tx = optim.make_optimizer(ocfg, trainable)
-    init = jax.jit(lambda t: train.init_state(t, tx)).lower(trainable).compile()
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         jax.eval_shape(lambda t: train.init_state(t, tx), trainable), init.output_shardings)
+    # The trainer's state: each optimizer-state leaf sharded like its parameter, the whole state donated.
+    state_sh = train.state_shardings(config, tx, trainable, mesh)
+    state = train.abstract_state(trainable, tx, state_sh)
     rows = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=train.batch_sharding(mesh))
              for k, v in jax.eval_shape(train.lm_batch, rows).items()}
-    step = train.jit_train_step(config, tx, loss_cfg or train.LossConfig(), grad_accum, mesh)
+    step = train.jit_train_step(config, tx, loss_cfg or train.LossConfig(), grad_accum, mesh, state_sh,
+                                train.shardings(config, frozen, mesh))
     return step.lower(state, frozen, batch).compile(), config, mesh
 
 

@@ -1,5 +1,6 @@
 """Where restored arrays land: the abstract target tree (shapes, dtypes, shardings) of a model, whole or
-pruned to some subtrees, and the Orbax restore into it.
+pruned to some subtrees, or of any tree placed like another (:func:`sharded_like`: the training state),
+and the Orbax restore into it.
 
 :func:`targets` raises :class:`UserError` for a sharding tree of another structure (or both ``mesh``
 and ``shardings``); :func:`prune` raises :class:`UnknownName` for a subtree the model does not have.
@@ -60,6 +61,19 @@ def targets(config: ModelConfig, stored: Any, mesh: Mesh | None, shardings: Any,
     except ValueError as e:
         raise UserError(f"shardings must be a tree with the same structure as the params: {e}") from None
     return config, target
+
+
+def sharded_like(like: Any, shardings: Any = None) -> Any:
+    """The abstract restore target of a tree shaped like ``like``: its shapes and dtypes, each leaf on its
+    ``shardings`` leaf (a tree of ``like``'s structure; None: each array's own sharding)."""
+    import jax
+
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    try:
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
+    except ValueError as e:
+        raise UserError(f"shardings must be a tree with the same structure as the restored state: {e}") from None
 
 
 def key_path(key: str | Sequence[str]) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flexmoe_jax import model, optim
 from flexmoe_jax.config import ModelConfig
@@ -144,8 +144,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, loss_cfg: LossConfig,
                    grad_accum: int, mesh: Mesh | None, state_shardings=None, frozen_shardings=None):
     """The one jitted step (trainer, FLOP count, tests, benchmarks): ``(state, frozen, batch) -> (state,
-    metrics)``, the state donated (updated in place), the frozen tree not. Shardings follow the inputs'
-    unless ``state_shardings`` (and ``frozen_shardings``) pin them, with the batch split by the rules."""
+    metrics)``, the whole state (params, optimizer state, step) donated (updated in place), the frozen
+    tree not. Shardings follow the inputs' unless ``state_shardings`` (:func:`state_shardings`; and
+    ``frozen_shardings``) pin them, the state's out_shardings equal to its in_shardings (it stays put
+    step to step), with the batch split by the rules."""
     fn = functools.partial(train_step, config=config, tx=tx, loss_cfg=loss_cfg, grad_accum=grad_accum, mesh=mesh)
     if state_shardings is None:
         return jax.jit(fn, donate_argnums=(0,))
@@ -180,6 +182,54 @@ def shardings(config: ModelConfig, flat: optim.Flat, mesh: Mesh) -> dict:
     """Each leaf's sharding on the mesh, by its logical axes (cut slots keep theirs)."""
     axes = optim.flatten(model.logical_axes(config))
     return {k: named_sharding(mesh, axes[optim.parse_slot_key(k)[0]], np.shape(v)) for k, v in flat.items()}
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, trainable: optim.Flat, param_shardings: dict,
+                        mesh: Mesh) -> Any:
+    """The sharding of every leaf of ``tx.init(trainable)``, a tree of the optimizer state's structure.
+
+    A leaf that mirrors a parameter (Adam's ``mu`` and ``nu``, any per-parameter state of the chain)
+    gets that parameter's sharding from ``param_shardings``: matched through the optax state's
+    structure (``optax.tree_map_params``, by key, never by shape), so two parameters of one shape
+    keep their own. Masked-out leaves (``optax.MaskedNode``) stay as they are; every other leaf
+    (step counts, statistics of another shape than their parameter) is replicated on ``mesh``.
+    ``trainable`` may be abstract (``jax.ShapeDtypeStruct`` leaves).
+    """
+    replicated = NamedSharding(mesh, P())
+
+    def like_param(leaf, sharding, param):
+        if isinstance(leaf, optax.MaskedNode):
+            return leaf
+        return sharding if tuple(leaf.shape) == tuple(np.shape(param)) else replicated
+
+    try:
+        return optax.tree_map_params(tx, like_param, jax.eval_shape(tx.init, trainable), param_shardings,
+                                     trainable, transform_non_params=lambda v: jax.tree.map(lambda _: replicated, v),
+                                     is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    except ValueError as e:  # a tree mismatch: param_shardings is not keyed like trainable
+        raise UserError(f"opt_state_shardings: param_shardings must have the keys of trainable: {e}") from None
+
+
+def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, trainable: optim.Flat,
+                    mesh: Mesh) -> TrainState:
+    """A :class:`TrainState` of shardings on ``mesh``: each trainable leaf by its logical axes
+    (:func:`shardings`), its optimizer state like it (:func:`opt_state_shardings`), the step replicated."""
+    params = shardings(config, trainable, mesh)
+    return TrainState(step=NamedSharding(mesh, P()), trainable=params,
+                      opt_state=opt_state_shardings(tx, trainable, params, mesh))
+
+
+def init_sharded(trainable: optim.Flat, tx: optax.GradientTransformation, state_sh: TrainState) -> TrainState:
+    """:func:`init_state` compiled with ``out_shardings=state_sh`` (:func:`state_shardings`): every
+    optimizer-state leaf is born on its parameter's devices, never replicated first."""
+    return jax.jit(functools.partial(init_state, tx=tx), out_shardings=state_sh)(trainable)
+
+
+def abstract_state(trainable: optim.Flat, tx: optax.GradientTransformation, state_sh: TrainState) -> TrainState:
+    """The state :func:`init_sharded` makes, as ``jax.ShapeDtypeStruct`` leaves with their shardings
+    (nothing allocated: for AOT compilation and restore targets)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        jax.eval_shape(functools.partial(init_state, tx=tx), trainable), state_sh)
 
 
 def place(config: ModelConfig, flat: optim.Flat, mesh: Mesh) -> optim.Flat:

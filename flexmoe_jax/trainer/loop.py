@@ -38,12 +38,13 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     provenance: dict = {}
     if params is None:
         config, params, provenance = initial_params(config, rc)
-    mesh, tx, state, frozen = _setup(config, params, rc, ocfg)
-    step_fn = train.jit_train_step(config, tx, loss_cfg, rc.grad_accum, mesh)
+    mesh, tx, state, frozen, placed = _setup(config, params, rc, ocfg)
+    # The whole state donated and pinned to its shardings (in and out): it stays put step to step.
+    step_fn = train.jit_train_step(config, tx, loss_cfg, rc.grad_accum, mesh, *placed)
     train_task = _register_data(rc)
     mngr = state_store.manager(workdir, rc)
     state_dir = workdir / "state"
-    start, state, batches = _resume_or_start(mngr, state_dir, state, rc, train_task, routed)
+    start, state, batches = _resume_or_start(mngr, state_dir, state, placed[0], rc, train_task, routed)
     next_batch = _feeder(batches, rc, mesh, routed)
 
     tokens_per_step = rc.batch_size * rc.seq_len
@@ -109,7 +110,8 @@ def _settle(workdir, rc: RunConfig, ocfg, loss_cfg):
 
 
 def _setup(config: ModelConfig, params, rc: RunConfig, ocfg: optim.OptimConfig):
-    """(mesh, optimizer, initial train state, frozen params): the phase's split, placed on the mesh."""
+    """(mesh, optimizer, initial train state, frozen params, (state shardings, frozen shardings)): the
+    phase's split placed on the mesh, each optimizer-state leaf sharded like its parameter."""
     trainable, frozen = optim.split(params, train.split_for(rc.phase))
     tx = optim.make_optimizer(ocfg, trainable)
     mesh = train.resolve_mesh(rc.mesh)
@@ -119,8 +121,9 @@ def _setup(config: ModelConfig, params, rc: RunConfig, ocfg: optim.OptimConfig):
                         f"x the {replicas} batch shards of mesh {dict(mesh.shape)}; "
                         "change batch_size or RunConfig.mesh")
     trainable, frozen = train.place(config, trainable, mesh), train.place(config, frozen, mesh)
-    state = jax.jit(lambda t: train.init_state(t, tx))(trainable)
-    return mesh, tx, state, frozen
+    state_sh = train.state_shardings(config, tx, trainable, mesh)
+    state = train.init_sharded(trainable, tx, state_sh)
+    return mesh, tx, state, frozen, (state_sh, train.shardings(config, frozen, mesh))
 
 
 def _register_data(rc: RunConfig) -> str:
@@ -135,8 +138,9 @@ def _register_data(rc: RunConfig) -> str:
     return rc.task
 
 
-def _resume_or_start(mngr, state_dir: Path, state, rc: RunConfig, train_task: str, routed: bool):
-    """(first step, train state, batch iterator): from the latest saved step if there is one, else from 0."""
+def _resume_or_start(mngr, state_dir: Path, state, state_sh, rc: RunConfig, train_task: str, routed: bool):
+    """(first step, train state, batch iterator): from the latest saved step if there is one (its arrays
+    placed with ``state_sh``, the shardings the step is pinned to), else from 0."""
     from flexmoe_jax import data
 
     latest = mngr.latest_step()
@@ -144,7 +148,7 @@ def _resume_or_start(mngr, state_dir: Path, state, rc: RunConfig, train_task: st
         return 0, state, data.batches(train_task, "train", rc.batch_size, rc.seq_len, rc.data_dir, seed=rc.seed,
                                       shard_index=jax.process_index(), num_shards=jax.process_count(),
                                       row_task=routed)
-    restored = state_store.restore(mngr, latest, state, state_dir)
+    restored = state_store.restore(mngr, latest, state, state_dir, state_sh)
     # The data position is process 0's; every process reads its own rows of the same global batch.
     batches = data.batches_from_state({**restored["data"], "shard_index": jax.process_index(),
                                        "num_shards": jax.process_count()}, rc.data_dir)

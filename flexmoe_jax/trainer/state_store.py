@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import jax
 
-from flexmoe_jax import array_store, checkpoint, storage
+from flexmoe_jax import array_store, checkpoint, restore_targets, storage
 from flexmoe_jax.trainer.run_config import RunConfig, TrainingError
 
 
@@ -26,14 +26,16 @@ def manager(workdir: Path, rc: RunConfig):
                                                 "data": ocp.JsonCheckpointHandler()})
 
 
-def restore(mngr, step: int, like: Any, state_dir: Path) -> dict:
-    """``{"state": train state shaped and sharded like ``like``, "data": data iterator state}`` of ``step``.
+def restore(mngr, step: int, like: Any, state_dir: Path, shardings: Any = None) -> dict:
+    """``{"state": train state shaped like ``like``, "data": data iterator state}`` of ``step``.
 
+    Each array lands on its leaf of ``shardings`` (a tree like ``like``: ``train.state_shardings``, so
+    every optimizer-state leaf is sharded like its parameter), or without it on ``like``'s own sharding.
     A damaged state raises the error :func:`array_store.state_error` names (it is never trained on).
     """
     import orbax.checkpoint as ocp
 
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    abstract = restore_targets.sharded_like(like, shardings)
     try:
         return mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=abstract,
