@@ -21,7 +21,7 @@ import gin
 
 from flexmoe_jax.errors import UserError
 
-MOE_IMPLS = ("auto", "dense", "ragged", "blocks")
+MOE_IMPLS = ("auto", "dense", "ragged", "gmm", "blocks")
 REMAT_POLICIES = ("none", "full", "dots")
 ROUTINGS = ("top_k", "public_plus", "document_top_k", "document_public_plus")
 # How a model picks experts at inference, not what it is: left out of anchor fingerprints.
@@ -82,7 +82,7 @@ class ModelConfig:
     max_seq_len: int = 4096
     rms_eps: float = 1e-6
     # MoE dispatch: "auto" picks dense when every expert is active, else the
-    # fastest sparse path for the backend ("blocks" on CPU, "ragged" elsewhere).
+    # fastest sparse path for the backend ("blocks" on CPU, "gmm" on TPU, "ragged" elsewhere).
     moe_impl: str = "auto"
     # Rows per block of the CPU block-sparse dispatch.
     moe_block_size: int = 512

@@ -127,7 +127,8 @@ class MoEFFN(nn.Module):
         if self.mesh is not None and self.mesh.size > 1:  # expert-parallel: each device runs its own experts
             y = moe_lib.dispatch_sharded(flat, routing, experts, self.mesh, c.moe_impl, c.moe_block_size)
         else:
-            y = moe_lib.dispatch(flat, routing, experts, c.moe_impl, c.moe_block_size)
+            backend = None if self.mesh is None else self.mesh.devices.flat[0].platform  # AOT: the target's
+            y = moe_lib.dispatch(flat, routing, experts, c.moe_impl, c.moe_block_size, backend)
         aux = {
             "router_z": moe_lib.router_z_loss(routing).reshape(b, s),
             "gates": moe_lib.gate_matrix(routing, e).reshape(b, s, e),

@@ -1,4 +1,4 @@
-"""Routing semantics and the three dropless dispatch paths (dense, ragged, blocks).
+"""Routing semantics and the dropless dispatch paths (dense, ragged, blocks, and gmm: TPU kernels, interpreted here).
 
 Every path must compute the same function as a plain einsum reference, forward
 and backward (gradients w.r.t. the tokens, the router and every expert weight),
@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from flexmoe_jax import moe
+from flexmoe_jax.moe import grouped
+from flexmoe_jax.sharding import make_mesh
 
 IMPLS = ("dense", "ragged", "blocks")
 D, H = 16, 24
@@ -198,8 +200,9 @@ def test_choose_impl_rules():
     assert moe.choose_impl("auto", 2, 8, "cpu") == "blocks"
     assert moe.choose_impl("auto", 5, 7, "cpu") == "blocks"
     assert moe.choose_impl("auto", 2, 8, "gpu") == "ragged"
-    assert moe.choose_impl("auto", 2, 8, "tpu") == "ragged"
-    for impl in IMPLS:
+    assert moe.choose_impl("auto", 2, 8, "tpu") == "gmm"
+    assert moe.choose_impl("auto", 8, 8, "tpu") == "dense"
+    for impl in IMPLS + ("gmm",):
         assert moe.choose_impl(impl, 2, 8, "cpu") == impl
         assert moe.choose_impl(impl, 8, 8, "gpu") == impl
 
@@ -257,3 +260,87 @@ def test_local_routing_runs_only_the_local_experts(impl):
     assert np.all(np.asarray(idle.index) == per) and not np.any(np.asarray(idle.weights))
     y = moe.dispatch(x, idle, moe.Experts(*(a[6:] for a in w)), impl, 16)
     assert not np.any(np.asarray(y))
+
+
+# --- gmm: megablox's TPU grouped-matmul kernels, run here in Pallas interpret mode (slow: keep cases tiny).
+
+GMM_TILE = (16, 1024, 1024)  # 16-row tiles: several per group, groups that start and end mid-tile
+
+
+def _gmm(x, r, w):
+    return grouped.dispatch_gmm(x, r, w, interpret=True, max_tile=GMM_TILE)
+
+
+def _dispatch_and_grads(paths, k, bias, local=None):
+    """One jitted program: {name: ((loss, y), grads w.r.t. (x, router, experts))} for each path.
+
+    ``local`` = (first, n): the routing of a device holding experts [first, first + n) only
+    (every other assignment "held elsewhere", index n), against those experts' weights.
+    """
+    def run(x, router, w, cot):
+        out = {}
+        for name, dispatch in paths.items():
+            def loss(x, router, w):
+                r = moe.route(x, router, bias, k)
+                if local is not None:
+                    r = moe.local_routing(r, jnp.int32(local[0]), local[1])
+                    w = moe.Experts(*(a[local[0]:local[0] + local[1]] for a in w))
+                y = dispatch(x, r, w)
+                return jnp.vdot(y, cot), y
+            out[name] = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, router, w)
+        return out
+    return jax.jit(run, compiler_options=FAST_COMPILE)
+
+
+# (experts, top_k, tokens, expert bias, skew towards expert 0, local (first, n) or None)
+GMM_CASES = [
+    # 80 rows in 16-row tiles: expert 0 spans several tiles, expert 1 is empty, the rest short
+    pytest.param(4, 2, 40, [0.0, -1e4, 0.0, 0.0], 6.0, None, id="uneven-and-empty-groups"),
+    # a device holding experts 2..4 of 8: most assignments are "held elsewhere"
+    pytest.param(8, 3, 21, None, 0.0, (2, 3), id="held-elsewhere"),
+]
+
+
+@pytest.mark.parametrize("e,k,t,bias,skew,local", GMM_CASES)
+@pytest.mark.slow  # over ~3 s on 2 cores (Pallas interpret mode)
+def test_gmm_equals_ragged_and_dense_forward_and_gradients(e, k, t, bias, skew, local):
+    """gmm (gmm forward, tgmm weight gradients) computes what ragged and dense do: the output and
+    the gradients w.r.t. the tokens, the router and the three expert weight tensors."""
+    x, router, w, cot, b = _problem(e, t, seed=7 * e + t, bias=bias, skew=skew)
+    paths = {"dense": moe.dispatch_dense, "ragged": moe.dispatch_ragged, "gmm": _gmm}
+    out = _dispatch_and_grads(paths, k, b, local)(x, router, w, cot)
+    (_, y), g = out["gmm"]
+    for ref in ("dense", "ragged"):
+        (_, y_ref), g_ref = out[ref]
+        _assert_close(y, y_ref, f"gmm vs {ref} forward")
+        _assert_close(g, g_ref, f"gmm vs {ref} grad")
+    if bias is not None:  # the empty group: exactly zero weight gradient
+        for name in ("gate", "up", "down"):
+            assert not np.any(np.asarray(getattr(g[2], name)[1]))
+    if local is not None:  # tokens with no local expert get exactly zero
+        idx = np.asarray(moe.local_routing(moe.route(x, router, b, k), jnp.int32(local[0]), local[1]).index)
+        away = np.all(idx == local[1], axis=1)
+        assert away.any() and not np.any(np.asarray(y)[away])
+
+
+@pytest.mark.slow  # over ~3 s on 2 cores (Pallas interpret mode)
+def test_gmm_sharded_matches_single_device_ragged():
+    """Under dispatch_sharded (shard_map, the kernels per device) on a (data 1, fsdp 2, expert 2, tensor 2)
+    mesh: forward and gradients equal the single-device ragged path."""
+    e, k, t = 8, 2, 24
+    x, router, w, cot, _ = _problem(e, t, seed=3, skew=4.0)
+    mesh = make_mesh(1, 2, 2, 2, devices=jax.devices()[:8])
+    paths = {"ragged": moe.dispatch_ragged,
+             "gmm": lambda x, r, w: moe.dispatch_sharded(x, r, w, mesh, "gmm")}
+    out = _dispatch_and_grads(paths, k, None)(x, router, w, cot)
+    _assert_close(out["gmm"], out["ragged"], "gmm sharded")
+
+
+def test_gmm_tiling_divides_the_dims():
+    """Tiles: rows up to 512 (fewer when there are few rows), the other dims the largest multiple of 128
+    up to 1024 that divides them (3584 = 4 x 896), else the whole dim."""
+    assert grouped.tiling(32768, 1024, 3584) == (512, 1024, 896)
+    assert grouped.tiling(32768, 3584, 1024) == (512, 896, 1024)
+    assert grouped.tiling(80, 16, 24) == (80, 16, 24)
+    assert grouped.tiling(37, 100, 4096) == (48, 100, 1024)
+    assert grouped.row_tile(0) == 16

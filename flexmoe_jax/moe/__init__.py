@@ -4,6 +4,7 @@
 - :mod:`~flexmoe_jax.moe.experts`: the experts' weights.
 - :mod:`~flexmoe_jax.moe.dispatcher`: :func:`dispatch` and its dense and ragged paths.
 - :mod:`~flexmoe_jax.moe.blocks`: the block-sparse CPU path.
+- :mod:`~flexmoe_jax.moe.grouped`: the TPU path, megablox grouped matmuls (imported when used: it loads Pallas).
 - :mod:`~flexmoe_jax.moe.parallel`: expert parallelism on a mesh.
 
 Design and measurements: docs/model.md.

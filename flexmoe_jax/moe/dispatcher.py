@@ -1,8 +1,9 @@
 """Dropless dispatch of tokens to SwiGLU experts: the dense and ragged paths, and :func:`dispatch`.
 
 ``dense`` runs every expert on every token (right when top_k == num_experts),
-``ragged`` sorts assignments by expert for ``jax.lax.ragged_dot`` (TPU/GPU),
-``blocks`` (:mod:`flexmoe_jax.moe.blocks`) is the CPU path. All compute the same
+``ragged`` sorts assignments by expert for ``jax.lax.ragged_dot`` (GPU),
+``gmm`` (:mod:`flexmoe_jax.moe.grouped`) does the same with the megablox Pallas
+kernels (TPU), ``blocks`` (:mod:`flexmoe_jax.moe.blocks`) is the CPU path. All compute the same
 function, drop no token, and treat an expert index equal to the number of
 experts as "held elsewhere" (no compute, zero output). See docs/model.md.
 """
@@ -72,38 +73,48 @@ def dispatch_ragged(x: jax.Array, r: Routing, w: Experts) -> jax.Array:
     return _combine(ys, inverse, r)
 
 
+_SPARSE = {"cpu": "blocks", "tpu": "gmm"}  # any other backend (GPU): ragged
+
+
 def choose_impl(impl: str, top_k: int, num_experts: int, backend: str | None = None) -> str:
-    """Resolve "auto": dense when every expert is chosen, else the backend's sparse path."""
+    """Resolve "auto": dense when every expert is chosen, else the backend's sparse path
+    (``backend`` defaults to JAX's default backend): blocks on CPU, gmm on TPU, ragged elsewhere."""
     if impl != "auto":
         return impl
     if top_k >= num_experts:
         return "dense"
-    backend = backend or jax.default_backend()
-    return "blocks" if backend == "cpu" else "ragged"
+    return _SPARSE.get(backend or jax.default_backend(), "ragged")
 
 
 def dispatch(x: jax.Array, r: Routing, w: Experts | tuple[Experts, ...], impl: str = "auto",
-             block_size: int = 512) -> jax.Array:
+             block_size: int = 512, backend: str | None = None) -> jax.Array:
     """Dropless mixture of SwiGLU experts: x [T, d] -> [T, d].
 
     ``w`` is the stacked experts, or a tuple of groups of consecutive slots
     (expert training keeps the frozen and the trained slot apart so that only
     the trained one gets weight gradients; the dense path honours the groups,
-    the sparse paths stack them).
+    the sparse paths stack them). ``backend``: the platform the program is
+    compiled for (default: JAX's default backend); it resolves "auto" and runs
+    gmm's kernels natively on "tpu", interpreted elsewhere. gmm is a Pallas kernel,
+    which GSPMD cannot partition: on a sharded mesh use :func:`~flexmoe_jax.moe.parallel.dispatch_sharded`.
     """
     groups = (w,) if isinstance(w, Experts) else tuple(w)
-    impl = choose_impl(impl, r.index.shape[1], sum(g.gate.shape[0] for g in groups))
-    return dispatch_one(x, r, groups, impl, block_size)
+    impl = choose_impl(impl, r.index.shape[1], sum(g.gate.shape[0] for g in groups), backend)
+    return dispatch_one(x, r, groups, impl, block_size, backend)
 
 
-def dispatch_one(x, r, w, impl, block_size):
+def dispatch_one(x, r, w, impl, block_size, backend=None):
     """:func:`dispatch` with ``impl`` already resolved (not "auto")."""
     groups = (w,) if isinstance(w, Experts) else tuple(w)
     if impl == "dense":
         return dispatch_dense(x, r, groups)
     if impl == "ragged":
         return dispatch_ragged(x, r, stack_experts(groups))
+    if impl == "gmm":
+        from flexmoe_jax.moe.grouped import dispatch_gmm  # (imports Pallas; only when asked for)
+
+        return dispatch_gmm(x, r, stack_experts(groups), interpret=(backend or jax.default_backend()) != "tpu")
     if impl == "blocks":
         return dispatch_blocks(x, r, stack_experts(groups), block_size)
-    raise UserError(f"unknown MoE dispatch {impl!r}; choose auto, dense, ragged or blocks")
+    raise UserError(f"unknown MoE dispatch {impl!r}; choose auto, dense, ragged, gmm or blocks")
 
