@@ -1,4 +1,13 @@
-"""FLOP counts of compiled programs through loops, and of each phase's real training step."""
+"""FLOP counts of compiled programs through loops, and of each phase's real training step.
+
+TPU behaviour is tested on real TPU HLO (tests/data/tpu_hlo, made by its make_fixtures.py with libtpu):
+the TPU program carries no ``known_trip_count``, writes batched matmuls as convolutions over dilated
+dimensions and runs Pallas kernels as ``tpu_custom_call``.
+"""
+
+import gzip
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +188,145 @@ def test_routed_step_counts_top_k_experts_per_token():
     assert every["compiled"] == both["compiled"] and every["method"] == "compiled step"
     tuned = flops.routed_step_flops(four, "router_tune", B, S)
     assert tuned["compiled"] < routed["compiled"]
+
+
+TPU_HLO = Path(__file__).parent / "data" / "tpu_hlo"
+MM = 2 * 128 * 256 * 256  # one [128, 256] x [256, 256] matmul
+
+
+def _tpu(name: str) -> str:
+    data = (TPU_HLO / name).read_bytes()
+    return (gzip.decompress(data) if name.endswith(".gz") else data).decode()
+
+
+def test_tpu_loops_count_the_trips_their_counters_show():
+    scan, fori = _tpu("scan_grad.hlo"), _tpu("fori_3_10.hlo")
+    for text in (scan, fori):
+        assert " while(" in text and "known_trip_count" not in text
+    assert flops.hlo_flops(scan) == flops.Flops(4 * 3 * MM)  # 4 steps: forward, then both gradients
+    assert flops.hlo_flops(fori) == flops.Flops(7 * MM)  # fori_loop(3, 10): XLA counts 0..7
+
+
+def test_tpu_loop_of_data_dependent_length_is_unknown():
+    counted = flops.hlo_flops(_tpu("while_dynamic.hlo"))
+    assert counted == flops.Flops(0.0, dynamic_flops=MM, dynamic_loops=1) and not counted.exact
+    assert counted.describe().startswith("unknown (at least 0.000e+00; 1 loops")
+    assert flops.Flops(3e9).describe() == "3.000e+09"
+
+
+def test_tpu_grouped_and_batched_convolutions_count_real_taps():
+    text = _tpu("grouped_conv_grad.hlo")  # a 4-group convolution and its two gradients
+    assert "lhs_dilate" in text and "group_count" not in text  # TPU writes the groups as a dilated dimension
+    # Each: 8 rows x 512 output channels x 64 inputs per group x (64 positions x 3 taps - 2 in the padding).
+    assert flops.hlo_flops(text) == flops.Flops(3 * 2 * 8 * 512 * 64 * (64 * 3 - 2))
+    # ragged_dot: forward and input gradient are XLA's TPU kernels (their cost estimate: the routed work);
+    # the weight gradient is a batched matmul over all 4 groups' rows, each masked to its group.
+    ragged = flops.hlo_flops(_tpu("ragged_dot_grad.hlo"))
+    assert ragged == flops.Flops(2 * (2 * 512 * 256 * 512) + 4 * 2 * 512 * 256 * 512)
+
+
+def test_pallas_kernels_count_their_cost_estimate_or_are_unknown():
+    both = flops.hlo_flops(_tpu("pallas_cost.hlo"))  # the same matmul kernel with and without an estimate
+    assert both == flops.Flops(2 * 256 ** 3, unknown_kernels=1) and not both.exact
+    assert "1 kernels without a cost estimate" in both.describe()
+    # megablox: the gmm kernel's estimate; its group-metadata kernels read and write only ints.
+    routed = 2 * 512 * 256 * 512  # 512 rows through 4 experts' [256, 512] weights, each row through one
+    gmm = flops.hlo_flops(_tpu("megablox_gmm.hlo.gz"))
+    assert gmm == flops.Flops(routed) and gmm.exact
+    # Its gradient: gmm forward, gmm for the input gradient, tgmm for the weights' (routed rows only).
+    assert flops.hlo_flops(_tpu("megablox_gmm_grad.hlo.gz")) == flops.Flops(3 * routed)
+
+
+def test_tpu_moe_step_matches_a_count_by_hand():
+    """The gradient of a tiny MoE (GQA, ragged top-2 of 4, full remat) compiled for a TPU core."""
+    c = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=256,
+                    num_experts=4, top_k=2, max_seq_len=128, dtype="bfloat16", remat="full", moe_impl="ragged")
+    b, s = 4, 64
+    t, d = b * s, c.d_model
+    head = 2 * t * d * c.vocab_size
+    layers = _forward_matmuls(c, b, s) - head
+    # Backward: twice the forward; full remat recomputes each layer's forward once more. The TPU's
+    # ragged_dot weight gradient runs every expert over all routed rows: E instead of 1 expert per row.
+    expert_dw = c.n_layers * 6 * t * c.top_k * d * c.mlp_hidden
+    expected = 4 * layers + 3 * head + (c.num_experts - 1) * expert_dw
+    counted = flops.hlo_flops(_tpu("moe_ragged_grad.hlo.gz"))
+    assert counted.exact and counted.flops == pytest.approx(expected, rel=1e-3)
+
+
+def _without_trip_counts(text: str) -> str:
+    return re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
+
+
+def test_counter_trip_counts_agree_with_the_ones_xla_proves():
+    """On CPU, where XLA writes known_trip_count, the counter analysis (TPU's only source) finds the same."""
+    scan = _compile(lambda x, ws: jax.lax.scan(lambda c, w: (c @ w, None), x, ws)[0],
+                    ((128, 256), F32), ((4, 256, 256), F32)).as_text()
+    params, tokens = jax.eval_shape(lambda: model.init(DENSE, 0)), jax.ShapeDtypeStruct((B, S), jnp.int32)
+    forward = jax.jit(lambda p, t: model.apply(DENSE, p, t)[0]).lower(params, tokens).compile().as_text()
+    for text in (scan, forward):
+        stripped = _without_trip_counts(text)
+        assert "known_trip_count" in text and "known_trip_count" not in stripped
+        assert flops.hlo_flops(stripped) == flops.hlo_flops(text) and flops.hlo_flops(text).exact
+
+
+@pytest.mark.parametrize("groups", [{"feature_group_count": 4}, {"batch_group_count": 4}], ids=["feature", "batch"])
+def test_grouped_convolutions_agree_with_xla(groups):
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (2,), [(1, 2)], rhs_dilation=(2,), dimension_numbers=("NWC", "WIO", "NWC"),
+                                            **groups)
+
+    kernel_in = 64 // groups.get("feature_group_count", 1)
+    lowered = jax.jit(conv).lower(jax.ShapeDtypeStruct((8, 33, 64), F32), jax.ShapeDtypeStruct((3, kernel_in, 128), F32))
+    unoptimized, compiled = lowered.as_text(dialect="hlo"), lowered.compile()
+    assert "_group_count=4" in unoptimized
+    # 16 outputs x 3 taps, 2 of them in the padding; each output channel sees 16 of the 64 input channels
+    # (feature groups), or each of the 2 output rows sees one group of the 8 input rows (batch groups).
+    expected = 2 * 8 * 128 * 16 * (16 * 3 - 2)
+    assert flops.hlo_flops(unoptimized) == flops.compiled_flops(compiled) == flops.Flops(expected)
+    assert compiled.cost_analysis()["flops"] == expected
+
+
+COUNTDOWN = """HloModule countdown
+
+%cond (s: (s32[], s32[], f32[8,8])) -> pred[] {
+  %s = (s32[], s32[], f32[8,8]) parameter(0)
+  %zero = s32[] constant(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  ROOT %more = pred[] compare(%zero, %i), direction=LT
+}
+
+%body (b: (s32[], s32[], f32[8,8])) -> (s32[], s32[], f32[8,8]) {
+  %b = (s32[], s32[], f32[8,8]) parameter(0)
+  %i = s32[] get-tuple-element(%b), index=0
+  %step = s32[] get-tuple-element(%b), index=1
+  %next = s32[] subtract(%i, %step)
+  %x = f32[8,8] get-tuple-element(%b), index=2
+  %y = f32[8,8] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], s32[], f32[8,8]) tuple(%next, %step, %y)
+}
+
+ENTRY %main (x: f32[8,8], n: s32[]) -> f32[8,8] {
+  %x = f32[8,8] parameter(0)
+  %n = s32[] parameter(1)
+  %ten = s32[] constant(10)
+  %three = s32[] constant(3)
+  %s0 = (s32[], s32[], f32[8,8]) tuple(%ten, %three, %x)
+  %w = (s32[], s32[], f32[8,8]) while(%s0), condition=%cond, body=%body
+  %s1 = (s32[], s32[], f32[8,8]) tuple(%ten, %n, %x)
+  %v = (s32[], s32[], f32[8,8]) while(%s1), condition=%cond, body=%body
+  ROOT %r = f32[8,8] get-tuple-element(%w), index=2
+}
+"""
+
+
+def test_counter_found_whatever_its_direction_and_step():
+    # 10, 7, 4, 1: four trips of a counter stepped down by a loop-invariant 3 while 0 < i. The second loop
+    # steps by a parameter: its trip count is unknown.
+    assert flops.hlo_flops(COUNTDOWN) == flops.Flops(4 * 2 * 8 ** 3, dynamic_flops=2 * 8 ** 3, dynamic_loops=1)
+
+
+@pytest.mark.parametrize("start,step,bound,direction,trips", [
+    (0, 1, 8, "LT", 8), (3, 2, 10, "LT", 4), (0, 1, 8, "LE", 9), (10, -3, 0, "GT", 4), (10, -3, 1, "GE", 4),
+    (0, 2, 8, "NE", 4), (5, 1, 3, "LT", 0), (0, 3, 8, "NE", None), (0, -1, 8, "LT", None)])
+def test_trip_count_of_a_counted_loop(start, step, bound, direction, trips):
+    assert flops._iterations(start, step, bound, direction) == trips

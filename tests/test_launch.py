@@ -63,9 +63,12 @@ def test_bad_arguments_are_clear():
     assert r.returncode == 2 and "after --" in r.stderr
 
 
+MESH_PRESETS = sorted(f"mesh/{p.name}" for p in (Path(__file__).parent.parent / "gin_configs" / "mesh").glob("*.gin")
+                      if p.name != "cpu.gin")  # every shipped slice preset
+
+
 @pytest.mark.parametrize("phase", ["phase/pretrain.gin", "phase/expert.gin", "phase/router_tune.gin"])
-@pytest.mark.parametrize("preset", sorted(f"mesh/{p.name}" for p in (Path(__file__).parent.parent / "gin_configs" / "mesh")
-                                           .glob("*.gin") if p.name != "cpu.gin"))  # every shipped slice preset
+@pytest.mark.parametrize("preset", MESH_PRESETS)
 def test_mesh_presets_split_their_phase_batch(phase, preset):
     """Each mesh preset, given after a phase file, leaves a batch that its batch shards
     (data x fsdp x expert, see sharding.BATCH_AXES) divide, as the trainer requires."""

@@ -202,6 +202,8 @@ def test_choose_impl_rules():
     assert moe.choose_impl("auto", 2, 8, "gpu") == "ragged"
     assert moe.choose_impl("auto", 2, 8, "tpu") == "gmm"
     assert moe.choose_impl("auto", 8, 8, "tpu") == "dense"
+    assert moe.choose_impl("auto", 2, 8, "tpu", (1024, 3584)) == "gmm"
+    assert moe.choose_impl("auto", 2, 8, "tpu", (256, 688)) == "ragged"  # 688: no 128-lane tiling
     for impl in IMPLS + ("gmm",):
         assert moe.choose_impl(impl, 2, 8, "cpu") == impl
         assert moe.choose_impl(impl, 8, 8, "gpu") == impl

@@ -76,14 +76,23 @@ def dispatch_ragged(x: jax.Array, r: Routing, w: Experts) -> jax.Array:
 _SPARSE = {"cpu": "blocks", "tpu": "gmm"}  # any other backend (GPU): ragged
 
 
-def choose_impl(impl: str, top_k: int, num_experts: int, backend: str | None = None) -> str:
+_GMM_LANE = 128  # gmm's feature tiles are multiples of the TPU's 128 lanes
+
+
+def choose_impl(impl: str, top_k: int, num_experts: int, backend: str | None = None,
+                dims: tuple[int, ...] | None = None) -> str:
     """Resolve "auto": dense when every expert is chosen, else the backend's sparse path
-    (``backend`` defaults to JAX's default backend): blocks on CPU, gmm on TPU, ragged elsewhere."""
+    (``backend`` defaults to JAX's default backend): blocks on CPU, gmm on TPU, ragged elsewhere.
+    ``dims``: the experts' (d_model, hidden) as each device holds them; gmm tiles them by 128 lanes,
+    so on TPU a dim that is not a multiple of 128 falls back to ragged."""
     if impl != "auto":
         return impl
     if top_k >= num_experts:
         return "dense"
-    return _SPARSE.get(backend or jax.default_backend(), "ragged")
+    choice = _SPARSE.get(backend or jax.default_backend(), "ragged")
+    if choice == "gmm" and dims is not None and any(x % _GMM_LANE for x in dims):
+        return "ragged"
+    return choice
 
 
 def dispatch(x: jax.Array, r: Routing, w: Experts | tuple[Experts, ...], impl: str = "auto",
@@ -99,7 +108,8 @@ def dispatch(x: jax.Array, r: Routing, w: Experts | tuple[Experts, ...], impl: s
     which GSPMD cannot partition: on a sharded mesh use :func:`~flexmoe_jax.moe.parallel.dispatch_sharded`.
     """
     groups = (w,) if isinstance(w, Experts) else tuple(w)
-    impl = choose_impl(impl, r.index.shape[1], sum(g.gate.shape[0] for g in groups), backend)
+    impl = choose_impl(impl, r.index.shape[1], sum(g.gate.shape[0] for g in groups), backend,
+                       groups[0].gate.shape[1:])
     return dispatch_one(x, r, groups, impl, block_size, backend)
 
 

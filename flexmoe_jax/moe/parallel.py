@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from flexmoe_jax.moe.dispatcher import choose_impl, dispatch_one
@@ -44,9 +45,10 @@ def dispatch_sharded(x: jax.Array, r: Routing, w: Experts | tuple[Experts, ...],
     e, d, h = w.gate.shape
     t, k = r.index.shape
     backend = mesh.devices.flat[0].platform  # the mesh's, not the host's: an AOT compile for TPU picks gmm
-    impl = choose_impl(impl, k, e, backend)
     (tok,) = split_axes(mesh, ("batch",), (t,))
     ex, emb, mlp = split_axes(mesh, ("expert", "embed", "mlp"), (e, d, h))
+    local_h = h // int(np.prod([mesh.shape[a] for a in mlp], dtype=int))  # embed is gathered, hidden stays split
+    impl = choose_impl(impl, k, e, backend, (d, local_h))
     (_, mlp_down, emb_down) = split_axes(mesh, ("expert", "mlp", "embed"), (e, h, d))
     assert (mlp_down, emb_down) == (mlp, emb), "gate/up and down must split hidden and embed alike"
     # Tokens are gathered over the axes that split the experts too; those must
