@@ -24,6 +24,7 @@ from flexmoe_jax.errors import UserError
 MOE_IMPLS = ("auto", "dense", "ragged", "gmm", "blocks")
 REMAT_POLICIES = ("none", "full", "dots")
 ROUTINGS = ("top_k", "public_plus", "document_top_k", "document_public_plus")
+ATTENTION_IMPLS = (None, "xla", "splash", "cudnn")
 # How a model picks experts at inference, not what it is: left out of anchor fingerprints.
 INFERENCE_FIELDS = ("routing", "router_score", "router_temperature")
 # What must agree for two models' tensors to fit together (an anchor and its experts, a soup's
@@ -91,7 +92,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     init_std: float = 0.02
-    # jax.nn.dot_product_attention implementation: None (XLA) or "cudnn".
+    # Attention (flexmoe_jax.layers.attention_kind): None = auto ("splash" on TPU, else "xla"), "xla"
+    # (the XLA form), "splash" (JAX's Pallas TPU kernel, interpreted off TPU: slow) or "cudnn" (GPU).
     attention_impl: str | None = None
     pad_token_id: int | None = None
     eos_token_id: int | None = None
@@ -119,6 +121,8 @@ class ModelConfig:
                     fail(f"{len(self.expert_names)} expert_names for {self.num_experts} experts")
                 if len(set(self.expert_names)) != len(self.expert_names):
                     fail(f"expert_names must be unique, got {self.expert_names}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            fail(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.router_score not in ("dot", "cosine"):
             fail(f"router_score must be 'dot' or 'cosine', got {self.router_score!r}")
         if not self.router_temperature > 0:

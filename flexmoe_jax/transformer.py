@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from flexmoe_jax import moe as moe_lib, optim
+from flexmoe_jax import layers, moe as moe_lib, optim
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 from flexmoe_jax.layers import attention, rms_norm, rope, rope_tables
@@ -34,13 +34,15 @@ class Attention(nn.Module):
     ``[cache_index, cache_index + S)`` and the queries attend over all M slots
     under ``mask`` [B, 1, S, M] (built by :class:`Transformer`). One code path
     serves a whole-prompt prefill (S = prompt length) and a one-token step.
+    Where :func:`~flexmoe_jax.layers.attention_kind` says "splash" (auto on TPU), the
+    kernel applies the causal mask within ``segment_ids`` [B, S] itself and ``mask`` is None.
     """
     config: ModelConfig
     mesh: Mesh | None = None
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, cache_index=None):
+    def __call__(self, x, rope_cs, mask, cache_index=None, segment_ids=None):
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.init_std)
@@ -67,7 +69,11 @@ class Attention(nn.Module):
             ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), at)
             cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), at)
             k, v = ck.value.astype(dt), cv.value.astype(dt)
-        out = attention(q, k, v, mask, c.attention_impl)
+        kind = layers.attention_kind(c.attention_impl, layers.mesh_backend(self.mesh), s, self.decode)
+        if kind == "splash":
+            out = layers.sharded_splash_attention(q, k, v, segment_ids, self.mesh)
+        else:
+            out = attention(q, k, v, mask, kind)
         out = out.reshape(b, s, qw) @ o_proj.astype(dt)
         return constrain(out, ("batch", "length", "act_embed"), self.mesh)
 
@@ -176,7 +182,7 @@ class Block(nn.Module):
         attn_norm = _param(self, "post_attn_norm", ones, (c.d_model,), ("norm",), pdt)
         ffn_norm = _param(self, "post_ffn_norm", ones, (c.d_model,), ("norm",), pdt)
         attn = Attention(c, self.mesh, self.decode, name="attn")
-        x = x + rms_norm(attn(x, rope_cs, mask, cache_index), attn_norm, c.rms_eps)
+        x = x + rms_norm(attn(x, rope_cs, mask, cache_index, segment_ids), attn_norm, c.rms_eps)
         self.sow("intermediates", "ffn_input", x)  # what the router reads; free unless asked for
         ffn = MoEFFN(c, self.mesh, self.decode, name="moe") if c.is_moe else DenseFFN(c, self.mesh, name="mlp")
         y, aux = ffn(x, route_bias, positions, segment_ids)
@@ -224,6 +230,8 @@ class Transformer(nn.Module):
             slots = jnp.arange(seg_cache.value.shape[1], dtype=jnp.int32)
             causal = slots[None, :] <= start + jnp.arange(s, dtype=jnp.int32)[:, None]  # [S, M]
             mask = causal[None, None] & (segment_ids[:, None, :, None] == seg_cache.value[:, None, None, :])
+        elif layers.attention_kind(c.attention_impl, layers.mesh_backend(self.mesh), s, False) == "splash":
+            mask = None  # the kernel masks by segment_ids itself: no [B, 1, S, S] mask
         else:
             causal = jnp.tril(jnp.ones((s, s), dtype=bool))
             mask = causal[None, None] & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flexmoe_jax import checkpoint, expert, flops, model, optim, train, trainer
+from flexmoe_jax import checkpoint, expert, flops, hlo_parse, model, optim, train, trainer
 from flexmoe_jax.config import ModelConfig, tiny
 
 F32 = jnp.float32
@@ -329,4 +329,4 @@ def test_counter_found_whatever_its_direction_and_step():
     (0, 1, 8, "LT", 8), (3, 2, 10, "LT", 4), (0, 1, 8, "LE", 9), (10, -3, 0, "GT", 4), (10, -3, 1, "GE", 4),
     (0, 2, 8, "NE", 4), (5, 1, 3, "LT", 0), (0, 3, 8, "NE", None), (0, -1, 8, "LT", None)])
 def test_trip_count_of_a_counted_loop(start, step, bound, direction, trips):
-    assert flops._iterations(start, step, bound, direction) == trips
+    assert hlo_parse._iterations(start, step, bound, direction) == trips

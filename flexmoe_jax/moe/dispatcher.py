@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from flexmoe_jax.errors import UserError
+from flexmoe_jax.moe.assignments import combine, sort_by_expert
 from flexmoe_jax.moe.blocks import dispatch_blocks
 from flexmoe_jax.moe.experts import Experts, stack_experts, swiglu
 from flexmoe_jax.moe.router import Routing, gate_matrix
@@ -48,29 +49,15 @@ def dispatch_dense(x: jax.Array, r: Routing, w: Experts | tuple[Experts, ...]) -
     return y.astype(x.dtype)
 
 
-def _sort_by_expert(index: jax.Array, num_experts: int):
-    flat = index.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return flat, order, sizes
-
-
-def _combine(y_rows: jax.Array, row_of_assignment: jax.Array, r: Routing) -> jax.Array:
-    """Gather each (token, k) result back and mix with its routing weight."""
-    t, k = r.index.shape
-    y = y_rows[row_of_assignment].reshape(t, k, -1)
-    return jnp.einsum("tkd,tk->td", y, r.weights.astype(y.dtype))
-
-
 def dispatch_ragged(x: jax.Array, r: Routing, w: Experts) -> jax.Array:
     """Sort assignments by expert, one ``ragged_dot`` per projection."""
     t, k = r.index.shape
-    _, order, sizes = _sort_by_expert(r.index, w.gate.shape[0])
+    _, order, sizes = sort_by_expert(r.index, w.gate.shape[0])
     xs = x[order // k]
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, sizes)) * jax.lax.ragged_dot(xs, w.up, sizes)
     ys = jax.lax.ragged_dot(h, w.down, sizes)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
-    return _combine(ys, inverse, r)
+    return combine(ys, inverse, r)
 
 
 _SPARSE = {"cpu": "blocks", "tpu": "gmm"}  # any other backend (GPU): ragged

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import megablox
 
-from flexmoe_jax.moe.dispatcher import _combine, _sort_by_expert
+from flexmoe_jax.moe.assignments import combine, sort_by_expert
 from flexmoe_jax.moe.experts import Experts
 from flexmoe_jax.moe.router import Routing
 
@@ -72,7 +72,7 @@ def dispatch_gmm(x: jax.Array, r: Routing, w: Experts, interpret: bool = False,
     t, k = r.index.shape
     e = w.gate.shape[0]
     n = t * k
-    _, order, sizes = _sort_by_expert(r.index, e)
+    _, order, sizes = sort_by_expert(r.index, e)
     m = _round_up(n, row_tile(n, max_tile[0]))
     group_sizes = jnp.concatenate([sizes, (m - jnp.sum(sizes))[None].astype(jnp.int32)])
     xs = jnp.pad(x[order // k], ((0, m - n), (0, 0)))
@@ -80,4 +80,4 @@ def dispatch_gmm(x: jax.Array, r: Routing, w: Experts, interpret: bool = False,
     h = jax.nn.silu(gmm(xs, w.gate)) * gmm(xs, w.up)
     ys = gmm(h, w.down)[:n]
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=order.dtype))
-    return _combine(ys, inverse, r)
+    return combine(ys, inverse, r)
