@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -49,6 +52,24 @@ class Report:
     estimate_6n_per_device: float
     # flexmoe_jax.flops.Flops of the compiled program (None: not counted).
     flops_per_device: Any = None
+    # XLA's memory_analysis per device: argument, output, alias and temp bytes (peak = arguments + outputs
+    # - aliased + temporaries, i.e. bytes_per_device).
+    memory: dict = dataclasses.field(default_factory=dict)
+    # XLA's own peak of the simulated heap (memory_analysis().peak_memory_in_bytes; None where the
+    # backend does not report it): at most bytes_per_device, as buffers whose lives do not overlap share.
+    peak_memory: int | None = None
+
+    def to_json(self) -> dict:
+        """Every number of the report, as ``--json`` writes it (bench/aot_vs_maxtext reads it)."""
+        f = self.flops_per_device
+        return {"what": self.what, "topology": self.topology, "devices": self.devices, "mesh": self.mesh,
+                "bytes_per_device": self.bytes_per_device, "hbm_bytes": self.hbm_bytes, "fits": self.fits,
+                "memory": self.memory, "peak_memory": self.peak_memory,
+                "xla_flops_per_device": self.xla_flops_per_device,
+                # the compiled matmul count: exact, or (None, a lower bound) where a loop or kernel is unknown
+                "compiled_flops_per_device": None if f is None or not f.exact else f.flops,
+                "compiled_flops_at_least": None if f is None else f.flops,
+                "estimate_6n_per_device": self.estimate_6n_per_device, "collective_bytes": self.collective_bytes}
 
     @property
     def fits(self) -> bool:
@@ -60,7 +81,9 @@ class Report:
                 ("mesh", ", ".join(f"{k}={v}" for k, v in self.mesh.items())),
                 ("memory per device", f"{self.bytes_per_device / gib:.2f} GiB of {self.hbm_bytes / gib:.0f} GiB HBM "
                                       f"({self.bytes_per_device / self.hbm_bytes:.0%}): "
-                                      f"{'fits' if self.fits else 'DOES NOT FIT'}"),
+                                      f"{'fits' if self.fits else 'DOES NOT FIT'}"
+                                      + (f" (XLA's heap peak {self.peak_memory / gib:.2f} GiB)" if self.peak_memory
+                                         else "")),
                 ("FLOPs per device per step", self._flops()),
                 ("collective bytes per step", ", ".join(f"{k} {v / 2**20:,.1f} MiB"
                                                         for k, v in sorted(self.collective_bytes.items())) or "none")]
@@ -84,6 +107,24 @@ def collective_bytes(hlo: str) -> dict[str, int]:
                 for dt, dims in _ARRAY.findall(shape))
         out[op] = out.get(op, 0) + n
     return out
+
+
+LIBTPU = "libtpu==0.0.42.1"  # the version jax[tpu]==0.10.2 pins
+
+
+def libtpu_dir() -> Path:
+    """A directory holding JAX's TPU build (:data:`LIBTPU`), installed there from the package registry
+    on first use (``~/.cache/flexmoe_jax/``): put it on ``PYTHONPATH`` of a process that should compile
+    for TPU without installing libtpu into its environment (whose start-up probing prints to every JAX
+    process's stderr). The tests and ``bench/aot_vs_maxtext.py`` run compile-check this way."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flexmoe_jax" / LIBTPU.replace("==", "-")
+    if not (cache / "libtpu").is_dir():
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(cache), LIBTPU],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise UserError(f"{LIBTPU} could not be installed from the package registry into {cache}: "
+                            f"{r.stderr.strip()[-300:]}")
+    return cache
 
 
 def topology_devices(name: str):
@@ -124,9 +165,10 @@ def _compiled_report(what: str, topology: str, mesh, compiled, hbm: int, six_n: 
     from flexmoe_jax import flops
 
     text = compiled.as_text()
+    memory = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     return Report(what, topology, mesh.devices.size, dict(mesh.shape), int(used), hbm,
                   float(cost.get("flops", 0.0)), collective_bytes(text), six_n / mesh.devices.size,
-                  flops.hlo_flops(text))
+                  flops.hlo_flops(text), memory, int(getattr(mem, "peak_memory_in_bytes", 0)) or None)
 
 
 def train_step(config, rc, ocfg, loss_cfg, topology: str) -> Report:
@@ -186,6 +228,10 @@ def main(args) -> int:
               "smaller batch per device or RunConfig.grad_accum")
         return 2
     print(report.table())
+    if args.json:
+        from flexmoe_jax import storage
+
+        storage.write_json(args.json, report.to_json(), sort_keys=False)
     if not report.fits:
         print(f"flexmoe compile-check: {report.what} needs {report.bytes_per_device / 2**30:.2f} GiB per device, "
               f"more than the {report.hbm_bytes / 2**30:.0f} GiB of {args.topology}: use a larger slice, more fsdp, "

@@ -6,6 +6,7 @@ so this test installs it once into a cache directory and runs the command in a s
 the path.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -13,19 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from flexmoe_jax.compile_check import collective_bytes
-
-LIBTPU = "libtpu==0.0.42.1"  # the version jax[tpu]==0.10.2 pins
+from flexmoe_jax.compile_check import collective_bytes, libtpu_dir
+from flexmoe_jax.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def libtpu_env(tmp_path_factory):
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flexmoe_jax" / LIBTPU.replace("==", "-")
-    if not (cache / "libtpu").is_dir():
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(cache), LIBTPU],
-                           capture_output=True, text=True)
-        if r.returncode:
-            pytest.skip(f"{LIBTPU} could not be installed from the package registry: {r.stderr.strip()[-300:]}")
+    try:
+        cache = libtpu_dir()
+    except UserError as e:
+        pytest.skip(str(e))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return {**env, "PYTHONPATH": os.pathsep.join([str(cache), str(Path(__file__).resolve().parent.parent)]),
             "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -37,15 +35,23 @@ def _check(env, *args):
 
 
 @pytest.mark.slow  # over ~3 s on 2 cores
-def test_expert_step_compiles_for_a_tpu_slice_and_reports_memory(libtpu_env):
+def test_expert_step_compiles_for_a_tpu_slice_and_reports_memory(libtpu_env, tmp_path):
     r = _check(libtpu_env, "--gin_file", "model/tiny.gin", "--gin_file", "phase/expert.gin",
                "--gin_param", "RunConfig.mesh=(1,2,2,1)", "--gin_param", 'RunConfig.anchor="a"',
-               "--gin_param", 'RunConfig.expert_name="owner"', "--topology", "v5p-8")
+               "--gin_param", 'RunConfig.expert_name="owner"', "--topology", "v5p-8",
+               "--json", str(tmp_path / "r.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "| topology | v5p-8 (4 devices) |" in out and "| mesh | data=1, fsdp=2, expert=2, tensor=1 |" in out
-    assert "of 95 GiB HBM" in out and ": fits |" in out
+    assert "of 95 GiB HBM" in out and ": fits (XLA's heap peak" in out
     assert "all-gather" in out  # fsdp gathers the weights: the TPU compiler inserted collectives
+    # --json carries the same numbers, the peak decomposed as XLA reports it
+    rep = json.loads((tmp_path / "r.json").read_text())
+    m = rep["memory"]
+    assert rep["bytes_per_device"] == m["argument"] + m["output"] - m["alias"] + m["temp"] > 0
+    assert 0 < rep["peak_memory"] <= rep["bytes_per_device"]  # buffers whose lives do not overlap share
+    assert rep["fits"] and rep["devices"] == 4 and rep["collective_bytes"]["all-gather"] > 0
+    assert rep["compiled_flops_at_least"] > 0 and rep["estimate_6n_per_device"] > 0
 
 
 @pytest.mark.slow  # over ~3 s on 2 cores

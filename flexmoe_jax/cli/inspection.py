@@ -72,6 +72,8 @@ def add_parsers(sub) -> None:
     cc.add_argument("--gin_param", action="append", default=[], help="a gin binding K=V (repeatable)")
     cc.add_argument("--topology", required=True, help="the TPU slice, e.g. v5p-64, v5e-16, v6e-8")
     cc.add_argument("--forward", action="store_true", help="compile the model's forward (inference) instead")
+    cc.add_argument("--json", metavar="FILE", help="also write every number of the report to FILE (JSON): memory by "
+                                                   "kind, FLOPs, collective bytes")
     cc.set_defaults(fn=_cmd_compile_check)
 
     vf = sub.add_parser("verify", help="read back every array of checkpoints and say which are damaged",
