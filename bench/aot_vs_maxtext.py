@@ -201,6 +201,8 @@ def table(case: Case, r: dict) -> str:
              for c in COLLECTIVES]
 
     def raw(p, key):
+        if key == "compiled_flops_at_least":  # a ratio of lower bounds means nothing
+            return p["compiled_flops_per_device"]
         return p["collective_bytes"].get(key, 0) if key in COLLECTIVES else p.get(key)
 
     lines = [f"**{case.name}** ({case.topology}, {case.chips} chips, mesh data/fsdp/expert/tensor = "

@@ -164,6 +164,13 @@ def apply(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax
     return Transformer(config, mesh).apply({"params": params}, tokens, positions, segment_ids, route_bias)
 
 
+def apply_hidden(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array, mesh: Mesh | None = None):
+    """:func:`apply` up to the output head: (final normalized hidden states [B, S, d] in the compute
+    dtype, aux). ``hidden @ params["lm_head"]`` (fp32 accumulation) are :func:`apply`'s logits."""
+    return Transformer(config, mesh, head=False).apply({"params": params}, tokens, positions, segment_ids)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def ffn_inputs(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flexmoe_jax import model, optim
+from flexmoe_jax import lm_loss, model, optim
 from flexmoe_jax.config import ModelConfig
 from flexmoe_jax.errors import UserError
 from flexmoe_jax.sharding import batch_spec, make_mesh, named_sharding
@@ -41,6 +41,9 @@ class LossConfig:
     # Weight of the routing loss (beyond the paper): own text -> own expert, public replay text ->
     # public expert, so each owner's row learns log-odds of its domain against the shared public row.
     route_weight: float = 0.0
+    # The loss takes the output head's logits this many positions at a time (flexmoe_jax.lm_loss): one
+    # chunk's [rows, chunk, vocab] fp32 logits live at once instead of the whole sequence's. 0: whole.
+    logits_chunk: int = 512
 
 
 class TrainState(NamedTuple):
@@ -52,12 +55,12 @@ class TrainState(NamedTuple):
 def loss_and_metrics(config: ModelConfig, params: Any, batch: Batch, loss_cfg: LossConfig,
                      mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scalar training loss and per-batch metrics (sums are weighted by loss_weights)."""
-    logits, aux = model.apply(config, params, batch["decoder_input_tokens"], batch["decoder_positions"],
-                              batch["decoder_segment_ids"], mesh)
+    hidden, aux = model.apply_hidden(config, params, batch["decoder_input_tokens"], batch["decoder_positions"],
+                                     batch["decoder_segment_ids"], mesh)
+    lse, target_logit = lm_loss.logit_stats(hidden, params["lm_head"], batch["decoder_target_tokens"],
+                                            loss_cfg.logits_chunk, mesh)
     weights = batch["decoder_loss_weights"].astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(weights), 1.0)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
     ce = jnp.sum((lse - target_logit) * weights) / denom
     logit_z = jnp.sum(jnp.square(lse) * weights) / denom
     loss = ce + loss_cfg.logit_z_weight * logit_z

@@ -40,6 +40,9 @@ class Attention(nn.Module):
     config: ModelConfig
     mesh: Mesh | None = None
     decode: bool = False
+    # False: return the final normalized hidden states [B, S, d] (compute dtype) instead of the logits,
+    # for a loss that applies the head itself (flexmoe_jax.lm_loss); the parameters are the same.
+    head: bool = True
 
     @nn.compact
     def __call__(self, x, rope_cs, mask, cache_index=None, segment_ids=None):
@@ -106,6 +109,9 @@ class MoEFFN(nn.Module):
     config: ModelConfig
     mesh: Mesh | None = None
     decode: bool = False
+    # False: return the final normalized hidden states [B, S, d] (compute dtype) instead of the logits,
+    # for a loss that applies the head itself (flexmoe_jax.lm_loss); the parameters are the same.
+    head: bool = True
 
     @nn.compact
     def __call__(self, x, route_bias=None, positions=None, segment_ids=None):
@@ -173,6 +179,9 @@ class Block(nn.Module):
     config: ModelConfig
     mesh: Mesh | None = None
     decode: bool = False
+    # False: return the final normalized hidden states [B, S, d] (compute dtype) instead of the logits,
+    # for a loss that applies the head itself (flexmoe_jax.lm_loss); the parameters are the same.
+    head: bool = True
 
     @nn.compact
     def __call__(self, x, rope_cs, mask, route_bias=None, positions=None, segment_ids=None, cache_index=None):
@@ -208,6 +217,9 @@ class Transformer(nn.Module):
     config: ModelConfig
     mesh: Mesh | None = None
     decode: bool = False
+    # False: return the final normalized hidden states [B, S, d] (compute dtype) instead of the logits,
+    # for a loss that applies the head itself (flexmoe_jax.lm_loss); the parameters are the same.
+    head: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, route_bias=None):
@@ -256,6 +268,8 @@ class Transformer(nn.Module):
         final_norm = _param(self, "final_norm", nn.initializers.ones, (c.d_model,), ("norm",), pdt)
         lm_head = _param(self, "lm_head", init, (c.d_model, c.vocab_size), ("embed", "vocab"), pdt)
         x = rms_norm(x, final_norm, c.rms_eps)
+        if not self.head:
+            return x, aux
         logits = jnp.dot(x, lm_head.astype(dt), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab"), self.mesh), aux
 

@@ -103,7 +103,7 @@ LAYERS = {
     "foundations": ["errors", "config", "storage", "sharding", "distributed", "optim", "tf_quiet"],
     "data": ["data"],
     "model": ["layers", "moe", "transformer", "model", "selection"],
-    "training": ["train", "hlo_parse", "hlo_count", "flops"],
+    "training": ["lm_loss", "train", "hlo_parse", "hlo_count", "flops"],
     "checkpoints": ["array_store", "atomic_dir", "checksums", "restore_targets", "checkpoint", "verify", "hf"],
     "flexolmo": ["routing", "private_stats", "loading", "generate", "expert", "router_init", "anchor_kit",
                  "merge_inputs", "merge_slots", "merge", "baselines"],
