@@ -10,6 +10,7 @@ import pytest
 
 from flexmoe_jax import eval as eval_lib, model, routing, selection
 from flexmoe_jax.config import tiny
+from flexmoe_jax.evaluation.expert_use import counts_routing
 
 NAMES = ("public", "a", "b")
 
@@ -202,6 +203,17 @@ def test_density_routing_picks_the_model_that_best_explains_the_segment_so_far(m
     for r in range(2):
         for t in range(1, S):
             np.testing.assert_allclose(got[r, t], lp[np.argmax(prefix[:, r, t]), r, t], rtol=1e-5, atol=1e-5)
+    # Its routing statistics: each token reaches the experts of the member it went to (every member's at
+    # a segment's first token, where all tie), the same log-probs from the same pass.
+    lp2, sel = scorer.logprobs_and_selection(batch)
+    np.testing.assert_array_equal(np.asarray(lp2), got)
+    sel = np.asarray(sel)
+    assert sel.shape == (1, 2, S, 3) and sel[0, :, :, 0].all()  # public always
+    assert sel[0, :, 0].all()  # the first token: every member
+    best = np.argmax(prefix[:, :, 1:], axis=0)  # [B, S-1]: 0 public, 1 {public, a}, 2 {public, b}
+    np.testing.assert_array_equal(sel[0, :, 1:, 1], best == 1)
+    np.testing.assert_array_equal(sel[0, :, 1:, 2], best == 2)
+    assert counts_routing(scorer)
     only_a = eval_lib.density_scorer(*selection.exclude(config, params, ["b"]))
     assert len(only_a.members) == 2
     with pytest.raises(ValueError, match="density routing needs"):

@@ -8,7 +8,8 @@ routing stats, and the privacy audit of everything each owner published.
   simulation: a real owner runs ``flexmoe routing-stats`` itself); the public stats go through the
   same mechanism at the same epsilon (exact for the exact row).
 - density routing (the experts as their own density models: nothing published but the weights) is
-  scored beside them, with its price in inference FLOPs.
+  scored beside them, with its price in inference FLOPs and its routing (each token's experts are
+  those of the sub-model it went to).
 - :func:`audit_owners`: ``flexmoe privacy audit`` of each owner's run directory (its released stats,
   its weights, its manifest), plus the same stats attacks on the exact counts for contrast; the
   attacker's reference is the exact public-data counts (public data is everyone's).
@@ -70,6 +71,10 @@ def sweep(w: Workdir, merged: Path, domains, base: dict, experts: dict, epsilons
                                    groups=ablations.GROUPS)
     routes = scoring.routing_all(w, models, json_name="private_routing_routing.json", groups=ablations.GROUPS,
                                  scored=results)
+    # density's routing (the experts of the sub-model each token went to) is counted in its scoring pass
+    dens = results.get(DENSITY, {})
+    if dens and all("routing" in r for d, r in dens.items() if d != eval_lib.AVERAGE):
+        routes[DENSITY] = {d: r["routing"] for d, r in dens.items() if d != eval_lib.AVERAGE}
     summary = ablations.summarize(base, results, routes, list(domains), [*models, DENSITY])
     summary["rows"]["flexolmo (router rows only)"] = ablations.summarize(
         base, base, scoring.results(w, "routing.json"), list(domains), ["flexolmo"])["rows"]["flexolmo"]

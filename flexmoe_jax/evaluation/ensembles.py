@@ -98,17 +98,10 @@ def soup(models: Sequence[tuple[ModelConfig, model.Params]],
 # -- BTM ensemble -------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("top_k", "mean"))
-def btm_combine(member_logprobs: jax.Array, segment_ids: jax.Array, log_prior: jax.Array,
-                top_k: int | None = None, temperature: float = 1.0, mean: bool = False) -> jax.Array:
-    """Mix M members' per-token log-probs [M, B, S] into the BTM ensemble's [B, S].
-
-    Member m's weight at token t is ``softmax_m(log_prior_m + sum of m's log-probs of the tokens
-    before t in t's segment)``: the posterior over members given the segment so far. Only earlier
-    tokens of the same segment (a run of equal non-zero ``segment_ids``) enter a token's weights.
-    ``mean=True, temperature=T`` is the paper's form: ``softmax_m(-NLL_m / T)`` with NLL the mean
-    negative log-likelihood of the context (uniform before any context); ``top_k`` keeps the k
-    heaviest members, renormalized.
-    """
+def _member_logweights(member_logprobs: jax.Array, segment_ids: jax.Array, log_prior: jax.Array,
+                       top_k: int | None, temperature: float, mean: bool) -> tuple[jax.Array, jax.Array]:
+    """(unnormalized log-weights [M, B, S], -inf for members outside a token's top-k; the masked
+    log-probs) of :func:`btm_combine`."""
     valid = segment_ids > 0
     lp = jnp.where(valid[None], member_logprobs.astype(jnp.float32), 0.0)
     before = jnp.cumsum(lp, axis=-1) - lp  # sum over positions < t of the row
@@ -126,9 +119,24 @@ def btm_combine(member_logprobs: jax.Array, segment_ids: jax.Array, log_prior: j
     if top_k is not None and top_k < m:
         kth = jax.lax.top_k(jnp.moveaxis(logw, 0, -1), top_k)[0][..., -1]
         logw = jnp.where(logw >= kth[None], logw, -jnp.inf)
-    logw = jax.nn.log_softmax(logw, axis=0)
-    mixed = jax.nn.logsumexp(logw + lp, axis=0)
-    return jnp.where(valid, mixed, 0.0)
+    return logw, lp
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "mean"))
+def btm_combine(member_logprobs: jax.Array, segment_ids: jax.Array, log_prior: jax.Array,
+                top_k: int | None = None, temperature: float = 1.0, mean: bool = False) -> jax.Array:
+    """Mix M members' per-token log-probs [M, B, S] into the BTM ensemble's [B, S].
+
+    Member m's weight at token t is ``softmax_m(log_prior_m + sum of m's log-probs of the tokens
+    before t in t's segment)``: the posterior over members given the segment so far. Only earlier
+    tokens of the same segment (a run of equal non-zero ``segment_ids``) enter a token's weights.
+    ``mean=True, temperature=T`` is the paper's form: ``softmax_m(-NLL_m / T)`` with NLL the mean
+    negative log-likelihood of the context (uniform before any context); ``top_k`` keeps the k
+    heaviest members, renormalized.
+    """
+    logw, lp = _member_logweights(member_logprobs, segment_ids, log_prior, top_k, temperature, mean)
+    mixed = jax.nn.logsumexp(jax.nn.log_softmax(logw, axis=0) + lp, axis=0)
+    return jnp.where(segment_ids > 0, mixed, 0.0)
 
 
 class BTMScorer(Scorer):
@@ -176,7 +184,27 @@ def soup_scorer(anchor: Any, experts: Sequence[Any], *, include_public: bool = T
     return ModelScorer(config, params, name=name)
 
 
-def density_scorer(config: ModelConfig, params: model.Params, name: str = "density") -> BTMScorer:
+class DensityScorer(BTMScorer):
+    """:class:`BTMScorer` top-1 over a merged model's sub-models, which also reports, like a
+    :class:`ModelScorer` of the merged model, the experts each token reached (the experts of its
+    chosen member; of every tied member at a segment's first token), so evaluations count its routing."""
+
+    def __init__(self, config: ModelConfig, members: Sequence[Scorer], pools: Sequence[Sequence[str]], name: str):
+        super().__init__(members, top_k=1, name=name)
+        self.config = config
+        self.member_experts = jnp.asarray([[n in p for n in config.names] for p in pools])  # [M, E]
+
+    def logprobs_and_selection(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """(:meth:`logprobs`, [1, B, S, E] bool: the experts of each token's kept members)."""
+        lps = jnp.stack([m.logprobs(batch) for m in self.members])
+        segs = jnp.asarray(batch["decoder_segment_ids"], jnp.int32)
+        logw, _ = _member_logweights(lps, segs, self.log_prior, 1, self.temperature, self.mean)
+        kept = jnp.isfinite(logw)  # [M, B, S]
+        sel = jnp.any(kept[..., None] & self.member_experts[:, None, None, :], axis=0)
+        return btm_combine(lps, segs, self.log_prior, 1, self.temperature, self.mean), sel[None]
+
+
+def density_scorer(config: ModelConfig, params: model.Params, name: str = "density") -> DensityScorer:
     """Density routing of a merged model (module docstring): BTM top-1 over {public} and each
     {public, d}, all sliced from this one model."""
     from flexmoe_jax import selection
@@ -187,7 +215,7 @@ def density_scorer(config: ModelConfig, params: model.Params, name: str = "densi
     pools = [["public"]] + [["public", n] for n in config.names if n != "public"]
     members = [ModelScorer(*selection.select(config, params, include=p), name=f"{name}[{'+'.join(p)}]", routing="top_k")
                for p in pools]
-    return BTMScorer(members, top_k=1, name=name)
+    return DensityScorer(config, members, pools, name)
 
 
 def btm_scorer(anchor: Any, experts: Sequence[Any], *, include_public: bool = True,

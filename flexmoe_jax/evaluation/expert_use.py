@@ -62,8 +62,11 @@ class ExpertUse:
 
 
 def counts_routing(scorer: Scorer) -> bool:
-    """Whether ``scorer`` is one MoE whose routing an evaluation can count (not an ensemble or a cache)."""
-    return isinstance(scorer, ModelScorer) and scorer.config.is_moe
+    """Whether ``scorer`` is one MoE whose routing an evaluation can count (not an ensemble or a cache;
+    density routing counts: its tokens reach the experts of the sub-model it picks)."""
+    if isinstance(scorer, ModelScorer):
+        return scorer.config.is_moe
+    return callable(getattr(scorer, "logprobs_and_selection", None)) and getattr(scorer, "config", None) is not None
 
 
 def routing(config: ModelConfig, params: model.Params, data_dir, tasks: Sequence[str] | None = None,
