@@ -6,8 +6,9 @@ as much again. :func:`logit_stats` gives what the loss needs of them, each token
 target's logit, from the final hidden states and the head's weights: the sequence is cut into
 chunks of at most ``chunk`` positions, a scan computes one chunk's logits at a time, and
 ``jax.checkpoint`` makes the backward pass recompute them chunk by chunk, so only one chunk's logits
-are ever live. The FLOPs are the same (the head's matmul runs once more in the backward, as the rest
-of a fully rematerialized step does). A sequence no longer than ``chunk`` is computed whole, exactly
+are ever live. The price is one more forward of the head (the backward recomputes each chunk's
+logits, as a fully rematerialized step does for every layer): 1.07e12 FLOPs per chip on the v5p-8
+mixtral step, +3.6% of its matmuls. A sequence no longer than ``chunk`` is computed whole, exactly
 as the model's own forward computes its logits.
 """
 
