@@ -135,6 +135,12 @@ def btm_combine(member_logprobs: jax.Array, segment_ids: jax.Array, log_prior: j
     heaviest members, renormalized.
     """
     logw, lp = _member_logweights(member_logprobs, segment_ids, log_prior, top_k, temperature, mean)
+    return _mix(logw, lp, segment_ids)
+
+
+@jax.jit
+def _mix(logw: jax.Array, lp: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """The ensemble's [B, S] log-probs from :func:`_member_logweights`' weights and masked log-probs."""
     mixed = jax.nn.logsumexp(jax.nn.log_softmax(logw, axis=0) + lp, axis=0)
     return jnp.where(segment_ids > 0, mixed, 0.0)
 
@@ -198,10 +204,10 @@ class DensityScorer(BTMScorer):
         """(:meth:`logprobs`, [1, B, S, E] bool: the experts of each token's kept members)."""
         lps = jnp.stack([m.logprobs(batch) for m in self.members])
         segs = jnp.asarray(batch["decoder_segment_ids"], jnp.int32)
-        logw, _ = _member_logweights(lps, segs, self.log_prior, 1, self.temperature, self.mean)
+        logw, lp = _member_logweights(lps, segs, self.log_prior, 1, self.temperature, self.mean)
         kept = jnp.isfinite(logw)  # [M, B, S]
         sel = jnp.any(kept[..., None] & self.member_experts[:, None, None, :], axis=0)
-        return btm_combine(lps, segs, self.log_prior, 1, self.temperature, self.mean), sel[None]
+        return _mix(logw, lp, segs), sel[None]
 
 
 def density_scorer(config: ModelConfig, params: model.Params, name: str = "density") -> DensityScorer:
