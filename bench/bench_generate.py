@@ -7,7 +7,9 @@ and each step runs the model on one token per row against a KV cache of fixed le
 it (``use_cache=False``) each step runs the whole model over the full fixed [B, P + N - 1]
 buffer (prompt + generated so far, causal) and reads the logits at the current position, which
 is what a cache-less decoder with static shapes must do. The two must produce identical
-tokens; the script checks and prints that.
+tokens; the script checks and prints that. A second table prices density routing
+(``routing="density"``: every sub-model {public}, {public, d} decoded at once, one cache each)
+against the same MoE's top-2 routing, both with the cache.
 
 Config: the forward benchmark's model (d_model 256, 4 layers, 4 heads, 4 experts top-2, vocab
 4096, expert hidden 688, fp32) and its dense OLMo-2 twin; a batch of 8 prompts of lengths
@@ -69,6 +71,9 @@ def main(argv=None):
             runners[name] = (lambda cfg, params, prompts, use_cache: lambda: generate.generate(
                 cfg, params, prompts, max_new_tokens=args.new, eos_id=None, use_cache=use_cache))(
                     cfg, params, prompts, use_cache)
+        if experts:
+            runners[(label, "density")] = (lambda cfg, params, prompts: lambda: generate.generate(
+                cfg, params, prompts, max_new_tokens=args.new, eos_id=None, routing="density"))(cfg, params, prompts)
 
     outputs, compile_s = {}, {}
     for name, run in runners.items():  # warm-up: compile, and keep the tokens for the equality check
@@ -97,11 +102,19 @@ def main(argv=None):
           "| same tokens as cache | first call (compile + run) s |")
     print("|---|---|---:|---:|---:|---:|---|---:|")
     for (label, use_cache), t in med.items():
+        if use_cache == "density":
+            continue
         ref, base = (label, True), (label, False)
         print(f"| {label} | {'KV cache' if use_cache else 'full forward each step'} | {t * 1e3:.1f} | "
               f"{n_tok / t:,.0f} | {best[(label, use_cache)] * 1e3:.1f} | "
               f"{med[base] / t:.2f}x | "
               f"{outputs[(label, use_cache)] == outputs[ref]} | {compile_s[(label, use_cache)]:.1f} |")
+    moe_label = "FlexOlmo MoE 4 experts top-2"
+    top2, dens = med[(moe_label, True)], med[(moe_label, "density")]
+    print(f"\n| routing (KV cache) | members decoded | ms / generate (median) | new tokens/s | time vs top-2 |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| top-2 (router rows) | 1 | {top2 * 1e3:.1f} | {n_tok / top2:,.0f} | 1.00x |")
+    print(f"| density | {cfg.num_experts} | {dens * 1e3:.1f} | {n_tok / dens:,.0f} | {dens / top2:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@
 ``while_loop`` (greedy at ``temperature == 0``, else nucleus sampling with ``top_p``; a seed
 reproduces a generation). For an MoE model each prompt's record says which experts served its
 generated tokens (``experts``: share of gate weight, summing to 1 over the active experts;
-``counts``: top-k choices; opted-out experts under ``excluded``). Details: docs/generation.md.
+``counts``: top-k choices; opted-out experts under ``excluded``). ``routing="density"`` decodes every
+sub-model of a merged model at once ({public} and each {public, d}, as route masks of the one set of
+weights: one cache per member) and samples each token from the member whose likelihood of the prompt
+and the tokens generated so far is highest, as :func:`flexmoe_jax.eval.density_scorer` scores it.
+Details: docs/generation.md.
 """
 
 from __future__ import annotations
@@ -118,6 +122,79 @@ def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature
     return out, ngen, gsum, cnt
 
 
+@functools.partial(jax.jit, static_argnames=("config", "keep", "max_new_tokens", "greedy", "public"))
+def _generate_density_jit(config: ModelConfig, params, tokens, lengths, key, temperature, top_p, eos_id, *,
+                          keep, max_new_tokens: int, greedy: bool, public: int):
+    """Density routing's generation (module docstring); returns as :func:`_generate_jit`.
+
+    Member 0 is the public expert alone, member k >= 1 the public expert with the k-th other one, each
+    a route mask (:func:`flexmoe_jax.routing.allowed_bias`) on the same params: exactly that sub-model.
+    A member's context is its summed log-probability of the prompt's tokens after the first and of
+    every generated token; each token is drawn from the best member's distribution (the uniform mix
+    of tied members, e.g. all of them before any context), and its attribution is that member's gates.
+    """
+    params = selection.take(params, keep)
+    b, p = tokens.shape
+    n = max_new_tokens
+    e = config.num_experts
+    slots = jnp.arange(p + n - 1, dtype=jnp.int32)
+    pad = (p - lengths)[:, None]
+    seg_all = (slots[None] >= pad).astype(jnp.int32)
+    pos_all = jnp.maximum(slots[None] - pad, 0)
+    own = jnp.asarray([public] + [i for i in range(e) if i != public], jnp.int32)
+    biases = routing_lib.allowed_bias(own, e, public)  # [M, E]
+
+    def members(caches, toks, pos, seg):  # every member's cached forward -> logits [M, B, S, V], aux, caches
+        def one(cache, bias):
+            return model.decode_apply(config, params, cache, toks, pos, seg,
+                                      route_bias=jnp.broadcast_to(bias, (*toks.shape, e)))
+        return jax.vmap(one)(caches, biases)
+
+    def choose(context, logits, gates):  # [M, B], [M, B, V], [M, L, B, E] -> (mixed log-probs [B, V], g, count)
+        best = jnp.max(context, axis=0, keepdims=True)
+        w = jax.nn.softmax(jnp.where(context >= best, 0.0, -jnp.inf), axis=0)  # [M, B]: uniform over the tied best
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        mixed = jax.nn.logsumexp(jnp.log(w)[..., None] + lp, axis=0)
+        per_layer = jnp.einsum("mb,mlbe->lbe", w, gates.astype(jnp.float32))
+        return mixed, lp, jnp.sum(per_layer, axis=0), jnp.sum(per_layer > 0, axis=0).astype(jnp.int32)
+
+    def take(lp, tok):  # [M, B, V], [B] -> [M, B]
+        return jnp.take_along_axis(lp, jnp.broadcast_to(tok[None, :, None], (lp.shape[0], b, 1)), axis=-1)[..., 0]
+
+    caches = jax.tree.map(lambda x: jnp.broadcast_to(x, (own.shape[0], *x.shape)), model.init_cache(config, b, p + n - 1))
+    logits, aux, caches = members(caches, tokens, pos_all[:, :p], seg_all[:, :p])
+    prompt_lp = jax.nn.log_softmax(logits[:, :, :-1].astype(jnp.float32), axis=-1)
+    prompt_lp = jnp.take_along_axis(prompt_lp, jnp.broadcast_to(tokens[None, :, 1:, None], (*prompt_lp.shape[:3], 1)),
+                                    axis=-1)[..., 0]
+    context = jnp.sum(jnp.where((seg_all[:, :p - 1] > 0)[None], prompt_lp, 0.0), axis=-1)  # [M, B]
+    mixed, lp, g0, c0 = choose(context, logits[:, :, -1], aux["gates"][:, :, :, -1])
+    tok0 = _pick(mixed, jax.random.fold_in(key, 0), temperature, top_p, greedy)
+    out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok0)
+    carry = (jnp.int32(1), caches, tok0, out, tok0 == eos_id, g0, c0, jnp.ones((b,), jnp.int32),
+             context + take(lp, tok0))
+
+    def cond(c):
+        t, _, _, _, done, *_ = c
+        return (t < n) & ~jnp.all(done)
+
+    def body(c):
+        t, caches, prev, out, done, gsum, cnt, ngen, context = c
+        pos = jax.lax.dynamic_slice_in_dim(pos_all, p + t - 1, 1, axis=1)
+        logits, aux, caches = members(caches, prev[:, None], pos, jnp.ones((b, 1), jnp.int32))
+        mixed, lp, g, gc = choose(context, logits[:, :, 0], aux["gates"][:, :, :, 0])
+        tok = _pick(mixed, jax.random.fold_in(key, t), temperature, top_p, greedy)
+        live = ~done
+        tok = jnp.where(live, tok, 0)
+        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)
+        gsum = gsum + jnp.where(live[:, None], g, 0.0)
+        cnt = cnt + jnp.where(live[:, None], gc, 0)
+        context = context + jnp.where(live[None], take(lp, tok), 0.0)
+        return (t + 1, caches, tok, out, done | (live & (tok == eos_id)), gsum, cnt, ngen + live, context)
+
+    _, _, _, out, _, gsum, cnt, ngen, _ = jax.lax.while_loop(cond, body, carry)
+    return out, ngen, gsum, cnt
+
+
 def _check_prompts(config: ModelConfig, prompts: Any) -> list[np.ndarray]:
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
         raise UserError("prompts must be a list of token-id lists (use generate_text for strings), "
@@ -153,7 +230,8 @@ def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequen
     stops early. ``active_experts`` / ``top_k`` opt experts out exactly as
     :func:`model.forward` does. See the module docstring for sampling and the
     attribution record. ``routing`` / ``routing_stats`` / ``score``: the routing mode and router
-    scores (:func:`flexmoe_jax.routing.resolve`; default the config's own).
+    scores (:func:`flexmoe_jax.routing.resolve`; default the config's own); ``routing="density"``
+    decodes every sub-model of a merged model (module docstring; one forward per member and token).
     """
     rows = _check_prompts(config, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -169,23 +247,50 @@ def generate(config: ModelConfig, params: model.Params, prompts: Sequence[Sequen
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
     model.check_params(config, params)
     run_config, keep = selection.plan(config, include=active_experts, top_k=top_k)
-    run_config, router = routing_lib.resolve(run_config, routing, routing_stats, score=score)
+    density = routing == DENSITY
+    if density:
+        run_config = _density_config(run_config, routing_stats, use_cache)
+        router = None
+        if score:
+            run_config, _ = routing_lib.resolve(run_config, "top_k", score=score)
+    else:
+        run_config, router = routing_lib.resolve(run_config, routing, routing_stats, score=score)
 
     tokens = np.zeros((len(rows), longest), np.int32)  # left padding (pad id 0, segment 0)
     for i, r in enumerate(rows):
         tokens[i, longest - len(r):] = r
     lengths = np.array([len(r) for r in rows], np.int32)
-    out, ngen, gsum, cnt = _generate_jit(
-        run_config, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
-        jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p),
-        jnp.int32(-1 if eos_id is None else eos_id), None if router is None else router.table,
-        public=0 if router is None else router.public, keep=keep, max_new_tokens=int(max_new_tokens),
-        greedy=temperature == 0, use_cache=use_cache)
+    args = (run_config, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
+            jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p),
+            jnp.int32(-1 if eos_id is None else eos_id))
+    if density:
+        out, ngen, gsum, cnt = _generate_density_jit(*args, public=run_config.names.index(routing_lib.PUBLIC),
+                                                     keep=keep, max_new_tokens=int(max_new_tokens),
+                                                     greedy=temperature == 0)
+    else:
+        out, ngen, gsum, cnt = _generate_jit(
+            *args, None if router is None else router.table, public=0 if router is None else router.public,
+            keep=keep, max_new_tokens=int(max_new_tokens), greedy=temperature == 0, use_cache=use_cache)
     out, ngen, gsum, cnt = (np.asarray(a) for a in jax.device_get((out, ngen, gsum, cnt)))
     excluded = [] if keep is None else [config.names[i] for i in range(config.num_experts) if i not in keep]
     return [{"tokens": [int(x) for x in out[i, :ngen[i]]],
              "attribution": _attribution(run_config, gsum[i], cnt[i], int(ngen[i]), excluded)}
             for i in range(len(rows))]
+
+
+DENSITY = "density"  # routing by the sub-models' own likelihoods (module docstring)
+
+
+def _density_config(config: ModelConfig, routing_stats, use_cache: bool) -> ModelConfig:
+    """The config density generation runs each member with (top-k inside the member's pair)."""
+    if not config.is_moe or routing_lib.PUBLIC not in config.names or config.num_experts < 2:
+        raise UserError(f"density routing needs a merged model with the {routing_lib.PUBLIC!r} expert and at least "
+                        f"one owner active; this one has experts {list(config.names) if config.is_moe else 'none'}")
+    if routing_stats is not None:
+        raise UserError("density routing uses no routing stats (nothing but the weights): drop them")
+    if not use_cache:
+        raise UserError("density generation decodes with the KV cache only (use_cache=True)")
+    return config.replace(routing="top_k")
 
 
 def _attribution(config: ModelConfig, gate_sum: np.ndarray, counts: np.ndarray, n_tokens: int,

@@ -4,6 +4,7 @@ Every generation here compiles one program (seconds on CPU), so tests share a fe
 results and vary only traced arguments (eos id, seed, temperature) where they can.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -257,6 +258,18 @@ def test_cli_generate(moe, tokenizer_dir, tmp_path, capsys):
     assert [r["tokens"] for r in api] == [r["tokens"] for r in records]
     capsys.readouterr()
 
+    # Density routing from the command line: the same tokens as the API's on the opted-out model.
+    assert cli.main(argv[:-2] + ["--exclude", "code", "--routing", "density", "--json", out]) == 0
+    with open(out) as f:
+        records = json.load(f)
+    api = generate.generate_text(c2, p2, ["def forward(config", "the model"], data.sentencepiece(tokenizer_dir),
+                                 max_new_tokens=4, routing="density")
+    assert [r["tokens"] for r in api] == [r["tokens"] for r in records]
+    for r in records:
+        a = r["attribution"]
+        assert a["excluded"] == ["code"] and a["counts"]["public"] == len(r["tokens"]) * a["layers"]
+    capsys.readouterr()
+
     # --exclude takes names, as in every command: "1" is not slot 1 here (issue 18: one vocabulary).
     for bad, msg in [(["--exclude", "law"], "unknown expert 'law'"), (["--exclude", "1"], "unknown expert '1'"),
                      (["--max_new_tokens", "40"], "max_seq_len"),
@@ -307,3 +320,50 @@ def test_routing_modes_generate_as_forward_on_each_prefix(moe, mode):
         a = r["attribution"]
         if mode.endswith("public_plus") or mode == "domain":  # the public expert serves every token
             assert a["counts"]["public"] == a["tokens"] * a["layers"]
+
+
+@pytest.mark.slow  # over ~3 s on 2 cores
+def test_density_generation_equals_choosing_the_best_sub_model_at_each_token(moe):
+    """Density generation (every member decoded at once as route masks on one cache each) equals, on
+    each prompt alone, taking the physically sliced sub-models {public}, {public, d}, scoring the
+    prompt and the tokens so far under each, and continuing greedily with the most likely one; the
+    attribution counts the chosen members' experts (public in every member)."""
+    import jax.numpy as jnp
+
+    cfg, p = moe
+    pools = [["public"]] + [["public", n] for n in NAMES[1:]]
+    subs = [selection.select(cfg, p, include=pool) for pool in pools]
+    fwd = [jax.jit(functools.partial(lambda c, sp, x: model.forward(c.replace(routing="top_k"), sp, x), c, sp))
+           for c, sp in subs]
+    out = generate.generate(cfg, p, PROMPTS, max_new_tokens=NEW, eos_id=None, routing="density")
+    width = max(map(len, PROMPTS)) + NEW
+    chosen_any = set()
+    for prompt, r in zip(PROMPTS, out):
+        buf = np.zeros((1, width), np.int32)
+        buf[0, :len(prompt)] = prompt
+        picks = []
+        for n in range(len(prompt), len(prompt) + NEW):
+            lps = [np.asarray(jax.nn.log_softmax(f(jnp.asarray(buf))[0], axis=-1)) for f in fwd]  # [S, V] each
+            context = [sum(lp[t - 1, buf[0, t]] for t in range(1, n)) for lp in lps]
+            best = int(np.argmax(context))
+            picks.append(best)
+            buf[0, n] = int(np.argmax(lps[best][n - 1]))
+        assert r["tokens"] == buf[0, len(prompt):len(prompt) + NEW].tolist()
+        a = r["attribution"]
+        assert a["counts"]["public"] == NEW * cfg.n_layers
+        for k, name in enumerate(NAMES[1:], 1):
+            assert a["counts"][name] == cfg.n_layers * picks.count(k), (name, picks)
+        chosen_any.update(picks)
+    assert len(chosen_any) > 1, "every token went to one member: the test would not see a wrong choice"
+
+
+def test_density_generation_refuses_what_it_cannot_do(moe, dense):
+    cfg, p = moe
+    with pytest.raises(ValueError, match="routing stats"):
+        generate.generate(cfg, p, PROMPTS[:1], max_new_tokens=2, routing="density", routing_stats={})
+    with pytest.raises(ValueError, match="KV cache"):
+        generate.generate(cfg, p, PROMPTS[:1], max_new_tokens=2, routing="density", use_cache=False)
+    with pytest.raises(ValueError, match="at least one owner"):
+        generate.generate(cfg, p, PROMPTS[:1], max_new_tokens=2, routing="density", active_experts=["public"])
+    with pytest.raises(ValueError, match="'public' expert"):
+        generate.generate(*dense, PROMPTS[:1], max_new_tokens=2, routing="density")

@@ -19,10 +19,9 @@ def add_routing_flags(parser) -> None:
                              "--routing): top_k (the trained router rows), public_plus (public always + the top "
                              "k-1 others), document_* (router logits averaged over the document so far), domain "
                              "(each document's domain by the experts' token counts: public alone or {public, "
-                             "domain}; see flexmoe_jax.routing), density (eval only: each token to the owner model, or "
-                             "the public "
+                             "domain}; see flexmoe_jax.routing), density (each token to the owner model, or the public "
                              "model, that best explains its document so far; nothing but the weights, one forward "
-                             "pass per expert)")
+                             "pass per member)")
     parser.add_argument("--routing_stats", nargs="+", default=None, metavar="FILE",
                         help="for --routing domain: each expert's routing-stats file (flexmoe routing-stats); "
                              "default: the ones the merged checkpoint carries")

@@ -28,9 +28,6 @@ def _check_flags(args) -> None:
     if args.max_new_tokens < 1:
         raise CommandError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     selection.check_one_of(args.include, args.exclude)
-    if args.routing == "density":
-        raise CommandError("--routing density is for flexmoe eval (it scores every expert's model per token); "
-                           "generate with --routing domain or top_k")
     if args.json:
         parent = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(parent):
