@@ -111,7 +111,7 @@ def main(argv=None):
               f"{outputs[(label, use_cache)] == outputs[ref]} | {compile_s[(label, use_cache)]:.1f} |")
     moe_label = "FlexOlmo MoE 4 experts top-2"
     top2, dens = med[(moe_label, True)], med[(moe_label, "density")]
-    print(f"\n| routing (KV cache) | members decoded | ms / generate (median) | new tokens/s | time vs top-2 |")
+    print("\n| routing (KV cache) | members decoded | ms / generate (median) | new tokens/s | time vs top-2 |")
     print("|---|---:|---:|---:|---:|")
     print(f"| top-2 (router rows) | 1 | {top2 * 1e3:.1f} | {n_tok / top2:,.0f} | 1.00x |")
     print(f"| density | {cfg.num_experts} | {dens * 1e3:.1f} | {n_tok / dens:,.0f} | {dens / top2:.2f}x |")

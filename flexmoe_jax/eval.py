@@ -18,6 +18,8 @@ their public names:
 from __future__ import annotations
 
 from flexmoe_jax.evaluation.ensembles import (  # noqa: F401
+    CONTEXTS,
+    PROMPT_MASK,
     BTMScorer,
     btm_combine,
     btm_scorer,

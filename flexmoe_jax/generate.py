@@ -161,7 +161,8 @@ def _generate_density_jit(config: ModelConfig, params, tokens, lengths, key, tem
     def take(lp, tok):  # [M, B, V], [B] -> [M, B]
         return jnp.take_along_axis(lp, jnp.broadcast_to(tok[None, :, None], (lp.shape[0], b, 1)), axis=-1)[..., 0]
 
-    caches = jax.tree.map(lambda x: jnp.broadcast_to(x, (own.shape[0], *x.shape)), model.init_cache(config, b, p + n - 1))
+    empty = model.init_cache(config, b, p + n - 1)
+    caches = jax.tree.map(lambda x: jnp.broadcast_to(x, (own.shape[0], *x.shape)), empty)
     logits, aux, caches = members(caches, tokens, pos_all[:, :p], seg_all[:, :p])
     prompt_lp = jax.nn.log_softmax(logits[:, :, :-1].astype(jnp.float32), axis=-1)
     prompt_lp = jnp.take_along_axis(prompt_lp, jnp.broadcast_to(tokens[None, :, 1:, None], (*prompt_lp.shape[:3], 1)),

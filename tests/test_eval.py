@@ -153,6 +153,67 @@ def test_btm_single_member_causality_and_bayes_identity(anchor, data_dir):
     np.testing.assert_allclose(paper[r, t], want, atol=1e-4)
 
 
+def test_btm_input_form_weighs_members_once_by_the_prompt(anchor, data_dir):
+    """The paper's BTM (``context="input"``): a token's weights come from the segment's first N tokens
+    before it (so every token after the prefix uses the whole prefix and nothing after it), or from
+    the row's prompt when the batch marks one (a multiple-choice question)."""
+    members = [ev.ModelScorer(*anchor), ev.ModelScorer(*owner(anchor, "a", 0)), ev.ModelScorer(*owner(anchor, "b", 1))]
+    batch = rows(data_dir)[0]
+    n_ctx, temp = 8, 0.5
+    btm = ev.BTMScorer(members, top_k=2, temperature=temp, mean=True, context="input", context_tokens=n_ctx)
+    got = btm.token_logprobs(batch)
+    lps = np.stack([m.token_logprobs(batch) for m in members]).astype(np.float64)
+    segs, pos = batch["decoder_segment_ids"], batch["decoder_positions"]
+    checked = 0
+    for r in range(segs.shape[0]):
+        for t in np.nonzero(segs[r] > 0)[0]:
+            ctx = (segs[r] == segs[r, t]) & (np.arange(segs.shape[1]) < t) & (pos[r] < n_ctx)
+            n = ctx.sum()
+            logits = lps[:, r, ctx].sum(-1) / max(n, 1) / temp
+            kth = np.sort(logits)[-2]
+            keep = logits >= kth - 1e-9
+            w = np.where(keep, np.exp(logits - logits.max()), 0.0)
+            want = np.log(np.sum(w / w.sum() * np.exp(lps[:, r, t])))
+            assert got[r, t] == pytest.approx(want, abs=1e-4), (r, t)
+            checked += int(pos[r, t] > n_ctx)
+    assert checked > 20  # tokens past the prefix, whose weights are frozen
+    # Past the prefix nothing but the prefix moves the weights: changing a later token changes only its own score.
+    r = 0
+    j = int(np.nonzero((segs[r] == segs[r, 0]) & (pos[r] > n_ctx + 2))[0][0])
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["decoder_target_tokens"][r, j] = (int(batch["decoder_target_tokens"][r, j]) + 7) % CFG.vocab_size
+    after = btm.token_logprobs(changed)
+    same = np.ones_like(got, bool)
+    same[r, j] = False
+    np.testing.assert_allclose(after[same], got[same], atol=1e-5)
+    # The segment form, on the same batch, differs after the prefix (its weights keep moving).
+    seg_form = ev.BTMScorer(members, top_k=2, temperature=temp, mean=True).token_logprobs(batch)
+    assert not np.allclose(seg_form[pos > n_ctx], got[pos > n_ctx], atol=1e-4)
+    # A prompt mask replaces the first-N rule: a mask of the first N positions gives the same scores.
+    masked = {**batch, ev.PROMPT_MASK: (pos < n_ctx).astype(np.int32)}
+    np.testing.assert_allclose(ev.BTMScorer(members, top_k=2, temperature=temp, mean=True, context="input",
+                                            context_tokens=1).token_logprobs(masked), got, atol=1e-6)
+    with pytest.raises(ValueError, match="context must be one of"):
+        ev.BTMScorer(members, context="document")
+    with pytest.raises(ValueError, match="context_tokens"):
+        ev.BTMScorer(members, context="input", context_tokens=0)
+
+
+def test_mc_rows_mark_the_question_as_the_prompt():
+    class Pieces:  # a tokenizer of one id per character
+        def encode(self, text):
+            return [ord(c) % 500 + 3 for c in text]
+
+    item = ev.MCItem("d", "d", 0, "line", "What is two plus two?", ("four!", "five and more"), 0)
+    feats, mask, owners = ev.mc_rows([item], Pieces(), 64)
+    for r in range(2):
+        n = int(feats["decoder_segment_ids"][r].sum())
+        prompt = feats[ev.PROMPT_MASK][r]
+        assert prompt.sum() + mask[r].sum() == n  # every scored token is either question or choice
+        assert not np.any(prompt * mask[r])
+        assert prompt[:n].tolist() == [1] * int(prompt.sum()) + [0] * (n - int(prompt.sum()))
+
+
 def test_cached_scorer_reuses_equal_batches_only(anchor, data_dir):
     class Counting(ev.ModelScorer):
         calls = 0

@@ -25,6 +25,13 @@ BTM (:class:`BTMScorer`, :func:`btm_scorer`)
   the k-th weight are kept, so the first token, with equal prior weights, uses every member).
   Members are, by default, the public anchor plus each owner's 2-expert model.
 
+  Which tokens enter the weights (``context``): ``"segment"`` (above) recomputes them at every token
+  from the whole segment so far; on a long in-domain document that converges to perfect routing
+  over the members. ``"input"`` is the paper's form: the weights come from the *input* once, as a
+  prompt would give them: a multiple-choice row's question (the batch's ``decoder_prompt_mask``),
+  else the first ``context_tokens`` tokens of each segment; tokens inside that prefix use the
+  prefix before them (causal), every later token the whole prefix.
+
 Density routing (:func:`density_scorer`)
   Routing that publishes nothing but the weights: the merged model restricted to {public, d} is
   owner d's own 2-expert model (opt-out is exact), so each expert pair is its own density model of
@@ -99,21 +106,26 @@ def soup(models: Sequence[tuple[ModelConfig, model.Params]],
 
 @functools.partial(jax.jit, static_argnames=("top_k", "mean"))
 def _member_logweights(member_logprobs: jax.Array, segment_ids: jax.Array, log_prior: jax.Array,
-                       top_k: int | None, temperature: float, mean: bool) -> tuple[jax.Array, jax.Array]:
+                       top_k: int | None, temperature: float, mean: bool,
+                       context_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(unnormalized log-weights [M, B, S], -inf for members outside a token's top-k; the masked
     log-probs) of :func:`btm_combine`."""
     valid = segment_ids > 0
     lp = jnp.where(valid[None], member_logprobs.astype(jnp.float32), 0.0)
-    before = jnp.cumsum(lp, axis=-1) - lp  # sum over positions < t of the row
+    use = valid if context_mask is None else valid & context_mask.astype(bool)
+    lp_use = jnp.where(use[None], lp, 0.0)
+    before = jnp.cumsum(lp_use, axis=-1) - lp_use  # sum over context positions < t of the row
+    n_before = jnp.cumsum(use, axis=-1, dtype=jnp.int32) - use  # how many there are
     s = segment_ids.shape[-1]
     idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids.shape)
     starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
                              axis=1)
     seg_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # first position of t's segment
     at_start = jnp.take_along_axis(before, jnp.broadcast_to(seg_start[None], before.shape), axis=-1)
-    context = before - at_start  # [M, B, S] log-likelihood of the segment before t
+    context = before - at_start  # [M, B, S] log-likelihood of the segment's context tokens before t
     if mean:
-        context = context / jnp.maximum(idx - seg_start, 1)[None].astype(jnp.float32)
+        n = n_before - jnp.take_along_axis(n_before, seg_start, axis=-1)
+        context = context / jnp.maximum(n, 1)[None].astype(jnp.float32)
     logw = log_prior[:, None, None] + context / temperature
     m = logw.shape[0]
     if top_k is not None and top_k < m:
@@ -124,18 +136,32 @@ def _member_logweights(member_logprobs: jax.Array, segment_ids: jax.Array, log_p
 
 @functools.partial(jax.jit, static_argnames=("top_k", "mean"))
 def btm_combine(member_logprobs: jax.Array, segment_ids: jax.Array, log_prior: jax.Array,
-                top_k: int | None = None, temperature: float = 1.0, mean: bool = False) -> jax.Array:
+                top_k: int | None = None, temperature: float = 1.0, mean: bool = False,
+                context_mask: jax.Array | None = None) -> jax.Array:
     """Mix M members' per-token log-probs [M, B, S] into the BTM ensemble's [B, S].
 
     Member m's weight at token t is ``softmax_m(log_prior_m + sum of m's log-probs of the tokens
     before t in t's segment)``: the posterior over members given the segment so far. Only earlier
-    tokens of the same segment (a run of equal non-zero ``segment_ids``) enter a token's weights.
-    ``mean=True, temperature=T`` is the paper's form: ``softmax_m(-NLL_m / T)`` with NLL the mean
-    negative log-likelihood of the context (uniform before any context); ``top_k`` keeps the k
-    heaviest members, renormalized.
+    tokens of the same segment (a run of equal non-zero ``segment_ids``) enter a token's weights,
+    and of those only the ones ``context_mask`` [B, S] marks (default all: the paper's form marks
+    the input's prompt). ``mean=True, temperature=T`` is the paper's weighting: ``softmax_m(-NLL_m / T)``
+    with NLL the mean negative log-likelihood of the context (uniform before any context);
+    ``top_k`` keeps the k heaviest members, renormalized.
     """
-    logw, lp = _member_logweights(member_logprobs, segment_ids, log_prior, top_k, temperature, mean)
+    logw, lp = _member_logweights(member_logprobs, segment_ids, log_prior, top_k, temperature, mean, context_mask)
     return _mix(logw, lp, segment_ids)
+
+
+CONTEXTS = ("segment", "input")  # which tokens enter BTM's weights (module docstring)
+PROMPT_MASK = "decoder_prompt_mask"  # batch feature: 1 on a row's prompt (a multiple-choice question)
+
+
+def input_context_mask(batch: Batch, context_tokens: int) -> jax.Array:
+    """[B, S] bool: the tokens the paper-form BTM weights come from: the batch's
+    :data:`PROMPT_MASK` when it has one, else each segment's first ``context_tokens`` tokens."""
+    if PROMPT_MASK in batch:
+        return jnp.asarray(batch[PROMPT_MASK]) > 0
+    return jnp.asarray(batch["decoder_positions"]) < context_tokens
 
 
 @jax.jit
@@ -149,7 +175,8 @@ class BTMScorer(Scorer):
     """Branch-Train-Merge ensemble of member scorers (see the module docstring and :func:`btm_combine`)."""
 
     def __init__(self, members: Sequence[Scorer], prior: Sequence[float] | None = None,
-                 top_k: int | None = None, name: str = "btm", temperature: float = 1.0, mean: bool = False):
+                 top_k: int | None = None, name: str = "btm", temperature: float = 1.0, mean: bool = False,
+                 context: str = "segment", context_tokens: int = 32):
         members = list(members)
         if not members:
             raise UserError("a BTM ensemble needs at least one member")
@@ -162,16 +189,26 @@ class BTMScorer(Scorer):
             raise UserError(f"BTM top_k={top_k} must be between 1 and the {len(members)} members")
         if not temperature > 0:
             raise UserError(f"BTM temperature must be positive, got {temperature}")
+        if context not in CONTEXTS:
+            raise UserError(f"BTM context must be one of {CONTEXTS}, got {context!r}")
+        if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens < 1:
+            raise UserError(f"BTM context_tokens must be a positive integer, got {context_tokens!r}")
         self.members, self.top_k, self.name = members, top_k, name
+        self.context, self.context_tokens = context, context_tokens
         self.temperature, self.mean = float(temperature), bool(mean)
         self.log_prior = jnp.asarray(np.log(p / p.sum()), jnp.float32)
         self.vocab_size = members[0].vocab_size
         self.max_seq_len = min(m.max_seq_len for m in members)
 
+    def context_mask(self, batch: Batch) -> jax.Array | None:
+        """The tokens this ensemble's weights come from (None: every earlier token of the segment)."""
+        return None if self.context == "segment" else input_context_mask(batch, self.context_tokens)
+
     def logprobs(self, batch: Batch) -> jax.Array:
         lps = jnp.stack([m.logprobs(batch) for m in self.members])
         segs = jnp.asarray(batch["decoder_segment_ids"], jnp.int32)
-        return btm_combine(lps, segs, self.log_prior, self.top_k, self.temperature, self.mean)
+        return btm_combine(lps, segs, self.log_prior, self.top_k, self.temperature, self.mean,
+                           self.context_mask(batch))
 
 def _as_model(m: Any) -> tuple[ModelConfig, model.Params]:
     if isinstance(m, ModelScorer):
@@ -226,11 +263,14 @@ def density_scorer(config: ModelConfig, params: model.Params, name: str = "densi
 
 def btm_scorer(anchor: Any, experts: Sequence[Any], *, include_public: bool = True,
                prior: Sequence[float] | None = None, top_k: int | None = None, name: str = "btm",
-               temperature: float = 1.0, mean: bool = False) -> BTMScorer:
+               temperature: float = 1.0, mean: bool = False, context: str = "segment",
+               context_tokens: int = 32) -> BTMScorer:
     """The BTM baseline as a scorer: the public anchor (unless ``include_public=False``) and each
     expert (an owner's 2-expert model, or the paper's dense expert) as members; ``top_k`` /
-    ``temperature`` / ``mean`` as in :func:`btm_combine`. Arguments as in :func:`soup_scorer`."""
+    ``temperature`` / ``mean`` as in :func:`btm_combine`, ``context`` / ``context_tokens`` as in the
+    module docstring. Arguments as in :func:`soup_scorer`."""
     pool = ([anchor] if include_public else []) + list(experts)
     members = [m if isinstance(m, Scorer) else ModelScorer(*_as_model(m), name=f"btm_member_{i}")
                for i, m in enumerate(pool)]
-    return BTMScorer(members, prior=prior, top_k=top_k, name=name, temperature=temperature, mean=mean)
+    return BTMScorer(members, prior=prior, top_k=top_k, name=name, temperature=temperature, mean=mean,
+                     context=context, context_tokens=context_tokens)

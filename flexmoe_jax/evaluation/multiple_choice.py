@@ -219,7 +219,8 @@ def mc_rows(items: Sequence[MCItem], sp, seq_len: int) -> tuple[Batch, np.ndarra
     """One packed row per (item, choice): ``[BOS=0] + context + choice`` left-truncated to fit.
 
     Returns the batch features, the scoring mask [R, S] (1 on the choice's targets) and the
-    (item, choice) of each row.
+    (item, choice) of each row. The features' ``decoder_prompt_mask`` is 1 on the context's targets
+    (the question: what the paper-form BTM weighs its members by).
     """
     rows, owners = [], []
     for q, item in enumerate(items):
@@ -234,7 +235,7 @@ def mc_rows(items: Sequence[MCItem], sp, seq_len: int) -> tuple[Batch, np.ndarra
     n = len(rows)
     feats = {k: np.zeros((n, seq_len), np.int32) for k in
              ("decoder_input_tokens", "decoder_target_tokens", "decoder_positions", "decoder_segment_ids",
-              "decoder_loss_weights")}
+              "decoder_loss_weights", "decoder_prompt_mask")}
     mask = np.zeros((n, seq_len), np.float32)
     for r, (window, n_cont) in enumerate(rows):
         t = len(window) - 1
@@ -243,6 +244,7 @@ def mc_rows(items: Sequence[MCItem], sp, seq_len: int) -> tuple[Batch, np.ndarra
         feats["decoder_positions"][r, :t] = np.arange(t)
         feats["decoder_segment_ids"][r, :t] = 1
         feats["decoder_loss_weights"][r, :t] = 1
+        feats["decoder_prompt_mask"][r, :t - n_cont] = 1
         mask[r, t - n_cont: t] = 1.0
     return feats, mask, owners
 
