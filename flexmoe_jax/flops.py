@@ -21,7 +21,8 @@ from flexmoe_jax.errors import UserError
 from flexmoe_jax.hlo_count import Flops, compiled_flops, hlo_flops
 
 __all__ = ["Flops", "compiled_flops", "hlo_flops", "flops_per_token", "training_flops", "expert_config",
-           "compile_train_step", "train_step_flops", "routed_step_flops", "measured_peak_flops"]
+           "compile_train_step", "train_step_flops", "routed_step_flops", "forward_flops_per_token",
+           "measured_peak_flops"]
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -121,6 +122,28 @@ def routed_step_flops(config: ModelConfig, phase: str, batch_size: int, seq_len:
     per_expert = full["compiled"] - less["compiled"]
     return {**full, "compiled": full["compiled"] - (e - k) * per_expert, "per_expert": per_expert,
             "method": f"compiled dense-dispatch step minus the {e - k} experts each token skips"}
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_forward_flops(config: ModelConfig, seq_len: int) -> float:
+    from flexmoe_jax import model
+
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    compiled = jax.jit(lambda p, t: model.apply(config, p, t)[0]).lower(model.param_shapes(config), tokens).compile()
+    return compiled_flops(compiled).flops
+
+
+def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Matmul FLOPs per token of the compiled forward pass (logits included) over ``seq_len`` tokens,
+    a top-k MoE counted dropless as :func:`routed_step_flops` counts its step: the dense-dispatch
+    forward at E experts minus ``E - top_k`` times one expert's share."""
+    if not config.is_moe or config.top_k >= config.num_experts:
+        return _compiled_forward_flops(config.replace(moe_impl="dense") if config.is_moe else config, seq_len) / seq_len
+    e, k = config.num_experts, config.top_k
+    dense = config.replace(moe_impl="dense")
+    fewer = dense.replace(num_experts=e - 1, top_k=min(k, e - 1), expert_names=dense.names[: e - 1])
+    full, less = _compiled_forward_flops(dense, seq_len), _compiled_forward_flops(fewer, seq_len)
+    return (full - (e - k) * (full - less)) / seq_len
 
 
 @functools.cache

@@ -94,6 +94,19 @@ def test_test_split_quota_keeps_train_and_validation():
     assert 1500 <= sum(len(d.text) for _, d in some.splits["test"]) < 1500 + 70
     with pytest.raises(ValueError, match="test_bytes"):
         splits.select_generated(lambda s, n, b: iter(()), None, 6000, test_bytes=None)
+    # A train cap (owners with little data) shrinks train to a prefix of itself and nothing else.
+    capped = splits.select(docs, max_bytes=6000, test_bytes=None, train_bytes=1200)
+    assert capped.splits["train"] == every.splits["train"][:len(capped.splits["train"])]
+    assert 1200 <= sum(len(d.text) for _, d in capped.splits["train"]) < 1200 + 70
+    assert capped.splits["validation"] == every.splits["validation"] and capped.splits["test"] == every.splits["test"]
+    asked = {}
+
+    def gen(split, n, b):
+        asked[split] = b
+        return (sources.Doc(f"{split} {i} " + "z" * 40, f"{split}{i}", "t") for i in range(3))
+
+    splits.select_generated(gen, None, 6000, test_bytes=1000, train_bytes=500)
+    assert asked == {"train": 500, "validation": splits._quotas(6000, 1)["validation"], "test": 1000}
 
 
 def test_generated_code_files_are_not_code():

@@ -21,7 +21,8 @@ def test_quick_demo_outputs(quick_demo):
     for png in ("baselines.png", "experts.png", "opt_out.png"):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((res / "results.json").read_text())
-    expected = {"public", "soup", "soup_weighted", "btm", "btx", "unrestricted", "unrestricted_equal_data",
+    expected = {"public", "soup", "soup_weighted", "btm", "btm_per_token", "btx", "unrestricted",
+                "unrestricted_equal_data",
                 "soup_flexolmo_experts",
                 "btm_all", "btx_alldata",
                 "flexolmo", "flexolmo_replay", "flexolmo_domain", *[f"expert_{d}" for d in DOMAINS],
@@ -67,6 +68,14 @@ def test_quick_demo_outputs(quick_demo):
         assert pub["artifacts"]["stats"]["release"]["epsilon"] == 1.0 and pub["verdict"]["manifest_pass"], d
         assert "membership" in pub["artifacts"]["weights"] and audit[d]["exact_stats"]["artifacts"]["stats"]
     assert audit["merged_manifest"] == [] and "Privacy audit of what each owner published" in report
+    # Mixed-domain documents: every row scored on them, and the per-document owner oracle is at least
+    # as good as every single owner model (it picks the best one per document).
+    mixed = json.loads((res / "mixed_summary.json").read_text())
+    bpb = mixed["bpb"]
+    assert {"flexolmo", "flexolmo_density", "btm", "btm_per_token", "owner_per_doc_oracle"} <= set(bpb)
+    assert all(bpb["owner_per_doc_oracle"] <= bpb[f"expert_{d}"] + 1e-9 for d in DOMAINS)
+    assert abs(sum(mixed["oracle_picks"].values()) - 1) < 1e-9 and "## Mixed-domain documents" in report
+    assert "flexolmo" in mixed["vs_owner_oracle"] and mixed["documents"]["n_docs"] == 40
 
 
 def test_report_numbers_are_the_measured_ones(quick_demo):
@@ -212,3 +221,39 @@ def test_sample_table_reports_the_spread_and_documents_for_one_percent():
     # +-2% from 10 documents: +-1% needs 10 * 2**2 = 40
     assert rows[2] == "| code | 10 | 500 | 1,500 | all | 2.0% | 40 |"
     assert len(rows) == 3
+
+
+def test_full_plan_is_proportioned_like_the_paper():
+    """The default full plan meets the paper-regime targets by construction (issue 29): FFNs >= 50% of
+    the parameters, embeddings + head <= 25%, >= 4 anchor tokens per parameter, each expert <= 1/20 of
+    the anchor's tokens, public training bytes >= 10x each closed domain's; the old plan stays by name."""
+    from flexmoe_jax.data import pipeline, sources, splits
+
+    p = demo.FULL
+    cfg = p.model_config()
+    n = cfg.num_params()
+    assert 3 * cfg.d_model * cfg.mlp_hidden * cfg.n_layers >= 0.5 * n
+    assert 2 * cfg.vocab_size * cfg.d_model <= 0.25 * n
+    assert p.anchor_steps * p.batch_size * p.seq_len >= 4 * n
+    assert 20 * p.expert_steps <= p.anchor_steps
+    public_train = sum(pipeline.DEFAULT_MAX_BYTES[c] * splits.SPLIT_PERCENT["train"] / 100
+                       for c in sources.PUBLIC_SOURCES)
+    assert public_train >= 10 * p.max_train_bytes_closed
+    old = demo.PLANS["inverted"]
+    assert old.anchor_steps * old.batch_size * old.seq_len < 0.2 * old.model_config().num_params()
+
+
+def test_plan_selection_and_the_recorded_plan(tmp_path):
+    from flexmoe_jax.demo import plan
+
+    assert plan.select() is demo.FULL and plan.select(True) is demo.QUICK
+    assert plan.select(plan="inverted") is demo.FULL_INVERTED
+    with pytest.raises(demo.DemoError, match="unknown demo plan 'huge'"):
+        plan.select(plan="huge")
+    with pytest.raises(demo.DemoError, match="--quick is its own plan"):
+        plan.select(True, "inverted")
+    assert plan.recorded(tmp_path) is demo.FULL  # nothing recorded: the default
+    plan.claim(tmp_path, demo.FULL_INVERTED)
+    assert plan.recorded(tmp_path) is demo.FULL_INVERTED
+    with pytest.raises(demo.DemoError, match="mode 'inverted'"):
+        plan.claim(tmp_path, demo.FULL)

@@ -64,6 +64,32 @@ def test_multi_layer_forward_matches_a_count_by_hand(config):
     assert compiled.cost_analysis()["flops"] < 0.5 * expected  # one layer of four, without the loop fix
 
 
+@pytest.mark.parametrize("config", [DENSE, DENSE.replace(num_experts=6, top_k=2), DENSE.replace(num_experts=6, top_k=3)],
+                         ids=["dense", "moe_2of6", "moe_3of6"])
+def test_forward_flops_per_token_count_top_k_experts_by_hand(config):
+    """A top-k MoE's forward is counted dropless: each token through exactly k experts (the router's
+    columns of the skipped experts are subtracted with them: within 0.5% of the count by hand)."""
+    got, hand = flops.forward_flops_per_token(config, S), _forward_matmuls(config, 1, S) / S
+    assert got == (hand if not config.is_moe else pytest.approx(hand, rel=5e-3))
+    if config.is_moe:  # two more experts per token: two more FFNs (6 x d x hidden x layers each)
+        more = flops.forward_flops_per_token(config.replace(top_k=config.top_k + 2), S) - got
+        assert more == pytest.approx(2 * 6 * config.d_model * config.mlp_hidden * config.n_layers, rel=1e-2)
+
+
+def test_inference_cost_active_params_and_the_paper_ratio():
+    from flexmoe_jax.demo import inference_cost as ic
+
+    moe = DENSE.replace(num_experts=6, top_k=2, expert_names=("public", "a", "b", "c", "d", "e"))
+    ffn = 3 * DENSE.d_model * DENSE.mlp_hidden * DENSE.n_layers
+    assert ic.active_params(DENSE) == DENSE.num_params()
+    router = DENSE.n_layers * DENSE.d_model * 2  # top-k's router rows in the count
+    assert ic.active_params(moe) == DENSE.num_params() + ffn + router
+    # k whose active params are nearest 1.4 x two dense models: shared + k FFNs ~ 2.8 dense
+    want = min(range(1, 7), key=lambda k: abs(ic.active_params(moe.replace(top_k=k)) / (2 * DENSE.num_params()) - 1.4))
+    assert ic.paper_top_k(moe, DENSE) == want
+    assert 1.0 < ic.active_params(moe.replace(top_k=want)) / (2 * DENSE.num_params()) < 1.8
+
+
 def test_data_dependent_loops_are_a_lower_bound():
     def f(x, w, n):
         return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] @ w), (0, x))[1]

@@ -24,6 +24,10 @@ def add_parsers(sub) -> None:
                                    "baseline, and writes WORKDIR/results/ (results.md, results.json, plots). "
                                    "Resumable: rerun the same command to continue.")
     d.add_argument("--quick", action="store_true", help="tiny sizes; a few minutes (what the tests run)")
+    d.add_argument("--plan", choices=("full", "inverted"), default=None,
+                   help="the full run's sizes: full (default; proportioned like the paper: docs/demo.md) or "
+                        "inverted (the earlier plan, whose weak anchor and large vocabulary invert the paper's "
+                        "regime; kept for comparison)")
     d.add_argument("--workdir", default="flexmoe_demo",
                    help="where data, checkpoints and results go (default: %(default)s)")
     d.add_argument("--parallel", type=int, default=2,

@@ -26,13 +26,14 @@ from flexmoe_jax.data.splits import SPLITS
 
 
 def build(data_dir, domains=None, max_docs_per_domain=None, max_bytes_per_domain=None, vocab_size=8192,
-          seed=0, progress=True, install_missing=False, log=None) -> dict:
+          seed=0, progress=True, install_missing=False, log=None, max_train_bytes_closed=None) -> dict:
     """Build FlexMix-mini in ``data_dir``; returns the data card. See :func:`pipeline.build`."""
     from flexmoe_jax.data import pipeline
 
     return pipeline.build(data_dir, domains=domains, max_docs_per_domain=max_docs_per_domain,
                           max_bytes_per_domain=max_bytes_per_domain, vocab_size=vocab_size, seed=seed,
-                          progress=progress, install_missing=install_missing, log=log)
+                          progress=progress, install_missing=install_missing, log=log,
+                          max_train_bytes_closed=max_train_bytes_closed)
 
 
 def register(name, files, data_dir, format="txt", text_key="text", vocab=None, overwrite=False,

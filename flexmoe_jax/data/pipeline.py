@@ -35,10 +35,13 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def config_args(config: str, max_docs: int | None, max_bytes: int | None, seed: int) -> dict:
+def config_args(config: str, max_docs: int | None, max_bytes: int | None, seed: int,
+                max_train_bytes_closed: int | None = None) -> dict:
     cap = max_bytes if max_bytes is not None else DEFAULT_MAX_BYTES[config]
     args = {"format": FORMAT_VERSION, "config": config, "max_docs": max_docs, "max_bytes": cap,
             "seed": seed if config == "math" else None, "packages": S.package_versions(config)}
+    if max_train_bytes_closed is not None and config in S.CLOSED_DOMAINS:
+        args["train_bytes"] = max_train_bytes_closed
     if max_bytes is None and config in DEFAULT_TEST_BYTES:
         args["test_bytes"] = DEFAULT_TEST_BYTES[config]
     if config in S.PUBLIC_SOURCES:
@@ -69,7 +72,7 @@ def decontamination_index() -> splits.NgramIndex:
 def _selection_fn(args: dict, tick: Callable[[int], None]):
     def select(config: str) -> splits.Selection:
         max_docs, max_bytes = args["max_docs"], args["max_bytes"]
-        test_bytes = args.get("test_bytes", splits.SHARE)
+        test_bytes, train_bytes = args.get("test_bytes", splits.SHARE), args.get("train_bytes")
         if config == "math":
             from flexmoe_jax.data import mathgen
 
@@ -78,10 +81,10 @@ def _selection_fn(args: dict, tick: Callable[[int], None]):
                     for i, d in enumerate(g.docs(split, max_docs=n, max_bytes=b)):
                         tick(i + 1)
                         yield d
-                return splits.select_generated(gen, max_docs, max_bytes, test_bytes)
+                return splits.select_generated(gen, max_docs, max_bytes, test_bytes, train_bytes)
         exclude = decontamination_index() if config in S.PUBLIC_SOURCES else None
         return splits.select(S.documents(config), max_docs, max_bytes, exclude=exclude,
-                             test_bytes=test_bytes)
+                             test_bytes=test_bytes, train_bytes=train_bytes)
     return select
 
 
@@ -107,7 +110,8 @@ def build_config(data_dir, config: str, args: dict, tick=lambda n: None) -> dict
 
 def build(data_dir, domains: Sequence[str] | None = None, max_docs_per_domain: int | None = None,
           max_bytes_per_domain: int | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0,
-          progress: bool = True, install_missing: bool = False, log: Callable[[str], None] | None = None) -> dict:
+          progress: bool = True, install_missing: bool = False, log: Callable[[str], None] | None = None,
+          max_train_bytes_closed: int | None = None) -> dict:
     """Build FlexMix-mini into ``data_dir`` and return its data card (a dict; also card.json/card.md).
 
     Args:
@@ -117,6 +121,8 @@ def build(data_dir, domains: Sequence[str] | None = None, max_docs_per_domain: i
         The public sources are always built: the tokenizer is trained on them.
       max_docs_per_domain: cap on documents per config (split 90/5/5, at least 1 per split).
       max_bytes_per_domain: cap on UTF-8 bytes per config; default :data:`DEFAULT_MAX_BYTES`.
+      max_train_bytes_closed: cap on the UTF-8 bytes of each closed domain's *train* split (its
+        validation and test splits unchanged): owners whose data is small beside the public data.
       vocab_size: SentencePiece vocabulary size (the model's ``vocab_size`` must equal it).
       seed: math generation and tokenizer training seed (splits depend only on content).
       progress: show a progress bar on stderr.
@@ -128,13 +134,16 @@ def build(data_dir, domains: Sequence[str] | None = None, max_docs_per_domain: i
     """
     log = log or (lambda msg: print(msg, flush=True))
     _check_args(max_docs_per_domain, max_bytes_per_domain, vocab_size)
+    if max_train_bytes_closed is not None and max_train_bytes_closed <= 0:
+        raise UserError("max_train_bytes_closed must be positive")
     configs = S.check_configs(list(domains) if domains else list(S.CONFIGS))
     configs = [c for c in S.CONFIGS if c in set(configs) | set(S.PUBLIC_SOURCES)]
     data_dir = Path(data_dir)
     S.package_versions.cache_clear()
     manifest = read_manifest(data_dir)
     built = manifest.setdefault("configs", {})
-    args, todo = _plan(data_dir, configs, built, max_docs_per_domain, max_bytes_per_domain, seed, install_missing)
+    args, todo = _plan(data_dir, configs, built, max_docs_per_domain, max_bytes_per_domain, seed, install_missing,
+                       max_train_bytes_closed)
 
     tok_args = {"vocab_size": vocab_size, "seed": seed, "public": {c: _key(args[c]) for c in S.PUBLIC_SOURCES}}
     tok_path = L.tokenizer_path(data_dir)
@@ -174,19 +183,19 @@ def _check_args(max_docs_per_domain: int | None, max_bytes_per_domain: int | Non
 
 
 def _plan(data_dir: Path, configs: list[str], built: dict, max_docs: int | None, max_bytes: int | None, seed: int,
-          install_missing: bool) -> tuple[dict[str, dict], list[str]]:
+          install_missing: bool, train_bytes: int | None = None) -> tuple[dict[str, dict], list[str]]:
     """``(args per config, configs to (re)build)``; makes sure the corpora of those are installed."""
     def stale(c, args):
         entry = built.get(c)
         return not (entry and entry.get("key") == _key(args) and L.dataset_ready(data_dir, L.FLEXMIX_NAME, c))
 
-    args = {c: config_args(c, max_docs, max_bytes, seed) for c in configs}
+    args = {c: config_args(c, max_docs, max_bytes, seed, train_bytes) for c in configs}
     todo = [c for c in configs if stale(c, args[c])]
     if todo:
         need = set(todo) | (set(S.DECONTAMINATE_AGAINST) if set(todo) & set(S.PUBLIC_SOURCES) else set())
         S.ensure_available([c for c in S.CONFIGS if c in need], install_missing=install_missing)
         S.package_versions.cache_clear()
-        args = {c: config_args(c, max_docs, max_bytes, seed) for c in configs}
+        args = {c: config_args(c, max_docs, max_bytes, seed, train_bytes) for c in configs}
         todo = [c for c in configs if stale(c, args[c])]
     return args, todo
 

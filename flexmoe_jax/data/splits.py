@@ -91,24 +91,29 @@ def _quotas(total: int | None, minimum: int) -> dict[str, int | None]:
 SHARE = "share"  # test_bytes: the test split's usual share of max_bytes
 
 
-def _byte_quotas(max_bytes: int | None, test_bytes: int | None | str) -> dict[str, int | None]:
+def _byte_quotas(max_bytes: int | None, test_bytes: int | None | str,
+                 train_bytes: int | None = None) -> dict[str, int | None]:
     """Byte quota per split; ``test_bytes`` (bytes, or None for every test document) replaces the
-    test split's share when given. Train and validation quotas never depend on it."""
+    test split's share when given. Train and validation quotas never depend on it. ``train_bytes``
+    caps the train split further (held-out splits unchanged)."""
     q = _quotas(max_bytes, 1)
     if test_bytes != SHARE:
         q["test"] = test_bytes
+    if train_bytes is not None:
+        q["train"] = train_bytes if q["train"] is None else min(q["train"], train_bytes)
     return q
 
 
 def select(docs: Iterable[Doc], max_docs: int | None = None, max_bytes: int | None = None,
-           exclude: "NgramIndex | None" = None, test_bytes: int | None | str = SHARE) -> Selection:
+           exclude: "NgramIndex | None" = None, test_bytes: int | None | str = SHARE,
+           train_bytes: int | None = None) -> Selection:
     """Dedup, split by hash, then fill each split's quota in hash order (skipping contaminated docs)."""
     stats: dict[str, int] = {"candidates": 0, "empty": 0, "duplicates": 0, "contaminated": 0}
     unique = dedup(docs, stats)
     by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
     for h in unique:
         by_split[split_of(h)].append(h)
-    doc_q, byte_q = _quotas(max_docs, 1), _byte_quotas(max_bytes, test_bytes)
+    doc_q, byte_q = _quotas(max_docs, 1), _byte_quotas(max_bytes, test_bytes, train_bytes)
     out: dict[str, list[tuple[str, Doc]]] = {}
     for s in SPLITS:
         taken, nbytes = [], 0
@@ -128,7 +133,7 @@ def select(docs: Iterable[Doc], max_docs: int | None = None, max_bytes: int | No
 
 
 def select_generated(generate, max_docs: int | None, max_bytes: int | None,
-                     test_bytes: int | str = SHARE) -> Selection:
+                     test_bytes: int | str = SHARE, train_bytes: int | None = None) -> Selection:
     """Selection for generated corpora (math): ``generate(split, n_docs, n_bytes)`` yields docs.
 
     Each split is generated from its own seeds, so the split quotas are met without generating 20x
@@ -137,7 +142,7 @@ def select_generated(generate, max_docs: int | None, max_bytes: int | None,
     stats: dict[str, int] = {"candidates": 0, "empty": 0, "duplicates": 0, "contaminated": 0}
     if test_bytes is None:
         raise UserError("a generated corpus has no 'every test document': give test_bytes in bytes")
-    doc_q, byte_q = _quotas(max_docs, 1), _byte_quotas(max_bytes, test_bytes)
+    doc_q, byte_q = _quotas(max_docs, 1), _byte_quotas(max_bytes, test_bytes, train_bytes)
     seen: set[str] = set()
     out = {}
     for s in SPLITS:

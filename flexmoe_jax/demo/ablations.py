@@ -12,7 +12,7 @@ from flexmoe_jax import storage
 from flexmoe_jax.demo import scoring
 from flexmoe_jax.demo.experts import train_experts
 from flexmoe_jax.demo.merging import calibrate, merge_experts, tune_router
-from flexmoe_jax.demo.plan import FULL, QUICK
+from flexmoe_jax.demo.plan import recorded
 from flexmoe_jax.demo.workdir import RESULTS, Phase, Workdir, compile_cache, complete
 from flexmoe_jax.errors import UserError
 
@@ -80,7 +80,7 @@ def run(workdir, quick: bool = False, parallel: int = 2, rows=ROWS, scored_rows=
     and return the summary."""
     from flexmoe_jax import anchor_kit, data, loading
 
-    w = Workdir(workdir, QUICK if quick else FULL)
+    w = Workdir(workdir, recorded(workdir, quick))
     compile_cache(w)
     base = scoring.results(w)
     domains = [d for d in data.CLOSED_DOMAINS if f"expert_{d}" in base]
@@ -165,8 +165,8 @@ def summarize(base: dict, results: dict, routes: dict, domains: list[str], names
             "public_share_of_public": rt.get("public", {}).get("picked", {}).get("public"),
             "bpb": {d: bpb(r, d) for d in [*domains, "public"]},
         }
-    baselines = ("soup", "soup_weighted", "btm", "btx", "unrestricted", "soup_flexolmo_experts", "btm_all",
-                 "btx_alldata")
+    baselines = ("soup", "soup_weighted", "btm", "btm_per_token", "btx", "unrestricted", "soup_flexolmo_experts",
+                 "btm_all", "btx_alldata")
     return {"reference": {"flexolmo_top_k": avg(flex), "oracle": oracle_avg,
                           "public_model_public": bpb(public, "public"),
                           **{b: avg(base[b]) for b in baselines if b in base}},

@@ -28,7 +28,7 @@ from flexmoe_jax import storage
 from flexmoe_jax.demo import scoring
 from flexmoe_jax.demo.datasets import owner_data_dir, share_public_rows
 from flexmoe_jax.demo.experts import train_experts
-from flexmoe_jax.demo.plan import FULL, QUICK
+from flexmoe_jax.demo.plan import recorded
 from flexmoe_jax.demo.training import train_anchor
 from flexmoe_jax.demo.workdir import Phase, Workdir, compile_cache, log
 from flexmoe_jax.errors import UserError
@@ -91,7 +91,7 @@ def run(workdir, steps: Sequence[int], quick: bool = False, parallel: int = 2) -
     and dense experts, their scores; with the demo's run as the first row. Returns the summary."""
     from flexmoe_jax import data
 
-    base = Workdir(workdir, QUICK if quick else FULL)
+    base = Workdir(workdir, recorded(workdir, quick))
     done = scoring.results(base)
     domains = [d for d in data.CLOSED_DOMAINS if f"expert_{d}" in done and f"dense_{d}" in done]
     if "public" not in done or not domains:

@@ -16,7 +16,7 @@ def main(args) -> None:
         checks.run(args.workdir, quick=args.quick)
         return
     try:
-        run(args.workdir, quick=args.quick, parallel=args.parallel)
+        run(args.workdir, quick=args.quick, parallel=args.parallel, plan=getattr(args, "plan", None))
         parts = getattr(args, "ablations", None)
         if parts is not None:  # given with no value: every part
             from flexmoe_jax.demo import ablations

@@ -17,7 +17,7 @@ def build_data(w: Workdir) -> None:
 
     try:
         data.build(w.data, max_docs_per_domain=w.plan.max_docs_per_domain, vocab_size=w.plan.vocab_size,
-                   progress=True, log=lambda m: log(f"   {m}"))
+                   max_train_bytes_closed=w.plan.max_train_bytes_closed, progress=True, log=lambda m: log(f"   {m}"))
     except data.SourceMissing as e:
         raise DemoError(f"{e}; install the corpora with `bash .ci/install_data_sources.sh` (needs root)") from None
 

@@ -59,6 +59,11 @@ class Plan:
     # (None: every token). Long documents then cost their window, not their length (docs/evaluation.md).
     eval_doc_tokens: int | None = None
     privacy_docs: int = 16
+    # mixed-domain evaluation documents (flexmoe_jax.data.mixed), from the closed domains' test splits
+    mixed_docs: int = 240
+    # cap on each closed domain's training split (UTF-8 bytes; held-out splits unchanged): owners'
+    # data small beside the public data, as in the paper (None: the data build's own caps)
+    max_train_bytes_closed: int | None = None
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
@@ -68,11 +73,44 @@ class Plan:
 QUICK = Plan(mode="quick", max_docs_per_domain=80, vocab_size=512, d_model=64, n_layers=2, n_heads=4,
              mlp_hidden=128, max_seq_len=128, batch_size=8, seq_len=64, anchor_steps=60, expert_steps=20,
              btx_steps=10, router_tune_steps=10, rt_per_expert=8, rt_public=16, rt_pool=64,
-             calibration_batches=2, soup_weight_steps=8, eval_batch_size=16, mc_items=5, privacy_docs=4)
-# Sized for about 30 minutes on 2 CPU cores (measured phase by phase: results/timing.json).
-FULL = Plan(mode="full", max_docs_per_domain=None, vocab_size=4096, d_model=192, n_layers=4, n_heads=3,
-            mlp_hidden=512, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=200, expert_steps=32,
-            btx_steps=32, router_tune_steps=24, mc_items=8, privacy_docs=8)
+             calibration_batches=2, soup_weight_steps=8, eval_batch_size=16, mc_items=5, privacy_docs=4,
+             mixed_docs=40)
+# The full demo before the paper-regime plan (issue 29), kept for comparison (`flexmoe demo --plan
+# inverted`): its regime is inverted from the paper's (anchor 0.12 tokens per parameter, embeddings
+# and head 47% of the parameters, experts seeing 0.07-0.12 epochs of their domain).
+FULL_INVERTED = Plan(mode="inverted", max_docs_per_domain=None, vocab_size=4096, d_model=192, n_layers=4,
+                     n_heads=3, mlp_hidden=512, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=200,
+                     expert_steps=32, btx_steps=32, router_tune_steps=24, mc_items=8, privacy_docs=8)
+# The full demo, proportioned like the paper (docs/demo.md, "The plan"; sizes chosen from 50 timed
+# steps of each phase, bench/bench_plan.py).
+FULL = Plan(mode="full", max_docs_per_domain=None, vocab_size=768, d_model=64, n_layers=6, n_heads=2,
+            mlp_hidden=256, max_seq_len=512, batch_size=16, seq_len=128, anchor_steps=1600, expert_steps=80,
+            btx_steps=32, router_tune_steps=24, mc_items=8, privacy_docs=8, max_train_bytes_closed=500_000)
+PLANS = {p.mode: p for p in (QUICK, FULL, FULL_INVERTED)}
+
+
+def select(quick: bool = False, plan: str | None = None) -> Plan:
+    """The plan of a demo run: ``--quick``, else ``plan`` (a :data:`PLANS` name; default ``full``)."""
+    if quick:
+        if plan not in (None, "quick"):
+            raise DemoError(f"--quick is its own plan; drop --plan {plan}")
+        return QUICK
+    if plan is None:
+        return FULL
+    if plan not in PLANS or plan == "quick":
+        raise DemoError(f"unknown demo plan {plan!r}; known: {', '.join(k for k in PLANS if k != 'quick')} "
+                        "(or --quick)")
+    return PLANS[plan]
+
+
+def recorded(root: str | Path, quick: bool = False) -> Plan:
+    """The plan a finished demo in ``root`` ran with (its plan file's mode), else :func:`select` of ``quick``."""
+    f = Path(root) / PLAN_FILE
+    if f.exists():
+        mode = json.loads(f.read_text()).get("mode")
+        if mode in PLANS and (mode == "quick") == bool(quick):
+            return PLANS[mode]
+    return select(quick)
 
 
 def claim(root: Path, plan: Plan) -> None:

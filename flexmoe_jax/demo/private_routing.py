@@ -63,7 +63,7 @@ def sweep(w: Workdir, merged: Path, domains, base: dict, experts: dict, epsilons
     from flexmoe_jax import checkpoint, eval as eval_lib, flops
 
     anchor = w.root / "anchor" / "model"
-    epsilons = epsilons or (EPSILONS if w.plan.mode == "full" else QUICK_EPSILONS)
+    epsilons = epsilons or (QUICK_EPSILONS if w.plan.mode == "quick" else EPSILONS)
     models = {row(e): {"model": merged, "routing": "domain", "routing_stats": released_stats(w, domains, e)}
               for e in (*epsilons, None)}
     density = {DENSITY: {"model": lambda: eval_lib.density_scorer(*eval_lib.load_model(merged), name=DENSITY)}}

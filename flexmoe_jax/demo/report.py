@@ -16,7 +16,7 @@ from flexmoe_jax import storage
 # Baselines and variants FlexOlmo is compared against, in report order.
 # "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
 # 2-expert models (BTM over every member), informative variants that are not the paper's.
-COMPARED = ("public", "soup", "soup_weighted", "btm", "btx", "unrestricted", "unrestricted_equal_data",
+COMPARED = ("public", "soup", "soup_weighted", "btm", "btm_per_token", "btx", "unrestricted", "unrestricted_equal_data",
             "soup_flexolmo_experts",
             "btm_all", "btx_alldata", "flexolmo_replay", "flexolmo_domain")
 MAIN_PLOT = ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_domain")
@@ -183,12 +183,18 @@ def interval_table(f: dict, domains: list[str]) -> list[str]:
     return rows
 
 
+def _plan_flag(mode: str) -> str:
+    """The ``flexmoe demo`` flag that selects plan ``mode``."""
+    return {"quick": " --quick", "full": ""}.get(mode, f" --plan {mode}")
+
+
 # The paper's Table 1 grouping of the results table.
 GROUPS = (("Public model", ("public",)),
           ("Individual experts (each owner's own model; the paper's dense experts)", ("expert_", "dense_")),
           ("Prior merging methods (the paper's: soup, btm, btx; after them variants that are not the paper's; "
            "btx_alldata trains on closed data: breaks the data restriction)",
-           ("soup", "soup_weighted", "btm", "btx", "soup_flexolmo_experts", "btm_all", "btx_alldata")),
+           ("soup", "soup_weighted", "btm", "btm_per_token", "btx", "soup_flexolmo_experts", "btm_all",
+            "btx_alldata")),
           ("Unrestricted MoE (trained on all data jointly: breaks the data restriction)",
            ("unrestricted", "unrestricted_equal_data")),
           ("FlexOlmo variants", ("flexolmo",)))
@@ -250,7 +256,7 @@ def _setup(w, domains: list[str]) -> list[str]:
         sample += (f", a document longer than {p.eval_doc_tokens:,} tokens scored on one seeded window of whole "
                    "lines that long")
     return [f"# FlexOlmo on FlexMix-mini ({p.mode} mode)", "",
-            f"Made by `flexmoe demo{' --quick' if p.mode == 'quick' else ''} --workdir {w.root}`; every number "
+            f"Made by `flexmoe demo{_plan_flag(p.mode)} --workdir {w.root}`; every number "
             "below was measured in that run.", "",
             f"- anchor: dense OLMo-2 d_model={p.d_model}, {p.n_layers} layers, vocab {p.vocab_size}, "
             f"{p.anchor_steps} steps on the public mix; batch {p.batch_size} x {p.seq_len} tokens everywhere",
@@ -261,8 +267,10 @@ def _setup(w, domains: list[str]) -> list[str]:
             f"- dense_<domain>: each owner's dense expert (the whole anchor, {p.expert_steps} steps on its own data, "
             "flexmoe train-dense); soup: their uniform average with the public model; soup_weighted: the same "
             f"average with mixing weights fit on public validation text only ({soup_w}); btm: the public model and "
-            "the dense experts, weights softmax(-mean NLL of the context / T) over the top-2, renormalized (the "
-            "paper's baselines); soup_flexolmo_experts / btm_all: the same from the owners' 2-expert models, BTM "
+            "the dense experts, weights softmax(-mean NLL / T) of the input (each document piece's first "
+            "tokens; a multiple-choice question) over the top-2, renormalized (the paper's baselines); "
+            "btm_per_token: the same with the weights recomputed at every token from the piece so far; "
+            "soup_flexolmo_experts / btm_all: the same from the owners' 2-expert models, BTM "
             "over every member (not the paper's)",
             "- flexolmo_domain: the same merged model with domain routing (flexmoe_jax.routing); the router knobs "
             "(no bias, top-1/3, calibration, router tuning) are in `flexmoe demo --ablations`",

@@ -22,10 +22,11 @@ def results(w: Workdir, name: str = "results.json") -> dict:
 
 
 def evaluate_all(w: Workdir, models: dict[str, dict], json_name: str = "results.json",
-                 groups: Mapping[str, Sequence[str]] | None = None) -> dict:
+                 groups: Mapping[str, Sequence[str]] | None = None, tasks: Sequence[str] | None = None) -> dict:
     """Evaluate each ``{name: {"model": path|scorer-factory, "exclude"/"top_k"/"routing"/"routing_stats": ...}}``
-    not yet in ``results/json_name``; returns every result there. An MoE's results carry its routing
-    (``groups``: see :func:`flexmoe_jax.eval.evaluate`), counted in the same forward passes."""
+    not yet in ``results/json_name`` on ``tasks`` (default every domain and the public mix); returns every
+    result there. An MoE's results carry its routing (``groups``: see :func:`flexmoe_jax.eval.evaluate`),
+    counted in the same forward passes."""
     from flexmoe_jax import eval as eval_lib
 
     p = w.plan
@@ -40,11 +41,13 @@ def evaluate_all(w: Workdir, models: dict[str, dict], json_name: str = "results.
                            routing=spec.get("routing", "top_k"), routing_stats=spec.get("routing_stats"),
                            score=spec.get("score"), batch_size=p.eval_batch_size, mc_items_per_domain=p.mc_items,
                            max_tokens=p.eval_tokens, max_doc_tokens=p.eval_doc_tokens, routing_groups=groups,
-                           json_out=w.results / json_name, log=None, progress=True)
-        w.record(f"eval_{name}", time.perf_counter() - t0)
+                           json_out=w.results / json_name, log=None, progress=True, tasks=tasks)
+        w.record(f"eval_{name}" + ("" if json_name == "results.json" else f"_{Path(json_name).stem}"),
+                 time.perf_counter() - t0)
         r = results(w, json_name)[name]
-        log(f"   {name}: average bpb {r.get('average', {}).get('bpb', float('nan')):.4f}, "
-            f"public bpb {r['public']['bpb']:.4f} ({time.perf_counter() - t0:.0f} s)")
+        shown = ", ".join(f"{k} bpb {v['bpb']:.4f}" for k, v in r.items() if isinstance(v, dict) and "bpb" in v
+                          and (k in ("average", "public") or tasks and k in tasks))
+        log(f"   {name}: {shown} ({time.perf_counter() - t0:.0f} s)")
     return results(w, json_name)
 
 
