@@ -21,7 +21,7 @@ def test_quick_demo_outputs(quick_demo):
     for png in ("baselines.png", "experts.png", "opt_out.png"):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((res / "results.json").read_text())
-    expected = {"public", "soup", "soup_weighted", "btm", "btm_per_token", "btx", "unrestricted",
+    expected = {"public", "soup", "soup_weighted", "soup_input", "btm", "btm_per_token", "btx", "unrestricted",
                 "unrestricted_equal_data",
                 "soup_flexolmo_experts",
                 "btm_all", "btx_alldata",

@@ -199,6 +199,47 @@ def test_btm_input_form_weighs_members_once_by_the_prompt(anchor, data_dir):
         ev.BTMScorer(members, context="input", context_tokens=0)
 
 
+def test_input_soup_averages_weights_per_piece_from_its_prefix(anchor, data_dir):
+    """The per-input weighted soup: after each piece's first N tokens, its tokens are scored by the soup
+    whose weights are softmax(-mean NLL of those N tokens / T) over the members (checked against
+    building that soup with ``soup(weights=...)`` and scoring the piece alone); the N tokens
+    themselves by the uniform soup."""
+    from flexmoe_jax.evaluation.input_soup import InputSoupScorer
+
+    cfg, params = anchor
+    rng = np.random.default_rng(3)
+    models = [anchor] + [(cfg, jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(
+        np.float32), params)) for _ in range(2)]
+    members = [ev.ModelScorer(*m) for m in models]
+    batch = rows(data_dir)[0]
+    n_ctx, temp = 8, 0.5
+    scorer = InputSoupScorer(models, members, temperature=temp, context_tokens=n_ctx, rows_per_call=4)
+    got = scorer.token_logprobs(batch)
+    uniform = ev.ModelScorer(*ev.soup(models)).token_logprobs(batch)
+    lps = np.stack([m.token_logprobs(batch) for m in members]).astype(np.float64)
+    segs, pos = batch["decoder_segment_ids"], batch["decoder_positions"]
+    np.testing.assert_allclose(got[pos < n_ctx], uniform[pos < n_ctx], atol=1e-6)
+    checked = 0
+    for r in range(2):
+        for sid in np.unique(segs[r][segs[r] > 0]):
+            at = np.nonzero(segs[r] == sid)[0]
+            prefix = at[pos[r, at] < n_ctx]
+            later = at[pos[r, at] >= n_ctx]
+            if not later.size:
+                continue
+            logits = lps[:, r, prefix].mean(-1) / temp
+            w = np.exp(logits - logits.max())
+            alone = {k: np.zeros((1, SEQ), np.int32) for k in batch if k != "decoder_loss_weights"}
+            for k in ("decoder_input_tokens", "decoder_target_tokens", "decoder_positions"):
+                alone[k][0, :len(at)] = batch[k][r, at]
+            alone["decoder_segment_ids"][0, :len(at)] = 1
+            want = ev.ModelScorer(*ev.soup(models, list(w / w.sum()))).token_logprobs(alone)[0, :len(at)]
+            np.testing.assert_allclose(got[r, later], want[pos[r, at] >= n_ctx], atol=2e-4)
+            checked += len(later)
+    assert checked > 20
+    assert not np.allclose(got[pos >= n_ctx], uniform[pos >= n_ctx], atol=1e-3)  # the weights did something
+
+
 def test_mc_rows_mark_the_question_as_the_prompt():
     class Pieces:  # a tokenizer of one id per character
         def encode(self, text):

@@ -165,8 +165,8 @@ def summarize(base: dict, results: dict, routes: dict, domains: list[str], names
             "public_share_of_public": rt.get("public", {}).get("picked", {}).get("public"),
             "bpb": {d: bpb(r, d) for d in [*domains, "public"]},
         }
-    baselines = ("soup", "soup_weighted", "btm", "btm_per_token", "btx", "unrestricted", "soup_flexolmo_experts",
-                 "btm_all", "btx_alldata")
+    baselines = ("soup", "soup_weighted", "soup_input", "btm", "btm_per_token", "btx", "unrestricted",
+                 "soup_flexolmo_experts", "btm_all", "btx_alldata")
     return {"reference": {"flexolmo_top_k": avg(flex), "oracle": oracle_avg,
                           "public_model_public": bpb(public, "public"),
                           **{b: avg(base[b]) for b in baselines if b in base}},

@@ -46,7 +46,8 @@ def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int, unrestricted
     one = spent("expert", p.expert_steps)
     experts = plus(*[one] * n_owners)
     dense = plus(*[spent("anchor", p.expert_steps)] * n_owners)  # a dense expert's step is the anchor's
-    rows = {"public": plus(), "expert (one owner)": one, "soup": dense, "btm": dense, "btm_per_token": dense,
+    rows = {"public": plus(), "expert (one owner)": one, "soup": dense, "soup_input": dense, "btm": dense,
+            "btm_per_token": dense,
             "soup_flexolmo_experts": experts, "btm_all": experts, "flexolmo": experts,
             "flexolmo_replay": experts, "btx": plus(dense, spent("btx", p.btx_steps)),
             "btx_alldata": plus(experts, spent("btx", p.btx_steps)),

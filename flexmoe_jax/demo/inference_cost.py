@@ -76,6 +76,10 @@ def row_costs(names, anchor, merged, paths: dict[str, Path], n_owners: int, seq_
             out[n] = _one(dense, seq_len, "1 dense model")
         elif n.startswith("expert_"):
             out[n] = _one(owner, seq_len, "the owner's 2-expert model")
+        elif n == "soup_input":
+            out[n] = _ensemble(members, 1, [dense], seq_len,
+                               f"all {len(members)} members on each input's first {btm_prefix} tokens, then 1 "
+                               "dense model (the input's soup)")
         elif n == "btm":
             out[n] = _ensemble(members, top_k, members[:top_k], seq_len,
                                f"all {len(members)} members on each input's first {btm_prefix} tokens, then its "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from flexmoe_jax.demo.baselines import soup_weights
 from flexmoe_jax.demo.workdir import Workdir
+from flexmoe_jax.evaluation.input_soup import InputSoupScorer
 
 # The paper-form BTM's temperature on the mean NLL of the context (fixed, not tuned on results).
 BTM_TEMPERATURE = 0.1
@@ -59,6 +60,12 @@ def _baselines(w: Workdir, t: Trained, domains: list[str], member) -> dict[str, 
 
     models["btm"] = btm("btm", "input")
     models["btm_per_token"] = btm("btm_per_token", "segment")
+    # The weighted soup in the paper's form: weights per input (each piece's prefix), from the same
+    # members' likelihoods BTM weighs by.
+    models["soup_input"] = {"model": lambda: InputSoupScorer(
+        [eval_lib.load_model(anchor)] + [eval_lib.load_model(dense[d]) for d in domains],
+        [member("public", anchor)] + [member(f"dense_{d}", dense[d]) for d in domains],
+        temperature=BTM_TEMPERATURE, context_tokens=BTM_CONTEXT_TOKENS, name="soup_input")}
     # Informative variants built from the owners' 2-expert FlexOlmo models instead (not the paper's).
     models["soup_flexolmo_experts"] = {"model": lambda: eval_lib.soup_scorer(anchor, list(experts.values()))}
     models["btm_all"] = {"model": lambda: eval_lib.btm_scorer(member("public", anchor),

@@ -23,8 +23,8 @@ from flexmoe_jax.demo.workdir import Workdir, log
 JSON = "mixed.json"
 ORACLES = {"owner_per_doc_oracle": "expert_", "dense_per_doc_oracle": "dense_"}
 # The rows scored on the mixed documents besides every owner's and dense expert (report order).
-ROWS = ("public", "soup", "btm", "btm_per_token", "btx", "unrestricted", "unrestricted_equal_data", "flexolmo",
-        "flexolmo_domain", "flexolmo_density")
+ROWS = ("public", "soup", "soup_input", "btm", "btm_per_token", "btx", "unrestricted", "unrestricted_equal_data",
+        "flexolmo", "flexolmo_domain", "flexolmo_density")
 
 
 def run(w: Workdir, models: dict[str, dict], domains: list[str], merged) -> dict:

@@ -16,9 +16,9 @@ from flexmoe_jax import storage
 # Baselines and variants FlexOlmo is compared against, in report order.
 # "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
 # 2-expert models (BTM over every member), informative variants that are not the paper's.
-COMPARED = ("public", "soup", "soup_weighted", "btm", "btm_per_token", "btx", "unrestricted", "unrestricted_equal_data",
-            "soup_flexolmo_experts",
-            "btm_all", "btx_alldata", "flexolmo_replay", "flexolmo_domain")
+COMPARED = ("public", "soup", "soup_weighted", "soup_input", "btm", "btm_per_token", "btx", "unrestricted",
+            "unrestricted_equal_data", "soup_flexolmo_experts", "btm_all", "btx_alldata", "flexolmo_replay",
+            "flexolmo_domain")
 MAIN_PLOT = ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_domain")
 
 
@@ -193,8 +193,8 @@ GROUPS = (("Public model", ("public",)),
           ("Individual experts (each owner's own model; the paper's dense experts)", ("expert_", "dense_")),
           ("Prior merging methods (the paper's: soup, btm, btx; after them variants that are not the paper's; "
            "btx_alldata trains on closed data: breaks the data restriction)",
-           ("soup", "soup_weighted", "btm", "btm_per_token", "btx", "soup_flexolmo_experts", "btm_all",
-            "btx_alldata")),
+           ("soup", "soup_weighted", "soup_input", "btm", "btm_per_token", "btx", "soup_flexolmo_experts",
+            "btm_all", "btx_alldata")),
           ("Unrestricted MoE (trained on all data jointly: breaks the data restriction)",
            ("unrestricted", "unrestricted_equal_data")),
           ("FlexOlmo variants", ("flexolmo",)))
@@ -269,6 +269,8 @@ def _setup(w, domains: list[str]) -> list[str]:
             f"average with mixing weights fit on public validation text only ({soup_w}); btm: the public model and "
             "the dense experts, weights softmax(-mean NLL / T) of the input (each document piece's first "
             "tokens; a multiple-choice question) over the top-2, renormalized (the paper's baselines); "
+            "soup_input: the soup averaged with those weights (all members) per input, the input's own "
+            "tokens scored by the uniform soup; "
             "btm_per_token: the same with the weights recomputed at every token from the piece so far; "
             "soup_flexolmo_experts / btm_all: the same from the owners' 2-expert models, BTM "
             "over every member (not the paper's)",
