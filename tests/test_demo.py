@@ -22,7 +22,7 @@ def test_quick_demo_outputs(quick_demo):
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((res / "results.json").read_text())
     expected = {"public", "soup", "soup_weighted", "soup_input", "btm", "btm_per_token", "btx", "unrestricted",
-                "unrestricted_equal_data",
+                "unrestricted_equal_data", "unrestricted_half_data",
                 "soup_flexolmo_experts",
                 "btm_all", "btx_alldata",
                 "flexolmo", "flexolmo_replay", "flexolmo_domain", *[f"expert_{d}" for d in DOMAINS],

@@ -64,7 +64,8 @@ def train_unrestricted(w: Workdir, anchor: Path, n_owners: int, equal: str = "fl
     """The anchor upcycled to ``unrestricted_experts`` experts, trained jointly on all data, at the
     paper's two budgets: ``equal="flops"``, the training FLOPs all owners spent together (compiled
     counts, :func:`~flexmoe_jax.demo.budget.step_flops`); ``equal="data"``, as many tokens as all
-    owners together. Returns (model directory, steps); UserError for another ``equal``."""
+    owners together; ``equal="half_data"``, half as many (the paper's "equal FLOPs" row, about half its
+    owners' data). Returns (model directory, steps); UserError for another ``equal``."""
     from flexmoe_jax import baselines, checkpoint, data, trainer
 
     p = w.plan
@@ -76,9 +77,12 @@ def train_unrestricted(w: Workdir, anchor: Path, n_owners: int, equal: str = "fl
                              / per_step["unrestricted"]["compiled"]))
     elif equal == "data":
         steps = p.expert_steps * n_owners  # the same batch shape: the same tokens
+    elif equal == "half_data":
+        steps = max(1, p.expert_steps * n_owners // 2)
     else:
-        raise UserError(f"equal must be 'flops' or 'data', got {equal!r}")
-    out = w.root / ("unrestricted" if equal == "flops" else "unrestricted_equal_data")
+        raise UserError(f"equal must be 'flops', 'data' or 'half_data', got {equal!r}")
+    out = w.root / {"flops": "unrestricted", "data": "unrestricted_equal_data",
+                    "half_data": "unrestricted_half_data"}[equal]
     if not complete(out / "model"):
         rc = run_config(w, phase="pretrain", task=data.ALL_MIXTURE, steps=steps)
         trainer.run(out, config, rc, optim_config(steps, 0.0, p.peak_lr), params=params)

@@ -52,7 +52,8 @@ def flops_table(w: Workdir, n_owners: int, unrestricted_steps: int, unrestricted
             "flexolmo_replay": experts, "btx": plus(dense, spent("btx", p.btx_steps)),
             "btx_alldata": plus(experts, spent("btx", p.btx_steps)),
             "unrestricted": spent("unrestricted", unrestricted_steps),
-            "unrestricted_equal_data": spent("unrestricted", unrestricted_data_steps)}
+            "unrestricted_equal_data": spent("unrestricted", unrestricted_data_steps),
+            "unrestricted_half_data": spent("unrestricted", max(1, p.expert_steps * n_owners // 2))}
     anchor = spent("anchor", p.anchor_steps)
     return {k: {"beyond_anchor": v["compiled"], "total": anchor["compiled"] + v["compiled"],
                 "beyond_anchor_6n": v["estimate_6n"], "total_6n": anchor["estimate_6n"] + v["estimate_6n"],

@@ -32,6 +32,7 @@ class Trained:
     unrestricted_data: Path
     unrestricted_steps: int
     unrestricted_data_steps: int
+    unrestricted_half_data: Path | None = None  # the paper's "equal FLOPs" budget: half the owners' tokens
 
 
 def _baselines(w: Workdir, t: Trained, domains: list[str], member) -> dict[str, dict]:
@@ -74,6 +75,8 @@ def _baselines(w: Workdir, t: Trained, domains: list[str], member) -> dict[str, 
     models["btx_alldata"] = {"model": t.btx_alldata}
     models["unrestricted"] = {"model": t.unrestricted}
     models["unrestricted_equal_data"] = {"model": t.unrestricted_data}
+    if t.unrestricted_half_data is not None:
+        models["unrestricted_half_data"] = {"model": t.unrestricted_half_data}
     return models
 
 

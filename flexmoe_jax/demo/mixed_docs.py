@@ -24,7 +24,7 @@ JSON = "mixed.json"
 ORACLES = {"owner_per_doc_oracle": "expert_", "dense_per_doc_oracle": "dense_"}
 # The rows scored on the mixed documents besides every owner's and dense expert (report order).
 ROWS = ("public", "soup", "soup_input", "btm", "btm_per_token", "btx", "unrestricted", "unrestricted_equal_data",
-        "flexolmo", "flexolmo_domain", "flexolmo_density")
+        "unrestricted_half_data", "flexolmo", "flexolmo_domain", "flexolmo_density")
 
 
 def run(w: Workdir, models: dict[str, dict], domains: list[str], merged) -> dict:

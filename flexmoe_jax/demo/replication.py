@@ -49,10 +49,12 @@ def train_all(w: Workdir, domains: list[str], parallel: int) -> Trained:
     with Phase(w, "unrestricted"):
         unrestricted, u_steps = baselines.train_unrestricted(w, anchor, len(domains))
         unrestricted_data, ud_steps = baselines.train_unrestricted(w, anchor, len(domains), equal="data")
+        unrestricted_half, _ = baselines.train_unrestricted(w, anchor, len(domains), equal="half_data")
     return Trained(anchor=anchor, experts=experts, experts_replay=experts_replay, dense=dense, merged=merged,
                    merged_replay=merged_replay, btx=btx,
                    btx_alldata=btx_alldata, unrestricted=unrestricted, unrestricted_data=unrestricted_data,
-                   unrestricted_steps=u_steps, unrestricted_data_steps=ud_steps)
+                   unrestricted_steps=u_steps, unrestricted_data_steps=ud_steps,
+                   unrestricted_half_data=unrestricted_half)
 
 
 def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, domains=None,
@@ -91,7 +93,8 @@ def run(workdir: str | os.PathLike, quick: bool = False, parallel: int = 2, doma
 
     rows = [*results, *[r for r in private.get("rows", {}) if r not in results and r.isidentifier()]]
     costs = inference_cost.row_costs(rows, t.anchor, t.merged, {"btx": t.btx, "btx_alldata": t.btx_alldata,
-                                     "unrestricted": t.unrestricted, "unrestricted_equal_data": t.unrestricted_data},
+                                     "unrestricted": t.unrestricted, "unrestricted_equal_data": t.unrestricted_data,
+                                     "unrestricted_half_data": t.unrestricted_half_data},
                                      len(domains), min(DEFAULT_SEQ_LEN, w.plan.max_seq_len), w.plan.top_k,
                                      BTM_CONTEXT_TOKENS)
     storage.write_json(w.results / "inference_cost.json", costs, sort_keys=False)

@@ -17,8 +17,8 @@ from flexmoe_jax import storage
 # "soup", "btm": the paper's (from dense experts; BTM top-2); "_flexolmo_experts"/"_all": from the owners'
 # 2-expert models (BTM over every member), informative variants that are not the paper's.
 COMPARED = ("public", "soup", "soup_weighted", "soup_input", "btm", "btm_per_token", "btx", "unrestricted",
-            "unrestricted_equal_data", "soup_flexolmo_experts", "btm_all", "btx_alldata", "flexolmo_replay",
-            "flexolmo_domain")
+            "unrestricted_equal_data", "unrestricted_half_data", "soup_flexolmo_experts", "btm_all", "btx_alldata",
+            "flexolmo_replay", "flexolmo_domain")
 MAIN_PLOT = ("public", "soup", "btm", "btx", "unrestricted", "flexolmo", "flexolmo_domain")
 
 
@@ -196,7 +196,7 @@ GROUPS = (("Public model", ("public",)),
            ("soup", "soup_weighted", "soup_input", "btm", "btm_per_token", "btx", "soup_flexolmo_experts",
             "btm_all", "btx_alldata")),
           ("Unrestricted MoE (trained on all data jointly: breaks the data restriction)",
-           ("unrestricted", "unrestricted_equal_data")),
+           ("unrestricted", "unrestricted_equal_data", "unrestricted_half_data")),
           ("FlexOlmo variants", ("flexolmo",)))
 
 
@@ -280,8 +280,9 @@ def _setup(w, domains: list[str]) -> list[str]:
             f"FFNs as one MoE, the rest averaged, {p.btx_steps} steps on public data only (the paper's); btx_alldata: "
             f"the merged FlexOlmo, {p.btx_steps} steps on all data (breaks the data restriction); "
             f"unrestricted MoE {p.unrestricted_experts} experts top-{p.top_k} trained jointly on all data at the "
-            "paper's two budgets: the owners' total training FLOPs (unrestricted), and their total tokens, about 2x "
-            "the FLOPs (unrestricted_equal_data)",
+            "paper's two budgets: the owners' total training FLOPs as compiled (unrestricted), and their total "
+            "tokens (unrestricted_equal_data); unrestricted_half_data: half their tokens (the paper's equal-FLOPs "
+            "row trained on about half the data)",
             f"- evaluation: {sample}; the same documents for every model, for bits per byte, routing and "
             f"{p.mc_items} multiple-choice items per domain; bits per byte are the sampled documents' summed NLL "
             "over their UTF-8 bytes; intervals are 95% bootstrap intervals over documents, paired between models",
