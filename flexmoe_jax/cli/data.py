@@ -79,10 +79,15 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                     "NAME, tokenized with the anchor's tokenizer. Nothing leaves this machine.")
     r.add_argument("--name", required=True, help="task name: lowercase letters, digits, '_'")
     r.add_argument("--files", required=True, nargs="+", metavar="GLOB",
-                   help="files or glob patterns (quote them; ** recurses); directories are read recursively")
-    r.add_argument("--format", choices=("txt", "jsonl"), default="txt",
-                   help="txt: one document per file; jsonl: one document per line (default: %(default)s)")
-    r.add_argument("--text_key", default="text", help="jsonl field holding the text (default: %(default)s)")
+                   help="files or glob patterns (quote them; ** recurses); directories are read recursively "
+                        "(a Dolma-style tree of .json.gz shards, or a Hugging Face dataset directory)")
+    r.add_argument("--format", choices=("auto", "txt", "jsonl", "parquet", "csv", "hf"), default="auto",
+                   help="auto (default): by each file's name: .jsonl/.json/.ndjson (also .gz, .zst) one document "
+                        "per line, .parquet and .csv/.tsv one per row, a directory saved by Hugging Face datasets "
+                        "(save_to_disk) one per row, anything else one per file; or force one: txt, jsonl, "
+                        "parquet, csv, hf")
+    r.add_argument("--text_key", default="text",
+                   help="the field (jsonl) or column (parquet, csv, hf) holding the text (default: %(default)s)")
     r.add_argument("--data_dir", default=DEFAULT_DATA_DIR,
                    help="data directory (default: $FLEXMOE_DATA_DIR or %(default)s)")
     r.add_argument("--vocab", default=None,

@@ -36,7 +36,7 @@ def build(data_dir, domains=None, max_docs_per_domain=None, max_bytes_per_domain
                           max_train_bytes_closed=max_train_bytes_closed)
 
 
-def register(name, files, data_dir, format="txt", text_key="text", vocab=None, overwrite=False,
+def register(name, files, data_dir, format="auto", text_key="text", vocab=None, overwrite=False,
              progress=True, log=None) -> dict:
     """Turn an owner's local files into a tfds dataset and a seqio task; see :func:`owner.register`."""
     from flexmoe_jax.data import owner

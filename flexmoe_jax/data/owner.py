@@ -1,12 +1,16 @@
 """``flexmoe data register``: a data owner's own files -> tfds ``flexmix_owner/NAME:1.0.0`` and seqio
 task ``NAME``, on the owner's machine only.
 
-``txt``: one document per file; ``jsonl``: one per line, from its ``text_key`` field. Unreadable files
-and bad lines are skipped, counted and the first named; nothing usable left is a :class:`UserError`.
-The documents get FlexMix-mini's hygiene (:mod:`flexmoe_jax.data.splits`) and the anchor's tokenizer,
-a copy of which is kept next to the manifest ``DATA_DIR/owners/NAME.json``. The same name with the
-same documents is a no-op; with other documents a ``FileExistsError`` unless ``overwrite``; a name
-clashing with a seqio task or mixture or FlexMix-mini's is a :class:`UserError`. See docs/data.md.
+The files are read by :mod:`flexmoe_jax.data.readers` (``txt``, JSON lines plain or ``.gz`` /
+``.zst``, parquet, CSV, Hugging Face datasets saved to disk, Dolma-style shard directories; ``auto``
+picks per file) as a stream, deduplicated and split on the way into per-split spool files
+(:mod:`flexmoe_jax.data.spool`), so memory holds one digest per distinct document, not the corpus.
+Unreadable files and bad lines are skipped, counted and the first named; nothing usable left is a
+:class:`UserError` that names the format and the flag to change. The documents get FlexMix-mini's
+hygiene (:mod:`flexmoe_jax.data.splits`) and the anchor's tokenizer, a copy of which is kept next to
+the manifest ``DATA_DIR/owners/NAME.json``. The same name with the same documents is a no-op; with
+other documents a ``FileExistsError`` unless ``overwrite``; a name clashing with a seqio task or
+mixture or FlexMix-mini's is a :class:`UserError`. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -21,8 +25,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from flexmoe_jax.data import layout as L, splits
-from flexmoe_jax.data.doc import Doc
+from flexmoe_jax.data import layout as L, readers, splits
 from flexmoe_jax.data.sources import CONFIGS
 from flexmoe_jax.errors import UserError
 from flexmoe_jax.storage import write_json
@@ -40,55 +43,18 @@ def _expand(files: str | Sequence[str]) -> list[Path]:
             hits = [pat]
         for h in hits:
             p = Path(h)
-            if p.is_dir():
-                out.update(q for q in p.rglob("*") if q.is_file())
+            if readers.is_hf_dataset(p):
+                out.add(p)
+            elif p.is_dir():
+                for root, dirs, names in os.walk(p):
+                    keep = []
+                    for d in sorted(dirs):
+                        (out.add(Path(root) / d) if readers.is_hf_dataset(Path(root) / d) else keep.append(d))
+                    dirs[:] = [d for d in keep if not d.startswith(".")]
+                    out.update(Path(root) / n for n in names if not n.startswith("."))
             else:
                 out.add(p)
     return sorted(out)
-
-
-def read_documents(paths: list[Path], fmt: str, text_key: str, progress: bool = False) -> tuple[list[Doc], dict]:
-    """Read the files; returns (documents, counts of what was read and skipped)."""
-    from tqdm.auto import tqdm
-
-    stats = {"files": len(paths), "files_read": 0, "unreadable_files": 0, "non_utf8_files": 0,
-             "documents": 0, "bad_json_lines": 0, "lines_without_key": 0}
-    first: dict[str, str] = {}
-    docs: list[Doc] = []
-    for p in tqdm(paths, desc="read files", unit="file", disable=not progress, file=sys.stderr):
-        try:
-            raw = p.read_bytes()
-        except OSError:
-            stats["unreadable_files"] += 1
-            first.setdefault("unreadable_files", str(p))
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            stats["non_utf8_files"] += 1
-            first.setdefault("non_utf8_files", str(p))
-            continue
-        stats["files_read"] += 1
-        if fmt == "txt":
-            docs.append(Doc(text=text, id=str(p), source=p.name))
-            continue
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                stats["bad_json_lines"] += 1
-                first.setdefault("bad_json_lines", f"{p}:{i}")
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
-                stats["lines_without_key"] += 1
-                first.setdefault("lines_without_key", f"{p}:{i}")
-                continue
-            docs.append(Doc(text=obj[text_key], id=f"{p}:{i}", source=p.name))
-    stats["documents"] = len(docs)
-    stats["first"] = first
-    return docs, stats
 
 
 def _skips(stats: dict, text_key: str) -> list[str]:
@@ -103,6 +69,9 @@ def _skips(stats: dict, text_key: str) -> list[str]:
     if stats["lines_without_key"]:
         msgs.append(f"{stats['lines_without_key']} jsonl line(s) without a string '{text_key}' field skipped "
                     f"(first: {first['lines_without_key']})")
+    if stats.get("rows_without_key"):
+        msgs.append(f"{stats['rows_without_key']} row(s) or table(s) without a string '{text_key}' column skipped "
+                    f"(first: {first['rows_without_key']}); pass --text_key with the column that holds the text")
     return msgs
 
 
@@ -122,15 +91,23 @@ def check_name(name: str, data_dir) -> None:
                             f"pick another name")
 
 
-def register(name: str, files, data_dir, format: str = "txt", text_key: str = "text", vocab=None,
+def register(name: str, files, data_dir, format: str = "auto", text_key: str = "text", vocab=None,
              overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Register an owner's files as tfds ``flexmix_owner/NAME:1.0.0`` + seqio task ``NAME``.
 
+    ``format``: one of :data:`flexmoe_jax.data.readers.FORMATS` (``auto``: by each file's name).
     Returns the owner's manifest (documents, bytes and tokens per split, what was skipped).
     """
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from flexmoe_jax.data import tokenizer as T
+    from flexmoe_jax.data.spool import Spool
+
     log = log or (lambda msg: print(msg, flush=True))
-    if format not in ("txt", "jsonl"):
-        raise UserError(f"--format must be txt or jsonl, not '{format}'")
+    if format not in readers.FORMATS:
+        raise UserError(f"--format must be one of {', '.join(readers.FORMATS)}, not '{format}'")
     data_dir = Path(data_dir)
     check_name(name, data_dir)
     vocab_path = Path(vocab) if vocab else L.tokenizer_path(data_dir)
@@ -142,41 +119,45 @@ def register(name: str, files, data_dir, format: str = "txt", text_key: str = "t
     shown = ", ".join(repr(str(f)) for f in ([files] if isinstance(files, (str, os.PathLike)) else files))
     if not paths:
         raise FileNotFoundError(f"no files match {shown}")
-    docs, stats = read_documents(paths, format, text_key, progress=progress)
-    skipped = _skips(stats, text_key)
-    if not docs:
-        why = "; ".join(skipped) or "the files are empty"
-        raise UserError(f"no documents found in {len(paths)} file(s) matching {shown}: {why}")
-    dstats: dict[str, int] = {}
-    unique = splits.dedup(docs, dstats)
-    if not unique:
-        raise UserError(f"all {len(docs)} document(s) are empty after normalization")
-    by_split = splits.assign_splits(unique)
-    key = hashlib.sha256(json.dumps({"docs": sorted(unique), "vocab": hashlib.sha256(
-        vocab_path.read_bytes()).hexdigest(), "format": 1}).encode()).hexdigest()[:16]
-
-    man_path = L.owners_dir(data_dir) / f"{name}.json"
-    if man_path.exists() and L.dataset_ready(data_dir, L.OWNER_NAME, name):
-        old = json.loads(man_path.read_text())
-        if old.get("key") == key:
-            log(f"'{name}' is already registered in {data_dir} with the same documents: nothing to do")
-            from flexmoe_jax.data import tasks
-            tasks.register_tasks(data_dir)
-            return old
-        if not overwrite:
-            raise FileExistsError(f"'{name}' is already registered in {data_dir} from other documents; "
-                                  f"pass --overwrite to replace it")
-
-    from flexmoe_jax.data import tokenizer as T
     sp = T.processor(vocab_path)
-    split_rows = {}
-    for s, items in by_split.items():
-        texts = [d.text for _, d in items]
-        nbytes = sum(len(t.encode("utf-8")) for t in texts)
-        ntok = sum(T.count_tokens(sp, texts))
-        split_rows[s] = {"docs": len(texts), "bytes": nbytes, "tokens": ntok}
+    stats = readers.new_stats()
+    L.cache_dir(data_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"register-{name}-", dir=L.cache_dir(data_dir)) as tmp:
+        spool = Spool(tmp, sp)
+        bar = tqdm(desc=f"register {name}", unit="doc", disable=not progress, file=sys.stderr)
+        for i, d in enumerate(readers.iter_documents(paths, format, text_key, stats), 1):
+            spool.add(d)
+            bar.update(1)
+            if i % 1000 == 0:
+                mb = sum(r["bytes"] for r in spool.rows.values()) / 1e6
+                bar.set_postfix_str(f"{mb:,.1f} MB kept, {spool.dropped['duplicates']:,} duplicates, "
+                                    f"{stats['files_read']}/{len(paths)} files")
+        bar.close()
+        by_split = spool.finish()
+        skipped = _skips(stats, text_key)
+        if not stats["documents"]:
+            why = "; ".join(skipped) or "the files are empty"
+            hint = (f" (read as {format}; pass --format with the files' format, one of "
+                    f"{', '.join(f for f in readers.FORMATS if f != 'auto')})")
+            raise UserError(f"no documents found in {len(paths)} file(s) matching {shown}: {why}{hint}")
+        if not spool.unique:
+            raise UserError(f"all {stats['documents']} document(s) are empty after normalization")
+        key = hashlib.sha256(json.dumps({"docs": spool.key(), "vocab": hashlib.sha256(
+            vocab_path.read_bytes()).hexdigest(), "format": 2}).encode()).hexdigest()[:16]
 
-    _write_tfds(data_dir, name, by_split, key)
+        man_path = L.owners_dir(data_dir) / f"{name}.json"
+        if man_path.exists() and L.dataset_ready(data_dir, L.OWNER_NAME, name):
+            old = json.loads(man_path.read_text())
+            if old.get("key") == key:
+                log(f"'{name}' is already registered in {data_dir} with the same documents: nothing to do")
+                from flexmoe_jax.data import tasks
+                tasks.register_tasks(data_dir)
+                return old
+            if not overwrite:
+                raise FileExistsError(f"'{name}' is already registered in {data_dir} from other documents; "
+                                      f"pass --overwrite to replace it")
+        split_rows = {s: dict(spool.rows[s]) for s in splits.SPLITS}
+        _write_tfds(data_dir, name, by_split, key)
     own = L.owners_dir(data_dir) / name
     own.mkdir(parents=True, exist_ok=True)
     if vocab_path.resolve() != (own / "spm.model").resolve():
@@ -185,9 +166,9 @@ def register(name: str, files, data_dir, format: str = "txt", text_key: str = "t
     manifest = {"name": name, "key": key, "task": name, "tfds": L.tfds_name(L.OWNER_NAME, name),
                 "files": [str(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)],
                 "format": format,
-                "text_key": text_key if format == "jsonl" else None,
+                "text_key": text_key if format != "txt" else None,
                 "vocab": str(vocab_path.resolve()), "read": {k: v for k, v in stats.items() if k != "first"},
-                "duplicates": dstats.get("duplicates", 0), "empty": dstats.get("empty", 0), "splits": split_rows}
+                "duplicates": spool.dropped["duplicates"], "empty": spool.dropped["empty"], "splits": split_rows}
     write_json(man_path, manifest)
 
     from flexmoe_jax.data import tasks
@@ -196,11 +177,14 @@ def register(name: str, files, data_dir, format: str = "txt", text_key: str = "t
         log(f"warning: {msg}")
     for s in ("validation", "test"):
         if not split_rows[s]["docs"]:
-            log(f"warning: only {len(unique)} distinct document(s): no {s} split")
+            log(f"warning: only {spool.unique} distinct document(s): no {s} split")
     n = split_rows
-    log(f"registered '{name}': {len(unique)} documents ({n['train']['docs']} train / {n['validation']['docs']} "
-        f"validation / {n['test']['docs']} test, {sum(r['tokens'] for r in n.values()):,} tokens) from "
-        f"{stats['files_read']} file(s) as seqio task '{name}' (tfds {manifest['tfds']} in {L.tfds_dir(data_dir)})")
+    dropped = [f"{spool.dropped[k]:,} {k}" for k in ("duplicates", "empty") if spool.dropped[k]]
+    log(f"registered '{name}': {spool.unique:,} documents ({n['train']['docs']:,} train / "
+        f"{n['validation']['docs']:,} validation / {n['test']['docs']:,} test, "
+        f"{sum(r['tokens'] for r in n.values()):,} tokens) from {stats['documents']:,} read in "
+        f"{stats['files_read']} of {len(paths)} file(s)" + (f", {' and '.join(dropped)} dropped" if dropped else "")
+        + f" as seqio task '{name}' (tfds {manifest['tfds']} in {L.tfds_dir(data_dir)})")
     return manifest
 
 
