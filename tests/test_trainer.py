@@ -33,7 +33,7 @@ def _leaves(path):
     return {k: np.asarray(v) for k, v in optim.flatten(params).items()}
 
 
-def test_pretrain_then_expert(data_dir, tmp_path):
+def test_pretrain_then_expert(data_dir, tmp_path, capsys):
     assert cli.main(_args(data_dir, tmp_path / "anchor", "RunConfig.steps=6", "RunConfig.checkpoint_every=3")) == 0
     log = [json.loads(line) for line in open(tmp_path / "anchor" / "metrics.jsonl")]
     assert [r["step"] for r in log] == [2, 4, 6]
@@ -93,6 +93,17 @@ def test_pretrain_then_expert(data_dir, tmp_path):
         checkpoint.load(str(tmp_path / "humor" / "expert"))
     last = [json.loads(line) for line in open(tmp_path / "humor" / "metrics.jsonl")][-1]
     assert "expert_share/humor" in last and "expert_gate/humor" in last
+    # A finished run is never relabelled: another task or name into the same --out is refused, and
+    # its deliverable stays the owner's; an unknown task leaves no directory behind.
+    owner = ["--anchor", anchor, "--data_dir", data_dir, "--gin_param", "RunConfig.steps=4", "--gin_param",
+             "OptimConfig.warmup_steps=1"]
+    for other in (["--task", "flexmix_mini.public_gcide"], ["--task", "flexmix_mini.humor", "--name", "poems"]):
+        assert cli.main(["train-expert", *owner, *other, "--out", str(tmp_path / "humor")]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run" in err and "'flexmix_mini.humor' (asked: 'flexmix_mini.public_gcide')" in err
+    assert expert.load_deliverable(str(tmp_path / "humor" / "expert"))[0]["name"] == "humor"
+    assert cli.main(["train-expert", *owner, "--task", "flexmix_mini.no_such", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown task" in capsys.readouterr().err and not (tmp_path / "x").exists()
     # The model builder's side, on what training really wrote: merge the run, then opt in/out.
     from flexmoe_jax import loading, model
 

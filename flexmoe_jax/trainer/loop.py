@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -34,6 +35,8 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     :class:`TrainingError` on a non-finite loss or a failed write. Resume semantics: docs/training.md.
     """
     rc, workdir, ocfg, loss_cfg = _settle(workdir, rc, ocfg, loss_cfg)
+    train_task = _register_data(rc)  # an unknown task fails here, before anything is written
+    _claim_run(workdir, rc)
     routed = loss_cfg.route_weight > 0
     provenance: dict = {}
     if params is None:
@@ -41,7 +44,6 @@ def run(workdir: str | os.PathLike, config: ModelConfig | None, rc: RunConfig,
     mesh, tx, state, frozen, placed = _setup(config, params, rc, ocfg)
     # The whole state donated and pinned to its shardings (in and out): it stays put step to step.
     step_fn = train.jit_train_step(config, tx, loss_cfg, rc.grad_accum, mesh, *placed)
-    train_task = _register_data(rc)
     mngr = state_store.manager(workdir, rc)
     state_dir = workdir / "state"
     start, state, batches = _resume_or_start(mngr, state_dir, state, placed[0], rc, train_task, routed)
@@ -95,8 +97,7 @@ def _settle(workdir, rc: RunConfig, ocfg, loss_cfg):
         from flexmoe_jax.data import staging
 
         rc = dataclasses.replace(rc, data_dir=staging.stage(rc.data_dir))
-    workdir = storage.resolve(workdir)  # a local directory or gs://...
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = storage.resolve(workdir)  # a local directory or gs://... (created by _claim_run)
     loss_cfg = loss_cfg or train.LossConfig()
     if loss_cfg.route_weight < 0:
         raise UserError(f"LossConfig.route_weight must be >= 0, got {loss_cfg.route_weight}")
@@ -126,11 +127,47 @@ def _setup(config: ModelConfig, params, rc: RunConfig, ocfg: optim.OptimConfig):
     return mesh, tx, state, frozen, (state_sh, train.shardings(config, frozen, mesh))
 
 
+RUN_FILE = "run.json"  # what a run directory holds: its phase, task and expert (see _claim_run)
+
+
+def _identity(rc: RunConfig) -> dict:
+    return {"phase": rc.phase, "task": rc.task, "expert_name": rc.expert_name if rc.phase == "expert" else None}
+
+
+def _claim_run(workdir, rc: RunConfig) -> None:
+    """Create ``workdir`` for this run, or check that the run it holds is this one: a finished or
+    interrupted run of another phase, task or expert is never resumed under a new label (its weights
+    would be published as the new owner's). Runs from before ``run.json`` are checked by their model's
+    metadata."""
+    mine = _identity(rc)
+    f = workdir / RUN_FILE
+    theirs = None
+    if f.exists():
+        theirs = json.loads(f.read_text())
+    elif (workdir / "model").exists():
+        try:
+            meta = checkpoint.load_metadata(workdir / "model")
+        except Exception:  # noqa: BLE001 - an unreadable old model: nothing to compare with
+            meta = {}
+        if meta.get("phase") and meta.get("task"):
+            theirs = {"phase": meta["phase"], "task": meta["task"], "expert_name": mine["expert_name"]}
+    if theirs is not None and theirs != mine:
+        diff = ", ".join(f"{k} {theirs.get(k)!r} (asked: {mine[k]!r})" for k in mine if theirs.get(k) != mine[k])
+        raise UserError(f"{workdir} holds another run ({diff}); resuming it would label its weights as this "
+                        "one's. Pass another --out/workdir, or delete it to start over")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if theirs is None and jax.process_index() == 0:
+        storage.write_json(f, mine, sort_keys=False)
+
+
 def _register_data(rc: RunConfig) -> str:
-    """Register the data dir's tasks; the task to train on (with public replay: the registered mixture)."""
+    """Register the data dir's tasks; the task to train on (with public replay: the registered mixture).
+    UserError naming the known tasks when ``rc.task`` is not one."""
     from flexmoe_jax import data
+    from flexmoe_jax.data import tasks as data_tasks
 
     data.register_tasks(rc.data_dir)
+    data_tasks._provider(rc.task, rc.data_dir)
     if rc.public_replay > 0:
         from flexmoe_jax.data import tasks as data_tasks
 
