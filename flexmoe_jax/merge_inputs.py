@@ -182,13 +182,13 @@ def stats_files(anchor: Any, inputs: list[Input], given: Mapping | None) -> dict
         raise MergeError(f"routing_stats for {sorted(unknown)}, which are not among the merged experts "
                          f"{['public', *(i.name for i in inputs)]}")
     found: dict[str, tuple[Path, set | None]] = {}
-    places = {"public": ([] if isinstance(anchor, tuple) else [Path(os.fspath(anchor))], {"public"})}
+    places = {"public": ([] if isinstance(anchor, tuple) else [storage.resolve(anchor)], {"public"})}
     for inp in inputs:
         own = {inp.name, str(inp.manifest.get("name") or inp.config.names[-1])}
-        places[inp.name] = ([Path(os.path.abspath(inp.arg)), inp.path, inp.path.parent], own)
+        places[inp.name] = ([storage.resolve(inp.arg), inp.path, inp.path.parent], own)
     for name, (dirs, own) in places.items():
         if name in given:
-            f = Path(os.fspath(given[name]))
+            f = storage.resolve(given[name])
             if not f.is_file():
                 raise FileNotFoundError(f"routing stats for {name!r}: no such file {f}; write it with "
                                         "`flexmoe routing-stats`")

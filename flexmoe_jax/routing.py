@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexmoe_jax import storage
 from flexmoe_jax.config import ROUTINGS, ModelConfig
 from flexmoe_jax.errors import UserError
 
@@ -65,28 +67,23 @@ class Stats:
         """Tokens counted (exact stats) or their noisy estimate (a release)."""
         return int(self.counts.sum()) if self.exact else float(self.counts.sum())
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` (a ``.npz``) atomically: a crash leaves the previous file or none."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            extra = {} if self.pairs is None else {"pairs": self.pairs.astype(np.int64),
-                                                   "pair_counts": self.pair_counts.astype(np.int64)}
-            if self.sketch is not None:
-                extra["sketch"] = self.sketch.astype(np.float32)
-            meta = {"name": self.name, "source": self.source, "release": self.release}
-            np.savez(f, counts=self.counts.astype(np.int64 if self.exact else np.float32),
-                     meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **extra)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+    def save(self, path: str | os.PathLike):
+        """Write ``path`` (a ``.npz``, local or ``gs://``) through the storage layer: locally atomic (a
+        crash leaves the previous file or none), on object storage one upload. Returns the path."""
+        buf = io.BytesIO()
+        extra = {} if self.pairs is None else {"pairs": self.pairs.astype(np.int64),
+                                               "pair_counts": self.pair_counts.astype(np.int64)}
+        if self.sketch is not None:
+            extra["sketch"] = self.sketch.astype(np.float32)
+        meta = {"name": self.name, "source": self.source, "release": self.release}
+        np.savez(buf, counts=self.counts.astype(np.int64 if self.exact else np.float32),
+                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **extra)
+        return storage.write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Stats":
         try:
-            with np.load(path) as z:
+            with np.load(io.BytesIO(storage.resolve(path).read_bytes())) as z:
                 meta = json.loads(z["meta"].tobytes().decode())
                 counts = z["counts"]
                 pairs = z["pairs"] if "pairs" in z.files else None

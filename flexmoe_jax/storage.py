@@ -70,6 +70,23 @@ def write_text(path: AnyPath, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_bytes(path: str | os.PathLike | AnyPath, data: bytes) -> AnyPath:
+    """Write ``data`` to ``path`` (local: atomically, fsynced; object storage: one upload), creating
+    the parent directory. Returns the resolved path."""
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(path):
+        path.write_bytes(data)
+        return path
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def write_json(path: str | os.PathLike | AnyPath, obj: Any, *, sort_keys: bool = True) -> AnyPath:
     """:func:`write_text` of ``obj`` as indented JSON (a str is written as it is), creating the parent
     directory; the one JSON writer of the project. Returns the resolved path."""

@@ -7,6 +7,7 @@ refusal to overwrite what is not ours, and clear errors.
 """
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -148,10 +149,26 @@ def test_cli_on_object_storage(bucket, data_dir, tmp_path, capsys):
     """merge, info, verify and eval --exclude, every path a gs:// URL."""
     from flexmoe_jax import cli
 
+    import test_merge as tm
+
+    from flexmoe_jax import loading, routing
+
     root, _ = _owners_on_gcs(bucket)
+    # Each owner's (DP-released) routing stats beside its run directory on gs://, written through the
+    # storage layer as train-expert writes them; the merge must carry them into a gs:// merged model.
+    rng = np.random.default_rng(0)
+    release = {"mechanism": "gaussian", "epsilon": 1.0, "delta": 1e-6, "unit": "document", "noise_std": 1.0}
+    for n in "abc":
+        saved = routing.Stats(n, rng.normal(10, 1, tm.CFG.vocab_size).astype(np.float32),
+                              {"vocab_size": tm.CFG.vocab_size, "task": n}, release=release
+                              ).save(f"{root}/{n}/{routing.STATS_FILE}")
+        assert str(saved).startswith("gs://") and not (Path.cwd() / "gs:").exists()
     out = f"{bucket}/merged"
     assert cli.main(["merge", "--anchor", str(root / "anchor"), "--expert", *(str(root / n) for n in "abc"),
                      "--out", out, "--public_router", "zeros"]) == 0
+    carried = loading.read_routing_stats(out, ["a", "b", "c"])
+    assert sorted(carried) == ["a", "b", "c"] and carried["b"].release["epsilon"] == 1.0
+    np.testing.assert_array_equal(carried["a"].counts, routing.Stats.load(f"{root}/a/{routing.STATS_FILE}").counts)
     assert cli.main(["info", out]) == 0
     assert "public" in capsys.readouterr().out
     assert cli.main(["verify", out, str(root / "a" / "expert")]) == 0

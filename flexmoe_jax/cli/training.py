@@ -4,7 +4,6 @@ the anchor), ``anchor-kit`` (what owners train against) and ``routing-stats`` (a
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 
 def _train_from_gin(files, bindings, workdir, platform: str | None = None, allow_cpu: bool = False) -> tuple:
@@ -99,9 +98,9 @@ def _write_routing_stats(rc, name: str, vocab_size: int, out, args) -> None:
     data and released with differential privacy (flexmoe_jax.private_stats) unless --exact_routing_stats."""
     import jax
 
-    from flexmoe_jax import routing
+    from flexmoe_jax import routing, storage
 
-    path = Path(out) / routing.STATS_FILE
+    path = storage.resolve(out) / routing.STATS_FILE  # gs:// or local, like the run directory
     if jax.process_index() != 0 or path.exists():
         return
     _publish_stats(args, rc.data_dir, rc.task, name, path, seq_len=rc.seq_len, vocab_size=vocab_size)
