@@ -147,11 +147,9 @@ def test_merge_from_and_to_object_storage_with_opt_out(bucket, tmp_path):
 
 def test_cli_on_object_storage(bucket, data_dir, tmp_path, capsys):
     """merge, info, verify and eval --exclude, every path a gs:// URL."""
-    from flexmoe_jax import cli
-
     import test_merge as tm
 
-    from flexmoe_jax import loading, routing
+    from flexmoe_jax import cli, loading, routing
 
     root, _ = _owners_on_gcs(bucket)
     # Each owner's (DP-released) routing stats beside its run directory on gs://, written through the
