@@ -55,6 +55,35 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
     assert "DOMAIN=RUN_DIR" in err and "\n" not in err
 
 
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """A command interrupted by Ctrl-C (a real SIGINT delivered to the process) prints one line, no
+    traceback, and exits 130; its output was written atomically, so nothing half-done is left."""
+    import signal
+
+    from flexmoe_jax.cli import merging
+
+    def interrupted(args):
+        os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt here
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(merging, "_cmd_merge", interrupted)
+    rc = cli.main(["merge", "--anchor", str(tmp_path / "a"), "--expert", str(tmp_path / "e"), "--out",
+                   str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and err == "flexmoe merge: interrupted; nothing half-written was left in place"
+
+
+def test_excluding_the_public_expert_says_what_it_means(tmp_path, capsys):
+    cfg = tiny(num_experts=2, top_k=2, expert_names=("public", "code"))
+    checkpoint.save(str(tmp_path / "m"), cfg, model.init(cfg, 0))
+    assert cli.main(["info", str(tmp_path / "m")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    rc = cli.main(["generate", "--ckpt", str(tmp_path / "m"), "--data_dir", str(tmp_path / "none"), "--prompt", "x",
+                   "--exclude", "public"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "warning: --exclude public opts out the public expert" in err
+
+
 @pytest.mark.slow  # over ~3 s on 2 cores
 def test_demo_checks_quick(tmp_path):
     work = str(tmp_path / "demo")

@@ -421,6 +421,15 @@ def test_cli_merge_and_info(world, tmp_path, capsys):
     assert cli.main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "merged model" in info and "flexmix_mini.b" in info and world.fp[:12] in info
+    # A model already at --out is kept unless --overwrite says to replace it.
+    again = ["merge", "--anchor", str(world.anchor_path), "--expert", str(world.root / "a"), "--out", str(out)]
+    stamp = (out / checkpoint.MARKER_NAME).stat().st_mtime_ns
+    assert cli.main(again) == 2
+    err = capsys.readouterr().err
+    assert "already holds a model" in err and "pass --overwrite" in err
+    assert (out / checkpoint.MARKER_NAME).stat().st_mtime_ns == stamp and checkpoint.load_config(out).num_experts == 3
+    assert cli.main(again + ["--overwrite"]) == 0 and checkpoint.load_config(out).names == ("public", "a")
+    capsys.readouterr()
 
     assert cli.main(["merge", "--anchor", str(world.anchor_path), "--expert", str(tmp_path / "nope"),
                      "--out", str(tmp_path / "o2")]) == 2

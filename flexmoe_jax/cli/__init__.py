@@ -57,9 +57,18 @@ def main(argv: list[str] | None = None) -> int:
             from flexmoe_jax.data import staging
 
             args.data_dir = staging.stage(args.data_dir, log=lambda m: print(m, file=sys.stderr))
+        if "public" in (getattr(args, "exclude", None) or ()):
+            print(f"flexmoe {args.command}: warning: --exclude public opts out the public expert, the anchor's own "
+                  "FFN that every owner's expert was trained beside (top-2 of {public, own}): the owners' experts "
+                  "then run without the half of the mixture their training assumed, on every domain",
+                  file=sys.stderr)
         status = args.fn(args)
     except (FlexmoeError, OSError) as e:  # bad input, or a missing / unwritable file: one line, status 2
         _close_progress_bars()
         print(f"flexmoe {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT (writes are atomic)
+        _close_progress_bars()
+        print(f"flexmoe {args.command}: interrupted; nothing half-written was left in place", file=sys.stderr)
+        return 130
     return status if isinstance(status, int) else 0  # anything else is a bug: its traceback shows

@@ -11,6 +11,10 @@ from flexmoe_jax.cli.common import CommandError
 def _cmd_merge(args) -> None:
     from flexmoe_jax import checkpoint, loading, merge, storage
 
+    target = storage.resolve(args.out)
+    if (target / checkpoint.MARKER_NAME).exists() and not args.overwrite:
+        raise CommandError(f"--out {args.out} already holds a model ({checkpoint.kind(target)}); pass --overwrite to "
+                           "replace it (the new one appears only once complete), or choose another --out")
     out = merge.merge(args.anchor, args.expert, args.out, top_k=args.top_k, names=args.names,
                       keep_bias=not args.drop_bias, public_router=args.public_router, progress=True,
                       routing_stats=_name_files(args.routing_stats, "--routing_stats"), routing=args.routing)
@@ -79,6 +83,8 @@ def add_parsers(sub) -> None:
                    help="an expert, in slot order (repeatable, or several after one flag): its deliverable "
                         "WORKDIR/expert, its run directory WORKDIR, or its full model WORKDIR/model")
     m.add_argument("--out", required=True, help="output directory of the merged model (written atomically)")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace a model already at --out (refused otherwise)")
     m.add_argument("--top_k", type=int, default=None,
                    help="experts per token (default: 2, public plus one, as every expert was trained)")
     m.add_argument("--routing", choices=ROUTINGS, default="top_k",
