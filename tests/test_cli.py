@@ -73,6 +73,12 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
     assert rc == 130 and err == "flexmoe merge: interrupted; nothing half-written was left in place"
 
 
+def test_eval_selection_flags_with_several_checkpoints_are_refused(tmp_path, capsys):
+    rc = cli.main(["eval", "--ckpt", str(tmp_path / "a"), str(tmp_path / "b"), "--exclude", "code"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--exclude would apply to all 2 --ckpt" in err and "same --json" in err
+
+
 def test_excluding_the_public_expert_says_what_it_means(tmp_path, capsys):
     cfg = tiny(num_experts=2, top_k=2, expert_names=("public", "code"))
     checkpoint.save(str(tmp_path / "m"), cfg, model.init(cfg, 0))

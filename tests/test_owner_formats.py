@@ -42,6 +42,18 @@ def _write_all(d):
             "dolma": 6, "one_document.txt": 1}
 
 
+@pytest.fixture
+def owner_dir(small_data_dir, tmp_path):
+    """A data directory holding only the anchor's tokenizer (registrations here touch no shared data dir)."""
+    import shutil
+
+    from flexmoe_jax.data import layout as L
+
+    d = tmp_path / "data"
+    shutil.copytree(L.tokenizer_path(small_data_dir).parent, L.tokenizer_path(d).parent)
+    return str(d)
+
+
 def _hf_dataset(path, texts):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": texts, "k": list(range(len(texts)))}).save_to_disk(str(path))
@@ -131,26 +143,29 @@ def test_spool_of_three_documents_fills_every_split(tmp_path):
     assert sorted(d.text for s in splits.SPLITS for _, d in out[s]) == ["alpha", "beta", "gamma"]
 
 
-def test_register_every_format_in_one_directory(small_data_dir, tmp_path):
+def test_register_every_format_in_one_directory(owner_dir, tmp_path):
     from flexmoe_jax import data as D
 
     expected = _write_all(tmp_path / "in")
     logs = []
-    man = D.register("owner_formats", str(tmp_path / "in"), small_data_dir, progress=False, log=logs.append)
+    man = D.register("owner_formats", str(tmp_path / "in"), owner_dir, progress=False, log=logs.append)
     assert sum(r["docs"] for r in man["splits"].values()) == sum(expected.values())
     assert man["format"] == "auto" and man["read"]["files_read"] == 8  # 6 files + 2 Dolma shards
-    assert "owner_formats" in D.register_tasks(small_data_dir)
-    assert D.split_stats("owner_formats", "train", small_data_dir)["docs"] == man["splits"]["train"]["docs"]
+    assert "owner_formats" in D.register_tasks(owner_dir)
+    from flexmoe_jax import eval as ev
+
+    assert "owner_formats" in ev.default_tasks(owner_dir)  # `flexmoe eval` scores registered owners by default
+    assert D.split_stats("owner_formats", "train", owner_dir)["docs"] == man["splits"]["train"]["docs"]
     # the same documents in another order and another format: the same registration, nothing to do
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / "all.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[31::-1]))
     logs.clear()
-    assert D.register("owner_formats", str(tmp_path / "again"), small_data_dir, progress=False,
+    assert D.register("owner_formats", str(tmp_path / "again"), owner_dir, progress=False,
                       log=logs.append)["key"] == man["key"]
     assert "nothing to do" in logs[-1]
 
 
-def test_register_says_what_was_dropped_and_how_to_fix_a_wrong_key(small_data_dir, tmp_path):
+def test_register_says_what_was_dropped_and_how_to_fix_a_wrong_key(owner_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -158,10 +173,10 @@ def test_register_says_what_was_dropped_and_how_to_fix_a_wrong_key(small_data_di
 
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:10] * 2))
     logs = []
-    D.register("owner_dups", str(tmp_path / "a.jsonl"), small_data_dir, progress=False, log=logs.append)
+    D.register("owner_dups", str(tmp_path / "a.jsonl"), owner_dir, progress=False, log=logs.append)
     assert "10 duplicates dropped" in logs[-1] and "20 read" in logs[-1]
     pq.write_table(pa.table({"body": TEXTS[:4]}), tmp_path / "t.parquet")
     with pytest.raises(ValueError, match="without a string 'text' column.*--text_key"):
-        D.register("owner_key", str(tmp_path / "t.parquet"), small_data_dir, progress=False)
+        D.register("owner_key", str(tmp_path / "t.parquet"), owner_dir, progress=False)
     with pytest.raises(ValueError, match="--format must be one of"):
-        D.register("owner_key", str(tmp_path / "t.parquet"), small_data_dir, format="xml", progress=False)
+        D.register("owner_key", str(tmp_path / "t.parquet"), owner_dir, format="xml", progress=False)

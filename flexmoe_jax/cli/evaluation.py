@@ -11,6 +11,13 @@ from flexmoe_jax.cli.common import CommandError, add_routing_flags, routing_kwar
 def _cmd_eval(args) -> None:
     from flexmoe_jax import eval as eval_lib
 
+    chosen = [f for f in ("include", "exclude", "top_k") if getattr(args, f) is not None]
+    if chosen and len(args.ckpt) > 1:
+        raise CommandError(f"--{chosen[0]} would apply to all {len(args.ckpt)} --ckpt of this call; evaluate each "
+                           "selection in its own call with the same --json (results accumulate there), e.g. "
+                           f"`flexmoe eval --ckpt M --name full --json R` then `flexmoe eval --ckpt M --name "
+                           f"minus_x --exclude x --json R`")
+
     eval_lib.main_eval(args.ckpt, args.data_dir, names=args.name, include=args.include, exclude=args.exclude,
                        top_k=args.top_k, tasks=args.tasks, split=args.split, seq_len=args.seq_len,
                        batch_size=args.batch_size, mc_items_per_domain=args.mc_items, json_out=args.json,
@@ -66,7 +73,8 @@ def add_parsers(sub) -> None:
     v.add_argument("--name", nargs="+", default=None, help="a result name per checkpoint (default: from the path)")
     v.add_argument("--data_dir", default="flexmoe_data", help="FlexMix-mini data directory")
     v.add_argument("--tasks", nargs="+", default=None,
-                   help="domains or task names (default: every closed domain + public)")
+                   help="domains or task names (default: every closed domain, every owner task registered in "
+                        "--data_dir, and public)")
     v.add_argument("--split", default="test", help="held-out split (default %(default)s)")
     v.add_argument("--include", nargs="+", default=None, metavar="NAME", help="keep only these experts")
     v.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="drop these experts (opt-out)")

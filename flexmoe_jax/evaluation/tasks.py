@@ -21,11 +21,15 @@ def short_name(task: str) -> str:
 
 
 def default_tasks(data_dir) -> list[str]:
-    """Every closed domain built in ``data_dir`` (in ``CLOSED_DOMAINS`` order), then the public mixture."""
+    """Every closed domain built in ``data_dir`` (in ``CLOSED_DOMAINS`` order), every owner task registered
+    there (``flexmoe data register``; evaluation-only tasks such as the mixed documents are asked for by
+    name), then the public mixture."""
     from flexmoe_jax import data
+    from flexmoe_jax.data import tasks as data_tasks
 
     known = set(data.register_tasks(data_dir))
     out = [f"{data.TASK_PREFIX}{d}" for d in data.CLOSED_DOMAINS if f"{data.TASK_PREFIX}{d}" in known]
+    out += [n for n, m in data_tasks.owner_manifests(data_dir).items() if m.get("kind") != "evaluation" and n in known]
     if data.PUBLIC_MIXTURE in known:
         out.append(data.PUBLIC_MIXTURE)
     return out
