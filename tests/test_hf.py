@@ -6,13 +6,14 @@ mis-transposed tensor, a wrong expert order or a wrong top-k would show up.
 """
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from flexmoe_jax import hf, model
+from flexmoe_jax import checkpoint, hf, model
 from flexmoe_jax.config import ModelConfig
 
 TOL = 1e-4
@@ -169,6 +170,46 @@ def test_export_loads_in_transformers(torch, tmp_path, kind):
     _assert_same_tree(params2, params)
 
 
+def test_export_writes_a_tokenizer_transformers_loads_and_normal_modes(tmp_path):
+    """export-hf with the anchor's SentencePiece model: AutoTokenizer.from_pretrained loads it and encodes
+    exactly as SentencePiece does (byte fallback and leading spaces included); generation_config.json
+    loads; files and directories get the usual modes, not mkdtemp's private ones."""
+    import os
+    import stat
+
+    import sentencepiece
+    import transformers
+
+    from flexmoe_jax import cli
+    from flexmoe_jax.data import tokenizer
+
+    src = Path(__file__).resolve().parent.parent / "flexmoe_jax"
+    spm_path = tokenizer.train([f.read_text() for f in sorted(src.rglob("*.py"))], tmp_path / "tok" / "spm.model",
+                               vocab_size=512)
+    config = _tiny(vocab_size=512, pad_token_id=0, eos_token_id=1)
+    old = os.umask(0o022)
+    try:
+        out = hf.to_hf(config, _random_params(config), tmp_path / "export", tokenizer=spm_path)
+    finally:
+        os.umask(old)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
+    for text in ["def forward(config, params):", "  two  spaces\nand a line", "caf\u00e9 \U0001F600 \t tab", "x"]:
+        assert tok(text)["input_ids"] == sp.encode(text), text
+    assert tok.decode(sp.encode("return out  # done")) == "return out  # done"
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert (gen.eos_token_id, gen.pad_token_id, gen.do_sample) == (1, 0, False)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+    assert {stat.S_IMODE(os.stat(f).st_mode) for f in out.iterdir()} == {0o644}
+    # The command line: --data_dir's tokenizer, and a bias the export cannot carry names the fix.
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save(ckpt, config, _random_params(config))
+    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "data" / "tokenizer" / "spm.model").write_bytes(spm_path.read_bytes())
+    assert cli.main(["export-hf", str(ckpt), str(tmp_path / "cli_out"), "--data_dir", str(tmp_path / "data")]) == 0
+    assert (tmp_path / "cli_out" / "tokenizer.model").read_bytes() == spm_path.read_bytes()
+
+
 # ----------------------------------------------------------------------------
 # Round trips without torch
 # ----------------------------------------------------------------------------
@@ -222,7 +263,7 @@ def test_expert_bias_zero_dropped_nonzero_refused(tmp_path):
     with pytest.raises(hf.HFFormatError, match="routing='public_plus'.*transformers"):
         hf.to_hf(config.replace(routing="public_plus"), params, tmp_path / "modes")
     assert not (tmp_path / "modes").exists()
-    with pytest.raises(hf.HFFormatError, match="nonzero learned expert bias"):
+    with pytest.raises(hf.HFFormatError, match="nonzero learned expert bias.*--drop_bias"):
         hf.to_hf(config, params, tmp_path / "bad")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]  # nothing half-written
 

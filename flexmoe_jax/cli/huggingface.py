@@ -13,11 +13,23 @@ def _cmd_import_hf(args) -> None:
 
 
 def _cmd_export_hf(args) -> None:
+    import os
+    import sys
+
     from flexmoe_jax import hf, loading
+    from flexmoe_jax.data import layout
 
     config, params = loading.load(args.ckpt)
-    hf.to_hf(config, params, args.out, max_shard_size=args.max_shard_size)
-    print(f"exported {args.ckpt} -> {args.out} ({'FlexOlmoForCausalLM' if config.is_moe else 'Olmo2ForCausalLM'})")
+    tok = args.tokenizer or (str(layout.tokenizer_path(args.data_dir)) if args.data_dir else None)
+    if tok is not None and not os.path.isfile(tok):
+        raise FileNotFoundError(f"no tokenizer at {tok}: pass --tokenizer SPM_MODEL or --data_dir with the anchor's "
+                                "tokenizer/spm.model")
+    hf.to_hf(config, params, args.out, max_shard_size=args.max_shard_size, tokenizer=tok)
+    print(f"exported {args.ckpt} -> {args.out} ({'FlexOlmoForCausalLM' if config.is_moe else 'Olmo2ForCausalLM'}"
+          f"{', tokenizer ' + tok if tok else ''}; generation_config.json)")
+    if tok is None:
+        print("note: no tokenizer written; pass --data_dir DIR (or --tokenizer spm.model) so "
+              "AutoTokenizer.from_pretrained works on the export", file=sys.stderr)
 
 
 def add_parsers(sub) -> None:
@@ -33,4 +45,9 @@ def add_parsers(sub) -> None:
     e.add_argument("out", help="output directory for config.json + safetensors (written atomically)")
     e.add_argument("--max_shard_size", default=None,
                    help='split weights into shards of at most this size, e.g. "5GB" (default: one file)')
+    e.add_argument("--data_dir", default=None,
+                   help="data directory whose tokenizer/spm.model the model was trained with: written as an HF "
+                        "tokenizer (tokenizer.model + tokenizer_config.json)")
+    e.add_argument("--tokenizer", default=None, metavar="SPM_MODEL",
+                   help="the SentencePiece model to write as the HF tokenizer (instead of --data_dir's)")
     e.set_defaults(fn=_cmd_export_hf)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -130,8 +131,43 @@ def _plan_shards(entries, max_bytes: int | None) -> list[list]:
     return shards
 
 
+def _tokenizer_files(spm_model: Path, out: Path, config: ModelConfig) -> None:
+    """The anchor's SentencePiece model as an HF tokenizer (``tokenizer.model`` + ``tokenizer_config.json``,
+    the Llama SentencePiece tokenizer: same pieces, no BOS, no added prefix space, byte fallback) that
+    ``AutoTokenizer.from_pretrained`` loads and that encodes exactly as SentencePiece does (tested)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    if sp.get_piece_size() > config.vocab_size:
+        raise HFFormatError(f"the tokenizer {spm_model} has {sp.get_piece_size()} pieces but the model's vocabulary is "
+                            f"{config.vocab_size}: export with the tokenizer the model was trained with")
+    shutil.copyfile(spm_model, out / "tokenizer.model")
+    special = {"pad_token": sp.id_to_piece(0), "eos_token": sp.id_to_piece(1), "unk_token": sp.id_to_piece(2)}
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "bos_token": None,
+        "add_prefix_space": False, "legacy": False, "model_max_length": config.max_seq_len, **special},
+        indent=2, sort_keys=True) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
+
+
+def _generation_config(config: ModelConfig) -> dict:
+    eos = 1 if config.eos_token_id is None else config.eos_token_id
+    return {"eos_token_id": eos, "pad_token_id": 0 if config.pad_token_id is None else config.pad_token_id,
+            "bos_token_id": None, "do_sample": False, "max_length": config.max_seq_len}
+
+
+def _normal_modes(root: Path) -> None:
+    """Directories 0777 and files 0666, less the umask (mkdtemp made them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for d, _, files in os.walk(root):
+        os.chmod(d, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o666 & ~umask)
+
+
 def to_hf(config: ModelConfig, params: Params, path: str | Path, *, max_shard_size: int | str | None = None,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, tokenizer: str | Path | None = None) -> Path:
     """Write ``(config, params)`` as an HF model directory transformers loads with from_pretrained.
 
     MoE configs become FlexOlmoForCausalLM, dense ones Olmo2ForCausalLM; our
@@ -140,7 +176,9 @@ def to_hf(config: ModelConfig, params: Params, path: str | Path, *, max_shard_si
     ``model.safetensors.index.json``. Everything is written into a temporary
     directory beside ``path`` and renamed into place, so a crash never leaves a
     half-written model. An existing non-empty ``path`` is replaced only with
-    ``overwrite=True``.
+    ``overwrite=True``. ``tokenizer``: the anchor's ``spm.model``, written as an HF tokenizer
+    (:func:`_tokenizer_files`); ``generation_config.json`` is always written (greedy, the model's
+    EOS and padding ids). Files get the usual modes (0644 / 0755 under umask 022).
     """
     path = Path(path)
     params = check_exportable(config, params)
@@ -168,6 +206,10 @@ def to_hf(config: ModelConfig, params: Params, path: str | Path, *, max_shard_si
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
+        if tokenizer is not None:
+            _tokenizer_files(Path(tokenizer), tmp, config)
+        _normal_modes(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             path.rename(old / "x")

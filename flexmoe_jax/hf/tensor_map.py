@@ -197,7 +197,8 @@ def check_exportable(config: ModelConfig, params: Params) -> Params:
         if np.any(np.minimum(bias, 0) != 0):
             raise HFFormatError("this model has a nonzero learned expert bias (layers/moe/bias); HF "
                                 "FlexOlmoForCausalLM has no router bias, so the export would route "
-                                "differently. Drop or fold the bias (as the reference merge does) first.")
+                                "differently. Merge without it (`flexmoe merge ... --drop_bias`, the reference's "
+                                "merge; keep_bias=False in flexmoe_jax.merge.merge) and export that model.")
         moe = {k: v for k, v in params["layers"]["moe"].items() if k != "bias"}
         params = {**params, "layers": {**params["layers"], "moe": moe}}
     return params
