@@ -47,6 +47,14 @@ def findings(results: dict, domains: list[str], routing: dict | None = None, doc
         return out
 
     f["share_of_owner_gain_kept"] = kept("flexolmo")
+    # The paper's in-domain check: how much of the dense expert's gain the FFN-only expert reaches.
+    reach = {}
+    for d in domains:
+        if f"expert_{d}" in results and f"dense_{d}" in results:
+            dense_gain = bpb("public", d) - bpb(f"dense_{d}", d)
+            reach[d] = (bpb("public", d) - bpb(f"expert_{d}", d)) / dense_gain if dense_gain > 0 else None
+    if reach:
+        f["expert_share_of_dense_gain"] = reach
     if "flexolmo_domain" in results:
         f["share_of_owner_gain_kept_domain_routing"] = kept("flexolmo_domain")
     if all(f"expert_{d}" in results for d in domains):
@@ -125,6 +133,12 @@ def findings_text(f: dict, domains: list[str]) -> list[str]:
     for m, shares in f.get("own_expert_share", {}).items():
         lines.append(f"{m} routes each domain's tokens to that domain's own expert (among its top-k, over all "
                      "layers) for: " + ", ".join(f"{d} {v:.0%}" for d, v in shares.items()) + ".")
+    reach = {d: v for d, v in f.get("expert_share_of_dense_gain", {}).items() if v is not None}
+    if reach:
+        lines.append("Each owner's FFN-only expert reaches this share of its dense expert's gain over the public "
+                     "model on its own domain (the paper: 80-103%): " + ", ".join(f"{d} {v:.0%}" for d, v in
+                                                                             reach.items())
+                     + f"; mean {sum(reach.values()) / len(reach):.0%}.")
     kept = {d: v for d, v in f["share_of_owner_gain_kept"].items() if v is not None}
     if kept:
         lines.append("Share of each owner's own gain over the public model that the merged model keeps on that "
