@@ -44,6 +44,17 @@ def _pick(logits, key, temperature, top_p, greedy: bool):
     return sample_logits(logits, key, temperature, top_p)
 
 
+def _record(t, tok, out, done, gsum, cnt, ngen, g, gc, eos_id):
+    """One decoding step's bookkeeping: rows already done emit padding and count nothing; a row that
+    emits ``eos_id`` is done. Returns (token, out, done, gate sums, counts, generated, live)."""
+    live = ~done
+    tok = jnp.where(live, tok, 0)
+    out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)
+    gsum = gsum + jnp.where(live[:, None], g, 0.0)
+    cnt = cnt + jnp.where(live[:, None], gc, 0)
+    return tok, out, done | (live & (tok == eos_id)), gsum, cnt, ngen + live, live
+
+
 @functools.partial(jax.jit, static_argnames=("config", "keep", "max_new_tokens", "greedy", "use_cache", "public"))
 def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature, top_p, eos_id, table=None, *,
                   keep, max_new_tokens: int, greedy: bool, use_cache: bool, public: int = 0):
@@ -111,12 +122,8 @@ def _generate_jit(config: ModelConfig, params, tokens, lengths, key, temperature
             logits, at = jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False), slot
         g, gc = gates_of(aux, at)
         tok = _pick(logits, jax.random.fold_in(key, t), temperature, top_p, greedy)
-        live = ~done
-        tok = jnp.where(live, tok, 0)
-        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)
-        gsum = gsum + jnp.where(live[:, None], g, 0.0)
-        cnt = cnt + jnp.where(live[:, None], gc, 0)
-        return (t + 1, state, tok, out, done | (live & (tok == eos_id)), gsum, cnt, ngen + live, dom, prev)
+        tok, out, done, gsum, cnt, ngen, live = _record(t, tok, out, done, gsum, cnt, ngen, g, gc, eos_id)
+        return (t + 1, state, tok, out, done, gsum, cnt, ngen, dom, prev)
 
     _, _, _, out, _, gsum, cnt, ngen, _, _ = jax.lax.while_loop(cond, body, carry)
     return out, ngen, gsum, cnt
@@ -184,13 +191,9 @@ def _generate_density_jit(config: ModelConfig, params, tokens, lengths, key, tem
         logits, aux, caches = members(caches, prev[:, None], pos, jnp.ones((b, 1), jnp.int32))
         mixed, lp, g, gc = choose(context, logits[:, :, 0], aux["gates"][:, :, :, 0])
         tok = _pick(mixed, jax.random.fold_in(key, t), temperature, top_p, greedy)
-        live = ~done
-        tok = jnp.where(live, tok, 0)
-        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)
-        gsum = gsum + jnp.where(live[:, None], g, 0.0)
-        cnt = cnt + jnp.where(live[:, None], gc, 0)
+        tok, out, done, gsum, cnt, ngen, live = _record(t, tok, out, done, gsum, cnt, ngen, g, gc, eos_id)
         context = context + jnp.where(live[None], take(lp, tok), 0.0)
-        return (t + 1, caches, tok, out, done | (live & (tok == eos_id)), gsum, cnt, ngen + live, context)
+        return (t + 1, caches, tok, out, done, gsum, cnt, ngen, context)
 
     _, _, _, out, _, gsum, cnt, ngen, _ = jax.lax.while_loop(cond, body, carry)
     return out, ngen, gsum, cnt

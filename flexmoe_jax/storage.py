@@ -58,13 +58,18 @@ def write_text(path: AnyPath, text: str) -> None:
 
     Local: a temporary sibling, fsynced, renamed over ``path``. Object storage: one object write,
     which GCS and S3 make visible all at once."""
+    _replace(path, text.encode("utf-8"))
+
+
+def _replace(path: AnyPath, data: bytes) -> None:
+    """``path``'s content becomes ``data`` in one step (local: temporary sibling, fsync, rename)."""
     if is_remote(path):
-        path.write_text(text)
+        path.write_bytes(data)
         return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -75,15 +80,7 @@ def write_bytes(path: str | os.PathLike | AnyPath, data: bytes) -> AnyPath:
     the parent directory. Returns the resolved path."""
     path = resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if is_remote(path):
-        path.write_bytes(data)
-        return path
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _replace(path, data)
     return path
 
 

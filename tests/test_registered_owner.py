@@ -245,17 +245,8 @@ def test_registered_owner_opt_out_is_exact(world):
 def test_notebook_scores_the_registered_owners_domain(world, demo_env, monkeypatch):
     """notebooks/evaluate.ipynb takes the domains to score from the merged model: the registered owner's
     own task appears in its perplexity table and prompts its generation, beside humor and public."""
-    import nbformat
-    from nbclient import NotebookClient
+    from test_notebook import run_notebook
 
-    notebook = Path(__file__).resolve().parent.parent / "notebooks" / "evaluate.ipynb"
-    for k in list(demo_env):
-        monkeypatch.setenv(k, demo_env[k])
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    monkeypatch.setenv("FLEXMOE_DEMO_DIR", str(world["root"]))
-    nb = nbformat.read(notebook, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(notebook.parent)}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    _, text = run_notebook(world["root"], demo_env, monkeypatch)
     assert f"| model | {OWNER} | humor | public |" in text and f"| without {OWNER} |" in text
     assert text.count("experts: ") >= 2

@@ -220,7 +220,7 @@ def test_two_processes_match_one_process(data_dir, reference, tmp_path):
     _assert_losses_match(_log(resumed), ref_log, [1, 2, 3, 4], "two processes, stopped at step 2 and resumed")
     for workdir in (fresh, resumed):
         # One model, published by one atomic rename: no temporaries or second copies beside it.
-        assert sorted(p.name for p in workdir.iterdir()) == ["metrics.jsonl", "model", "state", "tb"]
+        assert sorted(p.name for p in workdir.iterdir()) == ["metrics.jsonl", "model", "run.json", "state", "tb"]
         assert not _leftovers(workdir)
         assert _complete_steps(workdir) == [2, 4]
         meta, params = _model(workdir / "model")
