@@ -104,6 +104,9 @@ class FlexmixOwner(_Quiet, tfds.core.GeneratorBasedBuilder):
             description=f"Owner data '{self.builder_config.name}' registered with flexmoe data register.",
             features=_features(),
             metadata=tfds.core.MetadataDict(),
+            # Written in the spool's order: tfds' shuffler would buffer up to 1 GB of examples in memory,
+            # which a streaming registration must not (bench/bench_register.py measures the peak).
+            disable_shuffling=True,
         )
 
     def _split_generators(self, dl_manager):
