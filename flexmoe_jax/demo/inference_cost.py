@@ -38,7 +38,8 @@ def paper_top_k(merged: ModelConfig, dense: ModelConfig, btm_top_k: int = 2, rat
     return min(ks, key=lambda k: (abs(active_params(merged.replace(top_k=k)) / btm - ratio), k))
 
 
-def _config(path) -> ModelConfig:
+def config_of(path) -> ModelConfig:
+    """The ModelConfig of a checkpoint or a run directory's model (JSON only, no arrays)."""
     from flexmoe_jax import checkpoint, loading
 
     return checkpoint.load_config(loading.run_checkpoint(path, "model") or path)
@@ -64,9 +65,9 @@ def row_costs(names, anchor, merged, paths: dict[str, Path], n_owners: int, seq_
     demo knows how to cost; ``paths`` gives the checkpoint of each row that is one model."""
     from flexmoe_jax import flops
 
-    dense = _config(anchor)
+    dense = config_of(anchor)
     owner = flops.expert_config(dense)
-    merged_cfg = _config(merged)
+    merged_cfg = config_of(merged)
     members = [dense] * (n_owners + 1)
     density_members = [merged_cfg.replace(num_experts=1, top_k=1, expert_names=merged_cfg.names[:1])] + \
         [merged_cfg.replace(num_experts=2, top_k=2, expert_names=merged_cfg.names[:2])] * n_owners
@@ -102,7 +103,7 @@ def row_costs(names, anchor, merged, paths: dict[str, Path], n_owners: int, seq_
         elif n.startswith("flexolmo"):
             out[n] = _one(merged_cfg, seq_len, "the merged model")
         elif n in paths:
-            out[n] = _one(_config(paths[n]), seq_len, "1 MoE")
+            out[n] = _one(config_of(paths[n]), seq_len, "1 MoE")
     return out
 
 

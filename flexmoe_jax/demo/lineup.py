@@ -83,9 +83,9 @@ def _baselines(w: Workdir, t: Trained, domains: list[str], member) -> dict[str, 
 def paper_ratio_row(t: Trained, top_k: int) -> tuple[str, int] | None:
     """``(row name, k)`` of FlexOlmo at the paper's active-parameter ratio to BTM top-``top_k``
     (:func:`flexmoe_jax.demo.inference_cost.paper_top_k`); None when that is the merged model's own top-k."""
-    from flexmoe_jax.demo.inference_cost import _config, paper_top_k
+    from flexmoe_jax.demo.inference_cost import config_of, paper_top_k
 
-    k = paper_top_k(_config(t.merged), _config(t.anchor), top_k)
+    k = paper_top_k(config_of(t.merged), config_of(t.anchor), top_k)
     return None if k == top_k else (f"flexolmo_top{k}", k)
 
 
